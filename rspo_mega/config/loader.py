@@ -1,0 +1,170 @@
+"""YAML files and dotted command-line overrides -> typed :class:`TrainConfig`.
+
+``load_config("run.yaml", ["parallel.tp=2", "algorithm.lambda_=0.01"])`` reads the file with
+``yaml.safe_load``, applies each override (values parsed as YAML scalars), and converts the result
+into the dataclasses of :mod:`rspo_mega.config.schema`, checking every key and type on the way.
+Errors are :class:`ConfigError` and name the dotted key (with a did-you-mean for unknown keys).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import yaml
+
+from rspo_mega.config.schema import TrainConfig
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+def _suggest(key: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config key '{key}' must not be null (expected {tp.__name__})")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be a bool, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads '3e-6' (no dot) as a string
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a float, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported field type {tp!r}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{dotted}'{_suggest(str(key), names)}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like 'section.key=value'")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{key}': value {raw!r} is not valid YAML ({exc})") from None
+    return key.split("."), value
+
+
+def _check_path(cls: type, parts: list[str]) -> None:
+    """Reject an override whose dotted path does not exist, before it is merged."""
+    node: Any = cls
+    for i, part in enumerate(parts):
+        dotted = ".".join(parts[: i + 1])
+        if not dataclasses.is_dataclass(node):
+            raise ConfigError(f"override '{'.'.join(parts)}': '{'.'.join(parts[:i])}' is not a section")
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields:
+            raise ConfigError(f"unknown config key '{dotted}'{_suggest(part, fields)}")
+        node = _unwrap_optional(typing.get_type_hints(node)[part])[0]
+
+
+def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
+    """Merge ``a.b.c=value`` overrides into a nested dict (a copy); paths are checked first."""
+    merged = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for item in overrides:
+        parts, value = _parse_override(item)
+        _check_path(TrainConfig, parts)
+        node = merged
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            node = child
+        node[parts[-1]] = value
+    return merged
+
+
+def config_from_dict(data: Optional[dict], overrides: Iterable[str] = ()) -> TrainConfig:
+    """Build a :class:`TrainConfig` from a nested dict plus dotted overrides."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"the top level of a config must be a mapping, got {type(data).__name__}")
+    return _build(TrainConfig, apply_overrides(data, overrides))
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Iterable[str] = ()) -> TrainConfig:
+    """Load ``path`` (YAML; None = all defaults) and apply overrides; no validation of cross rules."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from None
+    return config_from_dict(data, overrides)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """The resolved config as plain nested dicts (what is printed and saved with a run)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Any) -> str:
+    """YAML text of the resolved config, keys in declaration order."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Any, directory: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config into ``directory`` atomically; returns the file path."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".{name}.tmp"
+    tmp.write_text(dump_config(cfg))
+    tmp.replace(d / name)
+    return d / name

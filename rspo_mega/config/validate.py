@@ -1,0 +1,207 @@
+"""Cross-field validation of a :class:`TrainConfig`, run before any process group or model exists.
+
+:func:`validate_config` raises :class:`ConfigError` naming the offending key and returns the
+derived layout (:class:`Layout`): data-parallel size, prompts per step, micro-batches per step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from rspo_mega.config.loader import ConfigError
+from rspo_mega.config.schema import TrainConfig
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.params_dtype": ("float32", "bfloat16"),
+    "model.transformer_impl": ("auto", "local", "transformer_engine"),
+    "model.fp8.recipe": ("delayed", "tensorwise", "mxfp8", "blockwise"),
+    "model.fp8.format": ("hybrid", "e4m3"),
+    "model.fp8.amax_compute_algo": ("max", "most_recent"),
+    "rollout.remasking": ("low_confidence", "random"),
+    "rollout.mode": ("exact", "prefix_cache", "threshold"),
+    "likelihood.mask_scheme": ("bernoulli", "stratified", "coupled", "one_step"),
+    "likelihood.count_positions": ("generated", "until_eos"),
+    "algorithm.name": ("rspo", "espo", "diffu_grpo", "sft"),
+    "algorithm.centering": ("batch", "group", "microbatch"),
+    "algorithm.advantage": ("mean", "leave_one_out", "standardized"),
+    "optimizer.decay_style": ("constant", "linear", "cosine"),
+    "data.template": ("plain", "llada_chat"),
+    "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
+}
+
+POSITIVE = (
+    "train_steps", "global_batch_size", "micro_batch_size",
+    "model.num_layers", "model.hidden_size", "model.ffn_hidden_size", "model.num_attention_heads",
+    "model.vocab_size", "model.max_position_embeddings", "model.make_vocab_size_divisible_by",
+    "parallel.tp", "parallel.pp", "parallel.cp",
+    "rollout.group_size", "rollout.gen_length", "rollout.block_length", "rollout.steps",
+    "rollout.micro_batch_size", "likelihood.mc_samples", "likelihood.micro_batch_size",
+    "algorithm.inner_updates", "data.max_prompt_length",
+)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes derived from a valid config."""
+
+    world_size: int
+    dp: int
+    prompts_per_step: int  # global
+    completions_per_rank: int  # per step
+    num_microbatches: int  # per rank per step
+
+
+def _get(cfg: TrainConfig, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _model_geometry(cfg: TrainConfig) -> dict:
+    """Heads, query groups, layers and vocab: from ``model.hf_config`` when set, else the YAML."""
+    m = cfg.model
+    geo = dict(
+        heads=m.num_attention_heads, groups=m.num_query_groups or m.num_attention_heads,
+        layers=m.num_layers, vocab=m.vocab_size, hidden=m.hidden_size,
+        mask=m.mask_token_id, eos=m.eos_token_id, ctx=m.max_position_embeddings,
+    )
+    if m.hf_config:
+        path = Path(m.hf_config)
+        path = path / "config.json" if path.is_dir() else path
+        if not path.is_file():
+            raise ConfigError(f"model.hf_config: '{path}' does not exist")
+        try:
+            hf = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"model.hf_config: '{path}' is not valid JSON ({exc})") from None
+        geo.update(
+            heads=hf.get("n_heads", geo["heads"]),
+            groups=hf.get("n_kv_heads") or hf.get("n_heads", geo["heads"]),
+            layers=hf.get("n_layers", geo["layers"]),
+            vocab=hf.get("embedding_size") or hf.get("vocab_size", geo["vocab"]),
+            hidden=hf.get("d_model", geo["hidden"]),
+            mask=hf.get("mask_token_id", geo["mask"]),
+            eos=hf.get("eos_token_id", geo["eos"]),
+            ctx=hf.get("max_sequence_length", geo["ctx"]),
+        )
+    return geo
+
+
+def validate_config(cfg: TrainConfig, world_size: Optional[int] = None) -> Layout:
+    """Check every cross-field rule; ``world_size`` is the launched world (torchrun) if known."""
+    for key, options in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in options:
+            raise ConfigError(f"config key '{key}' = {value!r} must be one of {list(options)}")
+    for key in POSITIVE:
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {_get(cfg, key)}")
+
+    par, geo = cfg.parallel, _model_geometry(cfg)
+    if geo["heads"] % geo["groups"]:
+        raise ConfigError(
+            f"model.num_attention_heads={geo['heads']} is not divisible by "
+            f"model.num_query_groups={geo['groups']}"
+        )
+    if geo["hidden"] % geo["heads"]:
+        raise ConfigError(
+            f"model.hidden_size={geo['hidden']} is not divisible by "
+            f"model.num_attention_heads={geo['heads']}"
+        )
+    if geo["heads"] % par.tp:
+        raise ConfigError(
+            f"model.num_attention_heads={geo['heads']} is not divisible by parallel.tp={par.tp}"
+        )
+    if geo["groups"] % par.tp:
+        raise ConfigError(
+            f"model.num_query_groups={geo['groups']} is not divisible by parallel.tp={par.tp}"
+        )
+    stages = par.pp * (par.vpp or 1)
+    if par.vpp is not None and (par.vpp < 1 or par.pp < 2):
+        raise ConfigError(f"parallel.vpp={par.vpp} needs parallel.pp >= 2 and vpp >= 1")
+    if geo["layers"] % stages:
+        what = f"parallel.pp*parallel.vpp={stages}" if par.vpp else f"parallel.pp={par.pp}"
+        raise ConfigError(f"model.num_layers={geo['layers']} is not divisible by {what}")
+    if not 0 <= geo["mask"] < geo["vocab"]:
+        raise ConfigError(
+            f"model.mask_token_id={geo['mask']} lies outside the vocabulary [0, {geo['vocab']})"
+        )
+    if not 0 <= geo["eos"] < geo["vocab"]:
+        raise ConfigError(
+            f"model.eos_token_id={geo['eos']} lies outside the vocabulary [0, {geo['vocab']})"
+        )
+    if par.sequence_parallel and par.tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
+
+    model_parallel = par.tp * par.pp * par.cp
+    if par.world_size is not None and world_size is not None and par.world_size != world_size:
+        raise ConfigError(
+            f"parallel.world_size={par.world_size} but the job was launched with "
+            f"WORLD_SIZE={world_size}"
+        )
+    world = world_size if world_size is not None else (par.world_size or model_parallel)
+    if world % model_parallel:
+        raise ConfigError(
+            f"world size {world} is not divisible by parallel.tp*parallel.pp*parallel.cp = "
+            f"{par.tp}*{par.pp}*{par.cp} = {model_parallel}"
+        )
+    dp = world // model_parallel
+
+    ro = cfg.rollout
+    if cfg.global_batch_size % ro.group_size:
+        raise ConfigError(
+            f"rollout.group_size={ro.group_size} does not divide "
+            f"global_batch_size={cfg.global_batch_size}"
+        )
+    if cfg.global_batch_size % (dp * cfg.micro_batch_size):
+        raise ConfigError(
+            f"global_batch_size={cfg.global_batch_size} is not divisible by data-parallel size "
+            f"{dp} * micro_batch_size={cfg.micro_batch_size}"
+        )
+    if ro.gen_length % ro.block_length:
+        raise ConfigError(
+            f"rollout.gen_length={ro.gen_length} is not divisible by "
+            f"rollout.block_length={ro.block_length}"
+        )
+    blocks = ro.gen_length // ro.block_length
+    if ro.steps % blocks:
+        raise ConfigError(
+            f"rollout.steps={ro.steps} is not divisible by the number of blocks "
+            f"{blocks} (gen_length / block_length)"
+        )
+    if ro.temperature < 0:
+        raise ConfigError(f"rollout.temperature must be >= 0, got {ro.temperature}")
+    if cfg.data.max_prompt_length + ro.gen_length > geo["ctx"]:
+        raise ConfigError(
+            f"data.max_prompt_length + rollout.gen_length = "
+            f"{cfg.data.max_prompt_length + ro.gen_length} exceeds "
+            f"model.max_position_embeddings={geo['ctx']}"
+        )
+    lik, alg = cfg.likelihood, cfg.algorithm
+    if not 0 < lik.bernoulli_eps < 1:
+        raise ConfigError(f"likelihood.bernoulli_eps must lie in (0, 1), got {lik.bernoulli_eps}")
+    if not 0 <= lik.one_step_prompt_mask_prob < 1:
+        raise ConfigError("likelihood.one_step_prompt_mask_prob must lie in [0, 1)")
+    if alg.lambda_ < 0:
+        raise ConfigError(f"algorithm.lambda_ must be >= 0, got {alg.lambda_}")
+    if alg.clip_eps <= 0:
+        raise ConfigError(f"algorithm.clip_eps must be > 0, got {alg.clip_eps}")
+    if alg.kl_beta < 0:
+        raise ConfigError(f"algorithm.kl_beta must be >= 0, got {alg.kl_beta}")
+    if cfg.optimizer.lr <= 0:
+        raise ConfigError(f"optimizer.lr must be > 0, got {cfg.optimizer.lr}")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError(f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
+
+    per_rank = cfg.global_batch_size // dp
+    return Layout(
+        world_size=world,
+        dp=dp,
+        prompts_per_step=cfg.global_batch_size // ro.group_size,
+        completions_per_rank=per_rank,
+        num_microbatches=per_rank // cfg.micro_batch_size,
+    )

@@ -1,0 +1,129 @@
+"""Config loading, dotted overrides, and every validation rule (each error names its key)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from rspo_mega.config import (
+    ConfigError, TrainConfig, config_from_dict, dump_config, load_config, save_config,
+    validate_config,
+)
+
+
+def test_defaults_validate_and_layout():
+    cfg = load_config()
+    layout = validate_config(cfg, world_size=1)
+    assert isinstance(cfg, TrainConfig)
+    assert layout.dp == 1
+    assert layout.prompts_per_step == cfg.global_batch_size // cfg.rollout.group_size
+    assert layout.num_microbatches == cfg.global_batch_size // cfg.micro_batch_size
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"parallel": {"tp": 2}, "model": {"num_query_groups": 2}}))
+    cfg = load_config(path, ["parallel.pp=2", "algorithm.lambda_=0.05", "model.hf_config=null",
+                             "optimizer.lr=3e-6", "rollout.temperature=0"])
+    assert (cfg.parallel.tp, cfg.parallel.pp) == (2, 2)
+    assert cfg.algorithm.lambda_ == 0.05 and isinstance(cfg.optimizer.lr, float)
+    assert cfg.rollout.temperature == 0.0 and isinstance(cfg.rollout.temperature, float)
+    assert cfg.model.num_query_groups == 2
+    layout = validate_config(cfg, world_size=8)
+    assert layout.dp == 2
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["parallel.tp=2", "model.fp8.enabled=true"])
+    out = save_config(cfg, tmp_path / "run")
+    again = load_config(out)
+    assert again == cfg
+    assert "fp8:" in dump_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["paralel.tp=2"], "unknown config key 'paralel' (did you mean 'parallel'?)"),
+        (["parallel.tpp=2"], "unknown config key 'parallel.tpp' (did you mean 'tp'?)"),
+        (["algorithm.lamda_=0.1"], "did you mean 'lambda_'"),
+        (["parallel.tp=two"], "config key 'parallel.tp' must be an int"),
+        (["parallel.tp=2.0"], "config key 'parallel.tp' must be an int"),
+        (["rollout.stop_on_eos_block=3"], "'rollout.stop_on_eos_block' must be a bool"),
+        (["algorithm.name=3"], "'algorithm.name' must be a string"),
+        (["model=3"], "config key 'model' must be a mapping"),
+        (["parallel.tp.x=1"], "'parallel.tp' is not a section"),
+        (["parallel.tp"], "must look like 'section.key=value'"),
+        (["train_steps=null"], "'train_steps' must not be null"),
+    ],
+)
+def test_load_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("rollout:\n  gen_lenght: 64\n")
+    with pytest.raises(ConfigError, match=r"'rollout.gen_lenght' \(did you mean 'gen_length'\?\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    path.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "overrides, world, message",
+    [
+        (["parallel.tp=3", "model.num_attention_heads=4"], 3,
+         "model.num_attention_heads=4 is not divisible by parallel.tp=3"),
+        (["parallel.tp=2", "model.num_attention_heads=4", "model.num_query_groups=1"], 2,
+         "model.num_query_groups=1 is not divisible by parallel.tp=2"),
+        (["model.num_attention_heads=4", "model.num_query_groups=3"], 1,
+         "model.num_attention_heads=4 is not divisible by model.num_query_groups=3"),
+        (["parallel.pp=3", "model.num_layers=4"], 3, "model.num_layers=4 is not divisible by parallel.pp=3"),
+        (["parallel.pp=2", "parallel.vpp=4", "model.num_layers=4"], 2,
+         "model.num_layers=4 is not divisible by parallel.pp*parallel.vpp=8"),
+        (["parallel.vpp=2"], 1, "parallel.vpp=2 needs parallel.pp >= 2"),
+        (["parallel.tp=2"], 3, "world size 3 is not divisible by parallel.tp*parallel.pp*parallel.cp"),
+        (["parallel.world_size=8"], 4, "parallel.world_size=8 but the job was launched with WORLD_SIZE=4"),
+        (["global_batch_size=24", "micro_batch_size=8"], 2,
+         "global_batch_size=24 is not divisible by data-parallel size 2 * micro_batch_size=8"),
+        (["global_batch_size=30", "rollout.group_size=4", "micro_batch_size=1"], 1,
+         "rollout.group_size=4 does not divide global_batch_size=30"),
+        (["rollout.gen_length=48", "rollout.block_length=32"], 1,
+         "rollout.gen_length=48 is not divisible by rollout.block_length=32"),
+        (["rollout.gen_length=64", "rollout.block_length=16", "rollout.steps=30"], 1,
+         "rollout.steps=30 is not divisible by the number of blocks 4"),
+        (["model.mask_token_id=512"], 1, "model.mask_token_id=512 lies outside the vocabulary"),
+        (["algorithm.lambda_=-0.1"], 1, "algorithm.lambda_ must be >= 0"),
+        (["likelihood.mc_samples=0"], 1, "config key 'likelihood.mc_samples' must be >= 1"),
+        (["likelihood.mask_scheme=uniform"], 1, "'likelihood.mask_scheme' = 'uniform' must be one of"),
+        (["rollout.temperature=-1"], 1, "rollout.temperature must be >= 0"),
+        (["data.max_prompt_length=1000"], 1, "exceeds model.max_position_embeddings"),
+        (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel=true needs parallel.tp > 1"),
+        (["model.hidden_size=130"], 1, "model.hidden_size=130 is not divisible by"),
+    ],
+)
+def test_validation_errors_name_the_key(overrides, world, message):
+    cfg = load_config(None, overrides)
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg, world_size=world)
+    assert message in str(err.value)
+
+
+def test_hf_config_geometry_is_validated(tmp_path):
+    (tmp_path / "config.json").write_text(
+        '{"architectures": ["LLaDAModelLM"], "n_heads": 6, "n_kv_heads": 6, "n_layers": 3,'
+        ' "d_model": 96, "embedding_size": 600, "vocab_size": 600, "mask_token_id": 599,'
+        ' "eos_token_id": 598, "max_sequence_length": 512}'
+    )
+    cfg = config_from_dict({"model": {"hf_config": str(tmp_path)}, "parallel": {"pp": 2}})
+    with pytest.raises(ConfigError, match="model.num_layers=3 is not divisible by parallel.pp=2"):
+        validate_config(cfg, world_size=2)
+    cfg = config_from_dict({"model": {"hf_config": str(tmp_path / "nope")}})
+    with pytest.raises(ConfigError, match="model.hf_config"):
+        validate_config(cfg)
