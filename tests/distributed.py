@@ -86,6 +86,27 @@ def _rank_main(
         stack_file.close()
 
 
+# Errors a rank sees when a *peer* died first: reported after the failure that caused them.
+_PEER_LOSS = ("Connection closed by peer", "remote worker", "Connection reset by peer", "gloo")
+
+
+def _raise_failures(outcomes: dict, results: Any, world_size: int) -> None:
+    """Collect the other ranks' failures for a moment, then raise with the root cause first."""
+    deadline = time.monotonic() + 3.0
+    while len(outcomes) < world_size and time.monotonic() < deadline:
+        try:
+            rank, ok, value = results.get(timeout=0.2)
+            outcomes[rank] = (ok, pickle.loads(value) if ok else value)
+        except queue.Empty:
+            pass
+    failed = sorted(r for r, (ok, _) in outcomes.items() if not ok)
+    primary = [r for r in failed if not any(m in outcomes[r][1] for m in _PEER_LOSS)]
+    first = (primary or failed)[0]
+    others = [r for r in failed if r != first]
+    also = f"\n(also failed, as a consequence: ranks {others})" if others else ""
+    raise DistributedTestError(f"rank {first} of {world_size} failed:\n{outcomes[first][1]}{also}")
+
+
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int,
@@ -122,7 +143,7 @@ def run_distributed(
                 rank, ok, value = results.get(timeout=0.2)
                 outcomes[rank] = (ok, pickle.loads(value) if ok else value)
                 if not ok:
-                    raise DistributedTestError(f"rank {rank} of {world_size} failed:\n{value}")
+                    _raise_failures(outcomes, results, world_size)
                 continue
             except queue.Empty:
                 pass

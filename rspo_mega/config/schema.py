@@ -76,7 +76,7 @@ class RolloutConfig:
     forbid_eos: bool = False
     stop_on_eos_block: bool = True
     micro_batch_size: int = 16  # sequences per sampler forward
-    mode: str = "exact"  # exact | prefix_cache | threshold
+    mode: str = "exact"  # exact | threshold (confidence-threshold parallel decoding)
     confidence_threshold: float = 0.9  # for mode=threshold
 
 

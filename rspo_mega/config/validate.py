@@ -21,7 +21,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.fp8.format": ("hybrid", "e4m3"),
     "model.fp8.amax_compute_algo": ("max", "most_recent"),
     "rollout.remasking": ("low_confidence", "random"),
-    "rollout.mode": ("exact", "prefix_cache", "threshold"),
+    "rollout.mode": ("exact", "threshold"),
     "likelihood.mask_scheme": ("bernoulli", "stratified", "coupled", "one_step"),
     "likelihood.count_positions": ("generated", "until_eos"),
     "algorithm.name": ("rspo", "espo", "diffu_grpo", "sft"),

@@ -1,0 +1,102 @@
+"""Sampling primitives on vocab-parallel logits: no rank ever holds the full vocabulary.
+
+Under tensor parallelism each rank holds logits ``[n, V/tp]`` for the contiguous vocab shard
+``[rank * V/tp, (rank + 1) * V/tp)``. Gumbel-max sampling, argmax and the softmax probability of
+the chosen token are computed with small collectives over ``[n]`` vectors instead of gathering
+``[n, V]``. With ``tp == 1`` (or no group) the same code runs without communication, so every
+layout shares one implementation and agrees with the full-vocabulary reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's slice of the (padded) vocabulary and the group that holds the other slices."""
+
+    start: int  # first global token id of the shard
+    size: int  # local vocab entries (padded vocab / tp)
+    true_vocab: int  # real vocabulary; ids >= true_vocab are padding
+    group: Optional["dist.ProcessGroup"] = None
+    world: int = 1
+
+    @classmethod
+    def from_parallel_state(cls, local_vocab: int, true_vocab: int) -> "VocabShard":
+        """The shard of the current tensor-parallel rank (megatron-core parallel state)."""
+        from megatron.core import parallel_state as ps
+
+        if not ps.model_parallel_is_initialized():
+            return cls(0, local_vocab, true_vocab)
+        rank, world = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+        group = ps.get_tensor_model_parallel_group() if world > 1 else None
+        return cls(rank * local_vocab, local_vocab, true_vocab, group, world)
+
+    @property
+    def owned_true_ids(self) -> tuple[int, int]:
+        """Global id range ``[lo, hi)`` of real (non-padding) tokens held here."""
+        return self.start, max(self.start, min(self.start + self.size, self.true_vocab))
+
+    def _all_reduce(self, t: torch.Tensor, op: "dist.ReduceOp") -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t, op=op, group=self.group)
+        return t
+
+    def slice_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """Local columns of full-vocabulary noise ``[n, true_vocab]`` -> ``[n, size]`` (pads: 0.5)."""
+        lo, hi = self.owned_true_ids
+        out = noise.new_full((noise.shape[0], self.size), 0.5)
+        out[:, : hi - lo] = noise[:, lo:hi]
+        return out
+
+    def argmax(self, scores: torch.Tensor) -> torch.Tensor:
+        """Global argmax ids ``[n]`` of local scores ``[n, size]``; ties go to the lowest id."""
+        local_val, local_idx = scores.max(dim=-1)
+        if self.world == 1:
+            return local_idx + self.start
+        vals = [torch.empty_like(local_val) for _ in range(self.world)]
+        ids = [torch.empty_like(local_idx) for _ in range(self.world)]
+        dist.all_gather(vals, local_val, group=self.group)
+        dist.all_gather(ids, local_idx + self.start, group=self.group)
+        winner = torch.stack(vals).argmax(dim=0)  # first maximum = lowest shard = lowest id
+        return torch.stack(ids).gather(0, winner.unsqueeze(0)).squeeze(0)
+
+    def chosen_prob(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``softmax(logits)[ids]`` in float64 ``[n]``, from local logits ``[n, size]``."""
+        lg = logits.to(torch.float64)
+        gmax = self._all_reduce(lg.max(dim=-1).values, dist.ReduceOp.MAX)
+        sumexp = self._all_reduce(torch.exp(lg - gmax.unsqueeze(-1)).sum(-1), dist.ReduceOp.SUM)
+        local = ids - self.start
+        mine = (local >= 0) & (local < self.size)
+        picked = lg.gather(-1, local.clamp(0, self.size - 1).unsqueeze(-1)).squeeze(-1)
+        picked = self._all_reduce(torch.where(mine, picked, torch.zeros_like(picked)), dist.ReduceOp.SUM)
+        return torch.exp(picked - gmax) / sumexp
+
+    def forbid(self, logits: torch.Tensor, token_id: int) -> torch.Tensor:
+        """``logits`` with ``token_id`` set to -inf where this shard holds it (in place)."""
+        local = token_id - self.start
+        if 0 <= local < self.size:
+            logits[..., local] = float("-inf")
+        return logits
+
+
+def gumbel_max(
+    logits: torch.Tensor, noise: Optional[torch.Tensor], temperature: float, shard: VocabShard
+) -> torch.Tensor:
+    """Sample ids ``[n]`` from ``softmax(logits / T)`` by Gumbel-max in float64.
+
+    ``noise`` holds uniforms ``[n, size]`` (the local columns). ``argmax(l - T log(-log u))``
+    equals the reference's ``argmax(exp(l) / (-log u)^T)`` without overflowing ``exp``.
+    ``temperature == 0`` is the plain argmax and needs no noise.
+    """
+    scores = logits.to(torch.float64)
+    if temperature > 0:
+        if noise is None:
+            raise ValueError("gumbel_max: temperature > 0 needs noise")
+        scores = scores - temperature * torch.log(-torch.log(noise))
+    return shard.argmax(scores)

@@ -1,0 +1,178 @@
+"""The production sampler against the plain reference sampler, and its named errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rspo_mega.rollout.sampler import SamplerSettings, generate, num_transfer_tokens, validate_settings
+from tests.reference.llada_sampler import reference_generate, transfer_schedule
+
+V, MASK, EOS = 37, 36, 35
+
+
+class ToyBidirectional(torch.nn.Module):
+    """Logits depend on the token and on the whole sequence (a stand-in for a dLLM)."""
+
+    def __init__(self, seed: int = 0, d: int = 16) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.emb = torch.randn(V, d, generator=g)
+        self.pos = torch.randn(64, d, generator=g) * 0.5
+        self.out = torch.randn(d, V, generator=g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb[x] + self.pos[: x.shape[1]]
+        h = h + h.mean(dim=1, keepdim=True)
+        return torch.tanh(h) @ self.out * 2.0
+
+
+def _settings(**kw) -> SamplerSettings:
+    base = dict(gen_length=12, block_length=4, steps=6, mask_token_id=MASK, eos_token_id=EOS,
+                vocab_size=V, temperature=0.0, remasking="low_confidence", seed=5)
+    base.update(kw)
+    return SamplerSettings(**base)
+
+
+def _run_both(s: SamplerSettings, prompts: torch.Tensor):
+    model = ToyBidirectional()
+    b, plen = prompts.shape
+    total = plen + s.gen_length
+    g = torch.Generator().manual_seed(11)
+    noise = torch.rand(s.steps, b, total, V, generator=g, dtype=torch.float64)
+    remask = torch.rand(s.steps, b, total, generator=g, dtype=torch.float64)
+    uids = list(range(100, 100 + b))
+
+    def noise_fn(uid, step, n, vocab):
+        lo = plen + (step // s.steps_per_block) * s.block_length
+        return noise[step, uid - 100, lo:lo + n, :vocab]
+
+    ref = reference_generate(
+        model, prompts, s.steps, s.gen_length, s.block_length, s.temperature, s.remasking, MASK,
+        cfg_scale=s.cfg_scale, noise=lambda st, *_: noise[st], remask_noise=lambda st, *_: remask[st],
+    )
+    import rspo_mega.rollout.sampler as sampler
+
+    original = sampler.keyed_uniforms
+    if s.remasking == "random":  # feed the reference's remasking draws to the production sampler
+        def keyed(seed, uid, step, stream, shape):
+            lo = plen + (step // s.steps_per_block) * s.block_length
+            return remask[step, uid - 100, lo:lo + shape[0]]
+        sampler.keyed_uniforms = keyed
+    try:
+        out = generate(lambda x, pad: model(x), prompts.tolist(), uids, s, noise_fn=noise_fn)
+    finally:
+        sampler.keyed_uniforms = original
+    return ref[:, plen:], out
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(temperature=0.0),
+        dict(temperature=1.0),
+        dict(temperature=0.7, remasking="random"),
+        dict(temperature=1.0, cfg_scale=1.5),
+        dict(temperature=0.0, steps=12, block_length=12, gen_length=12),
+        dict(temperature=1.0, steps=24, block_length=4, gen_length=12),  # steps > tokens: k=0 steps
+    ],
+)
+def test_identical_to_reference(kw):
+    s = _settings(**kw)
+    prompts = torch.randint(0, 30, (3, 5), generator=torch.Generator().manual_seed(3))
+    ref, out = _run_both(s, prompts)
+    assert torch.equal(out.completion_ids, ref)
+    assert (out.completion_ids != MASK).all()
+    assert out.steps_used.tolist() == [min(s.steps, s.gen_length)] * 3  # steps with nothing to commit are skipped
+    assert len(out.step_seconds) >= s.num_blocks
+
+
+def test_keyed_noise_is_per_uid_not_per_batch():
+    """A row's draws depend on its uid only: same completion in any batch of equal-length prompts."""
+    model = ToyBidirectional(seed=1)
+    s = _settings(temperature=1.0, remasking="random")
+    a, b, c = [1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]
+    run = lambda prompts, uids: generate(lambda x, p: model(x), prompts, uids, s).completion_ids
+    alone = run([a], [7])
+    assert torch.equal(run([a, b], [7, 8])[0], alone[0])
+    assert torch.equal(run([c, a, b], [9, 7, 8])[1], alone[0])
+    assert not torch.equal(run([a], [8])[0], alone[0])  # another uid, other draws
+
+
+def test_left_padding_and_key_padding_mask():
+    seen = []
+
+    def logits(x, pad):
+        seen.append(pad)
+        return ToyBidirectional()(x)
+
+    out = generate(logits, [[1, 2, 3, 4], [5, 6, 7]], [0, 1], _settings())
+    assert out.prompt_lengths.tolist() == [4, 3]
+    assert out.prompt_ids[1].tolist() == [EOS, 5, 6, 7]
+    assert seen[0][1, 0].item() is False and seen[0][1, 1:].all() and seen[0][0].all()
+    generate(logits, [[1, 2], [3, 4]], [0, 1], _settings())
+    assert seen[-1] is None  # no padding -> no mask tensor at all
+
+
+def test_forbid_eos_and_stop_on_eos_block():
+    class EosLover(torch.nn.Module):
+        def forward(self, x):
+            logits = torch.zeros(*x.shape, V)
+            logits[..., EOS] = 10.0
+            logits[..., 3] = 5.0
+            return logits
+
+    m = EosLover()
+    free = generate(lambda x, p: m(x), [[1, 2]], [0], _settings(stop_on_eos_block=True))
+    assert free.completion_ids.eq(EOS).all()
+    assert free.steps_used.item() == 2  # first block all EOS -> row stops, 2 of 6 steps used
+    assert free.completion_lengths.item() == 1
+    banned = generate(lambda x, p: m(x), [[1, 2]], [0], _settings(forbid_eos=True))
+    assert banned.completion_ids.eq(3).all()
+    assert banned.completion_lengths.item() == 12
+
+
+def test_threshold_mode_commits_confident_tokens_early():
+    class Confident(torch.nn.Module):
+        def forward(self, x):
+            logits = torch.zeros(*x.shape, V)
+            logits[..., 4] = 20.0
+            return logits
+
+    m = Confident()
+    exact = generate(lambda x, p: m(x), [[1]], [0], _settings())
+    fast = generate(lambda x, p: m(x), [[1]], [0], _settings(threshold=0.9))
+    assert torch.equal(exact.completion_ids, fast.completion_ids)
+    assert exact.steps_used.item() == 6 and fast.steps_used.item() == 3  # one step per block
+
+
+def test_transfer_schedule_matches_reference():
+    masked = torch.tensor([7, 8, 3, 0])
+    ref = transfer_schedule(torch.arange(8).unsqueeze(0) < masked.unsqueeze(1), 4)
+    assert torch.equal(num_transfer_tokens(masked, 4), ref)
+    assert num_transfer_tokens(masked, 4).sum(1).tolist() == [7, 8, 3, 0]
+
+
+@pytest.mark.parametrize(
+    "kw, ctx, plen, message",
+    [
+        (dict(gen_length=10, block_length=4), None, 0, "rollout.gen_length=10 is not divisible by rollout.block_length=4"),
+        (dict(steps=5), None, 0, "rollout.steps=5 is not divisible by the number of blocks 3"),
+        (dict(mask_token_id=V), None, 0, "model.mask_token_id=37 lies outside the vocabulary"),
+        (dict(), 16, 5, "prompt length 5 + rollout.gen_length 12 exceeds the model context"),
+        (dict(remasking="entropy"), None, 0, "rollout.remasking='entropy'"),
+        (dict(threshold=1.5), None, 0, "rollout.confidence_threshold must lie in (0, 1]"),
+    ],
+)
+def test_bad_settings_are_named(kw, ctx, plen, message):
+    with pytest.raises(ValueError) as err:
+        validate_settings(_settings(**kw), max_context=ctx, prompt_len=plen)
+    assert message in str(err.value)
+
+
+def test_empty_prompt_and_uid_mismatch():
+    m = ToyBidirectional()
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(lambda x, p: m(x), [[]], [0], _settings())
+    with pytest.raises(ValueError, match="2 prompts but 1 uids"):
+        generate(lambda x, p: m(x), [[1], [2]], [0], _settings())
