@@ -1,0 +1,27 @@
+"""Examples, local-file loading, data-parallel prompt batching, tokenizers and prompt templates.
+
+    examples = get_task("gsm8k").load("train", path=cfg.train_path)          # rspo_mega.tasks
+    batches = PromptBatchIterator(examples, global_batch_prompts, dp_rank, dp_size, seed=seed)
+    tokenizer = load_tokenizer(cfg.tokenizer_path, cfg.special_tokens)
+    prompt_ids = get_template("llada_chat").encode(tokenizer, task.prompt(example))
+"""
+
+from rspo_mega.data.example import Example, check_unique_uids, make_uid
+from rspo_mega.data.loader import DataFieldError, PromptBatchIterator, read_records, shard_examples
+from rspo_mega.data.templates import PromptTemplate, get_template
+from rspo_mega.data.tokenizer import MissingSpecialTokenError, Tokenizer, load_tokenizer
+
+__all__ = [
+    "DataFieldError",
+    "Example",
+    "MissingSpecialTokenError",
+    "PromptBatchIterator",
+    "PromptTemplate",
+    "Tokenizer",
+    "check_unique_uids",
+    "get_template",
+    "load_tokenizer",
+    "make_uid",
+    "read_records",
+    "shard_examples",
+]

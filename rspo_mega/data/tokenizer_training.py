@@ -1,0 +1,103 @@
+"""Train a small SentencePiece tokenizer for the tiny default model on task text.
+
+The corpus is task prompts plus responses in the expected format, from the Countdown and Sudoku
+generators (no files needed), optionally extended with local text files (one document per
+line). LLaDA's special tokens become user-defined symbols, so they keep single ids; byte
+fallback makes every string encodable; identity normalisation keeps round trips exact.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from rspo_mega.data.tokenizer import LLADA_SPECIAL_TOKENS
+
+__all__ = ["task_corpus", "train_sentencepiece_tokenizer"]
+
+
+def task_corpus(
+    *,
+    num_countdown: int = 2000,
+    num_sudoku: int = 1000,
+    seed: int = 0,
+    extra_text_files: Sequence[str | os.PathLike] = (),
+) -> list[str]:
+    """Documents for tokenizer training: generated train-split prompts with formatted responses,
+    then the non-empty lines of each extra text file."""
+    from rspo_mega.tasks import get_task
+    from rspo_mega.tasks.answer_format import format_response
+
+    documents: list[str] = []
+    countdown = get_task("countdown")
+    for example in countdown.load("train", seed=seed, num_examples=num_countdown) if num_countdown else []:
+        solution = example.meta["solution"]
+        reasoning = f"Try {solution} = {example.answer}."
+        documents.append(countdown.prompt(example) + "\n" + format_response(reasoning, solution))
+    sudoku = get_task("sudoku")
+    for example in sudoku.load("train", seed=seed, num_examples=num_sudoku) if num_sudoku else []:
+        reasoning = "Each row, column and box holds 1, 2, 3 and 4 once."
+        documents.append(sudoku.prompt(example) + "\n" + format_response(reasoning, example.answer))
+    for path in extra_text_files:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer corpus file not found: {path}")
+        documents.extend(line for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    if not documents:
+        raise ValueError("tokenizer corpus is empty: enable a generator or pass extra_text_files")
+    return documents
+
+
+def train_sentencepiece_tokenizer(
+    documents: Iterable[str],
+    model_prefix: str | os.PathLike,
+    *,
+    vocab_size: int = 512,
+    model_type: str = "bpe",
+    special_tokens: Sequence[str] | None = None,
+    num_threads: int = 1,
+) -> Path:
+    """Train and write `<model_prefix>.model` / `.vocab`; returns the .model path.
+
+    Args:
+        documents: training text; newlines inside a document are kept (as byte pieces).
+        vocab_size: upper bound (hard_vocab_limit off); at least unk + specials + 256 byte
+            pieces + the corpus' distinct characters.
+        special_tokens: user-defined symbols; default: LLaDA's special tokens.
+    """
+    import sentencepiece
+
+    documents = list(documents)
+    specials = list(dict.fromkeys(special_tokens if special_tokens is not None else LLADA_SPECIAL_TOKENS.values()))
+    # unk + user-defined symbols + 256 byte pieces + every distinct character (coverage 1.0)
+    minimum = 1 + len(specials) + 256 + len(set().union(*documents))
+    if vocab_size < minimum:
+        raise ValueError(
+            f"vocab_size={vocab_size} too small for this corpus: unk, {len(specials)} special tokens, "
+            f"256 byte pieces and its characters need at least {minimum}"
+        )
+    model_prefix = Path(model_prefix)
+    model_prefix.parent.mkdir(parents=True, exist_ok=True)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(documents),
+        model_prefix=str(model_prefix),
+        vocab_size=vocab_size,
+        model_type=model_type,
+        user_defined_symbols=specials,
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        hard_vocab_limit=False,
+        unk_id=0,
+        bos_id=-1,
+        eos_id=-1,
+        pad_id=-1,
+        num_threads=num_threads,
+        minloglevel=2,
+    )
+    return model_prefix.with_name(model_prefix.name + ".model")
