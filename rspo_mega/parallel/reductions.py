@@ -97,3 +97,11 @@ def segment_sums(
     out = torch.zeros(num_segments, dtype=torch.float64, device=values.device)
     out.index_add_(0, segment_ids.long(), values.detach().to(torch.float64))
     return all_reduce(out, "sum", group)
+
+
+def global_sums(values: torch.Tensor, group: ProcessGroup = None) -> torch.Tensor:
+    """Element-wise sum of a small 1-d vector of per-rank partial sums, fp64, one all-reduce.
+
+    Used to reduce many scalar statistics (sums and counts of diagnostics) in a single collective.
+    """
+    return all_reduce(values.detach().to(torch.float64), "sum", group)

@@ -1,0 +1,187 @@
+"""Benchmark the multi-sample ELBO step; prints one JSON object.
+
+1. ``k_scaling``: one RSPO step (reference + policy log-probs, loss, backward) with K MC samples
+   versus K steps with one sample each, same process, same micro-batch size. Target: ratio <= 1.05.
+   Memory: peak bytes of live autograd-saved activations (tracked with saved-tensor hooks; on a GPU
+   also ``torch.cuda.max_memory_allocated``) must not grow with K, since K only adds micro-batches.
+2. ``step_split``: time of one policy+reference step split into mask sampling, forward (reference
+   and policy pass 1, ``no_grad``), loss + reductions (coefficients, global metrics) and
+   backward (pass 2: forward + backward of the linear surrogate), for a ~25M-parameter LLaDA.
+
+Runs as one process (a 1-rank gloo group, so collectives are trivially cheap here). Usage::
+
+    python benchmarks/bench_elbo.py [--hidden 512 --layers 6 --k 4 --repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rspo_mega.config.schema import AlgorithmConfig, LikelihoodConfig, ModelConfig  # noqa: E402
+from rspo_mega.likelihood.batch import CompletionBatch  # noqa: E402
+
+
+class SavedActivationPeak:
+    """Peak bytes of tensors saved for backward that are alive at the same time."""
+
+    def __init__(self) -> None:
+        self.live = 0
+        self.peak = 0
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        tracker, size = self, t.numel() * t.element_size()
+        tracker.live += size
+        tracker.peak = max(tracker.peak, tracker.live)
+
+        class _Held:
+            def __init__(self, tensor: torch.Tensor):
+                self.tensor = tensor
+
+            def __del__(self) -> None:
+                tracker.live -= size
+
+        return _Held(t)
+
+    @staticmethod
+    def _unpack(held: Any) -> torch.Tensor:
+        return held.tensor
+
+    def hooks(self) -> Any:
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+
+def _init_single_process() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from rspo_mega.parallel import initialize_distributed, initialize_model_parallel
+
+    initialize_distributed(backend="gloo")
+    initialize_model_parallel(tp=1, pp=1, seed=1234)
+
+
+def _completions(num: int, prompt: int, gen: int, cfg: ModelConfig) -> CompletionBatch:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.eos_token_id, (num, prompt + gen), generator=g)
+    comp = torch.zeros(num, prompt + gen, dtype=torch.bool)
+    comp[:, prompt:] = True
+    return CompletionBatch(ids, torch.ones_like(comp), comp, torch.arange(num),
+                           torch.arange(num) // 2)
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--ffn", type=int, default=1536)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--completions", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--k", type=int, default=4, help="coupled pairs per completion")
+    ap.add_argument("--micro-batch", type=int, default=4, help="masked sequences per forward")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+
+    _init_single_process()
+    from rspo_mega.algorithms import build_loss, compute_advantages, loss_backward
+    from rspo_mega.algorithms.step import loss_coefficients
+    from rspo_mega.algorithms.base import LossInputs
+    from rspo_mega.likelihood import ElboRunner, MaskSampler, ReferenceModel
+    from rspo_mega.models.llada.model import build_llada_model, llada_forward
+
+    cfg = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn,
+                      num_attention_heads=8, vocab_size=args.vocab, make_vocab_size_divisible_by=128,
+                      max_position_embeddings=args.prompt + args.gen, mask_token_id=args.vocab - 1,
+                      eos_token_id=args.vocab - 2)
+    policy = [build_llada_model(cfg)]
+    ref = ReferenceModel.from_policy(policy, lambda: [build_llada_model(cfg)])
+    n_params = sum(p.numel() for p in policy[0].parameters())
+    batch = _completions(args.completions, args.prompt, args.gen, cfg)
+    rewards = torch.arange(args.completions, dtype=torch.float32)
+    algo = AlgorithmConfig(name="rspo")
+    adv = compute_advantages(rewards, batch.group_ids, args.completions // 2 + 1, algo)
+    runner = ElboRunner(llada_forward, args.micro_batch, ddp_averages_gradients=True)
+    groups = args.completions // 2 + 1
+
+    def step(k: int, iteration: int, tracker: SavedActivationPeak) -> None:
+        lik = LikelihoodConfig(mask_scheme="coupled", mc_samples=k, micro_batch_size=args.micro_batch)
+        masked = MaskSampler(lik, 7, cfg.mask_token_id, cfg.eos_token_id).sample(batch, iteration)
+        ref_lp = ref.logprobs(runner, masked)
+        with tracker.hooks():
+            loss_backward(build_loss(algo, lik), runner, policy, masked, adv, batch.group_ids,
+                          groups, ref_logp=ref_lp)
+
+    step(1, 0, SavedActivationPeak())  # warm-up
+    t_k, t_1 = [], []
+    mem_k, mem_1 = SavedActivationPeak(), SavedActivationPeak()
+    for r in range(args.repeats):
+        t_k.append(_timed(lambda: step(args.k, 100 + r, mem_k))[0])
+        t_1.append(_timed(lambda: [step(1, 200 + 10 * r + i, mem_1) for i in range(args.k)])[0])
+    k_scaling = {
+        "k": args.k, "sequences_per_step_k": args.completions * args.k * 2,
+        "micro_batch_size": args.micro_batch,
+        "one_step_with_k_samples_s": min(t_k), "k_steps_with_one_sample_s": min(t_1),
+        "ratio": min(t_k) / min(t_1), "target_ratio": 1.05,
+        "peak_saved_activation_bytes_k": mem_k.peak, "peak_saved_activation_bytes_1": mem_1.peak,
+        "memory_ratio": mem_k.peak / max(mem_1.peak, 1),
+    }
+
+    lik = LikelihoodConfig(mask_scheme="coupled", mc_samples=2, micro_batch_size=args.micro_batch)
+    loss_fn = build_loss(algo, lik)
+    splits: dict[str, list[float]] = {k: [] for k in
+                                      ("masks", "forward_reference", "forward_policy",
+                                       "loss_and_reduction", "backward", "total")}
+    for r in range(args.repeats):
+        t0 = time.perf_counter()
+        dt, masked = _timed(lambda: MaskSampler(lik, 7, cfg.mask_token_id, cfg.eos_token_id)
+                            .sample(batch, 300 + r))
+        splits["masks"].append(dt)
+        dt, ref_lp = _timed(lambda: ref.logprobs(runner, masked))
+        splits["forward_reference"].append(dt)
+        dt, lp = _timed(lambda: runner.logprobs(policy, masked))
+        splits["forward_policy"].append(dt)
+
+        def reduce():
+            inputs = LossInputs(masked, lp, adv, batch.group_ids, groups, ref_lp)
+            out, coeff = loss_coefficients(loss_fn, inputs)
+            out.metrics.reduce(loss_fn.group)
+            return coeff
+
+        dt, coeff = _timed(reduce)
+        splits["loss_and_reduction"].append(dt)
+        dt, _ = _timed(lambda: runner.backward(policy, masked, coeff))
+        splits["backward"].append(dt)
+        splits["total"].append(time.perf_counter() - t0)
+    step_split = {f"{k}_ms": round(1000 * min(v), 2) for k, v in splits.items()}
+    step_split.update(sequences=masked.num_sequences, seq_length=masked.seq_length,
+                      micro_batches=runner.num_microbatches(masked))
+
+    print(json.dumps({
+        "model": "LLaDA (rspo_mega.models.llada), local spec, fp32, CPU",
+        "params": n_params, "threads": torch.get_num_threads(),
+        "k_scaling": k_scaling, "step_split": step_split,
+        "notes": "single process: reductions are local; backward = pass-2 forward+backward",
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""RL objectives on masked-diffusion ELBOs: advantages, RSPO, ESPO, diffu-GRPO, diagnostics."""
+
+from rspo_mega.algorithms.advantages import compute_advantages, group_statistics
+from rspo_mega.algorithms.base import LossInputs, LossOutput, PolicyLoss, validate_algorithm_config
+from rspo_mega.algorithms.diagnostics import Metrics
+from rspo_mega.algorithms.diffu_grpo import DiffuGRPOLoss
+from rspo_mega.algorithms.espo import ESPOLoss
+from rspo_mega.algorithms.registry import LOSSES, build_loss
+from rspo_mega.algorithms.rspo import RSPOLoss, centering_mean
+from rspo_mega.algorithms.step import StepResult, loss_backward, loss_coefficients
+
+__all__ = [
+    "DiffuGRPOLoss",
+    "ESPOLoss",
+    "LOSSES",
+    "LossInputs",
+    "LossOutput",
+    "Metrics",
+    "PolicyLoss",
+    "RSPOLoss",
+    "StepResult",
+    "build_loss",
+    "centering_mean",
+    "compute_advantages",
+    "group_statistics",
+    "loss_backward",
+    "loss_coefficients",
+    "validate_algorithm_config",
+]

@@ -1,0 +1,129 @@
+"""The policy-loss interface: per-completion terms and one declared, globally reduced normaliser.
+
+A loss sees this rank's masked batch and the per-token log-probs of the policy (differentiable),
+of the frozen reference and of the old (rollout) policy, and returns per-completion loss terms
+``ell_i``. The value it contributes on this rank is
+
+    loss_rank = sum_{i on this rank} ell_i / N_global,
+
+where ``N_global`` is the declared :attr:`PolicyLoss.normalizer` (``"completions"``: the number of
+completions of the *global* batch, one all-reduce). Hence ``sum over DP ranks of loss_rank`` is the
+exact global mean for any layout or micro-batch split, and so is its gradient, provided the DP
+gradient reduction is a *sum* (see :func:`rspo_mega.likelihood.backward_loss_scale` for the
+factors that undo megatron's averaging). Statistics that enter the terms (centering means, group
+statistics) are likewise global and stop-gradient.
+
+Terms are functions of whole-completion ELBOs, so they are evaluated once on the full local batch
+of pass-1 log-probs; the gradient reaches the model through ``coeff = dloss/dlogp`` (see
+:mod:`rspo_mega.algorithms.step`).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+
+from rspo_mega.algorithms.diagnostics import Metrics
+from rspo_mega.config.schema import AlgorithmConfig, LikelihoodConfig
+from rspo_mega.likelihood.batch import MaskedBatch
+from rspo_mega.likelihood.masks import validate_likelihood_config
+from rspo_mega.parallel.reductions import ProcessGroup, data_parallel_group, global_count
+
+NORMALIZERS = ("completions",)
+
+
+@dataclass
+class LossInputs:
+    """What a loss sees on one rank (last pipeline stage).
+
+    ``logp``, ``ref_logp``, ``old_logp``: ``[N, S]`` fp32 per-token log-probs of the masked
+    sequences of ``masked`` under the policy, reference and old policy (same masks);
+    ``advantages [B]``; ``group_ids [B]`` global prompt-group ids in ``[0, num_groups)``.
+    ``old_logp=None`` means the old policy *is* the current one (first inner update).
+    """
+
+    masked: MaskedBatch
+    logp: torch.Tensor
+    advantages: torch.Tensor
+    group_ids: torch.Tensor
+    num_groups: int
+    ref_logp: Optional[torch.Tensor] = None
+    old_logp: Optional[torch.Tensor] = None
+
+    def old(self) -> torch.Tensor:
+        return self.logp.detach() if self.old_logp is None else self.old_logp
+
+
+@dataclass
+class LossOutput:
+    """``loss``: this rank's share (0-d, differentiable in ``logp``); ``terms [B]``: per-completion
+    loss terms; ``metrics``: local partial sums, reduced globally by the caller."""
+
+    loss: torch.Tensor
+    terms: torch.Tensor
+    metrics: Metrics
+
+
+def validate_algorithm_config(cfg: AlgorithmConfig) -> None:
+    """Raise ``ValueError`` naming the offending ``algorithm.*`` key."""
+    if cfg.lambda_ < 0:
+        raise ValueError(f"algorithm.lambda_={cfg.lambda_} must be >= 0")
+    if cfg.centering not in ("batch", "group", "microbatch"):
+        raise ValueError(f"algorithm.centering={cfg.centering!r}: expected batch | group | microbatch")
+    if cfg.advantage not in ("mean", "leave_one_out", "standardized"):
+        raise ValueError(f"algorithm.advantage={cfg.advantage!r}: expected mean | leave_one_out | "
+                         "standardized")
+    if cfg.advantage_eps < 0:
+        raise ValueError(f"algorithm.advantage_eps={cfg.advantage_eps} must be >= 0")
+    if cfg.inner_updates < 1:
+        raise ValueError(f"algorithm.inner_updates={cfg.inner_updates} must be >= 1")
+    if cfg.clip_eps <= 0:
+        raise ValueError(f"algorithm.clip_eps={cfg.clip_eps} must be > 0")
+    if cfg.kl_beta < 0:
+        raise ValueError(f"algorithm.kl_beta={cfg.kl_beta} must be >= 0")
+
+
+class PolicyLoss(abc.ABC):
+    """Base class: subclasses implement :meth:`terms` and declare what they need."""
+
+    name: ClassVar[str]
+    normalizer: ClassVar[str] = "completions"
+    needs_reference: ClassVar[bool] = False
+
+    def __init__(self, algorithm: AlgorithmConfig, likelihood: LikelihoodConfig,
+                 group: ProcessGroup = None):
+        validate_algorithm_config(algorithm)
+        validate_likelihood_config(likelihood)
+        if self.normalizer not in NORMALIZERS:
+            raise ValueError(f"{type(self).__name__}.normalizer={self.normalizer!r} is not one of "
+                             f"{NORMALIZERS}")
+        self.algorithm = algorithm
+        self.likelihood = likelihood
+        self._group = group
+
+    @property
+    def group(self) -> ProcessGroup:
+        """The group over which the batch is sharded (default: data parallel)."""
+        return self._group if self._group is not None else data_parallel_group()
+
+    def global_normalizer(self, inputs: LossInputs) -> float:
+        """``N_global``: completions in the global batch (one all-reduce)."""
+        n = global_count(inputs.masked.num_completions, self.group)
+        if n <= 0:
+            raise ValueError("the global batch has no completions")
+        return float(n)
+
+    @abc.abstractmethod
+    def terms(self, inputs: LossInputs, metrics: Metrics) -> torch.Tensor:
+        """Per-completion loss terms ``[B]`` (differentiable in ``inputs.logp``)."""
+
+    def __call__(self, inputs: LossInputs) -> LossOutput:
+        if self.needs_reference and inputs.ref_logp is None:
+            raise ValueError(f"algorithm.name={self.name!r} needs reference log-probs (ref_logp)")
+        metrics = Metrics()
+        terms = self.terms(inputs, metrics)
+        loss = terms.sum() / self.global_normalizer(inputs)
+        return LossOutput(loss=loss, terms=terms, metrics=metrics)

@@ -1,0 +1,188 @@
+"""Losses on a toy differentiable log-prob model (single process, no megatron groups)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rspo_mega.algorithms import (
+    DiffuGRPOLoss,
+    ESPOLoss,
+    LossInputs,
+    RSPOLoss,
+    build_loss,
+    centering_mean,
+    compute_advantages,
+    loss_coefficients,
+)
+from rspo_mega.config.schema import AlgorithmConfig, LikelihoodConfig
+from rspo_mega.likelihood import MaskSampler, estimate_elbo
+from tests.likelihood._models import TINY, make_completions
+
+torch.set_default_dtype(torch.float32)
+
+
+def _setup(scheme: str = "coupled", k: int = 2, n: int = 8, g: int = 4, seed: int = 0):
+    lik = LikelihoodConfig(mask_scheme=scheme, mc_samples=k)
+    batch, rewards = make_completions(n, g, 4, 6, seed=seed)
+    masked = MaskSampler(lik, 3, TINY.mask_token_id, TINY.eos_token_id).sample(batch, 0)
+    gen = torch.Generator().manual_seed(seed + 1)
+    z = torch.randn(masked.num_sequences, masked.seq_length, 5, generator=gen, dtype=torch.float64)
+    theta = torch.randn(5, generator=gen, dtype=torch.float64).requires_grad_(True)
+    logp_of = lambda th: -torch.nn.functional.softplus(z @ th)  # noqa: E731
+    ref = logp_of(torch.randn(5, generator=gen, dtype=torch.float64)).detach()
+    old = logp_of(theta.detach() + 0.05 * torch.randn(5, generator=gen, dtype=torch.float64))
+    return lik, batch, rewards, masked, theta, logp_of, ref, old.detach()
+
+
+def _inputs(masked, logp, adv, batch, ref=None, old=None):
+    return LossInputs(masked=masked, logp=logp, advantages=adv, group_ids=batch.group_ids,
+                      num_groups=int(batch.group_ids.max()) + 1, ref_logp=ref, old_logp=old)
+
+
+@pytest.mark.parametrize("centering", ["batch", "group", "microbatch"])
+@pytest.mark.parametrize("lam", [0.01, 0.7])
+def test_rspo_gradient_is_lambda_times_squared_regression_gradient(centering, lam):
+    lik, batch, rewards, masked, theta, logp_of, ref, _ = _setup()
+    algo = AlgorithmConfig(name="rspo", lambda_=lam, centering=centering)
+    adv = compute_advantages(rewards.double(), batch.group_ids, 2, algo)
+    loss = RSPOLoss(algo, lik, microbatch_completions=3)(_inputs(masked, logp_of(theta), adv, batch, ref))
+    (g_loss,) = torch.autograd.grad(loss.loss, theta)
+    # independent: lambda * grad 1/2 mean (dhat - A/lambda)^2, centering mean stop-gradient
+    est, est_ref = estimate_elbo(logp_of(theta), masked), estimate_elbo(ref, masked)
+    d = (est.elbo - est_ref.elbo) / est.lengths
+    center = centering_mean(d, centering, batch.group_ids, 2, 3, None)
+    dhat = d - center.detach()
+    reg = lam * 0.5 * ((dhat - adv / lam) ** 2).mean()
+    (g_reg,) = torch.autograd.grad(reg, theta)
+    assert torch.allclose(g_loss, g_reg, rtol=1e-9, atol=1e-12)
+
+
+def test_rspo_lambda_zero_is_advantage_weighted_elbo_gradient():
+    lik, batch, rewards, masked, theta, logp_of, ref, _ = _setup(seed=3)
+    algo = AlgorithmConfig(name="rspo", lambda_=0.0)
+    adv = compute_advantages(rewards.double(), batch.group_ids, 2, algo)
+    loss = RSPOLoss(algo, lik)(_inputs(masked, logp_of(theta), adv, batch, ref))
+    (g_loss,) = torch.autograd.grad(loss.loss, theta)
+    est = estimate_elbo(logp_of(theta), masked)
+    (g_pg,) = torch.autograd.grad(-(adv * est.elbo / est.lengths).mean(), theta)
+    assert torch.allclose(g_loss, g_pg, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,scheme", [("rspo", "coupled"), ("espo", "stratified"),
+                                         ("diffu_grpo", "one_step")])
+def test_coefficient_path_gives_the_exact_gradient(name, scheme):
+    """The two-pass scheme: grad of sum(coeff * logp(theta)) equals grad of loss(logp(theta))."""
+    lik, batch, rewards, masked, theta, logp_of, ref, old = _setup(scheme=scheme, seed=4)
+    algo = AlgorithmConfig(name=name, lambda_=0.3, clip_eps=0.02, kl_beta=0.1, advantage="mean")
+    adv = compute_advantages(rewards.double(), batch.group_ids, 2, algo)
+    loss_fn = build_loss(algo, lik)
+    out = loss_fn(_inputs(masked, logp_of(theta), adv, batch, ref, old))
+    (g_direct,) = torch.autograd.grad(out.loss, theta)
+    out2, coeff = loss_coefficients(loss_fn, _inputs(masked, logp_of(theta).detach(), adv, batch, ref, old))
+    (g_coeff,) = torch.autograd.grad((coeff * logp_of(theta)).sum(), theta)
+    assert torch.allclose(out.loss, out2.loss)
+    assert torch.allclose(g_direct, g_coeff, rtol=1e-9, atol=1e-12)
+    assert g_direct.norm() > 0
+
+
+def test_espo_matches_its_formula():
+    lik, batch, rewards, masked, theta, logp_of, ref, old = _setup(seed=5)
+    algo = AlgorithmConfig(name="espo", clip_eps=0.01, kl_beta=0.2, advantage="mean")
+    adv = compute_advantages(rewards.double(), batch.group_ids, 2, algo)
+    out = ESPOLoss(algo, lik)(_inputs(masked, logp_of(theta), adv, batch, ref, old))
+    e, eo, er = (estimate_elbo(x, masked).elbo for x in (logp_of(theta), old, ref))
+    length = masked.lengths.double()
+    rho = torch.exp((e - eo) / length)
+    expect = (-torch.minimum(rho * adv, rho.clamp(0.99, 1.01) * adv)
+              + 0.2 * 0.5 * (e - er) ** 2 / length).mean()
+    assert torch.allclose(out.loss, expect)
+    frac = out.metrics.reduce()["espo/clip_frac"]
+    assert 0 < frac < 1
+
+
+def test_diffu_grpo_matches_its_per_token_formula():
+    lik, batch, rewards, masked, theta, logp_of, ref, old = _setup(scheme="one_step", seed=6)
+    algo = AlgorithmConfig(name="diffu_grpo", clip_eps=0.5, kl_beta=0.04)
+    adv = compute_advantages(rewards.double(), batch.group_ids, 2, algo)
+    lp = logp_of(theta)
+    out = DiffuGRPOLoss(algo, lik)(_inputs(masked, lp, adv, batch, ref, old))
+    total = 0.0
+    for b in range(masked.num_completions):
+        per_k = []
+        for n in (masked.completion_index == b).nonzero().flatten().tolist():
+            s = masked.score_mask[n]
+            r = torch.exp(lp[n, s] - old[n, s])
+            surr = torch.minimum(r * adv[b], r.clamp(0.5, 1.5) * adv[b])
+            k3 = torch.exp(ref[n, s] - lp[n, s]) - (ref[n, s] - lp[n, s]) - 1
+            per_k.append((-(surr - 0.04 * k3)).mean())
+        total = total + torch.stack(per_k).mean()
+    assert torch.allclose(out.loss, total / masked.num_completions)
+
+
+def test_without_old_logprobs_the_ratio_is_one():
+    lik, batch, rewards, masked, theta, logp_of, ref, _ = _setup(seed=7)
+    algo = AlgorithmConfig(name="espo", kl_beta=0.0, advantage="mean")
+    adv = compute_advantages(rewards.double(), batch.group_ids, 2, algo)
+    out = ESPOLoss(algo, lik)(_inputs(masked, logp_of(theta), adv, batch))
+    assert torch.allclose(out.loss, -adv.mean())
+    assert out.metrics.reduce()["espo/ratio_mean"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kind", ["mean", "leave_one_out", "standardized"])
+def test_advantages_match_plain_group_statistics(kind):
+    rewards = torch.tensor([1.0, 0.0, 0.5, 2.0, 3.0, 1.0, 7.0], dtype=torch.float64)
+    groups = torch.tensor([0, 0, 1, 0, 1, 1, 2])  # uneven groups, a singleton, shuffled
+    adv = compute_advantages(rewards, groups, 3, AlgorithmConfig(advantage=kind, advantage_eps=1e-4))
+    for g in range(3):
+        idx = (groups == g).nonzero().flatten()
+        r = rewards[idx]
+        if len(idx) == 1:
+            assert adv[idx].abs().max() == 0
+            continue
+        base = r - r.mean()
+        expect = {"mean": base, "leave_one_out": base * len(r) / (len(r) - 1),
+                  "standardized": base / (r.std() + 1e-4)}[kind]
+        assert torch.allclose(adv[idx], expect)
+
+
+def test_metrics_against_advantage_fraction():
+    lik, batch, rewards, masked, theta, logp_of, ref, _ = _setup(seed=8)
+    algo = AlgorithmConfig(name="rspo", lambda_=0.1)
+    adv = torch.tensor([1.0, -1.0, 0.0, 2.0, -0.5, 0.0, 1.0, -1.0], dtype=torch.float64)
+    lp = logp_of(theta).detach()
+    out = RSPOLoss(algo, lik)(_inputs(masked, lp, adv, batch, ref))
+    m = out.metrics.reduce()
+    e, er = estimate_elbo(lp, masked), estimate_elbo(ref, masked)
+    d = (e.elbo - er.elbo) / e.lengths
+    dhat = d - d.mean()
+    valid = adv != 0
+    expect = (torch.sign(dhat) != torch.sign(adv))[valid].double().mean().item()
+    assert m["relative_score/against_advantage_frac"] == pytest.approx(expect)
+    assert m["relative_score/std"] == pytest.approx(d.std(unbiased=False).item(), rel=1e-9)
+    assert m["rspo/push_mean"] == pytest.approx(
+        (adv - 0.1 * dhat).mean().item(), abs=1e-12)
+
+
+@pytest.mark.parametrize("algo,lik,key", [
+    (AlgorithmConfig(lambda_=-0.1), LikelihoodConfig(), "algorithm.lambda_"),
+    (AlgorithmConfig(centering="prompt"), LikelihoodConfig(), "algorithm.centering"),
+    (AlgorithmConfig(advantage="rank"), LikelihoodConfig(), "algorithm.advantage"),
+    (AlgorithmConfig(clip_eps=0.0), LikelihoodConfig(), "algorithm.clip_eps"),
+    (AlgorithmConfig(kl_beta=-1.0), LikelihoodConfig(), "algorithm.kl_beta"),
+    (AlgorithmConfig(inner_updates=0), LikelihoodConfig(), "algorithm.inner_updates"),
+    (AlgorithmConfig(name="ppo"), LikelihoodConfig(), "algorithm.name"),
+    (AlgorithmConfig(name="diffu_grpo"), LikelihoodConfig(), "likelihood.mask_scheme"),
+    (AlgorithmConfig(centering="microbatch"), LikelihoodConfig(), "algorithm.centering"),
+    (AlgorithmConfig(), LikelihoodConfig(mc_samples=0), "likelihood.mc_samples"),
+    (AlgorithmConfig(), LikelihoodConfig(mask_scheme="random"), "likelihood.mask_scheme"),
+])
+def test_bad_algorithm_config_names_the_key(algo, lik, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        build_loss(algo, lik)
+
+
+def test_rspo_without_reference_is_an_error():
+    lik, batch, rewards, masked, theta, logp_of, _, _ = _setup(seed=9)
+    with pytest.raises(ValueError, match="ref_logp"):
+        RSPOLoss(AlgorithmConfig(), lik)(_inputs(masked, logp_of(theta), rewards.double(), batch))
