@@ -1,0 +1,435 @@
+"""Run checkpoints: atomic, validated, keep-last-N, over megatron-core dist-checkpointing.
+
+Layout of one checkpoint (``save_dir/iter_0000010/``)::
+
+    dist/                 megatron-core dist-checkpoint (model + optimizer shards, ``.metadata``)
+    extra/rank_00000.pt   per-rank plain state (step, RNG states, data position), ``torch.save``
+    metadata.json         written last by rank 0: step, time, world size, layout, file list
+
+A save goes into ``iter_0000010.tmp-<nonce>/``; after every rank has written its part, rank 0
+records the file list (sizes for every file, SHA-256 for small ones), renames the directory to
+its final name (atomic on POSIX), and replaces the ``latest`` marker. Only then are checkpoints
+beyond the newest ``keep_last`` deleted. A crash at any point leaves either the previous complete
+checkpoint or a ``*.tmp-*`` directory that :meth:`CheckpointManager.find_resumable` ignores.
+
+Per-rank files are read with ``torch.load(..., weights_only=True)``: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+_ITER_RE = re.compile(r"^iter_(\d{7,})$")
+_TMP_MARK = ".tmp-"
+METADATA = "metadata.json"
+LATEST = "latest"
+SMALL_FILE_BYTES = 64 * 2**20  # files up to this size (bytes) get a SHA-256 in metadata.json
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or corrupted."""
+
+
+class IncompatibleCheckpointError(ValueError):
+    """The saved run config differs from the current one in keys that must match."""
+
+
+# ------------------------------------------------------------------------------------------
+# Helpers: ranks, RNG, files
+# ------------------------------------------------------------------------------------------
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if _dist() else 1
+
+
+def _barrier() -> None:
+    if _dist():
+        dist.barrier()
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not _dist() or _world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def checkpoint_name(step: int) -> str:
+    """Directory name of the checkpoint of ``step``: ``iter_0000010``."""
+    return f"iter_{step:07d}"
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU (and CUDA, and megatron tracker) RNG states of this rank.
+
+    Only tensors, ints, floats, strings, lists and dicts: loadable with ``weights_only=True``.
+    """
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {
+            "kind": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+    try:
+        from megatron.core import tensor_parallel
+
+        tracker = tensor_parallel.get_cuda_rng_tracker()
+        if tracker.get_states():
+            state["megatron_tracker"] = {k: v.clone() for k, v in tracker.get_states().items()}
+    except (ImportError, RuntimeError):
+        pass
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`: continues every random stream bit for bit."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((
+        npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+        npy["gauss"],
+    ))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "megatron_tracker" in state:
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron_tracker"])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _file_table(root: Path) -> dict[str, dict[str, Any]]:
+    """Relative path -> {size (bytes), sha256 for files up to SMALL_FILE_BYTES}."""
+    table: dict[str, dict[str, Any]] = {}
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or p.name == METADATA and p.parent == root:
+            continue
+        size = p.stat().st_size
+        entry: dict[str, Any] = {"size": size}
+        if size <= SMALL_FILE_BYTES:
+            entry["sha256"] = _sha256(p)
+        table[str(p.relative_to(root))] = entry
+    return table
+
+
+def validate_checkpoint(path: str | Path, verify_checksums: bool = True) -> Optional[str]:
+    """Why the checkpoint at ``path`` cannot be loaded, or ``None`` when it is complete."""
+    path = Path(path)
+    meta_path = path / METADATA
+    if not meta_path.is_file():
+        return f"{METADATA} is missing"
+    try:
+        meta = json.loads(meta_path.read_text())
+        files = meta["files"]
+        int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{METADATA} does not parse ({exc})"
+    if not (path / "dist" / ".metadata").is_file():
+        return "the dist-checkpoint metadata dist/.metadata is missing"
+    for rank in range(int(meta.get("world_size", 1))):
+        if f"extra/{_rank_file(rank)}" not in files:
+            return f"{METADATA} lists no per-rank file for rank {rank}"
+    for rel, entry in files.items():
+        p = path / rel
+        if not p.is_file():
+            return f"file {rel} is missing"
+        size = p.stat().st_size
+        if size != entry["size"]:
+            return f"file {rel} has {size} bytes, {entry['size']} were recorded"
+        if verify_checksums and "sha256" in entry and _sha256(p) != entry["sha256"]:
+            return f"file {rel} does not match its recorded SHA-256"
+    return None
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``metadata.json`` of a checkpoint (step, time, world size, layout, config, files)."""
+    return json.loads((Path(path) / METADATA).read_text())
+
+
+def load_content_metadata(path: str | Path) -> Optional[dict]:
+    """The ``content_metadata`` given to :meth:`CheckpointManager.save` (``None`` if absent)."""
+    from megatron.core.dist_checkpointing.serialization import load_content_metadata as _load
+
+    return _load(str(Path(path) / "dist"))
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(_flatten(v, key) if isinstance(v, dict) and v else {key: v})
+    return out
+
+
+def check_compatible(
+    saved_config: dict, current_config: dict, keys: Iterable[str] = ("model",)
+) -> None:
+    """Raise :class:`IncompatibleCheckpointError` listing ``key: old -> new`` for every dotted
+    key under the sections ``keys`` whose value differs between the saved and current config."""
+    diffs = []
+    for section in keys:
+        old = _flatten(saved_config.get(section, {}), section)
+        new = _flatten(current_config.get(section, {}), section)
+        for key in sorted(set(old) | set(new)):
+            a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+            if a != b:
+                diffs.append(f"  {key}: {a!r} -> {b!r}")
+    if diffs:
+        raise IncompatibleCheckpointError(
+            "cannot resume: the checkpoint was saved with a different configuration in "
+            f"{list(keys)}:\n" + "\n".join(diffs)
+        )
+
+
+def _layout() -> dict[str, int]:
+    try:
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized():
+            return {
+                "tp": ps.get_tensor_model_parallel_world_size(),
+                "pp": ps.get_pipeline_model_parallel_world_size(),
+                "cp": ps.get_context_parallel_world_size(),
+                "dp": ps.get_data_parallel_world_size(),
+            }
+    except ImportError:
+        pass
+    return {}
+
+
+# ------------------------------------------------------------------------------------------
+# Manager
+# ------------------------------------------------------------------------------------------
+class CheckpointManager:
+    """Saves, finds and loads the run checkpoints under ``save_dir`` (a shared filesystem).
+
+    Every method is collective: call it on every rank of the default process group.
+
+    Args:
+        save_dir: directory holding ``iter_*`` checkpoints and the ``latest`` marker.
+        keep_last: complete checkpoints kept after a save (>= 1).
+    """
+
+    def __init__(self, save_dir: str | Path, keep_last: int = 2) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.save_dir = Path(save_dir)
+        self.keep_last = keep_last
+
+    # -- listing ---------------------------------------------------------------------------
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """(step, path) of every final-named ``iter_*`` directory, oldest first (not validated)."""
+        if not self.save_dir.is_dir():
+            return []
+        found = []
+        for p in self.save_dir.iterdir():
+            m = _ITER_RE.match(p.name)
+            if m and p.is_dir():
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def _clean_tmp(self) -> None:
+        if _rank() != 0 or not self.save_dir.is_dir():
+            return
+        for p in self.save_dir.iterdir():
+            if _TMP_MARK in p.name:
+                log.info("checkpoint: removing leftover temporary %s", p)
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+    # -- save ------------------------------------------------------------------------------
+    def save(
+        self,
+        step: int,
+        sharded_state_dict: dict,
+        extra: Optional[dict] = None,
+        config: Optional[dict] = None,
+        save_rng: bool = True,
+        content_metadata: Optional[dict] = None,
+    ) -> Path:
+        """Write the checkpoint of ``step`` atomically; returns its final directory.
+
+        Args:
+            step: training step (optimizer steps done).
+            sharded_state_dict: model (+ optimizer) sharded state dict for dist-checkpointing.
+            extra: this rank's plain state (ints, floats, strings, lists, dicts, tensors).
+            config: the resolved run config (``config_to_dict``), stored in ``metadata.json``.
+            save_rng: add this rank's RNG states to ``extra`` under ``"rng"``.
+            content_metadata: dist-checkpointing content metadata, e.g.
+                ``{"distrib_optim_sharding_type": "fully_reshardable"}`` (read back with
+                :func:`load_content_metadata` before building the sharded state dict to load).
+        """
+        from megatron.core import dist_checkpointing
+
+        rank, world = _rank(), _world()
+        nonce = _broadcast(uuid.uuid4().hex[:12] if rank == 0 else None)
+        final = self.save_dir / checkpoint_name(step)
+        tmp = self.save_dir / f"{final.name}{_TMP_MARK}{nonce}"
+        if rank == 0:
+            (tmp / "dist").mkdir(parents=True)
+            (tmp / "extra").mkdir()
+        _barrier()
+        t0 = time.monotonic()
+        dist_checkpointing.save(
+            sharded_state_dict, str(tmp / "dist"), content_metadata=content_metadata
+        )
+        payload = dict(extra or {})
+        payload["_step"] = step
+        if save_rng:
+            payload["rng"] = capture_rng_state()
+        rank_path = tmp / "extra" / _rank_file(rank)
+        torch.save(payload, rank_path)
+        with open(rank_path, "rb") as f:
+            os.fsync(f.fileno())
+        _barrier()
+        if rank == 0:
+            meta = {
+                "format_version": FORMAT_VERSION, "step": step, "time": time.time(),
+                "world_size": world, "layout": _layout(), "config": config,
+                "files": _file_table(tmp),
+            }
+            _atomic_write_text(tmp / METADATA, json.dumps(meta, indent=1, default=str))
+            old = None
+            if final.exists():  # re-saving a step (e.g. after a resume): replace it
+                old = self.save_dir / f"{final.name}{_TMP_MARK}old-{nonce}"
+                os.replace(final, old)
+            os.replace(tmp, final)
+            _fsync_dir(self.save_dir)
+            _atomic_write_text(self.save_dir / LATEST, final.name + "\n")
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            self._prune()
+            log.info("checkpoint: saved step %d to %s in %.1f s", step, final,
+                     time.monotonic() - t0)
+        _barrier()
+        return final
+
+    def _prune(self) -> None:
+        """Delete all but the newest ``keep_last`` complete checkpoints (rank 0)."""
+        complete = [(s, p) for s, p in self.checkpoints() if (p / METADATA).is_file()]
+        for step, path in complete[: max(0, len(complete) - self.keep_last)]:
+            log.info("checkpoint: deleting old checkpoint %s (keep_last=%d)", path, self.keep_last)
+            shutil.rmtree(path, ignore_errors=True)
+
+    # -- find / load -----------------------------------------------------------------------
+    def find_resumable(self) -> Optional[Path]:
+        """The newest valid checkpoint (same answer on every rank), or ``None``.
+
+        Invalid ones are skipped with a warning naming the directory and the reason; leftover
+        temporary directories are ignored and removed by rank 0.
+        """
+        choice: Optional[str] = None
+        if _rank() == 0:
+            self._clean_tmp()
+            marker = self.save_dir / LATEST
+            if marker.is_file():
+                named = marker.read_text().strip()
+                if not (self.save_dir / named).is_dir():
+                    log.warning("checkpoint: 'latest' names %s, which does not exist", named)
+            for step, path in reversed(self.checkpoints()):
+                reason = validate_checkpoint(path)
+                if reason is None:
+                    choice = str(path)
+                    break
+                log.warning("checkpoint: skipping invalid checkpoint %s: %s", path, reason)
+        choice = _broadcast(choice)
+        return Path(choice) if choice is not None else None
+
+    def load(self, path: str | Path, sharded_state_dict: dict) -> tuple[dict, dict]:
+        """Load ``(state_dict, extra)`` from the checkpoint at ``path`` after validating it.
+
+        ``extra`` is this rank's saved plain state (with ``"rng"`` for
+        :func:`restore_rng_state`). If the world size changed, rank 0's file is returned
+        without its RNG states (per-rank streams do not map onto a new layout).
+        """
+        from megatron.core import dist_checkpointing
+
+        path = Path(path)
+        reason = _broadcast(validate_checkpoint(path) if _rank() == 0 else None)
+        if reason is not None:
+            raise CheckpointError(f"checkpoint {path} is not loadable: {reason}")
+        meta = read_metadata(path)
+        state_dict = dist_checkpointing.load(sharded_state_dict, str(path / "dist"))
+        state_dict.pop("content_metadata", None)  # see load_content_metadata
+        rank = _rank()
+        same_world = int(meta["world_size"]) == _world()
+        rank_path = path / "extra" / _rank_file(rank if same_world else 0)
+        extra = torch.load(rank_path, map_location="cpu", weights_only=True)
+        if not same_world:
+            extra.pop("rng", None)
+            if rank == 0:
+                log.warning(
+                    "checkpoint: %s was saved with world size %s, now %d: RNG states not restored",
+                    path, meta["world_size"], _world(),
+                )
+        _barrier()
+        return state_dict, extra

@@ -1,0 +1,205 @@
+"""Run metrics: ``metrics.jsonl`` + TensorBoard on rank 0, section timers, memory, plots.
+
+    logger = MetricsLogger(cfg.logging.output_dir, tensorboard=cfg.logging.tensorboard)
+    timers = Timers()
+    with timers("rollout"):
+        ...
+    logger.log(step, {"reward": r, "loss": loss, **timers.elapsed(reset=True), **memory_stats()})
+
+Every rank may call every method; ranks other than 0 do nothing. ``metrics.jsonl`` holds one JSON
+object per logged step (``step``, wall ``time`` in seconds since the epoch, float metrics) and is
+appended to, so a resumed run continues the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+METRICS_FILE = "metrics.jsonl"
+DEFAULT_PLOT_KEYS: tuple[str, ...] = (
+    "reward", "accuracy", "loss", "relative_score_mean", "tokens_per_s",
+)
+
+
+def _default_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().float().cpu().item()
+    return float(value)
+
+
+class _NullBar:
+    """Progress-bar stand-in for ranks other than 0 (and for disabled bars)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MetricsLogger:
+    """Rank-0 metrics sink: JSON lines, optional TensorBoard scalars, optional tqdm bar.
+
+    Args:
+        output_dir: run directory; ``metrics.jsonl`` and ``tensorboard/`` go there.
+        tensorboard: write TensorBoard scalars (``torch.utils.tensorboard``).
+        rank: this process's global rank (default: from ``torch.distributed``, else 0).
+    """
+
+    def __init__(self, output_dir: str | Path, tensorboard: bool = True,
+                 rank: Optional[int] = None) -> None:
+        self.rank = _default_rank() if rank is None else rank
+        self.enabled = self.rank == 0
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / METRICS_FILE
+        self._file = None
+        self._writer = None
+        if not self.enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Record ``metrics`` (numbers or 0-d tensors) for ``step``; non-finite values are kept
+        in the JSON as ``null`` so the line stays valid JSON."""
+        if not self.enabled:
+            return
+        values = {k: _to_float(v) for k, v in metrics.items()}
+        record = {"step": int(step), "time": time.time()}
+        record.update({k: (v if math.isfinite(v) else None) for k, v in values.items()})
+        self._file.write(json.dumps(record) + "\n")
+        if self._writer is not None:
+            for k, v in values.items():
+                self._writer.add_scalar(k, v, global_step=int(step))
+
+    def progress(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train"):
+        """A tqdm bar over ``total`` steps on rank 0 (a no-op object elsewhere)."""
+        if not (self.enabled and enabled):
+            return _NullBar()
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class Timers:
+    """Wall-clock seconds per named section, accumulated until read with ``reset=True``.
+
+    ``synchronize=True`` waits for queued CUDA work at section boundaries so GPU time is
+    attributed to the right section (costs a sync; off by default).
+    """
+
+    def __init__(self, synchronize: bool = False) -> None:
+        self.synchronize = synchronize and torch.cuda.is_available()
+        self._totals: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.synchronize:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.synchronize:
+                torch.cuda.synchronize()
+            self._totals[name] = self._totals.get(name, 0.0) + time.perf_counter() - start
+
+    def elapsed(self, reset: bool = False, prefix: str = "time/") -> dict[str, float]:
+        """``{prefix + section: seconds}``; ``reset`` starts every section from zero."""
+        out = {f"{prefix}{k}": v for k, v in self._totals.items()}
+        if reset:
+            self._totals.clear()
+        return out
+
+
+def memory_stats(prefix: str = "memory/") -> dict[str, float]:
+    """Resident set size of this process (GiB) and, with CUDA, peak allocated memory (GiB)."""
+    import psutil
+
+    out = {f"{prefix}rss_gib": psutil.Process().memory_info().rss / 2**30}
+    if torch.cuda.is_available():
+        out[f"{prefix}cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def read_metrics(jsonl_path: str | Path) -> list[dict[str, Any]]:
+    """Records of a ``metrics.jsonl`` (a torn last line from a killed run is skipped)."""
+    records = []
+    for line in Path(jsonl_path).read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def plot_metrics(
+    jsonl_path: str | Path, out_png: str | Path, keys: Sequence[str] = DEFAULT_PLOT_KEYS
+) -> list[str]:
+    """One panel per metric in ``keys`` (against step) into ``out_png``; returns the keys
+    plotted. Keys absent from the file are skipped; raises ``ValueError`` if none is present."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(jsonl_path)
+    present = [k for k in keys if any(r.get(k) is not None for r in records)]
+    if not present:
+        raise ValueError(f"none of {list(keys)} appear in {jsonl_path}")
+    fig, axes = plt.subplots(len(present), 1, figsize=(7, 2.4 * len(present)), sharex=True,
+                             squeeze=False)
+    for ax, key in zip(axes[:, 0], present):
+        pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        ax.plot([s for s, _ in pts], [v for _, v in pts], marker="." if len(pts) < 50 else None)
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle(Path(jsonl_path).parent.name or str(jsonl_path))
+    fig.tight_layout()
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return present

@@ -1,0 +1,116 @@
+"""Metrics sinks, timers, plots, the cluster recipes and the sbatch script."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rspo_mega.config import load_config, validate_config
+from rspo_mega.training.metrics import (
+    MetricsLogger, Timers, memory_stats, plot_metrics, read_metrics,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPES = sorted((ROOT / "examples" / "configs").glob("*.yaml"))
+SBATCH = ROOT / "examples" / "slurm" / "rspo_llada8b.sbatch"
+LLADA_8B = {  # geometry fields of LLaDA-8B-Instruct's config.json
+    "d_model": 4096, "n_heads": 32, "n_kv_heads": 32, "n_layers": 32, "vocab_size": 126464,
+    "embedding_size": 126464, "mask_token_id": 126336, "eos_token_id": 126081,
+    "max_sequence_length": 4096,
+}
+
+
+def test_metrics_logger_jsonl_tensorboard_and_other_ranks(tmp_path: Path) -> None:
+    with MetricsLogger(tmp_path, tensorboard=True, rank=0) as logger:
+        logger.log(1, {"reward": 0.5, "loss": torch.tensor(2.0)})
+        logger.log(2, {"reward": 0.75, "loss": float("nan")})
+        bar = logger.progress(total=2, enabled=False)
+        bar.update()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    assert records[0]["reward"] == 0.5 and records[0]["loss"] == 2.0
+    assert records[1]["loss"] is None and isinstance(records[1]["time"], float)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+    other = tmp_path / "rank1"
+    with MetricsLogger(other, tensorboard=True, rank=1) as logger:
+        logger.log(1, {"reward": 1.0})
+    assert not other.exists()
+
+
+def test_timers_sum_and_memory() -> None:
+    timers = Timers()
+    for _ in range(2):
+        with timers("rollout"):
+            time.sleep(0.02)
+    with timers("optimizer"):
+        time.sleep(0.01)
+    t = timers.elapsed(reset=True)
+    assert set(t) == {"time/rollout", "time/optimizer"}
+    assert 0.04 <= t["time/rollout"] < 0.5 and 0.01 <= t["time/optimizer"] < 0.5
+    assert timers.elapsed() == {}
+    mem = memory_stats()
+    assert mem["memory/rss_gib"] > 0
+
+
+def test_plot_metrics_writes_png(tmp_path: Path) -> None:
+    jsonl = tmp_path / "metrics.jsonl"
+    jsonl.write_text("".join(
+        json.dumps({"step": s, "reward": s / 10, "loss": 1 / (s + 1), "tokens_per_s": 100.0}) + "\n"
+        for s in range(12)
+    ) + '{"step": 12, "rew')  # a torn last line from a killed run
+    out = tmp_path / "plots" / "run.png"
+    assert plot_metrics(jsonl, out) == ["reward", "loss", "tokens_per_s"]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError):
+        plot_metrics(jsonl, out, keys=["absent"])
+    cli = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "plot_metrics.py"), str(jsonl), "-o",
+         str(tmp_path / "cli.png"), "--keys", "reward"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert (tmp_path / "cli.png").stat().st_size > 0
+
+
+def _layouts() -> dict[int, list[str]]:
+    text = SBATCH.read_text()
+    found = re.findall(r'^\s*(\d+)\) DEFAULT_LAYOUT="([^"]+)"', text, flags=re.M)
+    return {int(n): overrides.split() for n, overrides in found}
+
+
+def test_sbatch_directives() -> None:
+    text = SBATCH.read_text()
+    for directive in ("--nodes", "--gpus-per-node=8", "--requeue", "--signal=B:USR1@300",
+                      "--output=logs/%x-%j.out"):
+        assert f"#SBATCH {directive}" in text
+    for arg in ("--rdzv-backend c10d", '--rdzv-id "$SLURM_JOB_ID"', "--container-image",
+                "-m rspo_mega.train --config", "scontrol requeue"):
+        assert arg in text
+    assert sorted(_layouts()) == [1, 2, 8]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_valid_for_every_layout(recipe: Path, tmp_path: Path) -> None:
+    hf = tmp_path / "config.json"
+    hf.write_text(json.dumps(LLADA_8B))
+    expected_dp = {1: 4, 2: 4, 8: 8}
+    for nodes, overrides in _layouts().items():
+        cfg = load_config(recipe, overrides + [f"model.hf_config={hf}"])
+        layout = validate_config(cfg, world_size=8 * nodes)
+        assert layout.dp == expected_dp[nodes]
+        assert cfg.model.fp8.enabled and cfg.model.transformer_impl == "transformer_engine"
+        ro = cfg.rollout
+        assert (ro.gen_length, ro.block_length, ro.steps) == (256, 32, 128)
+        assert cfg.rollout.temperature == 1.0 and cfg.rollout.group_size in (6, 8)
+        assert cfg.algorithm.name == "rspo" and cfg.algorithm.lambda_ == 0.01
+        assert cfg.likelihood.mask_scheme == "coupled" and cfg.likelihood.mc_samples == 2
+    tasks = {p.stem.rsplit("_", 1)[1] for p in RECIPES}
+    assert tasks == {"countdown", "sudoku4", "gsm8k", "math500"}
