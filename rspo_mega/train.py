@@ -11,6 +11,7 @@ run's output directory.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -49,12 +50,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.info("layout: %s", layout)
     if args.dry_run:
         return 0
-    print(
-        "rspo-train: the config is valid, but the RL trainer (issue 7: rollout -> rewards -> "
-        "ELBO -> RSPO -> optimizer) has not landed yet; only --dry-run is available.",
-        file=sys.stderr,
-    )
-    return 3
+    from rspo_mega.training.trainer import Trainer
+
+    trainer = Trainer(cfg, layout)
+    if rank == 0:  # the tokenizer may have filled the model's ids: save what actually runs
+        save_config(cfg, cfg.logging.output_dir)
+    summary = trainer.run()
+    if rank == 0:
+        print(json.dumps({"final": summary}, indent=1), flush=True)
+    from rspo_mega.parallel import destroy_parallel
+    from rspo_mega.training.signals import PREEMPTION_EXIT_CODE
+
+    destroy_parallel()
+    # A preempted run saved a checkpoint; 143 tells the Slurm script to requeue it.
+    return PREEMPTION_EXIT_CODE if summary.get("preempted") else 0
 
 
 if __name__ == "__main__":  # required: dist-checkpointing's async saver spawns and re-imports

@@ -129,7 +129,7 @@ def run_distributed(
             target=_rank_main,
             args=(fn, r, world_size, port, tuple(args), dict(kwargs or {}), results,
                   stack_paths[r], max(1.0, timeout - 5.0)),
-            daemon=True,
+            daemon=False,  # dist-checkpointing starts a manager process; we kill ranks ourselves
         )
         for r in range(world_size)
     ]

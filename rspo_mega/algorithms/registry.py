@@ -8,10 +8,11 @@ from rspo_mega.algorithms.base import PolicyLoss
 from rspo_mega.algorithms.diffu_grpo import DiffuGRPOLoss
 from rspo_mega.algorithms.espo import ESPOLoss
 from rspo_mega.algorithms.rspo import RSPOLoss
+from rspo_mega.algorithms.sft import SFTLoss
 from rspo_mega.config.schema import AlgorithmConfig, LikelihoodConfig
 from rspo_mega.parallel.reductions import ProcessGroup
 
-LOSSES = {"rspo": RSPOLoss, "espo": ESPOLoss, "diffu_grpo": DiffuGRPOLoss}
+LOSSES = {"rspo": RSPOLoss, "espo": ESPOLoss, "diffu_grpo": DiffuGRPOLoss, "sft": SFTLoss}
 
 
 def build_loss(algorithm: AlgorithmConfig, likelihood: LikelihoodConfig, *,

@@ -120,21 +120,21 @@ class OptimizerConfig:
     clip_grad: float = 1.0  # global grad-norm clip (0 = off)
     warmup_steps: int = 0
     decay_style: str = "constant"  # constant | linear | cosine
-    use_distributed_optimizer: bool = True
+    use_distributed_optimizer: bool = False  # shard optimizer state over DP (ZeRO-1)
 
 
 @dataclass
 class DataConfig:
     """Prompts and batching."""
 
-    task: str = "sudoku4"  # sudoku4 | countdown | gsm8k | math500
+    task: str = "sudoku"  # sudoku | countdown | gsm8k | math500
     train_path: Optional[str] = None  # local file (JSONL/JSON/parquet/CSV); None for generators
     test_path: Optional[str] = None
     tokenizer: Optional[str] = None  # tokenizer.json or SentencePiece .model; None = built-in
     template: str = "plain"  # plain | llada_chat
     max_prompt_length: int = 64  # tokens
     num_train_examples: int = 2000  # for generated tasks
-    num_test_examples: int = 200
+    num_test_examples: int = 200  # 0 = no held-out evaluation
     seed: int = 1234
 
 
@@ -161,10 +161,12 @@ class TrainConfig:
     """Top-level run configuration (one section per dataclass above)."""
 
     seed: int = 1234
-    train_steps: int = 10
+    train_steps: int = 10  # RL (or SFT) steps
+    sft_warmup_steps: int = 0  # masked-diffusion SFT steps before the RL steps (0 = none)
     global_batch_size: int = 32  # completions per step over all DP ranks (prompts * group_size)
     micro_batch_size: int = 8  # completions per forward/backward micro-batch on one rank
     eval_interval: int = 0  # steps (0 = only before and after)
+    non_finite_policy: str = "skip"  # NaN/Inf in gradients: skip the update | abort the run
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

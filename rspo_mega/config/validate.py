@@ -29,6 +29,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm.advantage": ("mean", "leave_one_out", "standardized"),
     "optimizer.decay_style": ("constant", "linear", "cosine"),
     "data.template": ("plain", "llada_chat"),
+    "data.task": ("sudoku", "countdown", "gsm8k", "math500"),
+    "non_finite_policy": ("skip", "abort"),
     "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
 }
 

@@ -227,13 +227,17 @@ def _lazy_attr(module: str, *path: str) -> Any:
     return obj
 
 
-def _type_name_patch(module: str, *path: str) -> Patch:
+def _type_name_patch(module: str, *path: str, imported_by: tuple[str, ...] = ()) -> Patch:
+    """``imported_by``: modules that did ``from <module> import <name>`` and need rebinding."""
     covers = f"megatron.core.{module}:{'.'.join(path)}"
     full = f"megatron.core.{module}"
 
     def apply() -> None:
         owner = _lazy_attr(full, *path[:-1]) if len(path) > 1 else importlib.import_module(full)
         _with_cuda_type_names(owner, path[-1])()
+        for other in imported_by:
+            setattr(importlib.import_module(f"megatron.core.{other}"), path[-1],
+                    getattr(owner, path[-1]))
 
     def still_needed() -> bool:
         return "torch.cuda.FloatTensor" in inspect.getsource(_lazy_attr(full, *path))
@@ -279,6 +283,7 @@ PATCHES: tuple[Patch, ...] = (
     _literal_patch("optimizer.clip_grads", "get_grad_norm_fp32"),
     _literal_patch("optimizer.grad_scaler", "ConstantGradScaler/DynamicGradScaler"),
     _literal_patch("dist_checkpointing.exchange_utils", "exchange_loaded_tensors_*"),
+    _literal_patch("utils", "local_multi_tensor_l2_norm (grad-norm fallback without apex/TE)"),
     Patch(
         "megatron.core.dist_checkpointing.mapping:ShardedTensor.init_data",
         "exchange_utils calls init_data('cuda') for tensors it receives",
@@ -291,7 +296,8 @@ PATCHES: tuple[Patch, ...] = (
         _patch_tensor_cuda,
         lambda: _has("megatron.core.optimizer.distrib_optimizer", ".cuda()"),
     ),
-    _type_name_patch("optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
+    _type_name_patch("optimizer.clip_grads", "clip_grad_by_total_norm_fp32",
+                     imported_by=("optimizer.optimizer",)),
     _type_name_patch("optimizer.optimizer", "Float16OptimizerWithFloat16Params", "__init__"),
     _type_name_patch(
         "optimizer.distrib_optimizer", "DistributedOptimizer", "_build_model_and_main_param_groups"

@@ -417,19 +417,30 @@ class CheckpointManager:
         reason = _broadcast(validate_checkpoint(path) if _rank() == 0 else None)
         if reason is not None:
             raise CheckpointError(f"checkpoint {path} is not loadable: {reason}")
-        meta = read_metadata(path)
         state_dict = dist_checkpointing.load(sharded_state_dict, str(path / "dist"))
         state_dict.pop("content_metadata", None)  # see load_content_metadata
-        rank = _rank()
-        same_world = int(meta["world_size"]) == _world()
-        rank_path = path / "extra" / _rank_file(rank if same_world else 0)
-        extra = torch.load(rank_path, map_location="cpu", weights_only=True)
-        if not same_world:
-            extra.pop("rng", None)
-            if rank == 0:
-                log.warning(
-                    "checkpoint: %s was saved with world size %s, now %d: RNG states not restored",
-                    path, meta["world_size"], _world(),
-                )
+        extra = load_extra_state(path)
         _barrier()
         return state_dict, extra
+
+
+def load_extra_state(path: str | Path) -> dict:
+    """This rank's plain saved state of a (validated) checkpoint, without its sharded tensors.
+
+    If the world size changed, rank 0's file is returned without its RNG states (per-rank
+    streams do not map onto a new layout).
+    """
+    path = Path(path)
+    meta = read_metadata(path)
+    rank = _rank()
+    same_world = int(meta["world_size"]) == _world()
+    rank_path = path / "extra" / _rank_file(rank if same_world else 0)
+    extra = torch.load(rank_path, map_location="cpu", weights_only=True)
+    if not same_world:
+        extra.pop("rng", None)
+        if rank == 0:
+            log.warning(
+                "checkpoint: %s was saved with world size %s, now %d: RNG states not restored",
+                path, meta["world_size"], _world(),
+            )
+    return extra

@@ -113,4 +113,4 @@ def test_recipe_valid_for_every_layout(recipe: Path, tmp_path: Path) -> None:
         assert cfg.algorithm.name == "rspo" and cfg.algorithm.lambda_ == 0.01
         assert cfg.likelihood.mask_scheme == "coupled" and cfg.likelihood.mc_samples == 2
     tasks = {p.stem.rsplit("_", 1)[1] for p in RECIPES}
-    assert tasks == {"countdown", "sudoku4", "gsm8k", "math500"}
+    assert tasks == {"countdown", "sudoku", "gsm8k", "math500"}

@@ -1,0 +1,1 @@
+"""Model families on megatron-core (currently :mod:`rspo_mega.models.llada`)."""

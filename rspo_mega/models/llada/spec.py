@@ -1,0 +1,90 @@
+"""Layer specs for LLaDA: megatron-core's GPT layer with bidirectional self-attention.
+
+Two implementations share one checkpoint layout:
+
+* ``local``: megatron-core modules only (torch RMSNorm, Column/RowParallelLinear, unfused
+  DotProductAttention). Used on CPU and whenever Transformer Engine is missing.
+* ``transformer_engine``: TE fused LayerNorm+Linear, TE attention, FP8 capable (GPU only).
+
+The local spec carries ``sharded_state_dict_keys_map`` (``input_layernorm.`` ->
+``self_attention.linear_qkv.layer_norm_``, ``pre_mlp_layernorm.`` -> ``mlp.linear_fc1.layer_norm_``),
+so both specs produce the *same* distributed-checkpoint keys: the TE names are canonical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+from typing import Any, Optional
+
+import torch
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+log = logging.getLogger(__name__)
+
+IMPLS = ("local", "transformer_engine")
+
+
+class BidirectionalSelfAttention(SelfAttention):
+    """Self-attention without a causal mask; a key-padding mask switches TE to ``padding``.
+
+    ``attention_mask``: None (every token attends to every token) or bool ``[b, 1, 1, s]`` /
+    ``[b, 1, s, s]`` with True = masked out. The unfused local attention applies any mask it is
+    given; TE only applies one when the mask type says ``padding``, so the type follows the call.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                *args: Any, **kwargs: Any) -> Any:
+        self.attn_mask_type = (
+            AttnMaskType.no_mask if attention_mask is None else AttnMaskType.padding
+        )
+        return super().forward(hidden_states, attention_mask, *args, **kwargs)
+
+
+def te_available() -> bool:
+    """Transformer Engine importable *and* a GPU present (TE is useless, and unsafe, on CPU)."""
+    if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - a broken TE install must not crash model building
+        log.warning("transformer_engine is installed but fails to import (%s); using local", exc)
+        return False
+    return True
+
+
+def resolve_transformer_impl(requested: str) -> str:
+    """``auto`` -> ``transformer_engine`` with TE and CUDA, else ``local``; forced values are checked."""
+    if requested not in ("auto",) + IMPLS:
+        raise ValueError(f"transformer_impl={requested!r}: expected auto, local or transformer_engine")
+    if requested == "auto":
+        impl = "transformer_engine" if te_available() else "local"
+        log.info("LLaDA layer spec: %s (transformer_impl=auto)", impl)
+        return impl
+    if requested == "transformer_engine" and not te_available():
+        raise RuntimeError("transformer_impl=transformer_engine needs Transformer Engine and a GPU")
+    log.info("LLaDA layer spec: %s (forced)", requested)
+    return requested
+
+
+def llada_layer_spec(impl: str) -> ModuleSpec:
+    """The transformer-layer spec for ``impl`` (``local`` | ``transformer_engine``), bidirectional."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if impl == "local":
+        base = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    elif impl == "transformer_engine":
+        base = specs.get_gpt_layer_with_transformer_engine_spec()
+    else:
+        raise ValueError(f"unknown transformer impl {impl!r}; expected one of {IMPLS}")
+    attn = base.submodules.self_attention
+    bidirectional = dataclasses.replace(
+        attn,
+        module=BidirectionalSelfAttention,
+        params={**(attn.params or {}), "attn_mask_type": AttnMaskType.no_mask},
+    )
+    submodules = dataclasses.replace(base.submodules, self_attention=bidirectional)
+    return dataclasses.replace(base, submodules=submodules)

@@ -1,0 +1,175 @@
+"""The rollout engine: the masked-diffusion sampler on a TP/PP/DP megatron model.
+
+* **DP**: :func:`assign_completions` gives each data-parallel rank its completions, either whole
+  prompt groups (``keep_groups=True``) or an even slice of all ``P * G`` completions (groups then
+  span ranks and the advantage statistics are reduced globally). A completion's uid is
+  :func:`completion_uid` of ``(prompt uid, j)``; its randomness depends on that uid (and the
+  step's seed) only, so the split changes nothing.
+* **TP**: logits stay vocab-parallel; :class:`VocabShard` samples with collectives.
+* **PP**: each denoising step runs the micro-batches through megatron-core's forward-only
+  pipeline schedule; the last stage samples and broadcasts the committed tokens to every stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from rspo_mega.config.schema import ModelConfig, RolloutConfig
+from rspo_mega.rng import hash64
+from rspo_mega.rollout.sampler import Rollout, SamplerSettings, generate, validate_settings
+from rspo_mega.rollout.vocab_parallel import VocabShard
+
+
+def completion_uid(prompt_uid: int, j: int) -> int:
+    """Global, layout-independent uid of sample ``j`` of a prompt (63-bit, fits int64)."""
+    return hash64(int(prompt_uid), int(j)) >> 1
+
+
+def assign_completions(
+    prompt_uids: Sequence[int], group_size: int, dp_rank: int, dp_size: int, keep_groups: bool = True
+) -> list[tuple[int, int]]:
+    """This rank's ``(prompt index, completion uid)`` pairs of a global batch of prompts.
+
+    ``keep_groups``: prompts are split evenly over ranks and each rank generates all G samples of
+    its prompts (needs ``len(prompt_uids) % dp_size == 0``); otherwise the ``P * G`` completions
+    are split evenly (needs ``P * G % dp_size == 0``).
+    """
+    n_prompts = len(prompt_uids)
+    pairs = [(i, completion_uid(uid, j)) for i, uid in enumerate(prompt_uids) for j in range(group_size)]
+    unit, total = (group_size, n_prompts) if keep_groups else (1, len(pairs))
+    if total % dp_size:
+        what = "prompts" if keep_groups else "completions"
+        raise ValueError(f"assign_completions: {total} {what} do not split over {dp_size} DP ranks")
+    per_rank = total // dp_size * unit
+    return pairs[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+
+
+def sampler_settings(model_cfg: ModelConfig, rollout_cfg: RolloutConfig, seed: int) -> SamplerSettings:
+    """Sampler settings from the ``model`` and ``rollout`` config sections."""
+    return SamplerSettings(
+        gen_length=rollout_cfg.gen_length,
+        block_length=rollout_cfg.block_length,
+        steps=rollout_cfg.steps,
+        mask_token_id=model_cfg.mask_token_id,
+        eos_token_id=model_cfg.eos_token_id,
+        vocab_size=model_cfg.vocab_size,
+        temperature=rollout_cfg.temperature,
+        remasking=rollout_cfg.remasking,
+        cfg_scale=rollout_cfg.cfg_scale,
+        forbid_eos=rollout_cfg.forbid_eos,
+        stop_on_eos_block=rollout_cfg.stop_on_eos_block,
+        seed=seed,
+        threshold=rollout_cfg.confidence_threshold if rollout_cfg.mode == "threshold" else None,
+    )
+
+
+def _micro_batch(b: int, limit: int) -> int:
+    """Largest divisor of ``b`` not above ``limit`` (the pipeline needs equal micro-batches)."""
+    return max(d for d in range(1, min(b, limit) + 1) if b % d == 0)
+
+
+class RolloutEngine:
+    """Generates completions with an LLaDA model built by ``build_llada_model`` (any TP/PP).
+
+    ``model``: the model, or the list of its virtual-pipeline chunks.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | list[torch.nn.Module],
+        model_cfg: ModelConfig,
+        rollout_cfg: RolloutConfig,
+        seed: int,
+    ) -> None:
+        from megatron.core import parallel_state as ps
+
+        self.chunks = model if isinstance(model, list) else [model]
+        self.model_cfg = model_cfg
+        self.settings = sampler_settings(model_cfg, rollout_cfg, seed)
+        validate_settings(self.settings, model_cfg.max_position_embeddings)
+        self.micro_batch_size = rollout_cfg.micro_batch_size
+        self.pp = ps.get_pipeline_model_parallel_world_size()
+        self.is_last = ps.is_pipeline_last_stage(ignore_virtual=True)
+        tp = ps.get_tensor_model_parallel_world_size()
+        from rspo_mega.models.llada import padded_vocab_size
+
+        self.shard = VocabShard.from_parallel_state(
+            padded_vocab_size(model_cfg, tp) // tp, model_cfg.vocab_size
+        )
+        self.device = next(self.chunks[0].parameters()).device
+
+    # -- the two callables the sampler needs -------------------------------------------------
+
+    def logits(self, x: torch.Tensor, key_padding: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Vocab-parallel logits ``[b, S, V/tp]`` on the last stage, ``None`` on other stages."""
+        from rspo_mega.models.llada import llada_forward
+
+        mbs = _micro_batch(x.shape[0], self.micro_batch_size)
+        ids = list(x.split(mbs))
+        pads = [None] * len(ids) if key_padding is None else list(key_padding.split(mbs))
+        if self.pp == 1 and len(self.chunks) == 1:
+            return torch.cat([llada_forward(self.chunks[0], i, p) for i, p in zip(ids, pads)])
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        def forward_step(data_iterator, model):
+            batch_ids, batch_pad = next(data_iterator)
+            out = llada_forward(model, batch_ids, batch_pad)
+            return out, lambda output, non_loss_data=False: output
+
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=[iter(list(zip(ids, pads))) for _ in self.chunks]
+            if len(self.chunks) > 1 else iter(list(zip(ids, pads))),
+            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            num_microbatches=len(ids),
+            seq_length=x.shape[1],
+            micro_batch_size=mbs,
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
+        return torch.cat(outputs) if self.is_last else None
+
+    def sync(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's tokens on every pipeline stage (a broadcast of ``[b, S]`` ids)."""
+        if self.pp == 1:
+            return x
+        from megatron.core import parallel_state as ps
+
+        dist.broadcast(
+            x, src=ps.get_pipeline_model_parallel_last_rank(),
+            group=ps.get_pipeline_model_parallel_group(),
+        )
+        return x
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def generate(
+        self, prompts: list[list[int]], uids: list[int], seed: Optional[int] = None,
+        temperature: Optional[float] = None,
+    ) -> Rollout:
+        """Completions for this rank's prompts (token lists), one per uid; see ``sampler.generate``.
+
+        ``seed`` (e.g. per training step) and ``temperature`` (e.g. 0 for evaluation) override
+        the configured ones for this call.
+        """
+        settings = self.settings
+        if seed is not None or temperature is not None:
+            settings = replace(
+                settings,
+                seed=settings.seed if seed is None else seed,
+                temperature=settings.temperature if temperature is None else temperature,
+            )
+        for chunk in self.chunks:
+            chunk.eval()
+        try:
+            return generate(
+                self.logits, prompts, uids, settings, shard=self.shard, sync_fn=self.sync,
+                device=self.device,
+            )
+        finally:
+            for chunk in self.chunks:
+                chunk.train()

@@ -1,0 +1,111 @@
+"""From examples to token batches and back: prompt encoding, completion batches, rewards.
+
+Shapes: ``b`` completions on this rank, ``P`` left-padded prompt width, ``G`` generated tokens.
+A completion's global uid is ``prompt_uid * G_group + j`` (see ``rollout.assign_completions``);
+its group id is the prompt's index in the *global* step batch, so groups may span ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from rspo_mega.data import Example
+from rspo_mega.data.templates import PromptTemplate
+from rspo_mega.data.tokenizer import Tokenizer
+from rspo_mega.likelihood.batch import CompletionBatch
+from rspo_mega.rollout.sampler import Rollout, left_pad
+from rspo_mega.tasks.base import Task
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    example: Example
+    prompt_ids: tuple[int, ...]
+
+
+def prompt_message(task: Task, template: PromptTemplate, example: Example) -> str:
+    """The user message: the task's full instructions for chat models; with the ``plain``
+    template (tiny models trained from scratch) the bare problem text."""
+    return example.prompt if template.name == "plain" else task.prompt(example)
+
+
+def encode_prompts(
+    examples: Sequence[Example], task: Task, template: PromptTemplate, tokenizer: Tokenizer,
+    max_prompt_length: int,
+) -> list[EncodedExample]:
+    """Token ids of every prompt; all too-long prompts are reported at once, before training."""
+    out, too_long = [], []
+    for ex in examples:
+        ids = tuple(template.encode(tokenizer, prompt_message(task, template, ex)))
+        if len(ids) > max_prompt_length:
+            too_long.append((ex.uid, len(ids)))
+        out.append(EncodedExample(ex, ids))
+    if too_long:
+        uid, n = too_long[0]
+        raise ValueError(
+            f"{len(too_long)} of {len(examples)} {task.name} prompts exceed "
+            f"data.max_prompt_length={max_prompt_length} tokens (e.g. uid {uid}: {n} tokens)"
+        )
+    return out
+
+
+def completion_batch(rollout: Rollout, uids: Sequence[int], group_ids: Sequence[int]) -> CompletionBatch:
+    """The rollout as ``[b, P + G]`` sequences: prompt padding masked out, generated span scored."""
+    prompt, gen = rollout.prompt_ids, rollout.completion_ids
+    b, plen = prompt.shape
+    input_ids = torch.cat([prompt, gen], dim=1)
+    pad = plen - rollout.prompt_lengths
+    positions = torch.arange(input_ids.shape[1]).unsqueeze(0)
+    attention = positions >= pad.unsqueeze(1)
+    completion = positions >= plen
+    return CompletionBatch(
+        input_ids=input_ids,
+        attention_mask=attention.expand(b, -1).clone(),
+        completion_mask=completion.expand(b, -1).clone(),
+        uids=torch.as_tensor(list(uids), dtype=torch.long),
+        group_ids=torch.as_tensor(list(group_ids), dtype=torch.long),
+    )
+
+
+def sft_batch(
+    encoded: Sequence[EncodedExample], targets: Sequence[list[int]], uids: Sequence[int],
+    gen_length: int, eos_id: int,
+) -> CompletionBatch:
+    """Prompts + reference completions right-padded with EOS to ``gen_length`` (LLaDA SFT)."""
+    rows = []
+    for tgt in targets:
+        if len(tgt) > gen_length:
+            raise ValueError(
+                f"an SFT target has {len(tgt)} tokens, more than rollout.gen_length={gen_length}"
+            )
+        rows.append(list(tgt) + [eos_id] * (gen_length - len(tgt)))
+    prompt, lengths = left_pad([list(e.prompt_ids) for e in encoded], eos_id)
+    rollout = Rollout(prompt, lengths, torch.tensor(rows, dtype=torch.long),
+                      torch.full((len(rows),), gen_length), torch.zeros(len(rows), dtype=torch.long))
+    return completion_batch(rollout, uids, list(range(len(rows))))
+
+
+def decode_completions(rollout: Rollout, tokenizer: Tokenizer, eos_id: int) -> list[str]:
+    """Completion texts up to (excluding) the first EOS."""
+    texts = []
+    for row, n in zip(rollout.completion_ids.tolist(), rollout.completion_lengths.tolist()):
+        ids = row[:n]
+        if ids and ids[-1] == eos_id:
+            ids = ids[:-1]
+        texts.append(tokenizer.decode(ids))
+    return texts
+
+
+def score(task: Task, texts: Sequence[str], examples: Sequence[Example]) -> torch.Tensor:
+    """Rewards ``[b]`` (float32); a non-finite reward is an error naming the task and uid."""
+    rewards = []
+    for text, ex in zip(texts, examples):
+        r = float(task.reward(text, ex))
+        if not math.isfinite(r):
+            raise ValueError(f"task {task.name!r} returned a non-finite reward {r} for uid {ex.uid}")
+        rewards.append(r)
+    return torch.tensor(rewards, dtype=torch.float32)

@@ -1,0 +1,96 @@
+"""A run's task, tokenizer, template and encoded examples, prepared before any model exists.
+
+With ``data.tokenizer`` unset (the embedded default) a small SentencePiece tokenizer is trained
+on generated task text into ``<logging.output_dir>/tokenizer`` by rank 0 and loaded by every
+rank; the model's vocabulary size and special ids are then taken from it. A tokenizer given in
+the config must agree with the model section, else the error names the key.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+
+from rspo_mega.config import ConfigError, TrainConfig
+from rspo_mega.data import Example
+from rspo_mega.data.templates import PromptTemplate, get_template
+from rspo_mega.data.tokenizer import Tokenizer, load_tokenizer
+from rspo_mega.data.tokenizer_training import task_corpus, train_sentencepiece_tokenizer
+from rspo_mega.tasks import get_task
+from rspo_mega.tasks.answer_format import format_response
+from rspo_mega.tasks.base import Task
+from rspo_mega.training.batches import EncodedExample, encode_prompts, prompt_message
+
+log = logging.getLogger(__name__)
+
+BUILTIN_VOCAB = 512
+
+
+@dataclass
+class RunData:
+    task: Task
+    tokenizer: Tokenizer
+    template: PromptTemplate
+    train: list[EncodedExample]
+    test: list[Example]
+
+    def encode_prompt(self, example: Example) -> list[int]:
+        return self.template.encode(self.tokenizer, prompt_message(self.task, self.template, example))
+
+    def sft_target(self, example: Example) -> list[int]:
+        """Token ids of the reference response (answer only, in the verifier's format)."""
+        return self.tokenizer.encode(format_response("", str(example.answer)))
+
+
+def _builtin_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    out = Path(cfg.logging.output_dir) / "tokenizer"
+    model = out / "tokenizer.model"
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0 and not model.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        docs = task_corpus(seed=cfg.data.seed)
+        train_sentencepiece_tokenizer(docs, out / "tokenizer", vocab_size=BUILTIN_VOCAB)
+    if dist.is_initialized():
+        dist.barrier()
+    return load_tokenizer(model)
+
+
+def _agree(cfg: TrainConfig, tok: Tokenizer) -> None:
+    m = cfg.model
+    if tok.vocab_size > m.vocab_size:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
+                          f"vocabulary ({tok.vocab_size}, {cfg.data.tokenizer})")
+    for key, value in (("mask_token_id", tok.mask_id), ("eos_token_id", tok.eos_id)):
+        if getattr(m, key) != value:
+            raise ConfigError(f"model.{key}={getattr(m, key)} but the tokenizer "
+                              f"{cfg.data.tokenizer} says {value}")
+
+
+def prepare_run_data(cfg: TrainConfig) -> RunData:
+    """Load the task's splits and the tokenizer, and encode every training prompt."""
+    task = get_task(cfg.data.task)
+    if cfg.data.tokenizer:
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        _agree(cfg, tokenizer)
+    else:
+        tokenizer = _builtin_tokenizer(cfg)
+        m = cfg.model
+        m.vocab_size, m.mask_token_id, m.eos_token_id = (
+            tokenizer.vocab_size, tokenizer.mask_id, tokenizer.eos_id)
+        m.pad_token_id, m.bos_token_id = tokenizer.pad_id, tokenizer.special_ids.get("bos")
+        log.info("built-in tokenizer: vocab %d, mask %d, eos %d", m.vocab_size, m.mask_token_id,
+                 m.eos_token_id)
+    template = get_template(cfg.data.template)
+    train = task.load("train", path=cfg.data.train_path, seed=cfg.data.seed,
+                      num_examples=cfg.data.num_train_examples)
+    if not train:
+        raise ConfigError(f"data.train_path: the {task.name} training set "
+                          f"'{cfg.data.train_path or 'generated'}' is empty")
+    has_test = cfg.data.test_path or (cfg.data.train_path is None and cfg.data.num_test_examples)
+    test = task.load("test", path=cfg.data.test_path, seed=cfg.data.seed,
+                     num_examples=cfg.data.num_test_examples) if has_test else []
+    encoded = encode_prompts(train, task, template, tokenizer, cfg.data.max_prompt_length)
+    return RunData(task, tokenizer, template, encoded, test)

@@ -1,0 +1,311 @@
+"""The RL trainer: prompts -> rollouts -> rewards -> advantages -> ELBOs -> loss -> update.
+
+One :class:`Trainer` per process (``torchrun`` rank). A step of RL (``algorithm.name`` in rspo,
+espo, diffu_grpo):
+
+1. this rank's prompts of the global batch (``PromptBatchIterator``, sharded over DP);
+2. G completions per prompt with the masked-diffusion sampler (seeded per step and uid);
+3. verifiable rewards, then group advantages reduced over the DP group;
+4. K shared masks per completion (keyed by seed, step, uid, k); reference log-probs once;
+5. ``mu`` inner updates of the configured loss (old log-probs from the first one), each a
+   megatron forward/backward, DP gradient reduction, NaN/Inf guard and optimizer step;
+6. metrics, checkpoint and preemption handling.
+
+``algorithm.name=sft`` runs masked-diffusion SFT on the data's reference answers instead (no
+rollout), with the same masks and parallel ELBO runner.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state as ps
+
+from rspo_mega.algorithms import build_loss, compute_advantages, loss_backward
+from rspo_mega.config import Layout, TrainConfig, config_to_dict
+from rspo_mega.data import PromptBatchIterator, shard_examples
+from rspo_mega.likelihood import ElboRunner, MaskSampler, ReferenceModel
+from rspo_mega.models.llada import llada_forward, load_model
+from rspo_mega.parallel import initialize_distributed, initialize_model_parallel
+from rspo_mega.parallel.reductions import data_parallel_group, global_mean, global_sum
+from rspo_mega.rng import hash64
+from rspo_mega.rollout import RolloutEngine, completion_uid
+from rspo_mega.training import batches
+from rspo_mega.training.builder import (
+    build_chunks, build_optimizer, build_reference_fn, build_scheduler, finish_grad_sync,
+    optimizer_step, wrap_ddp, zero_grads,
+)
+from rspo_mega.training.checkpointing import (
+    CheckpointManager, check_compatible, restore_rng_state,
+)
+from rspo_mega.training.guards import check_finite, grad_tensors
+from rspo_mega.training.metrics import MetricsLogger, Timers, memory_stats
+from rspo_mega.training.run_data import RunData, prepare_run_data
+from rspo_mega.training.signals import PreemptionHandler
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    """Owns the parallel state, the policy/reference, data, rollout engine, loss and outputs."""
+
+    def __init__(self, cfg: TrainConfig, layout: Layout) -> None:
+        self.cfg, self.layout = cfg, layout
+        p = cfg.parallel
+        initialize_distributed(backend=p.backend, timeout_minutes=p.timeout_minutes)
+        initialize_model_parallel(tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp, seed=cfg.seed,
+                                  timeout_minutes=p.timeout_minutes)
+        self.rank = torch.distributed.get_rank()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.data: RunData = prepare_run_data(cfg)  # may fill model ids from the tokenizer
+        train_examples = [e.example for e in self.data.train]
+        self.encoded = {e.example.uid: e for e in self.data.train}
+        self.rl_iterator = PromptBatchIterator(
+            train_examples, layout.prompts_per_step, self.dp_rank, self.dp_size, seed=cfg.data.seed)
+        self.sft_iterator = PromptBatchIterator(
+            train_examples, cfg.global_batch_size, self.dp_rank, self.dp_size,
+            seed=cfg.data.seed + 1)
+
+        chunks = build_chunks(cfg)
+        if cfg.checkpoint.init_from:
+            for chunk in chunks:
+                load_model(chunk, cfg.checkpoint.init_from)
+        self.model = wrap_ddp(chunks, cfg)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.warmup_steps = cfg.sft_warmup_steps if self.is_rl else cfg.train_steps
+        self.total_steps = self.warmup_steps + (cfg.train_steps if self.is_rl else 0)
+        updates = self.warmup_steps + (cfg.train_steps * cfg.algorithm.inner_updates
+                                       if self.is_rl else 0)
+        self.scheduler = build_scheduler(self.optimizer, cfg, updates)
+        self.sft_loss = build_loss(replace(cfg.algorithm, name="sft"), cfg.likelihood)
+        self.rl_loss = build_loss(cfg.algorithm, cfg.likelihood,
+                                  microbatch_completions=cfg.micro_batch_size) if self.is_rl else None
+        self.reference: Optional[ReferenceModel] = None  # built when RL starts
+        self.engine = RolloutEngine(self.model, cfg.model, cfg.rollout, seed=cfg.seed)
+        self.masks = MaskSampler(cfg.likelihood, cfg.seed, cfg.model.mask_token_id,
+                                 cfg.model.eos_token_id)
+        self.runner = ElboRunner(llada_forward, cfg.likelihood.micro_batch_size,
+                                 ddp_averages_gradients=True)
+        self.metrics = MetricsLogger(cfg.logging.output_dir, tensorboard=cfg.logging.tensorboard,
+                                     rank=self.rank)
+        self.ckpt = CheckpointManager(cfg.checkpoint.save_dir, cfg.checkpoint.keep_last) \
+            if cfg.checkpoint.save_dir else None
+        self.step = 0
+
+    @property
+    def is_rl(self) -> bool:
+        return self.cfg.algorithm.name != "sft"
+
+    @property
+    def in_sft(self) -> bool:
+        """Whether the current step is a masked-diffusion SFT step (warm-up or SFT-only run)."""
+        return self.step < self.warmup_steps
+
+    def start_rl(self) -> None:
+        """Freeze the current policy as the reference (the RL start point), if the loss needs one."""
+        if self.reference is None and self.rl_loss is not None and self.rl_loss.needs_reference:
+            self.reference = ReferenceModel.from_policy(
+                self.model, build_reference_fn(self.cfg),
+                offload=self.cfg.likelihood.offload_reference)
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def _rl_batch(self, timers: Timers):
+        cfg, G = self.cfg, self.cfg.rollout.group_size
+        examples = next(self.rl_iterator)
+        pairs = [(i, completion_uid(ex.uid, j)) for i, ex in enumerate(examples) for j in range(G)]
+        prompts = [list(self.encoded[examples[i].uid].prompt_ids) for i, _ in pairs]
+        uids = [u for _, u in pairs]
+        with timers("rollout"):
+            rollout = self.engine.generate(prompts, uids, seed=hash64(cfg.seed, self.step))
+        texts = batches.decode_completions(rollout, self.data.tokenizer, cfg.model.eos_token_id)
+        rewards = batches.score(self.data.task, texts, [examples[i] for i, _ in pairs])
+        base = self.dp_rank * len(examples)
+        group_ids = [base + i for i, _ in pairs]
+        batch = batches.completion_batch(rollout, uids, group_ids)
+        advantages = compute_advantages(rewards, batch.group_ids, self.layout.prompts_per_step,
+                                        cfg.algorithm)
+        stats = {
+            "reward": float(global_mean(rewards, group=data_parallel_group())),
+            "accuracy": float(global_mean((rewards >= 1.0).float(), group=data_parallel_group())),
+            "completion_tokens": float(global_sum(rollout.completion_lengths.float(),
+                                                  data_parallel_group())),
+            "rollout_steps": float(rollout.steps_used.float().mean()),
+        }
+        return batch, advantages, self.layout.prompts_per_step, stats
+
+    def _sft_batch(self):
+        cfg = self.cfg
+        examples = next(self.sft_iterator)
+        encoded = [self.encoded[ex.uid] for ex in examples]
+        targets = [self.data.sft_target(ex) for ex in examples]
+        uids = [completion_uid(ex.uid, 0) for ex in examples]
+        batch = batches.sft_batch(encoded, targets, uids, cfg.rollout.gen_length,
+                                  cfg.model.eos_token_id)
+        advantages = torch.zeros(len(examples))
+        batch.group_ids += self.dp_rank * len(examples)
+        return batch, advantages, cfg.global_batch_size, {}
+
+    def train_step(self) -> dict[str, float]:
+        """One step (all inner updates); returns the global metrics of the step."""
+        cfg, timers = self.cfg, Timers()
+        t0 = time.perf_counter()
+        sft = self.in_sft
+        batch, advantages, num_groups, stats = self._sft_batch() if sft else self._rl_batch(timers)
+        loss_fn = self.sft_loss if sft else self.rl_loss
+        masked = self.masks.sample(batch, iteration=self.step)
+        with timers("likelihood"):
+            ref_logp = None
+            if not sft and self.reference is not None:
+                ref_logp = self.reference.logprobs(self.runner, masked)
+        old_logp, result = None, None
+        for inner in range(1 if sft else cfg.algorithm.inner_updates):
+            zero_grads(self.model, self.optimizer)
+            with timers("likelihood"):
+                result = loss_backward(loss_fn, self.runner, self.model, masked, advantages,
+                                       batch.group_ids, num_groups, ref_logp=ref_logp,
+                                       old_logp=old_logp)
+            if inner == 0:
+                old_logp = result.logp
+            with timers("communication"):
+                finish_grad_sync(self.model)
+            grads = {f"chunk{i}.{k}": g for i, c in enumerate(self.model)
+                     for k, g in grad_tensors(c).items()}
+            finite = check_finite(grads, self.step, policy=cfg.non_finite_policy)
+            with timers("optimizer"):
+                applied, grad_norm = optimizer_step(self.optimizer, self.scheduler) \
+                    if finite else (False, float("nan"))
+        elapsed = time.perf_counter() - t0
+        out = {"phase_sft": float(sft), **stats, **result.metrics, "grad_norm": grad_norm, "update_applied": float(applied),
+               "lr": self.optimizer.param_groups[0]["lr"], "step_seconds": elapsed,
+               **timers.elapsed(), **memory_stats()}
+        if not sft and elapsed > 0:
+            out["tokens_per_s"] = stats["completion_tokens"] / elapsed
+        self.step += 1
+        return out
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out reward and accuracy at temperature 0, sharded over data-parallel ranks."""
+        mine = shard_examples(self.data.test, self.dp_rank, self.dp_size)
+        rewards = []
+        mbs = max(1, self.cfg.rollout.micro_batch_size)
+        for start in range(0, len(mine), mbs):
+            chunk = mine[start:start + mbs]
+            prompts = [list(self.data.encode_prompt(ex)) for ex in chunk]
+            rollout = self.engine.generate(prompts, [completion_uid(ex.uid, 0) for ex in chunk],
+                                           temperature=0.0)
+            texts = batches.decode_completions(rollout, self.data.tokenizer,
+                                               self.cfg.model.eos_token_id)
+            rewards.append(batches.score(self.data.task, texts, chunk))
+        r = torch.cat(rewards) if rewards else torch.zeros(0)
+        group = data_parallel_group()
+        return {"eval/reward": float(global_mean(r, group=group)),
+                "eval/accuracy": float(global_mean((r >= 1.0).float(), group=group)),
+                "eval/examples": float(global_sum(torch.ones_like(r), group))}
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def _sharded_state(self) -> dict:
+        model_sd = {}
+        for i, chunk in enumerate(self.model):
+            key = "model" if len(self.model) == 1 else f"model{i}"
+            model_sd[key] = chunk.sharded_state_dict()
+        state = dict(model_sd)
+        state["optimizer"] = self.optimizer.sharded_state_dict(model_sd)
+        if self.reference is not None:
+            for i, chunk in enumerate(self.reference.chunks):
+                state[f"reference{i}"] = chunk.sharded_state_dict(prefix=f"reference{i}.")
+        return state
+
+    def _extra_state(self) -> dict:
+        return {"step": self.step, "rl_iterator": self.rl_iterator.state_dict(),
+                "sft_iterator": self.sft_iterator.state_dict(),
+                "has_reference": self.reference is not None,
+                "masks": self.masks.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def save(self) -> None:
+        if self.ckpt is None:
+            return
+        self.ckpt.save(self.step, self._sharded_state(), extra=self._extra_state(),
+                       config=config_to_dict(self.cfg))
+
+    def resume(self) -> bool:
+        """Load the newest valid checkpoint of ``checkpoint.load_dir`` (or ``save_dir``)."""
+        if self.ckpt is None:
+            return False
+        path = self.ckpt.find_resumable()
+        if path is None:
+            return False
+        from rspo_mega.training.checkpointing import read_metadata
+
+        check_compatible(read_metadata(path).get("config") or {}, config_to_dict(self.cfg),
+                         keys=("model", "parallel.tp", "parallel.pp", "rollout.group_size"))
+        from rspo_mega.training.checkpointing import load_extra_state
+
+        if load_extra_state(path).get("has_reference"):
+            self.start_rl()  # same layout as the policy; its weights come from the checkpoint
+        state, extra = self.ckpt.load(path, self._sharded_state())
+        if "rng" in extra:
+            restore_rng_state(extra["rng"])
+        if self.reference is not None:
+            for i, chunk in enumerate(self.reference.chunks):
+                chunk.load_state_dict({k[len(f"reference{i}."):]: v for k, v in
+                                       state[f"reference{i}"].items()})
+        for i, chunk in enumerate(self.model):
+            chunk.load_state_dict(state["model" if len(self.model) == 1 else f"model{i}"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.rl_iterator.load_state_dict(extra["rl_iterator"])
+        self.sft_iterator.load_state_dict(extra["sft_iterator"])
+        self.masks.load_state_dict(extra["masks"])
+        self.step = int(extra["step"])
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, float]:
+        """Warm-up (if any), then RL; evaluates before and after RL. Returns the summary."""
+        cfg = self.cfg
+        resumed = self.resume()
+        summary: dict[str, float] = {}
+        bar = self.metrics.progress(self.total_steps, initial=self.step,
+                                    enabled=cfg.logging.progress_bar, desc=cfg.algorithm.name)
+        with PreemptionHandler() as preemption:
+            while self.step < self.total_steps:
+                if self.step == self.warmup_steps and self.is_rl and self.reference is None:
+                    self.start_rl()
+                    if self.data.test and not resumed:
+                        summary.update({f"before/{k}": v for k, v in self.evaluate().items()})
+                        self.metrics.log(self.step, summary)
+                metrics = self.train_step()
+                if cfg.eval_interval > 0 and self.step % cfg.eval_interval == 0 and self.data.test:
+                    metrics.update(self.evaluate())
+                if self.step % cfg.logging.log_interval == 0 or self.step == self.total_steps:
+                    self.metrics.log(self.step, metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
+                                reward=f"{metrics.get('reward', float('nan')):.3f}")
+                interval = cfg.checkpoint.save_interval
+                if interval and self.step % interval == 0:
+                    self.save()
+                if preemption.should_stop():
+                    log.warning("preemption signal: saving at step %d and exiting", self.step)
+                    self.save()
+                    bar.close()
+                    self.metrics.close()
+                    return {"preempted": 1.0, "step": float(self.step)}
+        bar.close()
+        if self.data.test:
+            summary.update({f"after/{k}": v for k, v in self.evaluate().items()})
+            self.metrics.log(self.step, summary)
+        self.save()
+        self.metrics.close()
+        return summary
