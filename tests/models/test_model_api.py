@@ -1,0 +1,83 @@
+"""The public model API on 2 gloo ranks: log-probs, padding masks, gradients, bf16, impl choice."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from rspo_mega.config.schema import ModelConfig
+from tests.distributed import run_distributed
+
+CFG = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                  num_query_groups=2, vocab_size=300, max_position_embeddings=64)
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max abs difference; -inf (padded vocab) must sit at the same places in both."""
+    same_inf = torch.equal(torch.isneginf(a), torch.isneginf(b))
+    finite = torch.isfinite(a)
+    return (a[finite] - b[finite]).abs().max().item() if same_inf else float("inf")
+
+
+def _body(rank: int, world: int) -> dict:
+    from megatron.core import parallel_state as ps
+
+    from rspo_mega.models.llada import (build_llada_model, llada_forward, resolve_transformer_impl,
+                                        vocab_parallel_log_probs)
+    from rspo_mega.parallel import initialize_model_parallel
+
+    out: dict = {"impl": resolve_transformer_impl("auto")}
+    try:
+        resolve_transformer_impl("transformer_engine")
+    except RuntimeError as exc:
+        out["te_error"] = str(exc)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, CFG.vocab_size, (2, 10), generator=gen)
+    for tp in (1, 2):
+        initialize_model_parallel(tp=tp)
+        model = build_llada_model(CFG)
+        logits = llada_forward(model, ids)
+        before = logits.clone()
+        lp = vocab_parallel_log_probs(logits, ids)
+        out[f"tp{tp}_unchanged"] = torch.equal(before, logits)
+        direct = llada_forward(model, ids, labels=ids)
+        out[f"tp{tp}_lp_err"] = (direct - lp).abs().max().item()
+        ones = torch.ones_like(ids, dtype=torch.bool)
+        out[f"tp{tp}_mask_ones_err"] = _err(llada_forward(model, ids, ones), logits)
+        # left padding: what sits at padded positions must not reach real positions
+        mask = ones.clone()
+        mask[0, :4] = False
+        other = ids.clone()
+        other[0, :4] = (ids[0, :4] + 7) % CFG.vocab_size
+        a, b = llada_forward(model, ids, mask), llada_forward(model, other, mask)
+        out[f"tp{tp}_pad_leak"] = _err(a[0, 4:], b[0, 4:])
+        out[f"tp{tp}_unpadded_differs"] = _err(llada_forward(model, other)[0, 4:], logits[0, 4:])
+        # gradient of the log-probs never reaches padded output rows
+        direct.sum().backward()
+        grad = model.output_layer.weight.grad
+        start = ps.get_tensor_model_parallel_rank() * grad.shape[0]
+        valid = max(0, CFG.vocab_size - start)
+        out[f"tp{tp}_pad_grad"] = grad[valid:].abs().max().item() if valid < grad.shape[0] else 0.0
+        out[f"tp{tp}_real_grad"] = grad[:valid].abs().max().item()
+    initialize_model_parallel(tp=2)
+    bf16 = build_llada_model(replace(CFG, params_dtype="bfloat16"))
+    logits = llada_forward(bf16, ids)
+    out["bf16"] = (str(logits.dtype), str(next(bf16.parameters()).dtype), tuple(logits.shape))
+    return out
+
+
+@pytest.mark.timeout(200)
+def test_model_api_on_two_ranks():
+    for res in run_distributed(_body, world_size=2, timeout=180):
+        assert res["impl"] == "local"
+        assert "needs Transformer Engine" in res["te_error"]
+        for tp in (1, 2):
+            assert res[f"tp{tp}_unchanged"], "vocab_parallel_log_probs modified its input"
+            assert res[f"tp{tp}_lp_err"] < 1e-5
+            assert res[f"tp{tp}_mask_ones_err"] < 1e-5
+            assert res[f"tp{tp}_pad_leak"] < 1e-5
+            assert res[f"tp{tp}_unpadded_differs"] > 1e-4  # the check above is not vacuous
+            assert res[f"tp{tp}_pad_grad"] == 0.0 and res[f"tp{tp}_real_grad"] > 0
+        assert res["bf16"] == ("torch.float32", "torch.bfloat16", (2, 10, 256))

@@ -1,0 +1,44 @@
+#!/usr/bin/env python
+"""HF LLaDA (config.json + safetensors shards + index) -> megatron-core torch_dist checkpoint.
+
+    python tools/convert_hf_to_mcore.py --hf DIR --out DIR [--tp 2 --pp 2] [--dtype bfloat16]
+
+Streams tensor by tensor (a few tensors resident). The output loads at any TP/PP with
+``rspo_mega.models.llada.load_model`` (or ``dist_checkpointing.load(model.sharded_state_dict())``
+at the given --tp, whose vocab padding it carries). Pickle checkpoints (.bin) are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf", required=True, help="HF LLaDA directory")
+    p.add_argument("--out", required=True, help="output torch_dist checkpoint directory")
+    p.add_argument("--tp", type=int, default=1, help="target tensor-parallel size (vocab padding)")
+    p.add_argument("--pp", type=int, default=1, help="target pipeline-parallel size (validated)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default=None,
+                   help="stored dtype (default: the source dtype)")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from rspo_mega.models.llada.convert import convert_hf_to_mcore
+
+    cfg = convert_hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                              overwrite=args.overwrite,
+                              make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+    print(f"wrote {args.out}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
