@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from rspo_mega.config.schema import ModelConfig, RolloutConfig  # noqa: E402
 from rspo_mega.parallel import initialize_distributed, initialize_model_parallel  # noqa: E402
 from rspo_mega.rollout.engine import RolloutEngine  # noqa: E402
-from tests.distributed import free_port  # noqa: E402
+from rspo_mega.parallel.runtime import free_port  # noqa: E402
 from tests.reference.llada_sampler import reference_generate  # noqa: E402
 
 

@@ -27,11 +27,12 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
 import tempfile
 import time
 import traceback
 from typing import Any, Callable, Sequence
+
+from rspo_mega.parallel.runtime import free_port
 
 _PRELOAD = ["torch", "torch.distributed", "megatron.core.parallel_state", "rspo_mega.parallel"]
 _CTX: Any = None
@@ -47,13 +48,6 @@ def _context() -> Any:
         _CTX = mp.get_context("forkserver")
         _CTX.set_forkserver_preload(_PRELOAD)
     return _CTX
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(

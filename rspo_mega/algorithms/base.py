@@ -28,6 +28,7 @@ import torch
 
 from rspo_mega.algorithms.diagnostics import Metrics
 from rspo_mega.config.schema import AlgorithmConfig, LikelihoodConfig
+from rspo_mega.config.validate import check_algorithm
 from rspo_mega.likelihood.batch import MaskedBatch
 from rspo_mega.likelihood.masks import validate_likelihood_config
 from rspo_mega.parallel.reductions import ProcessGroup, data_parallel_group, global_count
@@ -68,22 +69,8 @@ class LossOutput:
 
 
 def validate_algorithm_config(cfg: AlgorithmConfig) -> None:
-    """Raise ``ValueError`` naming the offending ``algorithm.*`` key."""
-    if cfg.lambda_ < 0:
-        raise ValueError(f"algorithm.lambda_={cfg.lambda_} must be >= 0")
-    if cfg.centering not in ("batch", "group", "microbatch"):
-        raise ValueError(f"algorithm.centering={cfg.centering!r}: expected batch | group | microbatch")
-    if cfg.advantage not in ("mean", "leave_one_out", "standardized"):
-        raise ValueError(f"algorithm.advantage={cfg.advantage!r}: expected mean | leave_one_out | "
-                         "standardized")
-    if cfg.advantage_eps < 0:
-        raise ValueError(f"algorithm.advantage_eps={cfg.advantage_eps} must be >= 0")
-    if cfg.inner_updates < 1:
-        raise ValueError(f"algorithm.inner_updates={cfg.inner_updates} must be >= 1")
-    if cfg.clip_eps <= 0:
-        raise ValueError(f"algorithm.clip_eps={cfg.clip_eps} must be > 0")
-    if cfg.kl_beta < 0:
-        raise ValueError(f"algorithm.kl_beta={cfg.kl_beta} must be >= 0")
+    """Raise ``ValueError`` (a ``ConfigError``) naming the offending ``algorithm.*`` key."""
+    check_algorithm(cfg)
 
 
 class PolicyLoss(abc.ABC):

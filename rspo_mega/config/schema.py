@@ -111,7 +111,8 @@ class AlgorithmConfig:
 class OptimizerConfig:
     """megatron-core optimizer and LR schedule."""
 
-    lr: float = 1e-4
+    lr: float = 1e-4  # peak LR of the RL (or SFT-only) schedule
+    sft_lr: Optional[float] = None  # constant LR of the SFT warm-up steps (None = lr)
     min_lr: float = 0.0
     weight_decay: float = 0.0
     adam_beta1: float = 0.9

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from rspo_mega.config.loader import ConfigError
-from rspo_mega.config.schema import TrainConfig
+from rspo_mega.config.schema import AlgorithmConfig, LikelihoodConfig, TrainConfig
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.params_dtype": ("float32", "bfloat16"),
@@ -91,6 +91,44 @@ def _model_geometry(cfg: TrainConfig) -> dict:
             ctx=hf.get("max_sequence_length", geo["ctx"]),
         )
     return geo
+
+
+def _check_section(section: object, prefix: str) -> None:
+    """The CHOICES and POSITIVE rules of one section (keys under ``prefix.``)."""
+    for key, options in CHOICES.items():
+        if key.startswith(prefix + ".") and getattr(section, key[len(prefix) + 1:]) not in options:
+            value = getattr(section, key[len(prefix) + 1:])
+            raise ConfigError(f"config key '{key}' = {value!r} must be one of {list(options)}")
+    for key in POSITIVE:
+        if key.startswith(prefix + "."):
+            value = getattr(section, key[len(prefix) + 1:])
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"config key '{key}' must be >= 1, got {value!r}")
+
+
+def check_likelihood(lik: LikelihoodConfig) -> None:
+    """Rules of the ``likelihood`` section alone (also for estimators built outside a run)."""
+    _check_section(lik, "likelihood")
+    if not 0 <= lik.bernoulli_eps < 1:
+        raise ConfigError(f"likelihood.bernoulli_eps must lie in [0, 1), got {lik.bernoulli_eps}")
+    if not 0 <= lik.one_step_prompt_mask_prob <= 1:
+        raise ConfigError(
+            f"likelihood.one_step_prompt_mask_prob must lie in [0, 1], got "
+            f"{lik.one_step_prompt_mask_prob}"
+        )
+
+
+def check_algorithm(alg: AlgorithmConfig) -> None:
+    """Rules of the ``algorithm`` section alone (also for losses built outside a run)."""
+    _check_section(alg, "algorithm")
+    if alg.lambda_ < 0:
+        raise ConfigError(f"algorithm.lambda_ must be >= 0, got {alg.lambda_}")
+    if alg.advantage_eps < 0:
+        raise ConfigError(f"algorithm.advantage_eps must be >= 0, got {alg.advantage_eps}")
+    if alg.clip_eps <= 0:
+        raise ConfigError(f"algorithm.clip_eps must be > 0, got {alg.clip_eps}")
+    if alg.kl_beta < 0:
+        raise ConfigError(f"algorithm.kl_beta must be >= 0, got {alg.kl_beta}")
 
 
 def validate_config(cfg: TrainConfig, world_size: Optional[int] = None) -> Layout:
@@ -183,19 +221,12 @@ def validate_config(cfg: TrainConfig, world_size: Optional[int] = None) -> Layou
             f"{cfg.data.max_prompt_length + ro.gen_length} exceeds "
             f"model.max_position_embeddings={geo['ctx']}"
         )
-    lik, alg = cfg.likelihood, cfg.algorithm
-    if not 0 < lik.bernoulli_eps < 1:
-        raise ConfigError(f"likelihood.bernoulli_eps must lie in (0, 1), got {lik.bernoulli_eps}")
-    if not 0 <= lik.one_step_prompt_mask_prob < 1:
-        raise ConfigError("likelihood.one_step_prompt_mask_prob must lie in [0, 1)")
-    if alg.lambda_ < 0:
-        raise ConfigError(f"algorithm.lambda_ must be >= 0, got {alg.lambda_}")
-    if alg.clip_eps <= 0:
-        raise ConfigError(f"algorithm.clip_eps must be > 0, got {alg.clip_eps}")
-    if alg.kl_beta < 0:
-        raise ConfigError(f"algorithm.kl_beta must be >= 0, got {alg.kl_beta}")
+    check_likelihood(cfg.likelihood)
+    check_algorithm(cfg.algorithm)
     if cfg.optimizer.lr <= 0:
         raise ConfigError(f"optimizer.lr must be > 0, got {cfg.optimizer.lr}")
+    if cfg.optimizer.sft_lr is not None and cfg.optimizer.sft_lr <= 0:
+        raise ConfigError(f"optimizer.sft_lr must be > 0, got {cfg.optimizer.sft_lr}")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
 

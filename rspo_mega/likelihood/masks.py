@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from rspo_mega.config.schema import LikelihoodConfig
+from rspo_mega.config.validate import check_likelihood
 from rspo_mega.likelihood.batch import CompletionBatch, MaskedBatch
 from rspo_mega.rng import hash64, keyed_generator  # noqa: F401  (hash64 re-exported)
 
@@ -45,22 +46,8 @@ def mask_generator(seed: int, iteration: int, uid: int, mc_index: int) -> torch.
 
 
 def validate_likelihood_config(cfg: LikelihoodConfig) -> None:
-    """Raise ``ValueError`` naming the offending ``likelihood.*`` key."""
-    if cfg.mask_scheme not in MASK_SCHEMES:
-        raise ValueError(f"likelihood.mask_scheme={cfg.mask_scheme!r}: expected one of {MASK_SCHEMES}")
-    if not isinstance(cfg.mc_samples, int) or cfg.mc_samples < 1:
-        raise ValueError(f"likelihood.mc_samples={cfg.mc_samples!r} must be an integer >= 1 "
-                         "(for 'coupled' it counts mask/complement pairs)")
-    if cfg.count_positions not in COUNT_POSITIONS:
-        raise ValueError(f"likelihood.count_positions={cfg.count_positions!r}: expected one of "
-                         f"{COUNT_POSITIONS}")
-    if not 0.0 <= cfg.bernoulli_eps < 1.0:
-        raise ValueError(f"likelihood.bernoulli_eps={cfg.bernoulli_eps!r} must lie in [0, 1)")
-    if not 0.0 <= cfg.one_step_prompt_mask_prob <= 1.0:
-        raise ValueError(f"likelihood.one_step_prompt_mask_prob={cfg.one_step_prompt_mask_prob!r} "
-                         "must lie in [0, 1]")
-    if not isinstance(cfg.micro_batch_size, int) or cfg.micro_batch_size < 1:
-        raise ValueError(f"likelihood.micro_batch_size={cfg.micro_batch_size!r} must be >= 1")
+    """Raise ``ValueError`` (a ``ConfigError``) naming the offending ``likelihood.*`` key."""
+    check_likelihood(cfg)
 
 
 def units_per_sample(scheme: str) -> int:

@@ -16,6 +16,7 @@ import datetime
 import logging
 import os
 import random
+import socket
 from dataclasses import dataclass
 from typing import Optional
 
@@ -75,6 +76,13 @@ def current_device() -> torch.device:
     return torch.device("cpu")
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def initialize_distributed(
     backend: Optional[str] = None, timeout_minutes: float = 30.0
 ) -> DistEnv:
@@ -92,11 +100,14 @@ def initialize_distributed(
     if dist.is_initialized():
         return env
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    port = env.master_port
+    if env.world_size == 1 and "MASTER_PORT" not in os.environ:
+        port = free_port()  # a standalone run must not collide with another one on 29500
     if backend == "nccl" and not torch.cuda.is_available():
         raise RuntimeError("backend 'nccl' requested but CUDA is unavailable; use 'gloo'")
     dist.init_process_group(
         backend=backend,
-        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        init_method=f"tcp://{env.master_addr}:{port}",
         rank=env.rank,
         world_size=env.world_size,
         timeout=datetime.timedelta(minutes=timeout_minutes),

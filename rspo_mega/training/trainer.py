@@ -29,7 +29,7 @@ from rspo_mega.algorithms import build_loss, compute_advantages, loss_backward
 from rspo_mega.config import Layout, TrainConfig, config_to_dict
 from rspo_mega.data import PromptBatchIterator, shard_examples
 from rspo_mega.likelihood import ElboRunner, MaskSampler, ReferenceModel
-from rspo_mega.models.llada import llada_forward, load_model
+from rspo_mega.models.llada import llada_forward, load_model, unwrap_model
 from rspo_mega.parallel import initialize_distributed, initialize_model_parallel
 from rspo_mega.parallel.reductions import data_parallel_group, global_mean, global_sum
 from rspo_mega.rng import hash64
@@ -79,8 +79,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.warmup_steps = cfg.sft_warmup_steps if self.is_rl else cfg.train_steps
         self.total_steps = self.warmup_steps + (cfg.train_steps if self.is_rl else 0)
-        updates = self.warmup_steps + (cfg.train_steps * cfg.algorithm.inner_updates
-                                       if self.is_rl else 0)
+        updates = (cfg.train_steps * cfg.algorithm.inner_updates) if self.is_rl \
+            else self.warmup_steps
         self.scheduler = build_scheduler(self.optimizer, cfg, updates)
         self.sft_loss = build_loss(replace(cfg.algorithm, name="sft"), cfg.likelihood)
         self.rl_loss = build_loss(cfg.algorithm, cfg.likelihood,
@@ -108,6 +108,7 @@ class Trainer:
 
     def start_rl(self) -> None:
         """Freeze the current policy as the reference (the RL start point), if the loss needs one."""
+        self.scheduler.step(increment=0)  # the RL schedule's LR replaces the warm-up's
         if self.reference is None and self.rl_loss is not None and self.rl_loss.needs_reference:
             self.reference = ReferenceModel.from_policy(
                 self.model, build_reference_fn(self.cfg),
@@ -178,8 +179,12 @@ class Trainer:
                      for k, g in grad_tensors(c).items()}
             finite = check_finite(grads, self.step, policy=cfg.non_finite_policy)
             with timers("optimizer"):
-                applied, grad_norm = optimizer_step(self.optimizer, self.scheduler) \
-                    if finite else (False, float("nan"))
+                if sft and self.is_rl:  # warm-up: constant LR, the RL schedule starts after it
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = cfg.optimizer.sft_lr or cfg.optimizer.lr
+                applied, grad_norm = optimizer_step(
+                    self.optimizer, None if (sft and self.is_rl) else self.scheduler
+                ) if finite else (False, float("nan"))
         elapsed = time.perf_counter() - t0
         out = {"phase_sft": float(sft), **stats, **result.metrics, "grad_norm": grad_norm, "update_applied": float(applied),
                "lr": self.optimizer.param_groups[0]["lr"], "step_seconds": elapsed,
@@ -212,13 +217,16 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def _sharded_state(self) -> dict:
+    def _sharded_state(self, is_loading: bool = False) -> dict:
+        """Model (+ reference) and optimizer state as sharded tensors. ``is_loading`` first
+        creates the optimizer's state (torch Adam has none before its first step), else a
+        resume would silently start from empty Adam moments."""
         model_sd = {}
         for i, chunk in enumerate(self.model):
             key = "model" if len(self.model) == 1 else f"model{i}"
-            model_sd[key] = chunk.sharded_state_dict()
+            model_sd[key] = unwrap_model(chunk).sharded_state_dict()  # DDP would add "module."
         state = dict(model_sd)
-        state["optimizer"] = self.optimizer.sharded_state_dict(model_sd)
+        state["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
         if self.reference is not None:
             for i, chunk in enumerate(self.reference.chunks):
                 state[f"reference{i}"] = chunk.sharded_state_dict(prefix=f"reference{i}.")
@@ -246,20 +254,20 @@ class Trainer:
         from rspo_mega.training.checkpointing import read_metadata
 
         check_compatible(read_metadata(path).get("config") or {}, config_to_dict(self.cfg),
-                         keys=("model", "parallel.tp", "parallel.pp", "rollout.group_size"))
+                         keys=("model",))  # layouts may change: dist checkpoints reshard
         from rspo_mega.training.checkpointing import load_extra_state
 
         if load_extra_state(path).get("has_reference"):
             self.start_rl()  # same layout as the policy; its weights come from the checkpoint
-        state, extra = self.ckpt.load(path, self._sharded_state())
+        state, extra = self.ckpt.load(path, self._sharded_state(is_loading=True))
         if "rng" in extra:
             restore_rng_state(extra["rng"])
         if self.reference is not None:
             for i, chunk in enumerate(self.reference.chunks):
                 chunk.load_state_dict({k[len(f"reference{i}."):]: v for k, v in
                                        state[f"reference{i}"].items()})
-        for i, chunk in enumerate(self.model):
-            chunk.load_state_dict(state["model" if len(self.model) == 1 else f"model{i}"])
+        for i, chunk in enumerate(self.model):  # keys are the inner GPTModel's, not DDP's
+            unwrap_model(chunk).load_state_dict(state["model" if len(self.model) == 1 else f"model{i}"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(extra["scheduler"])
         self.rl_iterator.load_state_dict(extra["rl_iterator"])
