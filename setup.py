@@ -41,6 +41,7 @@ setup(
     entry_points={
         "console_scripts": [
             "rspo-train=rspo_mega.train:main",
+            "rspo-eval=rspo_mega.evaluate:main",
         ],
     },
 )

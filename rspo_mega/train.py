@@ -2,8 +2,9 @@
 
     rspo-train [--config run.yaml] [section.key=value ...]
 
-With no ``--config`` the embedded tiny default runs (the dataclass defaults of
-:mod:`rspo_mega.config.schema`). The config is loaded and validated against the launched world
+With no ``--config`` the embedded tiny default runs (``rspo_mega/configs/tiny_sudoku.yaml``:
+generated 4x4 Sudoku, SFT warm-up, then RSPO); a ``--config`` file overlays the dataclass defaults
+of :mod:`rspo_mega.config.schema`. The config is loaded and validated against the launched world
 size *before* any process group or model exists; the resolved config is printed and saved in the
 run's output directory.
 """
@@ -15,18 +16,22 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from rspo_mega.config import ConfigError, dump_config, load_config, save_config, validate_config
 
 log = logging.getLogger("rspo_mega")
 
+TINY_DEFAULT = Path(__file__).parent / "configs" / "tiny_sudoku.yaml"
+
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="rspo-train", description="RL (RSPO, ESPO, diffu-GRPO) for masked diffusion LMs."
     )
-    parser.add_argument("--config", default=None, help="YAML run config (default: tiny default)")
+    parser.add_argument("--config", default=None,
+                        help=f"YAML run config (default: the embedded tiny default, {TINY_DEFAULT.name})")
     parser.add_argument(
         "--dry-run", action="store_true", help="validate and print the resolved config, then exit"
     )
@@ -37,7 +42,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config or TINY_DEFAULT, args.overrides)
         layout = validate_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as exc:
         print(f"rspo-train: config error: {exc}", file=sys.stderr)

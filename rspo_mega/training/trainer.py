@@ -179,9 +179,11 @@ class Trainer:
                      for k, g in grad_tensors(c).items()}
             finite = check_finite(grads, self.step, policy=cfg.non_finite_policy)
             with timers("optimizer"):
-                if sft and self.is_rl:  # warm-up: constant LR, the RL schedule starts after it
+                if sft and self.is_rl:  # warm-up phase: its own LR (linear ramp over
+                    # optimizer.warmup_steps, then constant); the RL schedule starts after it
+                    ramp = min(1.0, (self.step + 1) / max(1, cfg.optimizer.warmup_steps))
                     for group in self.optimizer.param_groups:
-                        group["lr"] = cfg.optimizer.sft_lr or cfg.optimizer.lr
+                        group["lr"] = (cfg.optimizer.sft_lr or cfg.optimizer.lr) * ramp
                 applied, grad_norm = optimizer_step(
                     self.optimizer, None if (sft and self.is_rl) else self.scheduler
                 ) if finite else (False, float("nan"))
@@ -196,8 +198,11 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------------
 
-    def evaluate(self) -> dict[str, float]:
-        """Held-out reward and accuracy at temperature 0, sharded over data-parallel ranks."""
+    def evaluate(self, temperature: float = 0.0) -> dict[str, float]:
+        """Held-out reward and accuracy (reward == 1), sharded over data-parallel ranks."""
+        if not self.data.test:
+            raise ValueError("evaluate: no test set (set data.test_path, or data.num_test_examples "
+                             "for a generated task)")
         mine = shard_examples(self.data.test, self.dp_rank, self.dp_size)
         rewards = []
         mbs = max(1, self.cfg.rollout.micro_batch_size)
@@ -205,7 +210,7 @@ class Trainer:
             chunk = mine[start:start + mbs]
             prompts = [list(self.data.encode_prompt(ex)) for ex in chunk]
             rollout = self.engine.generate(prompts, [completion_uid(ex.uid, 0) for ex in chunk],
-                                           temperature=0.0)
+                                           temperature=temperature)
             texts = batches.decode_completions(rollout, self.data.tokenizer,
                                                self.cfg.model.eos_token_id)
             rewards.append(batches.score(self.data.task, texts, chunk))

@@ -82,6 +82,15 @@ def test_kill_9_then_resume_is_bitwise_identical(tmp_path):
     for step in (4, 5):
         assert _comparable(resumed[step]) == _comparable(expected[step]), step
 
+    # rspo-eval on the finished run: newest checkpoint, held-out set sharded over ranks.
+    args = [sys.executable, "-m", "rspo_mega.evaluate", *RUN, f"logging.output_dir={ref}",
+            f"checkpoint.save_dir={ref}/ckpt", "data.num_test_examples=6"]
+    done = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["step"] == 5 and result["eval/examples"] == 6.0
+    assert 0.0 <= result["eval/reward"] <= 1.0
+
 
 def test_sigterm_mid_run_leaves_a_valid_checkpoint(tmp_path):
     proc = _train(tmp_path, "train_steps=200", "checkpoint.save_interval=0")

@@ -94,6 +94,8 @@ def load_model(model: torch.nn.Module, ckpt_dir: str, prefix: str = "") -> None:
     if missing:
         raise KeyError(f"{ckpt_dir}: checkpoint lacks tensor(s) {missing[:5]}")
     loaded = dist_checkpointing.load(sharded, ckpt_dir)
+    # A trainer checkpoint also returns its common (non-sharded) state, e.g. the optimizer's.
+    loaded = {k: v for k, v in loaded.items() if k in sharded}
     if prefix:
         loaded = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in loaded.items()}
     result = inner.load_state_dict(loaded, strict=False)

@@ -1,0 +1,55 @@
+"""``rspo-eval`` / ``torchrun ... -m rspo_mega.evaluate``: held-out accuracy of a model.
+
+    rspo-eval --config run.yaml checkpoint.save_dir=runs/x/ckpt [--temperature 0] [key=value ...]
+
+Loads the newest valid checkpoint of ``checkpoint.save_dir`` (or the weights of
+``checkpoint.init_from``), generates one completion per test example with the ``rollout``
+settings (temperature from ``--temperature``), sharded over data-parallel ranks, and prints the
+task's mean reward and accuracy (reward == 1) as JSON on rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+from rspo_mega.config import ConfigError, load_config, validate_config
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from rspo_mega.train import TINY_DEFAULT
+
+    parser = argparse.ArgumentParser(prog="rspo-eval", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="YAML run config (default: tiny default)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config or TINY_DEFAULT, args.overrides)
+        layout = validate_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        if not (cfg.checkpoint.save_dir or cfg.checkpoint.init_from):
+            raise ConfigError("rspo-eval needs checkpoint.save_dir or checkpoint.init_from")
+        if args.temperature < 0:
+            raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
+    except ConfigError as exc:
+        print(f"rspo-eval: config error: {exc}", file=sys.stderr)
+        return 2
+    from rspo_mega.parallel import destroy_parallel
+    from rspo_mega.training.trainer import Trainer
+
+    trainer = Trainer(cfg, layout)
+    if cfg.checkpoint.save_dir and not trainer.resume() and not cfg.checkpoint.init_from:
+        print(f"rspo-eval: no valid checkpoint in {cfg.checkpoint.save_dir}", file=sys.stderr)
+        return 2
+    result = trainer.evaluate(temperature=args.temperature)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"step": trainer.step, **result}), flush=True)  # one line, last on stdout
+    destroy_parallel()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
