@@ -64,11 +64,6 @@ def read_torchrun_env() -> DistEnv:
     return env
 
 
-def device_type() -> str:
-    """``cuda`` when a GPU is usable, else ``cpu``."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def current_device() -> torch.device:
     """The device this rank computes on."""
     if torch.cuda.is_available():

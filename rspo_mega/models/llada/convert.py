@@ -126,12 +126,7 @@ def _check_stored(cfg: ModelConfig, shapes: dict, prefix: str, ckpt_dir: str) ->
     """Missing / extra / misshapen megatron tensors under ``prefix`` raise naming the key."""
     expected = {prefix + p.key: p for p in A.PARAMS}
     ours = {k for k in shapes if k.startswith(prefix) and not k.endswith("_extra_state")}
-    missing = sorted(set(expected) - ours)
-    if missing:
-        raise KeyError(f"{ckpt_dir}: missing tensor(s) {missing}")
-    extra = sorted(ours - set(expected))
-    if extra:
-        raise KeyError(f"{ckpt_dir}: unexpected tensor(s) {extra[:5]}")
+    A.check_key_sets(set(expected), ours, ckpt_dir, limit=None)
     for key, param in expected.items():
         got = shapes[key][0]
         want = A.mcore_shape(param, cfg, got[0] if param.kind == "vocab" else 0)

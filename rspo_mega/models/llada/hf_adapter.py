@@ -185,16 +185,22 @@ def layer_indices(param: MCoreParam, cfg: ModelConfig) -> list[Optional[int]]:
     return list(range(cfg.num_layers)) if param.per_layer else [None]
 
 
+def check_key_sets(expected: set[str], found: set[str], source: str,
+                   limit: Optional[int] = 5) -> None:
+    """Raise ``KeyError`` naming missing, then unexpected tensors of ``source`` (the first
+    ``limit`` names; ``None`` lists all)."""
+    for what, keys in (("missing", expected - found), ("unexpected", found - expected)):
+        if keys:
+            names = sorted(keys)
+            more = " ..." if limit is not None and len(names) > limit else ""
+            raise KeyError(f"{source}: {what} tensor(s) {names[:limit]}{more}")
+
+
 def check_hf_shapes(cfg: ModelConfig, shape_of: Callable[[str], tuple[int, ...]],
                     keys: set[str], source: str) -> None:
     """Raise naming the key on a missing, extra or wrongly shaped HF tensor."""
     expected = hf_shapes(cfg)
-    missing = sorted(set(expected) - keys)
-    if missing:
-        raise KeyError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    extra = sorted(keys - set(expected))
-    if extra:
-        raise KeyError(f"{source}: unexpected tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    check_key_sets(set(expected), keys, source)
     for key, shape in expected.items():
         got = tuple(shape_of(key))
         if got != shape:
