@@ -34,7 +34,7 @@ from rspo_mega.parallel import initialize_distributed, initialize_model_parallel
 from rspo_mega.parallel.reductions import data_parallel_group, global_mean, global_sum
 from rspo_mega.rng import hash64
 from rspo_mega.rollout import RolloutEngine, completion_uid
-from rspo_mega.training import batches
+from rspo_mega.training import batches, distrib_optimizer_fixes
 from rspo_mega.training.builder import (
     build_chunks, build_optimizer, build_reference_fn, build_scheduler, finish_grad_sync,
     optimizer_step, wrap_ddp, zero_grads,
@@ -231,7 +231,11 @@ class Trainer:
             key = "model" if len(self.model) == 1 else f"model{i}"
             model_sd[key] = unwrap_model(chunk).sharded_state_dict()  # DDP would add "module."
         state = dict(model_sd)
-        state["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+        if is_loading:
+            distrib_optimizer_fixes.prepare_for_load(self.optimizer)
+        state["optimizer"] = self.optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading,
+            metadata=distrib_optimizer_fixes.OPTIMIZER_CHECKPOINT_METADATA)
         if self.reference is not None:
             for i, chunk in enumerate(self.reference.chunks):
                 state[f"reference{i}"] = chunk.sharded_state_dict(prefix=f"reference{i}.")
@@ -274,6 +278,7 @@ class Trainer:
         for i, chunk in enumerate(self.model):  # keys are the inner GPTModel's, not DDP's
             unwrap_model(chunk).load_state_dict(state["model" if len(self.model) == 1 else f"model{i}"])
         self.optimizer.load_state_dict(state["optimizer"])
+        distrib_optimizer_fixes.finish_load(self.optimizer)
         self.scheduler.load_state_dict(extra["scheduler"])
         self.rl_iterator.load_state_dict(extra["rl_iterator"])
         self.sft_iterator.load_state_dict(extra["sft_iterator"])
