@@ -444,3 +444,25 @@ def load_extra_state(path: str | Path) -> dict:
                 path, meta["world_size"], _world(),
             )
     return extra
+
+
+def resolve_model_checkpoint(path: str | Path) -> str:
+    """The dist-checkpoint directory behind ``checkpoint.init_from``.
+
+    Accepts a converted model checkpoint (returned as is), one trainer checkpoint (``iter_*``:
+    its ``dist/`` after validation) or a trainer ``save_dir`` (its newest valid checkpoint).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint.init_from={path}: no such directory")
+    if (path / "dist").is_dir():
+        reason = _broadcast(validate_checkpoint(path) if _rank() == 0 else None)
+        if reason is not None:
+            raise CheckpointError(f"checkpoint.init_from={path} is not loadable: {reason}")
+        return str(path / "dist")
+    if (path / LATEST).is_file() or CheckpointManager(path).checkpoints():
+        newest = CheckpointManager(path).find_resumable()
+        if newest is None:
+            raise CheckpointError(f"checkpoint.init_from={path}: no valid checkpoint in it")
+        return str(newest / "dist")
+    return str(path)

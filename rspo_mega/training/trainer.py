@@ -40,7 +40,7 @@ from rspo_mega.training.builder import (
     optimizer_step, wrap_ddp, zero_grads,
 )
 from rspo_mega.training.checkpointing import (
-    CheckpointManager, check_compatible, restore_rng_state,
+    CheckpointManager, check_compatible, resolve_model_checkpoint, restore_rng_state,
 )
 from rspo_mega.training.guards import check_finite, grad_tensors
 from rspo_mega.training.metrics import MetricsLogger, Timers, memory_stats
@@ -73,8 +73,9 @@ class Trainer:
 
         chunks = build_chunks(cfg)
         if cfg.checkpoint.init_from:
+            init_dir = resolve_model_checkpoint(cfg.checkpoint.init_from)
             for chunk in chunks:
-                load_model(chunk, cfg.checkpoint.init_from)
+                load_model(chunk, init_dir)
         self.model = wrap_ddp(chunks, cfg)
         self.optimizer = build_optimizer(self.model, cfg)
         self.warmup_steps = cfg.sft_warmup_steps if self.is_rl else cfg.train_steps

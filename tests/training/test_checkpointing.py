@@ -48,8 +48,14 @@ def _body(rank: int, world_size: int, root: str) -> dict:
     from rspo_mega.parallel import initialize_model_parallel
     from rspo_mega.training.checkpointing import (
         CheckpointError, CheckpointManager, load_content_metadata, read_metadata,
-        restore_rng_state,
+        resolve_model_checkpoint, restore_rng_state,
     )
+
+    def resolve(path: Path) -> str:
+        try:
+            return str(Path(resolve_model_checkpoint(path)).relative_to(root))
+        except CheckpointError as exc:
+            return f"error: {exc}"
 
     warnings: list[str] = []
 
@@ -83,6 +89,9 @@ def _body(rank: int, world_size: int, root: str) -> dict:
     if rank == 0:
         (save_dir / "iter_0000009.tmp-deadbeef" / "dist").mkdir(parents=True)
     out["resumable"] = manager.find_resumable().name
+    # checkpoint.init_from: a save_dir, one trainer checkpoint, or a converted model checkpoint
+    out["init_from"] = [resolve(save_dir), resolve(save_dir / "iter_0000002"),
+                        resolve(save_dir / "iter_0000002" / "dist")]
     out["tmp_left"] = [p.name for p in save_dir.iterdir() if ".tmp-" in p.name]
 
     # Round trip into a differently initialised model, plus extra state and RNG states.
@@ -108,6 +117,7 @@ def _body(rank: int, world_size: int, root: str) -> dict:
         with open(shard, "r+b") as f:
             f.truncate(max(0, shard.stat().st_size - 7))
     out["fallback"] = manager.find_resumable().name
+    out["init_from_corrupt"] = [resolve(save_dir), resolve(save_dir / "iter_0000003")]
     try:
         manager.load(save_dir / "iter_0000003", _tiny_gpt(seed=1).sharded_state_dict())
         out["load_corrupt"] = "loaded"
@@ -117,6 +127,7 @@ def _body(rank: int, world_size: int, root: str) -> dict:
     if rank == 0:
         (save_dir / "iter_0000002" / "dist" / ".metadata").unlink()
     out["none_left"] = manager.find_resumable()
+    out["init_from_none_left"] = resolve(save_dir)
     out["warnings"] = warnings
     return out
 
@@ -134,6 +145,12 @@ def test_checkpoint_manager_two_ranks(tmp_path: Path) -> None:
         assert res["fallback"] == "iter_0000002"
         assert "not loadable" in res["load_corrupt"] and ".distcp" in res["load_corrupt"]
         assert res["none_left"] is None
+        assert res["init_from"] == ["ckpt/iter_0000003/dist", "ckpt/iter_0000002/dist",
+                                    "ckpt/iter_0000002/dist"]
+        assert res["init_from_corrupt"][0] == "ckpt/iter_0000002/dist"
+        assert res["init_from_corrupt"][1].startswith("error: checkpoint.init_from=")
+        assert ".distcp" in res["init_from_corrupt"][1]
+        assert "no valid checkpoint" in res["init_from_none_left"]
         assert res["content"] == {"distrib_optim_sharding_type": "fully_reshardable"}
     meta = r0["meta"]
     assert meta["step"] == 3 and meta["world_size"] == 2
