@@ -86,6 +86,7 @@ class LikelihoodConfig:
 
     mask_scheme: str = "coupled"  # bernoulli | stratified | coupled | one_step
     mc_samples: int = 2  # K per completion (coupled: K pairs)
+    mask_sharing: str = "completion"  # completion (own masks) | group (the G of a prompt share them)
     count_positions: str = "generated"  # generated (whole span) | until_eos
     bernoulli_eps: float = 1e-3  # t ~ U(eps, 1)
     one_step_prompt_mask_prob: float = 0.15

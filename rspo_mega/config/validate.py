@@ -24,6 +24,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rollout.mode": ("exact", "threshold"),
     "likelihood.mask_scheme": ("bernoulli", "stratified", "coupled", "one_step"),
     "likelihood.count_positions": ("generated", "until_eos"),
+    "likelihood.mask_sharing": ("completion", "group"),
     "algorithm.name": ("rspo", "espo", "diffu_grpo", "sft"),
     "algorithm.centering": ("batch", "group", "microbatch"),
     "algorithm.advantage": ("mean", "leave_one_out", "standardized"),

@@ -1,6 +1,6 @@
 """The one mask RNG: Monte-Carlo masks for masked-diffusion ELBO estimation.
 
-A mask is a pure function of ``(run seed, iteration, sample uid, MC index)``: each key gets its
+A mask is a pure function of ``(run seed, iteration, mask key, MC index)``: each key gets its
 own CPU ``torch.Generator`` from :func:`rspo_mega.rng.keyed_generator` (a SplitMix64 chain, stable
 across processes, platforms and Python's hash salting). Nothing depends on the rank, the
 micro-batch, the data-parallel size, the global torch RNG state or the resume point, so the policy,
@@ -21,6 +21,12 @@ Schemes (``likelihood.mask_scheme``), with L counted completion positions and K 
 * ``one_step`` (diffu-GRPO baseline, biased): all counted positions masked, weight 1, and every
   real prompt token masked with probability ``one_step_prompt_mask_prob`` from the same key.
 
+``mask_sharing``: the mask key is the completion's uid (``completion``: every completion draws
+its own masks) or its prompt's global group index (``group``: the G completions of a prompt see the
+same masks, common random numbers). Each ELBO estimate stays unbiased either way; sharing makes the
+estimates of one group correlated, so in the advantage-weighted sum (advantages sum to 0 within a
+group) the mask noise on the tokens the completions have in common largely cancels.
+
 ``count_positions``: ``generated`` counts the whole generated span (EOS padding included, as LLaDA
 SFT and ESPO do); ``until_eos`` counts positions up to and including the first EOS, and hides the
 positions after it from attention (the scored object is then the completion truncated at EOS).
@@ -40,6 +46,7 @@ from rspo_mega.rng import hash64, keyed_generator  # noqa: F401  (hash64 re-expo
 MASK_SCHEMES = ("bernoulli", "stratified", "coupled", "one_step")
 COUNT_POSITIONS = ("generated", "until_eos")
 COMPLETION_STREAM = -1  # MC index of the per-completion stream (stratified offset)
+GROUP_KEY_TAG = 0x67726F7570  # mask keys of shared group masks: hash64(tag, group id)
 def mask_generator(seed: int, iteration: int, uid: int, mc_index: int) -> torch.Generator:
     """A fresh CPU generator for one mask key; same key -> same stream, on every rank."""
     return keyed_generator(seed, iteration, uid, mc_index)
@@ -133,12 +140,19 @@ class MaskSampler:
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "mask_scheme": self.cfg.mask_scheme,
+                "mask_sharing": self.cfg.mask_sharing,
                 "mc_samples": self.cfg.mc_samples, "hash": "splitmix64-v1"}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("hash") != "splitmix64-v1":
             raise ValueError(f"mask sampler state uses an unknown hash {state.get('hash')!r}")
         self.seed = int(state["seed"])
+
+    def mask_key(self, batch: CompletionBatch, row: int) -> int:
+        """The key of completion ``row``'s masks: its uid, or its group's (``mask_sharing``)."""
+        if self.cfg.mask_sharing == "group":
+            return hash64(GROUP_KEY_TAG, int(batch.group_ids[row]))
+        return int(batch.uids[row])
 
     def sample(self, batch: CompletionBatch, iteration: int) -> MaskedBatch:
         """K x U masked copies of every completion of ``batch`` (on ``batch``'s device)."""
@@ -164,7 +178,7 @@ class MaskSampler:
         weights = torch.zeros(n, s_len, dtype=torch.float32)
         score = torch.zeros(n, s_len, dtype=torch.bool)
         for b in range(b_num):
-            uid, length = int(batch.uids[b]), int(lengths[b])
+            uid, length = self.mask_key(batch, b), int(lengths[b])
             pos = counted[b].nonzero().flatten()
             offset = 0
             if cfg.mask_scheme == "stratified":

@@ -47,6 +47,25 @@ def test_masks_depend_only_on_key(scheme):
     assert not torch.equal(s.sample(batch, iteration=8).input_ids, full.input_ids)
 
 
+@pytest.mark.parametrize("scheme", ["stratified", "coupled"])
+def test_group_mask_sharing_gives_a_group_one_set_of_masks(scheme):
+    batch, _ = make_completions(8, 4, 5, 9, seed=3)  # groups {0..3}, {4..7}, all of length 9
+    own = _sampler(scheme, k=2).sample(batch, iteration=4)
+    shared = _sampler(scheme, k=2, mask_sharing="group").sample(batch, iteration=4)
+    per = shared.num_mc * shared.units_per_sample
+    rows = lambda t, b: t[b * per:(b + 1) * per]  # noqa: E731
+    for b in range(8):
+        first = 4 * (b // 4)
+        assert torch.equal(rows(shared.score_mask, b), rows(shared.score_mask, first))
+        assert torch.equal(rows(shared.weights, b), rows(shared.weights, first))
+    assert not torch.equal(rows(shared.score_mask, 0), rows(shared.score_mask, 4))
+    assert not all(torch.equal(rows(own.score_mask, b), rows(own.score_mask, 0)) for b in range(1, 4))
+    # the key is the global group id, so a shard of the batch sees the same masks
+    part = _sampler(scheme, k=2, mask_sharing="group").sample(batch.select(torch.tensor([6, 1])), 4)
+    assert torch.equal(part.score_mask[:per], rows(shared.score_mask, 6))
+    assert torch.equal(part.score_mask[per:], rows(shared.score_mask, 1))
+
+
 def test_state_dict_round_trip_reproduces_masks():
     batch, _ = make_completions(4, 2, 5, 9, seed=2)
     a = _sampler(seed=11)
@@ -123,6 +142,7 @@ def test_until_eos_counts_first_eos_and_hides_the_rest():
     ("mc_samples", 0, "likelihood.mc_samples"),
     ("mask_scheme", "gaussian", "likelihood.mask_scheme"),
     ("count_positions", "all", "likelihood.count_positions"),
+    ("mask_sharing", "prompt", "likelihood.mask_sharing"),
     ("bernoulli_eps", 1.0, "likelihood.bernoulli_eps"),
     ("one_step_prompt_mask_prob", 1.5, "likelihood.one_step_prompt_mask_prob"),
     ("micro_batch_size", 0, "likelihood.micro_batch_size"),
