@@ -178,15 +178,15 @@ class MaskSampler:
         weights = torch.zeros(n, s_len, dtype=torch.float32)
         score = torch.zeros(n, s_len, dtype=torch.bool)
         for b in range(b_num):
-            uid, length = self.mask_key(batch, b), int(lengths[b])
+            key, length = self.mask_key(batch, b), int(lengths[b])
             pos = counted[b].nonzero().flatten()
             offset = 0
             if cfg.mask_scheme == "stratified":
-                g0 = mask_generator(self.seed, iteration, uid, COMPLETION_STREAM)
+                g0 = mask_generator(self.seed, iteration, key, COMPLETION_STREAM)
                 offset = int(torch.randint(0, length, (1,), generator=g0))
             strat = stratified_counts(length, k_num, offset)
             for k in range(k_num):
-                gen = mask_generator(self.seed, iteration, uid, k)
+                gen = mask_generator(self.seed, iteration, key, k)
                 units = _sample_units(cfg, length, gen, strat[k])
                 for u, (mask, w) in enumerate(units):
                     row = (b * k_num + k) * u_num + u
