@@ -34,6 +34,7 @@ positions after it from attention (the scored object is then the completion trun
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -42,6 +43,8 @@ from rspo_mega.config.schema import LikelihoodConfig
 from rspo_mega.config.validate import check_likelihood
 from rspo_mega.likelihood.batch import CompletionBatch, MaskedBatch
 from rspo_mega.rng import hash64, keyed_generator  # noqa: F401  (hash64 re-exported)
+
+log = logging.getLogger(__name__)
 
 MASK_SCHEMES = ("bernoulli", "stratified", "coupled", "one_step")
 COUNT_POSITIONS = ("generated", "until_eos")
@@ -127,8 +130,8 @@ class MaskSampler:
     """Builds the :class:`MaskedBatch` of a rollout step; stateless apart from the run seed.
 
     ``sample(batch, iteration)`` is deterministic in (seed, iteration, uids, config). The
-    ``state_dict`` records the seed and the scheme so that a resumed run checks it continues with
-    the same mask stream.
+    ``state_dict`` records the seed and the settings that shape the stream; a resume keeps the
+    seed and warns when a setting changed (the masks from then on differ from the original run's).
     """
 
     def __init__(self, cfg: LikelihoodConfig, seed: int, mask_token_id: int, eos_token_id: int):
@@ -147,6 +150,12 @@ class MaskSampler:
         if state.get("hash") != "splitmix64-v1":
             raise ValueError(f"mask sampler state uses an unknown hash {state.get('hash')!r}")
         self.seed = int(state["seed"])
+        mine = self.state_dict()
+        keys = ("mask_scheme", "mask_sharing", "mc_samples")
+        changed = [f"likelihood.{k}: {state[k]!r} -> {mine[k]!r}"
+                   for k in keys if k in state and state[k] != mine[k]]
+        if changed:
+            log.warning("resumed with a different mask stream (%s)", ", ".join(changed))
 
     def mask_key(self, batch: CompletionBatch, row: int) -> int:
         """The key of completion ``row``'s masks: its uid, or its group's (``mask_sharing``)."""

@@ -79,6 +79,15 @@ def test_state_dict_round_trip_reproduces_masks():
         b.load_state_dict({"seed": 1, "hash": "python"})
 
 
+def test_resume_with_other_mask_settings_warns_with_the_keys(caplog):
+    saved = _sampler("coupled", k=2).state_dict()
+    _sampler("coupled", k=2).load_state_dict(saved)
+    assert "mask stream" not in caplog.text
+    _sampler("stratified", k=4, mask_sharing="group").load_state_dict(saved)
+    for key in ("likelihood.mask_scheme", "likelihood.mask_sharing", "likelihood.mc_samples"):
+        assert key in caplog.text
+
+
 @pytest.mark.parametrize("scheme", ["bernoulli", "stratified", "coupled"])
 def test_prompt_and_padding_never_masked(scheme):
     batch, _ = make_completions(6, 3, 5, 9, seed=3)
