@@ -13,7 +13,9 @@ log-ratio onto the target ``A/lambda`` (``lambda = 0``: advantage-weighted ELBO 
 Centering scope ``algorithm.centering``: ``batch`` (default; the global batch, one all-reduce),
 ``group`` (the completions of one prompt, possibly on several ranks; a segment all-reduce) or
 ``microbatch`` (consecutive chunks of ``microbatch_completions`` local completions, as in the
-third-party port; this one depends on the batch split by construction).
+third-party port; this one depends on the batch split by construction) or ``none`` (no centering:
+the log-partition is taken as 0, so a drift of every completion's relative score in the same
+direction is pulled back too; batch centering cannot see such a common-mode drift).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def centering_mean(
 ) -> torch.Tensor:
     """The stop-gradient mean of ``d [B]`` over each completion's centering scope: ``[B]``."""
     d = d.detach()
+    if scope == "none":
+        return torch.zeros_like(d)
     if scope == "batch":
         return global_mean(d, group=group).expand_as(d)
     if scope == "group":
@@ -61,7 +65,7 @@ def centering_mean(
             0, chunk, d.to(torch.float64))
         counts = torch.bincount(chunk, minlength=n_chunks).to(torch.float64)
         return (sums / counts)[chunk].to(d.dtype)
-    raise ValueError(f"algorithm.centering={scope!r}: expected batch | group | microbatch")
+    raise ValueError(f"algorithm.centering={scope!r}: expected batch | group | microbatch | none")
 
 
 class RSPOLoss(PolicyLoss):

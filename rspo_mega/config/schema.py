@@ -100,7 +100,7 @@ class AlgorithmConfig:
 
     name: str = "rspo"  # rspo | espo | diffu_grpo | sft
     lambda_: float = 0.01  # RSPO target scale
-    centering: str = "batch"  # batch | group | microbatch
+    centering: str = "batch"  # batch | group | microbatch | none
     advantage: str = "standardized"  # mean | leave_one_out | standardized
     advantage_eps: float = 1e-4
     inner_updates: int = 1  # mu: optimizer steps per rollout batch

@@ -26,7 +26,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "likelihood.count_positions": ("generated", "until_eos"),
     "likelihood.mask_sharing": ("completion", "group"),
     "algorithm.name": ("rspo", "espo", "diffu_grpo", "sft"),
-    "algorithm.centering": ("batch", "group", "microbatch"),
+    "algorithm.centering": ("batch", "group", "microbatch", "none"),
     "algorithm.advantage": ("mean", "leave_one_out", "standardized"),
     "optimizer.decay_style": ("constant", "linear", "cosine"),
     "data.template": ("plain", "llada_chat"),

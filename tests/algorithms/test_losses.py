@@ -40,7 +40,7 @@ def _inputs(masked, logp, adv, batch, ref=None, old=None):
                       num_groups=int(batch.group_ids.max()) + 1, ref_logp=ref, old_logp=old)
 
 
-@pytest.mark.parametrize("centering", ["batch", "group", "microbatch"])
+@pytest.mark.parametrize("centering", ["batch", "group", "microbatch", "none"])
 @pytest.mark.parametrize("lam", [0.01, 0.7])
 def test_rspo_gradient_is_lambda_times_squared_regression_gradient(centering, lam):
     lik, batch, rewards, masked, theta, logp_of, ref, _ = _setup()
@@ -52,6 +52,8 @@ def test_rspo_gradient_is_lambda_times_squared_regression_gradient(centering, la
     est, est_ref = estimate_elbo(logp_of(theta), masked), estimate_elbo(ref, masked)
     d = (est.elbo - est_ref.elbo) / est.lengths
     center = centering_mean(d, centering, batch.group_ids, 2, 3, None)
+    if centering == "none":
+        assert not center.any()
     dhat = d - center.detach()
     reg = lam * 0.5 * ((dhat - adv / lam) ** 2).mean()
     (g_reg,) = torch.autograd.grad(reg, theta)
