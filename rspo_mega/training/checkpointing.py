@@ -460,8 +460,9 @@ def resolve_model_checkpoint(path: str | Path) -> str:
         if reason is not None:
             raise CheckpointError(f"checkpoint.init_from={path} is not loadable: {reason}")
         return str(path / "dist")
-    if (path / LATEST).is_file() or CheckpointManager(path).checkpoints():
-        newest = CheckpointManager(path).find_resumable()
+    manager = CheckpointManager(path)
+    if (path / LATEST).is_file() or manager.checkpoints():
+        newest = manager.find_resumable()
         if newest is None:
             raise CheckpointError(f"checkpoint.init_from={path}: no valid checkpoint in it")
         return str(newest / "dist")
