@@ -102,6 +102,8 @@ def test_unknown_key_in_yaml_file(tmp_path):
         (["algorithm.lambda_=-0.1"], 1, "algorithm.lambda_ must be >= 0"),
         (["likelihood.mc_samples=0"], 1, "config key 'likelihood.mc_samples' must be >= 1"),
         (["likelihood.mask_scheme=uniform"], 1, "'likelihood.mask_scheme' = 'uniform' must be one of"),
+        (["likelihood.sft_mask_scheme=one_step"], 1,
+         "'likelihood.sft_mask_scheme' = 'one_step' must be one of"),
         (["rollout.temperature=-1"], 1, "rollout.temperature must be >= 0"),
         (["data.max_prompt_length=1000"], 1, "exceeds model.max_position_embeddings"),
         (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel=true needs parallel.tp > 1"),

@@ -85,6 +85,7 @@ class LikelihoodConfig:
     """Monte-Carlo ELBO estimation."""
 
     mask_scheme: str = "coupled"  # bernoulli | stratified | coupled | one_step
+    sft_mask_scheme: str = "coupled"  # SFT steps (warm-up or SFT-only run): an unbiased scheme
     mc_samples: int = 2  # K per completion (coupled: K pairs)
     mask_sharing: str = "completion"  # completion (own masks) | group (the G of a prompt share them)
     count_positions: str = "generated"  # generated (whole span) | until_eos
@@ -123,6 +124,7 @@ class OptimizerConfig:
     warmup_steps: int = 0
     decay_style: str = "constant"  # constant | linear | cosine
     use_distributed_optimizer: bool = False  # shard optimizer state over DP (ZeRO-1)
+    reset_for_rl: bool = True  # fresh Adam moments when RL starts after the SFT warm-up
 
 
 @dataclass

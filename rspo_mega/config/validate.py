@@ -23,6 +23,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rollout.remasking": ("low_confidence", "random"),
     "rollout.mode": ("exact", "threshold"),
     "likelihood.mask_scheme": ("bernoulli", "stratified", "coupled", "one_step"),
+    "likelihood.sft_mask_scheme": ("bernoulli", "stratified", "coupled"),
     "likelihood.count_positions": ("generated", "until_eos"),
     "likelihood.mask_sharing": ("completion", "group"),
     "algorithm.name": ("rspo", "espo", "diffu_grpo", "sft"),

@@ -80,16 +80,22 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg)
         self.warmup_steps = cfg.sft_warmup_steps if self.is_rl else cfg.train_steps
         self.total_steps = self.warmup_steps + (cfg.train_steps if self.is_rl else 0)
-        updates = (cfg.train_steps * cfg.algorithm.inner_updates) if self.is_rl \
+        self.scheduled_updates = (cfg.train_steps * cfg.algorithm.inner_updates) if self.is_rl \
             else self.warmup_steps
-        self.scheduler = build_scheduler(self.optimizer, cfg, updates)
-        self.sft_loss = build_loss(replace(cfg.algorithm, name="sft"), cfg.likelihood)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.scheduled_updates)
+        # SFT steps maximise the ELBO itself, so they keep an unbiased estimator even when the RL
+        # relative score uses a truncated one (likelihood.mask_scheme=bernoulli, large eps).
+        sft_likelihood = replace(cfg.likelihood, mask_scheme=cfg.likelihood.sft_mask_scheme,
+                                 mask_sharing="completion")
+        self.sft_loss = build_loss(replace(cfg.algorithm, name="sft"), sft_likelihood)
         self.rl_loss = build_loss(cfg.algorithm, cfg.likelihood,
                                   microbatch_completions=cfg.micro_batch_size) if self.is_rl else None
         self.reference: Optional[ReferenceModel] = None  # built when RL starts
         self.engine = RolloutEngine(self.model, cfg.model, cfg.rollout, seed=cfg.seed)
         self.masks = MaskSampler(cfg.likelihood, cfg.seed, cfg.model.mask_token_id,
                                  cfg.model.eos_token_id)
+        self.sft_masks = MaskSampler(sft_likelihood, cfg.seed, cfg.model.mask_token_id,
+                                     cfg.model.eos_token_id)
         self.runner = ElboRunner(llada_forward, cfg.likelihood.micro_batch_size,
                                  ddp_averages_gradients=True)
         self.metrics = MetricsLogger(cfg.logging.output_dir, tensorboard=cfg.logging.tensorboard,
@@ -108,7 +114,17 @@ class Trainer:
         return self.step < self.warmup_steps
 
     def start_rl(self) -> None:
-        """Freeze the current policy as the reference (the RL start point), if the loss needs one."""
+        """Freeze the current policy as the reference (the RL start point), if the loss needs one.
+
+        After an SFT warm-up, ``optimizer.reset_for_rl`` starts RL with fresh Adam moments, as a
+        separate RL run from the SFT checkpoint would: the warm-up's second moments describe
+        supervised gradients (about twice the RL gradient norm in the tiny default), which
+        would shrink the first RL steps.
+        (On resume this runs before the checkpoint's optimizer state is loaded.)
+        """
+        if self.warmup_steps > 0 and self.cfg.optimizer.reset_for_rl:
+            self.optimizer = build_optimizer(self.model, self.cfg)
+            self.scheduler = build_scheduler(self.optimizer, self.cfg, self.scheduled_updates)
         self.scheduler.step(increment=0)  # the RL schedule's LR replaces the warm-up's
         if self.reference is None and self.rl_loss is not None and self.rl_loss.needs_reference:
             self.reference = ReferenceModel.from_policy(
@@ -160,7 +176,7 @@ class Trainer:
         sft = self.in_sft
         batch, advantages, num_groups, stats = self._sft_batch() if sft else self._rl_batch(timers)
         loss_fn = self.sft_loss if sft else self.rl_loss
-        masked = self.masks.sample(batch, iteration=self.step)
+        masked = (self.sft_masks if sft else self.masks).sample(batch, iteration=self.step)
         with timers("likelihood"):
             ref_logp = None
             if not sft and self.reference is not None:
@@ -246,7 +262,8 @@ class Trainer:
         return {"step": self.step, "rl_iterator": self.rl_iterator.state_dict(),
                 "sft_iterator": self.sft_iterator.state_dict(),
                 "has_reference": self.reference is not None,
-                "masks": self.masks.state_dict(), "scheduler": self.scheduler.state_dict()}
+                "masks": self.masks.state_dict(), "sft_masks": self.sft_masks.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
 
     def save(self) -> None:
         if self.ckpt is None:
@@ -284,6 +301,8 @@ class Trainer:
         self.rl_iterator.load_state_dict(extra["rl_iterator"])
         self.sft_iterator.load_state_dict(extra["sft_iterator"])
         self.masks.load_state_dict(extra["masks"])
+        if "sft_masks" in extra:
+            self.sft_masks.load_state_dict(extra["sft_masks"])
         self.step = int(extra["step"])
         log.info("resumed from %s at step %d", path, self.step)
         return True

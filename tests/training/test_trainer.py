@@ -113,3 +113,62 @@ def test_too_long_prompts_are_reported_at_once():
     examples = [Example(i, "x" * (5 + 10 * i), "a", "sudoku", {}) for i in range(3)]
     with pytest.raises(ValueError, match=r"2 of 3 sudoku prompts exceed data.max_prompt_length=10"):
         encode_prompts(examples, task, get_template("plain"), Tok(), 10)
+
+
+def _adam_state(rank: int, world: int, out: str, init: str, reset: bool) -> list:
+    """(moment norm, Adam step) after the warm-up step, after start_rl, after one RL step; RL LR."""
+    from rspo_mega.training.trainer import Trainer
+
+    cfg = load_config(None, TINY + [f"checkpoint.init_from={init}", f"logging.output_dir={out}",
+                                    f"optimizer.reset_for_rl={reset}"])
+    trainer = Trainer(cfg, validate_config(cfg, world_size=world))
+
+    def state() -> tuple[float, int]:
+        adam = [s for s in trainer.optimizer.optimizer.state.values() if "exp_avg" in s]
+        steps = {int(s["step"]) for s in adam}
+        assert len(steps) <= 1, steps
+        return sum(float(s["exp_avg_sq"].norm()) for s in adam), (steps.pop() if steps else 0)
+
+    trainer.train_step()  # the SFT warm-up step
+    seen = [state()]
+    trainer.start_rl()
+    seen.append(state())
+    trainer.train_step()  # the untrained model earns reward 0: zero advantages, zero gradient
+    return seen + [state(), trainer.optimizer.param_groups[0]["lr"]]
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_rl_starts_with_fresh_adam_state_after_the_warm_up(tmp_path, reset):
+    init = str(tmp_path / "init")
+    run_distributed(_init_checkpoint, 1, args=(init,), timeout=120)
+    after_sft, at_start, after_rl, lr = run_distributed(
+        _adam_state, 1, args=(str(tmp_path / "run"), init, reset), timeout=300)[0]
+    assert after_sft[0] > 0 and after_sft[1] == 1
+    assert lr == pytest.approx(1e-3)  # the RL schedule (no warm-up in TINY) drives the optimizer
+    if reset:  # nothing carried over from the supervised gradients
+        assert at_start == (0.0, 0) and after_rl[1] == 1
+    else:
+        assert at_start == after_sft and after_rl[1] == 2 and after_rl[0] > 0
+
+
+def _mask_ratios(rank: int, world: int, out: str) -> tuple[list[float], list[float]]:
+    """Masked fraction of each masked sequence of one SFT batch, under the SFT and the RL sampler."""
+    from rspo_mega.training.trainer import Trainer
+
+    cfg = load_config(None, TINY + [f"logging.output_dir={out}", "likelihood.mask_scheme=bernoulli",
+                                    "likelihood.bernoulli_eps=0.9"])
+    trainer = Trainer(cfg, validate_config(cfg, world_size=world))
+    batch = trainer._sft_batch()[0]
+
+    def ratios(masked) -> list[float]:
+        counted = masked.lengths[masked.completion_index].float()
+        return (masked.score_mask.sum(1).float() / counted).tolist()
+
+    return ratios(trainer.sft_masks.sample(batch, 0)), ratios(trainer.masks.sample(batch, 0))
+
+
+def test_sft_steps_keep_an_unbiased_estimator_when_rl_truncates(tmp_path):
+    sft, rl = run_distributed(_mask_ratios, 1, args=(str(tmp_path / "run"),), timeout=300)[0]
+    assert len(sft) == 2 * len(rl)  # coupled pairs (likelihood.sft_mask_scheme) vs one mask each
+    assert min(sft) < 0.5  # light masks too: l ~ U{0..L} and its complement
+    assert min(rl) > 0.6  # t ~ U(0.9, 1): only heavy masks
