@@ -85,13 +85,15 @@ def _body(rank: int, world_size: int, root: str) -> dict:
     out["meta"] = {k: v for k, v in read_metadata(final).items() if k != "files"}
     out["content"] = load_content_metadata(final)
 
-    # Leftover temporary directory: ignored and removed.
+    # Leftover temporary directory: ignored and removed. (Both ranks listed the directory first.)
+    torch.distributed.barrier()
     if rank == 0:
         (save_dir / "iter_0000009.tmp-deadbeef" / "dist").mkdir(parents=True)
     out["resumable"] = manager.find_resumable().name
     # checkpoint.init_from: a save_dir, one trainer checkpoint, or a converted model checkpoint
     out["init_from"] = [resolve(save_dir), resolve(save_dir / "iter_0000002"),
                         resolve(save_dir / "iter_0000002" / "dist")]
+    torch.distributed.barrier()  # rank 0 has removed the leftover
     out["tmp_left"] = [p.name for p in save_dir.iterdir() if ".tmp-" in p.name]
 
     # Round trip into a differently initialised model, plus extra state and RNG states.
