@@ -95,7 +95,8 @@ class Trainer:
         self.masks = MaskSampler(cfg.likelihood, cfg.seed, cfg.model.mask_token_id,
                                  cfg.model.eos_token_id)
         self.sft_masks = MaskSampler(sft_likelihood, cfg.seed, cfg.model.mask_token_id,
-                                     cfg.model.eos_token_id)
+                                     cfg.model.eos_token_id,
+                                     scheme_key="likelihood.sft_mask_scheme")
         self.runner = ElboRunner(llada_forward, cfg.likelihood.micro_batch_size,
                                  ddp_averages_gradients=True)
         self.metrics = MetricsLogger(cfg.logging.output_dir, tensorboard=cfg.logging.tensorboard,
