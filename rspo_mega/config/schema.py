@@ -70,6 +70,7 @@ class RolloutConfig:
     gen_length: int = 32  # generated tokens
     block_length: int = 32  # semi-autoregressive block, tokens
     steps: int = 32  # denoising steps in total
+    eval_steps: Optional[int] = None  # denoising steps for held-out evaluation (None = steps)
     temperature: float = 1.0  # 0 = argmax
     remasking: str = "low_confidence"  # low_confidence | random
     cfg_scale: float = 0.0  # classifier-free guidance scale (0 = off)

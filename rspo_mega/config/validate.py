@@ -210,11 +210,12 @@ def validate_config(cfg: TrainConfig, world_size: Optional[int] = None) -> Layou
             f"rollout.block_length={ro.block_length}"
         )
     blocks = ro.gen_length // ro.block_length
-    if ro.steps % blocks:
-        raise ConfigError(
-            f"rollout.steps={ro.steps} is not divisible by the number of blocks "
-            f"{blocks} (gen_length / block_length)"
-        )
+    for key, steps in (("rollout.steps", ro.steps), ("rollout.eval_steps", ro.eval_steps)):
+        if steps is not None and (steps < 1 or steps % blocks):
+            raise ConfigError(
+                f"{key}={steps} is not a positive multiple of the number of blocks "
+                f"{blocks} (gen_length / block_length)"
+            )
     if ro.temperature < 0:
         raise ConfigError(f"rollout.temperature must be >= 0, got {ro.temperature}")
     if cfg.data.max_prompt_length + ro.gen_length > geo["ctx"]:

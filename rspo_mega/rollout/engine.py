@@ -149,19 +149,20 @@ class RolloutEngine:
 
     def generate(
         self, prompts: list[list[int]], uids: list[int], seed: Optional[int] = None,
-        temperature: Optional[float] = None,
+        temperature: Optional[float] = None, steps: Optional[int] = None,
     ) -> Rollout:
         """Completions for this rank's prompts (token lists), one per uid; see ``sampler.generate``.
 
-        ``seed`` (e.g. per training step) and ``temperature`` (e.g. 0 for evaluation) override
-        the configured ones for this call.
+        ``seed`` (e.g. per training step), ``temperature`` and ``steps`` (e.g. greedy decoding
+        with ``rollout.eval_steps`` for evaluation) override the configured ones for this call.
         """
         settings = self.settings
-        if seed is not None or temperature is not None:
+        if seed is not None or temperature is not None or steps is not None:
             settings = replace(
                 settings,
                 seed=settings.seed if seed is None else seed,
                 temperature=settings.temperature if temperature is None else temperature,
+                steps=settings.steps if steps is None else steps,
             )
         for chunk in self.chunks:
             chunk.eval()

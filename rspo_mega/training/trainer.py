@@ -217,7 +217,8 @@ class Trainer:
     # -- evaluation ----------------------------------------------------------------------------
 
     def evaluate(self, temperature: float = 0.0) -> dict[str, float]:
-        """Held-out reward and accuracy (reward == 1), sharded over data-parallel ranks."""
+        """Held-out reward and accuracy (reward == 1), sharded over data-parallel ranks; decoded
+        with ``rollout.eval_steps`` denoising steps (``rollout.steps`` when unset)."""
         if not self.data.test:
             raise ValueError("evaluate: no test set (set data.test_path, or data.num_test_examples "
                              "for a generated task)")
@@ -228,7 +229,8 @@ class Trainer:
             chunk = mine[start:start + mbs]
             prompts = [list(self.data.encode_prompt(ex)) for ex in chunk]
             rollout = self.engine.generate(prompts, [completion_uid(ex.uid, 0) for ex in chunk],
-                                           temperature=temperature)
+                                           temperature=temperature,
+                                           steps=self.cfg.rollout.eval_steps)
             texts = batches.decode_completions(rollout, self.data.tokenizer,
                                                self.cfg.model.eos_token_id)
             rewards.append(batches.score(self.data.task, texts, chunk))

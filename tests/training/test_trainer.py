@@ -172,3 +172,29 @@ def test_sft_steps_keep_an_unbiased_estimator_when_rl_truncates(tmp_path):
     assert len(sft) == 2 * len(rl)  # coupled pairs (likelihood.sft_mask_scheme) vs one mask each
     assert min(sft) < 0.5  # light masks too: l ~ U{0..L} and its complement
     assert min(rl) > 0.6  # t ~ U(0.9, 1): only heavy masks
+
+
+def _eval_denoising_steps(rank: int, world: int, out: str, overrides: list[str]) -> int:
+    """Denoising steps the evaluation's decoding ran (the max over its rows)."""
+    from rspo_mega.training.trainer import Trainer
+
+    cfg = load_config(None, TINY + [f"logging.output_dir={out}", "data.num_test_examples=4"]
+                      + overrides)
+    trainer = Trainer(cfg, validate_config(cfg, world_size=world))
+    generate, used = trainer.engine.generate, []
+
+    def recording(*args, **kwargs):
+        rollout = generate(*args, **kwargs)
+        used.append(int(rollout.steps_used.max()))
+        return rollout
+
+    trainer.engine.generate = recording
+    trainer.evaluate()
+    return max(used)
+
+
+@pytest.mark.parametrize("overrides, steps", [([], 8), (["rollout.eval_steps=2"], 2)])
+def test_evaluation_decodes_with_rollout_eval_steps(tmp_path, overrides, steps):
+    used = run_distributed(_eval_denoising_steps, 1, args=(str(tmp_path / "run"), overrides),
+                           timeout=300)[0]
+    assert used == steps
