@@ -4,8 +4,9 @@
 
 Loads the newest valid checkpoint of ``checkpoint.save_dir`` (or the weights of
 ``checkpoint.init_from``), generates one completion per test example with the ``rollout``
-settings (``rollout.eval_steps`` denoising steps when set, temperature from ``--temperature``), sharded over data-parallel ranks, and prints the
-task's mean reward and accuracy (reward == 1) as JSON on rank 0.
+settings (``rollout.eval_steps`` denoising steps when set, temperature from ``--temperature``),
+sharded over data-parallel ranks, and prints the task's mean reward and accuracy (reward == 1)
+as JSON on rank 0.
 """
 
 from __future__ import annotations
