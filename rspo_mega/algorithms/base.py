@@ -79,6 +79,9 @@ class PolicyLoss(abc.ABC):
     name: ClassVar[str]
     normalizer: ClassVar[str] = "completions"
     needs_reference: ClassVar[bool] = False
+    # Ratio losses compare with the rollout policy's log-probs on the *same* masks (``old_logp``
+    # from the first inner update), so they cannot draw fresh masks per inner update.
+    needs_old_policy: ClassVar[bool] = False
 
     def __init__(self, algorithm: AlgorithmConfig, likelihood: LikelihoodConfig,
                  group: ProcessGroup = None):
@@ -87,6 +90,12 @@ class PolicyLoss(abc.ABC):
         if self.normalizer not in NORMALIZERS:
             raise ValueError(f"{type(self).__name__}.normalizer={self.normalizer!r} is not one of "
                              f"{NORMALIZERS}")
+        if self.needs_old_policy and likelihood.fresh_masks_per_update \
+                and algorithm.inner_updates > 1:
+            raise ValueError(
+                f"likelihood.fresh_masks_per_update=true does not work with algorithm.name="
+                f"{self.name!r} and algorithm.inner_updates={algorithm.inner_updates}: its ratio "
+                "needs the rollout policy's log-probs on the same masks")
         self.algorithm = algorithm
         self.likelihood = likelihood
         self._group = group

@@ -30,6 +30,7 @@ class DiffuGRPOLoss(PolicyLoss):
     """Token-level clipped policy gradient on one-step log-probs with a per-token k3 penalty."""
 
     name = "diffu_grpo"
+    needs_old_policy = True
 
     def __init__(self, algorithm: AlgorithmConfig, likelihood: LikelihoodConfig,
                  group: ProcessGroup = None):

@@ -30,6 +30,7 @@ class ESPOLoss(PolicyLoss):
     """Sequence-level ELBO-ratio PPO with a k2 reference penalty."""
 
     name = "espo"
+    needs_old_policy = True
 
     @property
     def needs_reference(self) -> bool:  # type: ignore[override]

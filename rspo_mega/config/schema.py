@@ -89,6 +89,7 @@ class LikelihoodConfig:
     sft_mask_scheme: str = "coupled"  # SFT steps (warm-up or SFT-only run): an unbiased scheme
     mc_samples: int = 2  # K per completion (coupled: K pairs)
     mask_sharing: str = "completion"  # completion (own masks) | group (the G of a prompt share them)
+    fresh_masks_per_update: bool = False  # inner updates > 1 draw new masks (RSPO; ref re-scored)
     count_positions: str = "generated"  # generated (whole span) | until_eos
     bernoulli_eps: float = 1e-3  # t ~ U(eps, 1)
     one_step_prompt_mask_prob: float = 0.15

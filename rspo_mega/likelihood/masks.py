@@ -50,8 +50,15 @@ MASK_SCHEMES = ("bernoulli", "stratified", "coupled", "one_step")
 COUNT_POSITIONS = ("generated", "until_eos")
 COMPLETION_STREAM = -1  # MC index of the per-completion stream (stratified offset)
 GROUP_KEY_TAG = 0x67726F7570  # mask keys of shared group masks: hash64(tag, group id)
-def mask_generator(seed: int, iteration: int, uid: int, mc_index: int) -> torch.Generator:
-    """A fresh CPU generator for one mask key; same key -> same stream, on every rank."""
+def mask_generator(seed: int, iteration: int, uid: int, mc_index: int,
+                   update: int = 0) -> torch.Generator:
+    """A fresh CPU generator for one mask key; same key -> same stream, on every rank.
+
+    ``update`` > 0 keys the masks of inner update ``update`` (``likelihood.fresh_masks_per_update``);
+    update 0 keeps the four-part key, so its masks do not depend on that setting.
+    """
+    if update:
+        return keyed_generator(seed, iteration, uid, mc_index, update)
     return keyed_generator(seed, iteration, uid, mc_index)
 
 
@@ -167,8 +174,9 @@ class MaskSampler:
             return hash64(GROUP_KEY_TAG, int(batch.group_ids[row]))
         return int(batch.uids[row])
 
-    def sample(self, batch: CompletionBatch, iteration: int) -> MaskedBatch:
-        """K x U masked copies of every completion of ``batch`` (on ``batch``'s device)."""
+    def sample(self, batch: CompletionBatch, iteration: int, update: int = 0) -> MaskedBatch:
+        """K x U masked copies of every completion of ``batch`` (on ``batch``'s device); ``update``
+        selects another independent draw for the same step (see :func:`mask_generator`)."""
         cfg = self.cfg
         device = batch.input_ids.device
         counted = count_mask(batch, cfg.count_positions, self.eos_token_id).cpu()
@@ -195,11 +203,11 @@ class MaskSampler:
             pos = counted[b].nonzero().flatten()
             offset = 0
             if cfg.mask_scheme == "stratified":
-                g0 = mask_generator(self.seed, iteration, key, COMPLETION_STREAM)
+                g0 = mask_generator(self.seed, iteration, key, COMPLETION_STREAM, update)
                 offset = int(torch.randint(0, length, (1,), generator=g0))
             strat = stratified_counts(length, k_num, offset)
             for k in range(k_num):
-                gen = mask_generator(self.seed, iteration, key, k)
+                gen = mask_generator(self.seed, iteration, key, k, update)
                 units = _sample_units(cfg, length, gen, strat[k])
                 for u, (mask, w) in enumerate(units):
                     row = (b * k_num + k) * u_num + u

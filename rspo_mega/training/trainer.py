@@ -7,7 +7,8 @@ espo, diffu_grpo):
 2. G completions per prompt with the masked-diffusion sampler (seeded per step and uid);
 3. verifiable rewards, then group advantages reduced over the DP group;
 4. K shared masks per completion (keyed by seed, step, uid, k); reference log-probs once;
-5. ``mu`` inner updates of the configured loss (old log-probs from the first one), each a
+5. ``mu`` inner updates of the configured loss (old log-probs from the first one; or, with
+   ``likelihood.fresh_masks_per_update``, new masks and reference log-probs for each), each a
    megatron forward/backward, DP gradient reduction, NaN/Inf guard and optimizer step;
 6. metrics, checkpoint and preemption handling.
 
@@ -184,12 +185,17 @@ class Trainer:
                 ref_logp = self.reference.logprobs(self.runner, masked)
         old_logp, result = None, None
         for inner in range(1 if sft else cfg.algorithm.inner_updates):
+            if inner and cfg.likelihood.fresh_masks_per_update:  # new masks, reference re-scored
+                masked = self.masks.sample(batch, iteration=self.step, update=inner)
+                with timers("likelihood"):
+                    ref_logp = self.reference.logprobs(self.runner, masked) \
+                        if self.reference is not None else None
             zero_grads(self.model, self.optimizer)
             with timers("likelihood"):
                 result = loss_backward(loss_fn, self.runner, self.model, masked, advantages,
                                        batch.group_ids, num_groups, ref_logp=ref_logp,
                                        old_logp=old_logp)
-            if inner == 0:
+            if inner == 0 and not cfg.likelihood.fresh_masks_per_update:
                 old_logp = result.logp
             with timers("communication"):
                 finish_grad_sync(self.model)

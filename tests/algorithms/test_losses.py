@@ -178,10 +178,20 @@ def test_metrics_against_advantage_fraction():
     (AlgorithmConfig(centering="microbatch"), LikelihoodConfig(), "algorithm.centering"),
     (AlgorithmConfig(), LikelihoodConfig(mc_samples=0), "likelihood.mc_samples"),
     (AlgorithmConfig(), LikelihoodConfig(mask_scheme="random"), "likelihood.mask_scheme"),
+    (AlgorithmConfig(name="espo", inner_updates=2), LikelihoodConfig(fresh_masks_per_update=True),
+     "likelihood.fresh_masks_per_update"),
+    (AlgorithmConfig(name="diffu_grpo", inner_updates=4),
+     LikelihoodConfig(mask_scheme="one_step", fresh_masks_per_update=True),
+     "likelihood.fresh_masks_per_update"),
 ])
 def test_bad_algorithm_config_names_the_key(algo, lik, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         build_loss(algo, lik)
+
+
+def test_fresh_masks_per_update_suit_rspo_and_single_update_ratio_losses():
+    build_loss(AlgorithmConfig(inner_updates=4), LikelihoodConfig(fresh_masks_per_update=True))
+    build_loss(AlgorithmConfig(name="espo"), LikelihoodConfig(fresh_masks_per_update=True))
 
 
 def test_rspo_without_reference_is_an_error():

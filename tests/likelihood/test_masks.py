@@ -47,6 +47,19 @@ def test_masks_depend_only_on_key(scheme):
     assert not torch.equal(s.sample(batch, iteration=8).input_ids, full.input_ids)
 
 
+@pytest.mark.parametrize("scheme", ["bernoulli", "stratified", "coupled"])
+def test_each_inner_update_has_its_own_masks(scheme):
+    batch, _ = make_completions(8, 4, 5, 9, seed=4)
+    s = _sampler(scheme, k=2)
+    first = s.sample(batch, iteration=3)
+    assert torch.equal(s.sample(batch, iteration=3, update=0).input_ids, first.input_ids)
+    again = s.sample(batch, iteration=3, update=1)
+    assert torch.equal(s.sample(batch, iteration=3, update=1).input_ids, again.input_ids)
+    assert not torch.equal(again.input_ids, first.input_ids)
+    assert not torch.equal(s.sample(batch, iteration=3, update=2).input_ids, again.input_ids)
+    assert not torch.equal(s.sample(batch, iteration=4, update=1).input_ids, again.input_ids)
+
+
 @pytest.mark.parametrize("scheme", ["stratified", "coupled"])
 def test_group_mask_sharing_gives_a_group_one_set_of_masks(scheme):
     batch, _ = make_completions(8, 4, 5, 9, seed=3)  # groups {0..3}, {4..7}, all of length 9

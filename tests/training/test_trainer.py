@@ -198,3 +198,39 @@ def test_evaluation_decodes_with_rollout_eval_steps(tmp_path, overrides, steps):
     used = run_distributed(_eval_denoising_steps, 1, args=(str(tmp_path / "run"), overrides),
                            timeout=300)[0]
     assert used == steps
+
+
+def _mask_draws(rank: int, world: int, out: str, fresh: bool) -> tuple[list, int]:
+    """(iteration, update) of every mask draw and the reference scorings of one RL step, mu=2."""
+    from rspo_mega.training.trainer import Trainer
+
+    cfg = load_config(None, TINY + [f"logging.output_dir={out}", "sft_warmup_steps=0",
+                                    "algorithm.inner_updates=2",
+                                    f"likelihood.fresh_masks_per_update={fresh}"])
+    trainer = Trainer(cfg, validate_config(cfg, world_size=world))
+    trainer.start_rl()
+    draws, scorings = [], []
+    sample, logprobs = trainer.masks.sample, trainer.reference.logprobs
+
+    def recording_sample(batch, iteration, update=0):
+        draws.append((iteration, update))
+        return sample(batch, iteration, update)
+
+    def recording_logprobs(runner, masked):
+        scorings.append(masked.input_ids.clone())
+        return logprobs(runner, masked)
+
+    trainer.masks.sample, trainer.reference.logprobs = recording_sample, recording_logprobs
+    trainer.train_step()
+    distinct = len({tuple(ids.flatten().tolist()) for ids in scorings})
+    return draws, len(scorings), distinct
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_fresh_masks_per_update_rescore_the_reference(tmp_path, fresh):
+    draws, scorings, distinct = run_distributed(
+        _mask_draws, 1, args=(str(tmp_path / "run"), fresh), timeout=300)[0]
+    if fresh:  # a new draw per inner update, each scored by the reference
+        assert draws == [(0, 0), (0, 1)] and scorings == 2 and distinct == 2
+    else:  # both updates reuse the step's masks and reference log-probs
+        assert draws == [(0, 0)] and scorings == 1
