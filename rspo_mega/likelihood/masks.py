@@ -50,6 +50,8 @@ MASK_SCHEMES = ("bernoulli", "stratified", "coupled", "one_step")
 COUNT_POSITIONS = ("generated", "until_eos")
 COMPLETION_STREAM = -1  # MC index of the per-completion stream (stratified offset)
 GROUP_KEY_TAG = 0x67726F7570  # mask keys of shared group masks: hash64(tag, group id)
+
+
 def mask_generator(seed: int, iteration: int, uid: int, mc_index: int,
                    update: int = 0) -> torch.Generator:
     """A fresh CPU generator for one mask key; same key -> same stream, on every rank.
@@ -154,14 +156,15 @@ class MaskSampler:
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "mask_scheme": self.cfg.mask_scheme,
                 "mask_sharing": self.cfg.mask_sharing,
-                "mc_samples": self.cfg.mc_samples, "hash": "splitmix64-v1"}
+                "mc_samples": self.cfg.mc_samples,
+                "fresh_masks_per_update": self.cfg.fresh_masks_per_update, "hash": "splitmix64-v1"}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("hash") != "splitmix64-v1":
             raise ValueError(f"mask sampler state uses an unknown hash {state.get('hash')!r}")
         self.seed = int(state["seed"])
         mine = self.state_dict()
-        keys = ("mask_scheme", "mask_sharing", "mc_samples")
+        keys = ("mask_scheme", "mask_sharing", "mc_samples", "fresh_masks_per_update")
         names = {"mask_scheme": self.scheme_key}
         changed = [f"{names.get(k, 'likelihood.' + k)}: {state[k]!r} -> {mine[k]!r}"
                    for k in keys if k in state and state[k] != mine[k]]

@@ -96,8 +96,10 @@ def test_resume_with_other_mask_settings_warns_with_the_keys(caplog):
     saved = _sampler("coupled", k=2).state_dict()
     _sampler("coupled", k=2).load_state_dict(saved)
     assert "mask stream" not in caplog.text
-    _sampler("stratified", k=4, mask_sharing="group").load_state_dict(saved)
-    for key in ("likelihood.mask_scheme", "likelihood.mask_sharing", "likelihood.mc_samples"):
+    _sampler("stratified", k=4, mask_sharing="group", fresh_masks_per_update=True
+             ).load_state_dict(saved)
+    for key in ("likelihood.mask_scheme", "likelihood.mask_sharing", "likelihood.mc_samples",
+                "likelihood.fresh_masks_per_update"):
         assert key in caplog.text
 
 
