@@ -20,6 +20,16 @@ def test_defaults_validate_and_layout():
     assert layout.num_microbatches == cfg.global_batch_size // cfg.micro_batch_size
 
 
+def test_embedded_default_validates():
+    from rspo_mega.train import TINY_DEFAULT
+
+    cfg = load_config(TINY_DEFAULT)
+    assert validate_config(cfg, world_size=1).prompts_per_step == 8
+    assert cfg.sft_warmup_min_steps <= cfg.sft_warmup_steps
+    with pytest.raises(ConfigError, match="sft_warmup_min_steps=250"):  # a shorter maximum
+        validate_config(load_config(TINY_DEFAULT, ["sft_warmup_steps=100"]), world_size=1)
+
+
 def test_yaml_file_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"parallel": {"tp": 2}, "model": {"num_query_groups": 2}}))

@@ -169,6 +169,12 @@ class TrainConfig:
     seed: int = 1234
     train_steps: int = 10  # RL (or SFT) steps
     sft_warmup_steps: int = 0  # masked-diffusion SFT steps before the RL steps (0 = none)
+    # End the warm-up early, at the first check where greedy accuracy on `sft_warmup_holdout`
+    # training examples (kept out of training) reaches this; sft_warmup_steps is then the maximum.
+    sft_warmup_target_accuracy: Optional[float] = None
+    sft_warmup_holdout: int = 256  # training examples held out for that check
+    sft_warmup_min_steps: int = 0  # no check before this warm-up step
+    sft_warmup_check_interval: int = 25  # warm-up steps between checks
     global_batch_size: int = 32  # completions per step over all DP ranks (prompts * group_size)
     micro_batch_size: int = 8  # completions per forward/backward micro-batch on one rank
     eval_interval: int = 0  # steps (0 = only before and after)

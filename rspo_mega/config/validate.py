@@ -230,6 +230,21 @@ def validate_config(cfg: TrainConfig, world_size: Optional[int] = None) -> Layou
         raise ConfigError(f"optimizer.lr must be > 0, got {cfg.optimizer.lr}")
     if cfg.optimizer.sft_lr is not None and cfg.optimizer.sft_lr <= 0:
         raise ConfigError(f"optimizer.sft_lr must be > 0, got {cfg.optimizer.sft_lr}")
+    if cfg.sft_warmup_target_accuracy is not None:
+        if not 0 < cfg.sft_warmup_target_accuracy <= 1:
+            raise ConfigError(f"sft_warmup_target_accuracy must lie in (0, 1], got "
+                              f"{cfg.sft_warmup_target_accuracy}")
+        if cfg.sft_warmup_steps < 1 or cfg.algorithm.name == "sft":
+            raise ConfigError("sft_warmup_target_accuracy ends an SFT warm-up before RL: it needs "
+                              "sft_warmup_steps >= 1 (the maximum) and an RL algorithm.name, got "
+                              f"sft_warmup_steps={cfg.sft_warmup_steps}, "
+                              f"algorithm.name={cfg.algorithm.name!r}")
+        for key in ("sft_warmup_holdout", "sft_warmup_check_interval"):
+            if getattr(cfg, key) < 1:
+                raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(cfg, key)}")
+        if not 0 <= cfg.sft_warmup_min_steps <= cfg.sft_warmup_steps:
+            raise ConfigError(f"sft_warmup_min_steps={cfg.sft_warmup_min_steps} must lie in "
+                              f"[0, sft_warmup_steps={cfg.sft_warmup_steps}]")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
 

@@ -42,7 +42,12 @@ def _to_float(value: Any) -> float:
 class _NullBar:
     """Progress-bar stand-in for ranks other than 0 (and for disabled bars)."""
 
+    total: int = 0
+
     def update(self, n: int = 1) -> None:
+        pass
+
+    def refresh(self) -> None:
         pass
 
     def set_postfix(self, *args: Any, **kwargs: Any) -> None:

@@ -45,7 +45,7 @@ from rspo_mega.training.checkpointing import (
 )
 from rspo_mega.training.guards import check_finite, grad_tensors
 from rspo_mega.training.metrics import MetricsLogger, Timers, memory_stats
-from rspo_mega.training.run_data import RunData, prepare_run_data
+from rspo_mega.training.run_data import RunData, prepare_run_data, split_warmup_holdout
 from rspo_mega.training.signals import PreemptionHandler
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,10 @@ class Trainer:
         self.dp_size = ps.get_data_parallel_world_size()
         self.data: RunData = prepare_run_data(cfg)  # may fill model ids from the tokenizer
         train_examples = [e.example for e in self.data.train]
+        self.warmup_holdout = []  # training examples that decide when the warm-up ends
+        if cfg.sft_warmup_target_accuracy is not None:
+            train_examples, self.warmup_holdout = split_warmup_holdout(
+                train_examples, cfg.sft_warmup_holdout)
         self.encoded = {e.example.uid: e for e in self.data.train}
         self.rl_iterator = PromptBatchIterator(
             train_examples, layout.prompts_per_step, self.dp_rank, self.dp_size, seed=cfg.data.seed)
@@ -114,6 +118,30 @@ class Trainer:
     def in_sft(self) -> bool:
         """Whether the current step is a masked-diffusion SFT step (warm-up or SFT-only run)."""
         return self.step < self.warmup_steps
+
+    def _warmup_check_due(self) -> bool:
+        cfg = self.cfg
+        in_range = cfg.sft_warmup_min_steps <= self.step <= self.warmup_steps
+        on_interval = self.step % cfg.sft_warmup_check_interval == 0
+        return bool(self.warmup_holdout) and in_range and (on_interval or self.step == self.warmup_steps)
+
+    def check_warmup(self) -> dict[str, float]:
+        """Greedy accuracy on the warm-up holdout; ends the warm-up here when it reaches
+        ``sft_warmup_target_accuracy``. Run every ``sft_warmup_check_interval`` warm-up steps from
+        ``sft_warmup_min_steps`` on, and at the last one."""
+        cfg = self.cfg
+        result = self.evaluate(self.warmup_holdout)
+        acc = result["eval/accuracy"]
+        if acc >= cfg.sft_warmup_target_accuracy:
+            log.info("SFT warm-up: holdout accuracy %.3f >= sft_warmup_target_accuracy=%g at "
+                     "step %d; RL starts", acc, cfg.sft_warmup_target_accuracy, self.step)
+            self.warmup_steps = self.step
+            self.total_steps = self.step + cfg.train_steps
+        elif self.step == self.warmup_steps:
+            log.warning("SFT warm-up: sft_warmup_steps=%d reached with holdout accuracy %.3f < "
+                        "sft_warmup_target_accuracy=%g; RL starts from a weaker policy than "
+                        "asked for", self.step, acc, cfg.sft_warmup_target_accuracy)
+        return {"warmup/holdout_accuracy": acc, "warmup/holdout_reward": result["eval/reward"]}
 
     def start_rl(self) -> None:
         """Freeze the current policy as the reference (the RL start point), if the loss needs one.
@@ -222,13 +250,16 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------------
 
-    def evaluate(self, temperature: float = 0.0) -> dict[str, float]:
-        """Held-out reward and accuracy (reward == 1), sharded over data-parallel ranks; decoded
-        with ``rollout.eval_steps`` denoising steps (``rollout.steps`` when unset)."""
-        if not self.data.test:
+    def evaluate(self, examples: Optional[list] = None,
+                 temperature: float = 0.0) -> dict[str, float]:
+        """Reward and accuracy (reward == 1) on ``examples`` (default: the test set), sharded over
+        data-parallel ranks; decoded with ``rollout.eval_steps`` denoising steps
+        (``rollout.steps`` when unset)."""
+        examples = self.data.test if examples is None else examples
+        if not examples:
             raise ValueError("evaluate: no test set (set data.test_path, or data.num_test_examples "
                              "for a generated task)")
-        mine = shard_examples(self.data.test, self.dp_rank, self.dp_size)
+        mine = shard_examples(examples, self.dp_rank, self.dp_size)
         rewards = []
         mbs = max(1, self.cfg.rollout.micro_batch_size)
         for start in range(0, len(mine), mbs):
@@ -268,7 +299,8 @@ class Trainer:
         return state
 
     def _extra_state(self) -> dict:
-        return {"step": self.step, "rl_iterator": self.rl_iterator.state_dict(),
+        return {"step": self.step, "warmup_steps": self.warmup_steps,
+                "rl_iterator": self.rl_iterator.state_dict(),
                 "sft_iterator": self.sft_iterator.state_dict(),
                 "has_reference": self.reference is not None,
                 "masks": self.masks.state_dict(), "sft_masks": self.sft_masks.state_dict(),
@@ -313,6 +345,10 @@ class Trainer:
         if "sft_masks" in extra:
             self.sft_masks.load_state_dict(extra["sft_masks"])
         self.step = int(extra["step"])
+        ended = int(extra.get("warmup_steps", self.warmup_steps))
+        if self.is_rl and ended <= self.step:  # RL had started (the warm-up may have met its target)
+            self.warmup_steps = ended
+            self.total_steps = self.warmup_steps + self.cfg.train_steps
         log.info("resumed from %s at step %d", path, self.step)
         return True
 
@@ -333,6 +369,10 @@ class Trainer:
                         summary.update({f"before/{k}": v for k, v in self.evaluate().items()})
                         self.metrics.log(self.step, summary)
                 metrics = self.train_step()
+                if self._warmup_check_due():
+                    metrics.update(self.check_warmup())
+                    bar.total = self.total_steps
+                    bar.refresh()
                 if cfg.eval_interval > 0 and self.step % cfg.eval_interval == 0 and self.data.test:
                     metrics.update(self.evaluate())
                 if self.step % cfg.logging.log_interval == 0 or self.step == self.total_steps:

@@ -234,3 +234,58 @@ def test_fresh_masks_per_update_rescore_the_reference(tmp_path, fresh):
         assert draws == [(0, 0), (0, 1)] and scorings == 2 and distinct == 2
     else:  # both updates reuse the step's masks and reference log-probs
         assert draws == [(0, 0)] and scorings == 1
+
+
+def _warmup_on_target(rank: int, world: int, out: str, accuracies: list[float]) -> dict:
+    """A run whose holdout checks (every 2 warm-up steps, at most 6) report `accuracies`."""
+    from rspo_mega.training.trainer import Trainer
+
+    cfg = load_config(None, TINY + [
+        f"logging.output_dir={out}", "sft_warmup_steps=6", "sft_warmup_target_accuracy=0.5",
+        "sft_warmup_holdout=8", "sft_warmup_check_interval=2", "train_steps=2",
+        f"checkpoint.save_dir={out}/ckpt", "checkpoint.save_interval=1", "checkpoint.keep_last=9"])
+    trainer = Trainer(cfg, validate_config(cfg, world_size=world))
+    evaluate, checked = trainer.evaluate, []
+
+    def scripted(examples=None, temperature=0.0):
+        assert examples is trainer.warmup_holdout
+        checked.append(trainer.step)
+        result = evaluate(examples, temperature)  # the real decoding runs; its figure is replaced
+        return {**result, "eval/accuracy": accuracies[len(checked) - 1]}
+
+    trainer.evaluate = scripted
+    held = {ex.uid for ex in trainer.warmup_holdout}
+    trained = {ex.uid for ex in trainer.rl_iterator.examples} | {
+        ex.uid for ex in trainer.sft_iterator.examples}
+    trainer.run()
+    lines = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()]
+    resumed = Trainer(cfg, validate_config(cfg, world_size=world))  # from the last checkpoint
+    resumed.resume()
+    return {
+        "checked": checked, "held": len(held), "overlap": len(held & trained), "trained": len(trained),
+        "phases": [d["phase_sft"] for d in lines if "phase_sft" in d],
+        "holdout_acc": [d["warmup/holdout_accuracy"] for d in lines if "warmup/holdout_accuracy" in d],
+        "resumed": (resumed.step, resumed.warmup_steps, resumed.total_steps),
+    }
+
+
+@pytest.mark.parametrize("accuracies, warmup", [([0.1, 0.6], 4), ([0.1, 0.2, 0.3], 6)])
+def test_warm_up_ends_on_its_holdout_accuracy(tmp_path, accuracies, warmup):
+    got = run_distributed(_warmup_on_target, 1, args=(str(tmp_path / "run"), accuracies),
+                          timeout=300)[0]
+    assert got["checked"] == [2, 4, 6][:len(accuracies)]
+    assert got["holdout_acc"] == accuracies
+    assert got["held"] == 8 and got["trained"] == 64 - 8 and got["overlap"] == 0
+    assert got["phases"] == [1.0] * warmup + [0.0, 0.0]  # then the 2 RL steps
+    assert got["resumed"] == (warmup + 2, warmup, warmup + 2)
+
+
+def test_warm_up_target_is_validated():
+    with pytest.raises(ConfigError, match="sft_warmup_target_accuracy"):
+        validate_config(load_config(None, TINY + ["sft_warmup_target_accuracy=1.5"]))
+    with pytest.raises(ConfigError, match="sft_warmup_steps >= 1"):
+        validate_config(load_config(None, TINY + ["sft_warmup_target_accuracy=0.1",
+                                                  "sft_warmup_steps=0"]))
+    with pytest.raises(ConfigError, match="sft_warmup_check_interval"):
+        validate_config(load_config(None, TINY + ["sft_warmup_target_accuracy=0.1",
+                                                  "sft_warmup_check_interval=0"]))
