@@ -238,7 +238,8 @@ def validate_config(cfg: TrainConfig, world_size: Optional[int] = None) -> Layou
             raise ConfigError("sft_warmup_target_accuracy ends an SFT warm-up before RL: it needs "
                               "sft_warmup_steps >= 1 (the maximum) and an RL algorithm.name, got "
                               f"sft_warmup_steps={cfg.sft_warmup_steps}, "
-                              f"algorithm.name={cfg.algorithm.name!r}")
+                              f"algorithm.name={cfg.algorithm.name!r} (set "
+                              "sft_warmup_target_accuracy=null for a run without a warm-up)")
         for key in ("sft_warmup_holdout", "sft_warmup_check_interval"):
             if getattr(cfg, key) < 1:
                 raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(cfg, key)}")

@@ -19,8 +19,9 @@ from tests.distributed import free_port
 from tests.training.test_trainer import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
-RUN = TINY + ["sft_warmup_steps=2", "train_steps=3", "checkpoint.save_interval=1",
-              "checkpoint.keep_last=5"]
+# The embedded default's warm-up target needs far more steps than these runs take.
+RUN = TINY + ["sft_warmup_steps=2", "sft_warmup_target_accuracy=null", "train_steps=3",
+              "checkpoint.save_interval=1", "checkpoint.keep_last=5"]
 
 
 def _env() -> dict:
@@ -113,7 +114,8 @@ def test_two_nodes_rendezvous_on_localhost(tmp_path):
         args = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                 "--nproc-per-node", "1", "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "rspo-test",
-                "-m", "rspo_mega.train", *TINY, f"logging.output_dir={tmp_path}",
+                "-m", "rspo_mega.train", *TINY, "sft_warmup_target_accuracy=null",
+                f"logging.output_dir={tmp_path}",
                 "parallel.world_size=2"]
         procs.append(subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))

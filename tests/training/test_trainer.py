@@ -289,3 +289,17 @@ def test_warm_up_target_is_validated():
     with pytest.raises(ConfigError, match="sft_warmup_check_interval"):
         validate_config(load_config(None, TINY + ["sft_warmup_target_accuracy=0.1",
                                                   "sft_warmup_check_interval=0"]))
+
+
+def test_warm_up_holdout_is_chosen_by_uid_not_order():
+    from rspo_mega.tasks import get_task
+    from rspo_mega.training.run_data import split_warmup_holdout
+
+    examples = get_task("sudoku").load("train", seed=3, num_examples=40)
+    train, held = split_warmup_holdout(examples, 8)
+    train_r, held_r = split_warmup_holdout(examples[::-1], 8)
+    assert len(held) == 8 and len(train) == 32 and not {e.uid for e in held} & {e.uid for e in train}
+    assert {e.uid for e in held} == {e.uid for e in held_r}
+    assert [e.uid for e in train] == [e.uid for e in examples if e not in held]  # order kept
+    with pytest.raises(ConfigError, match="sft_warmup_holdout=40"):
+        split_warmup_holdout(examples, 40)
