@@ -6,7 +6,8 @@ Per completion i, with the *same* masks for policy and frozen reference::
     dhat_i = d_i - stopgrad(mean_{j in C(i)} d_j)                   centred over scope C
     ell_i  = - stopgrad(A_i - lambda * dhat_i) * dhat_i
 
-normalised by the global number of completions. Its gradient is
+normalised by the global number of completions (``algorithm.push_clip`` optionally bounds the
+stop-gradient factor: a Huber loss on the residual). Its gradient is
 ``lambda * grad(1/2 mean_i (dhat_i - A_i/lambda)^2)``: a regression of the centred relative
 log-ratio onto the target ``A/lambda`` (``lambda = 0``: advantage-weighted ELBO gradient).
 
@@ -91,6 +92,10 @@ class RSPOLoss(PolicyLoss):
         dhat = d - center
         adv = inputs.advantages.to(d.dtype)
         push = (adv - lam * dhat).detach()
+        if self.algorithm.push_clip is not None:  # Huber: a bounded pull for large residuals
+            bound = float(self.algorithm.push_clip)
+            metrics.add_fraction("rspo/push_clip_frac", push.abs() > bound, torch.ones_like(push))
+            push = push.clamp(-bound, bound)
         add_elbo_diagnostics(metrics, "policy", est)
         add_elbo_diagnostics(metrics, "reference", ref)
         add_relative_score_diagnostics(metrics, d, dhat, adv)

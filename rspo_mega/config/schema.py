@@ -109,6 +109,9 @@ class AlgorithmConfig:
     inner_updates: int = 1  # mu: optimizer steps per rollout batch
     clip_eps: float = 0.2  # ESPO / diffu-GRPO ratio clip
     kl_beta: float = 0.0  # ESPO k2 / diffu-GRPO k3 coefficient
+    # RSPO: bound |A - lambda * dhat| per completion (advantage units); for lambda > 0 a Huber loss
+    # on the regression residual with delta = push_clip / lambda. None = the plain squared loss.
+    push_clip: Optional[float] = None
 
 
 @dataclass

@@ -131,6 +131,8 @@ def check_algorithm(alg: AlgorithmConfig) -> None:
         raise ConfigError(f"algorithm.clip_eps must be > 0, got {alg.clip_eps}")
     if alg.kl_beta < 0:
         raise ConfigError(f"algorithm.kl_beta must be >= 0, got {alg.kl_beta}")
+    if alg.push_clip is not None and alg.push_clip <= 0:
+        raise ConfigError(f"algorithm.push_clip must be > 0 (or null), got {alg.push_clip}")
 
 
 def validate_config(cfg: TrainConfig, world_size: Optional[int] = None) -> Layout:

@@ -71,6 +71,23 @@ def test_rspo_lambda_zero_is_advantage_weighted_elbo_gradient():
     assert torch.allclose(g_loss, g_pg, rtol=1e-9, atol=1e-12)
 
 
+def test_rspo_push_clip_is_a_huber_regression():
+    lik, batch, rewards, masked, theta, logp_of, ref, _ = _setup(seed=5)
+    lam, bound = 0.7, 0.6
+    algo = AlgorithmConfig(name="rspo", lambda_=lam, centering="none", push_clip=bound)
+    adv = compute_advantages(rewards.double(), batch.group_ids, 2, algo)
+    loss = RSPOLoss(algo, lik)(_inputs(masked, logp_of(theta), adv, batch, ref))
+    (g_loss,) = torch.autograd.grad(loss.loss, theta)
+    est, est_ref = estimate_elbo(logp_of(theta), masked), estimate_elbo(ref, masked)
+    dhat = (est.elbo - est_ref.elbo) / est.lengths
+    huber = torch.nn.functional.huber_loss(dhat, adv / lam, delta=bound / lam, reduction="mean")
+    (g_huber,) = torch.autograd.grad(lam * huber, theta)
+    assert torch.allclose(g_loss, g_huber, rtol=1e-9, atol=1e-12)
+    clipped = ((adv - lam * dhat).abs() > bound).double().mean().item()
+    assert 0 < clipped < 1  # the bound binds on some completions, not all
+    assert loss.metrics.reduce()["rspo/push_clip_frac"] == pytest.approx(clipped)
+
+
 @pytest.mark.parametrize("name,scheme", [("rspo", "coupled"), ("espo", "stratified"),
                                          ("diffu_grpo", "one_step")])
 def test_coefficient_path_gives_the_exact_gradient(name, scheme):
@@ -172,6 +189,7 @@ def test_metrics_against_advantage_fraction():
     (AlgorithmConfig(advantage="rank"), LikelihoodConfig(), "algorithm.advantage"),
     (AlgorithmConfig(clip_eps=0.0), LikelihoodConfig(), "algorithm.clip_eps"),
     (AlgorithmConfig(kl_beta=-1.0), LikelihoodConfig(), "algorithm.kl_beta"),
+    (AlgorithmConfig(push_clip=0.0), LikelihoodConfig(), "algorithm.push_clip"),
     (AlgorithmConfig(inner_updates=0), LikelihoodConfig(), "algorithm.inner_updates"),
     (AlgorithmConfig(name="ppo"), LikelihoodConfig(), "algorithm.name"),
     (AlgorithmConfig(name="diffu_grpo"), LikelihoodConfig(), "likelihood.mask_scheme"),
