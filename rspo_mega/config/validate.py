@@ -37,7 +37,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 POSITIVE = (
-    "train_steps", "global_batch_size", "micro_batch_size",
+    "train_steps", "global_batch_size", "micro_batch_size", "sft_warmup_holdout",
+    "sft_warmup_check_interval",
     "model.num_layers", "model.hidden_size", "model.ffn_hidden_size", "model.num_attention_heads",
     "model.vocab_size", "model.max_position_embeddings", "model.make_vocab_size_divisible_by",
     "parallel.tp", "parallel.pp", "parallel.cp",
@@ -242,9 +243,6 @@ def validate_config(cfg: TrainConfig, world_size: Optional[int] = None) -> Layou
                               f"sft_warmup_steps={cfg.sft_warmup_steps}, "
                               f"algorithm.name={cfg.algorithm.name!r} (set "
                               "sft_warmup_target_accuracy=null for a run without a warm-up)")
-        for key in ("sft_warmup_holdout", "sft_warmup_check_interval"):
-            if getattr(cfg, key) < 1:
-                raise ConfigError(f"config key '{key}' must be >= 1, got {getattr(cfg, key)}")
         if not 0 <= cfg.sft_warmup_min_steps <= cfg.sft_warmup_steps:
             raise ConfigError(f"sft_warmup_min_steps={cfg.sft_warmup_min_steps} must lie in "
                               f"[0, sft_warmup_steps={cfg.sft_warmup_steps}]")

@@ -123,7 +123,8 @@ class Trainer:
         cfg = self.cfg
         in_range = cfg.sft_warmup_min_steps <= self.step <= self.warmup_steps
         on_interval = self.step % cfg.sft_warmup_check_interval == 0
-        return bool(self.warmup_holdout) and in_range and (on_interval or self.step == self.warmup_steps)
+        last = self.step == self.warmup_steps
+        return bool(self.warmup_holdout) and in_range and (on_interval or last)
 
     def check_warmup(self) -> dict[str, float]:
         """Greedy accuracy on the warm-up holdout; ends the warm-up here when it reaches
@@ -346,7 +347,7 @@ class Trainer:
             self.sft_masks.load_state_dict(extra["sft_masks"])
         self.step = int(extra["step"])
         ended = int(extra.get("warmup_steps", self.warmup_steps))
-        if self.is_rl and ended <= self.step:  # RL had started (the warm-up may have met its target)
+        if self.is_rl and ended <= self.step:  # RL had started (maybe on the warm-up's target)
             self.warmup_steps = ended
             self.total_steps = self.warmup_steps + self.cfg.train_steps
         log.info("resumed from %s at step %d", path, self.step)
@@ -369,13 +370,15 @@ class Trainer:
                         summary.update({f"before/{k}": v for k, v in self.evaluate().items()})
                         self.metrics.log(self.step, summary)
                 metrics = self.train_step()
-                if self._warmup_check_due():
+                checked = self._warmup_check_due()
+                if checked:
                     metrics.update(self.check_warmup())
                     bar.total = self.total_steps
                     bar.refresh()
                 if cfg.eval_interval > 0 and self.step % cfg.eval_interval == 0 and self.data.test:
                     metrics.update(self.evaluate())
-                if self.step % cfg.logging.log_interval == 0 or self.step == self.total_steps:
+                on_log = self.step % cfg.logging.log_interval == 0 or self.step == self.total_steps
+                if checked or on_log:  # a warm-up check is always logged
                     self.metrics.log(self.step, metrics)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
