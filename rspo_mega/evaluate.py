@@ -1,12 +1,14 @@
 """``rspo-eval`` / ``torchrun ... -m rspo_mega.evaluate``: held-out accuracy of a model.
 
-    rspo-eval --config run.yaml checkpoint.save_dir=runs/x/ckpt [--temperature 0] [key=value ...]
+    rspo-eval --config run.yaml checkpoint.save_dir=runs/x/ckpt [--temperature 0]
+              [--samples out.jsonl] [key=value ...]
 
 Loads the newest valid checkpoint of ``checkpoint.save_dir`` (or the weights of
 ``checkpoint.init_from``), generates one completion per test example with the ``rollout``
 settings (``rollout.eval_steps`` denoising steps when set, temperature from ``--temperature``),
 sharded over data-parallel ranks, and prints the task's mean reward and accuracy (reward == 1)
-as JSON on rank 0.
+as JSON on rank 0. ``--samples`` also writes every completion (uid, prompt, completion, reward;
+one JSON object per line, in test-set order) to a file, written whole or not at all.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from rspo_mega.config import ConfigError, load_config, validate_config
@@ -26,6 +29,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="rspo-eval", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML run config (default: tiny default)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature")
+    parser.add_argument("--samples", default=None, metavar="PATH",
+                        help="also write each test completion and its reward to this JSONL file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2")
     args = parser.parse_args(argv)
     try:
@@ -35,6 +40,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ConfigError("rspo-eval needs checkpoint.save_dir or checkpoint.init_from")
         if args.temperature < 0:
             raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
+        if args.samples and not Path(args.samples).resolve().parent.is_dir():
+            raise ConfigError(f"--samples {args.samples}: directory "
+                              f"{Path(args.samples).resolve().parent} does not exist")
     except ConfigError as exc:
         print(f"rspo-eval: config error: {exc}", file=sys.stderr)
         return 2
@@ -45,11 +53,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if cfg.checkpoint.save_dir and not trainer.resume() and not cfg.checkpoint.init_from:
         print(f"rspo-eval: no valid checkpoint in {cfg.checkpoint.save_dir}", file=sys.stderr)
         return 2
-    result = trainer.evaluate(temperature=args.temperature)
+    samples: Optional[list] = [] if args.samples else None
+    result = trainer.evaluate(temperature=args.temperature, samples=samples)
     if int(os.environ.get("RANK", "0")) == 0:
+        if args.samples:
+            _write_jsonl(Path(args.samples), samples)
         print(json.dumps({"step": trainer.step, **result}), flush=True)  # one line, last on stdout
     destroy_parallel()
     return 0
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    """One JSON object per line, via a temporary file and a rename (never half-written)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -251,17 +251,18 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------------
 
-    def evaluate(self, examples: Optional[list] = None,
-                 temperature: float = 0.0) -> dict[str, float]:
+    def evaluate(self, examples: Optional[list] = None, temperature: float = 0.0,
+                 samples: Optional[list] = None) -> dict[str, float]:
         """Reward and accuracy (reward == 1) on ``examples`` (default: the test set), sharded over
         data-parallel ranks; decoded with ``rollout.eval_steps`` denoising steps
-        (``rollout.steps`` when unset)."""
+        (``rollout.steps`` when unset). A ``samples`` list receives, on every rank, one record
+        per example in the order of ``examples``: uid, prompt, completion and reward."""
         examples = self.data.test if examples is None else examples
         if not examples:
             raise ValueError("evaluate: no test set (set data.test_path, or data.num_test_examples "
                              "for a generated task)")
         mine = shard_examples(examples, self.dp_rank, self.dp_size)
-        rewards = []
+        rewards, records = [], []
         mbs = max(1, self.cfg.rollout.micro_batch_size)
         for start in range(0, len(mine), mbs):
             chunk = mine[start:start + mbs]
@@ -272,8 +273,14 @@ class Trainer:
             texts = batches.decode_completions(rollout, self.data.tokenizer,
                                                self.cfg.model.eos_token_id)
             rewards.append(batches.score(self.data.task, texts, chunk))
+            records += [{"uid": ex.uid, "prompt": self.data.task.prompt(ex), "completion": text}
+                        for ex, text in zip(chunk, texts)]
         r = torch.cat(rewards) if rewards else torch.zeros(0)
         group = data_parallel_group()
+        if samples is not None:
+            for record, reward in zip(records, r.tolist()):
+                record["reward"] = reward
+            samples.extend(_gather_in_order(records, examples, group))
         return {"eval/reward": float(global_mean(r, group=group)),
                 "eval/accuracy": float(global_mean((r >= 1.0).float(), group=group)),
                 "eval/examples": float(global_sum(torch.ones_like(r), group))}
@@ -399,3 +406,12 @@ class Trainer:
         self.save()
         self.metrics.close()
         return summary
+
+
+def _gather_in_order(records: list[dict], examples: list, group) -> list[dict]:
+    """Every data-parallel rank's ``records`` (one per example of its strided shard), on every
+    rank, back in the order of ``examples``."""
+    parts: list = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(parts, records, group=group)
+    by_uid = {rec["uid"]: rec for part in parts for rec in part}
+    return [by_uid[ex.uid] for ex in examples]

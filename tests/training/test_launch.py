@@ -84,13 +84,22 @@ def test_kill_9_then_resume_is_bitwise_identical(tmp_path):
         assert _comparable(resumed[step]) == _comparable(expected[step]), step
 
     # rspo-eval on the finished run: newest checkpoint, held-out set sharded over ranks.
+    samples = tmp_path / "samples.jsonl"
     args = [sys.executable, "-m", "rspo_mega.evaluate", *RUN, f"logging.output_dir={ref}",
-            f"checkpoint.save_dir={ref}/ckpt", "data.num_test_examples=6"]
+            f"checkpoint.save_dir={ref}/ckpt", "data.num_test_examples=6", "--samples", str(samples)]
     done = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["step"] == 5 and result["eval/examples"] == 6.0
     assert 0.0 <= result["eval/reward"] <= 1.0
+    records = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert len(records) == 6 and len({r["uid"] for r in records}) == 6
+    assert all(r["prompt"] and isinstance(r["completion"], str) for r in records)
+    mean = sum(r["reward"] for r in records) / 6
+    assert abs(mean - result["eval/reward"]) < 1e-6, (mean, result)
+    bad = subprocess.run(args[:-1] + [str(tmp_path / "missing" / "s.jsonl")], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--samples" in bad.stderr and "does not exist" in bad.stderr
 
 
 def test_sigterm_mid_run_leaves_a_valid_checkpoint(tmp_path):

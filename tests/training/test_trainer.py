@@ -46,9 +46,14 @@ def _train(rank: int, world: int, out: str, init: str, layouts: list[tuple[int, 
                                         f"logging.output_dir={run_dir}"])
         trainer = Trainer(cfg, validate_config(cfg, world_size=world))
         trainer.run()
+        samples: list = []  # greedy completions of 5 examples, gathered from the DP shards
+        examples = [e.example for e in trainer.data.train[:5]]
+        trainer.evaluate(examples, samples=samples)
         if rank == 0:
             lines = [json.loads(x) for x in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
             losses[(tp, pp)] = [(d["step"], d["loss"], d.get("reward")) for d in lines if "loss" in d]
+            losses[(tp, pp, "samples")] = samples
+            losses[(tp, pp, "uids")] = [ex.uid for ex in examples]
     return losses
 
 
@@ -66,6 +71,9 @@ def test_loss_curve_is_the_same_for_every_layout(tmp_path):
         for (_, loss, reward), (_, base_loss, base_reward) in zip(curve, base):
             assert math.isclose(loss, base_loss, rel_tol=1e-4, abs_tol=1e-6), (layout, loss, base_loss)
             assert reward == base_reward, layout  # identical completions, identical rewards
+        samples = multi[0][layout + ("samples",)]
+        assert [r["uid"] for r in samples] == multi[0][layout + ("uids",)], layout
+        assert samples == single[0][(1, 1, "samples")], layout
 
 
 def test_bad_input_is_named_before_training(tmp_path):
