@@ -273,8 +273,9 @@ class Trainer:
             texts = batches.decode_completions(rollout, self.data.tokenizer,
                                                self.cfg.model.eos_token_id)
             rewards.append(batches.score(self.data.task, texts, chunk))
-            records += [{"uid": ex.uid, "prompt": self.data.task.prompt(ex), "completion": text}
-                        for ex, text in zip(chunk, texts)]
+            if samples is not None:
+                records += [{"uid": ex.uid, "prompt": self.data.task.prompt(ex),
+                             "completion": text} for ex, text in zip(chunk, texts)]
         r = torch.cat(rewards) if rewards else torch.zeros(0)
         group = data_parallel_group()
         if samples is not None:
