@@ -57,17 +57,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = trainer.evaluate(temperature=args.temperature, samples=samples)
     if int(os.environ.get("RANK", "0")) == 0:
         if args.samples:
-            _write_jsonl(Path(args.samples), samples)
+            from rspo_mega.training.checkpointing import atomic_write_text
+
+            atomic_write_text(Path(args.samples), "".join(json.dumps(r) + "\n" for r in samples))
         print(json.dumps({"step": trainer.step, **result}), flush=True)  # one line, last on stdout
     destroy_parallel()
     return 0
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    """One JSON object per line, via a temporary file and a rename (never half-written)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -152,7 +152,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a synced temporary file and a rename: whole or not at all."""
     tmp = path.with_name(f".{path.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
     with open(tmp, "w") as f:
         f.write(text)
@@ -357,14 +358,14 @@ class CheckpointManager:
                 "world_size": world, "layout": _layout(), "config": config,
                 "files": _file_table(tmp),
             }
-            _atomic_write_text(tmp / METADATA, json.dumps(meta, indent=1, default=str))
+            atomic_write_text(tmp / METADATA, json.dumps(meta, indent=1, default=str))
             old = None
             if final.exists():  # re-saving a step (e.g. after a resume): replace it
                 old = self.save_dir / f"{final.name}{_TMP_MARK}old-{nonce}"
                 os.replace(final, old)
             os.replace(tmp, final)
             _fsync_dir(self.save_dir)
-            _atomic_write_text(self.save_dir / LATEST, final.name + "\n")
+            atomic_write_text(self.save_dir / LATEST, final.name + "\n")
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
             self._prune()
