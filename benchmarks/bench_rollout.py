@@ -40,13 +40,13 @@ def _trained(args):
     """Model config and equal-length test prompts [batch, P] of a trained run."""
     from rspo_mega.config import load_config
     from rspo_mega.data import get_template, load_tokenizer
-    from rspo_mega.tasks import get_task
     from rspo_mega.training.batches import prompt_message
+    from rspo_mega.training.run_data import build_task
 
     cfg = load_config(os.path.join(args.run_dir, "config.yaml"))
     cfg.model.max_position_embeddings = max(cfg.model.max_position_embeddings, 128 + args.gen)
     tok = load_tokenizer(os.path.join(args.run_dir, "tokenizer", "tokenizer.model"))
-    task, template = get_task(cfg.data.task), get_template(cfg.data.template)
+    task, template = build_task(cfg), get_template(cfg.data.template)
     encoded = [template.encode(tok, prompt_message(task, template, ex))
                for ex in task.load("test", seed=cfg.data.seed, num_examples=64)]
     width = max(set(map(len, encoded)), key=[len(e) for e in encoded].count)  # commonest length

@@ -52,6 +52,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
         return _build(tp, value, key)
+    if typing.get_origin(tp) is dict:  # dict[str, str]: a free mapping, e.g. data.fields
+        if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ConfigError(f"config key '{key}' must be a mapping of strings to strings, "
+                              f"got {value!r}")
+        return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"config key '{key}' must be a bool, got {value!r}")
@@ -104,6 +110,8 @@ def _check_path(cls: type, parts: list[str]) -> None:
     node: Any = cls
     for i, part in enumerate(parts):
         dotted = ".".join(parts[: i + 1])
+        if typing.get_origin(node) is dict and i == len(parts) - 1:
+            return  # one entry of a free mapping, e.g. data.fields.prompt=question
         if not dataclasses.is_dataclass(node):
             raise ConfigError(f"override '{'.'.join(parts)}': '{'.'.join(parts[:i])}' is not a section")
         fields = {f.name: f for f in dataclasses.fields(node)}

@@ -133,18 +133,34 @@ class OptimizerConfig:
 
 
 @dataclass
+class CountdownConfig:
+    """Problem size of generated Countdown (``data.task=countdown`` without ``train_path``)."""
+
+    max_number: int = 99  # numbers are drawn from [1, max_number]
+    min_target: int = 10
+    max_target: int = 100
+    min_numbers: int = 3  # numbers per problem
+    max_numbers: int = 4
+
+
+@dataclass
 class DataConfig:
     """Prompts and batching."""
 
     task: str = "sudoku"  # sudoku | countdown | gsm8k | math500
     train_path: Optional[str] = None  # local file (JSONL/JSON/parquet/CSV); None for generators
     test_path: Optional[str] = None
+    # the task's logical field -> column of the files, e.g. {prompt: question}; unset fields
+    # keep the task's default columns (docs/DATA.md)
+    fields: dict[str, str] = field(default_factory=dict)
+    json_field: Optional[str] = None  # key holding the records in a {key: [...]} JSON file
     tokenizer: Optional[str] = None  # tokenizer.json or SentencePiece .model; None = built-in
     template: str = "plain"  # plain | llada_chat
     max_prompt_length: int = 64  # tokens
     num_train_examples: int = 2000  # for generated tasks
     num_test_examples: int = 200  # 0 = no held-out evaluation
     seed: int = 1234
+    countdown: CountdownConfig = field(default_factory=CountdownConfig)
 
 
 @dataclass

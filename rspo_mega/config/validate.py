@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from rspo_mega.config.loader import ConfigError
-from rspo_mega.config.schema import AlgorithmConfig, LikelihoodConfig, TrainConfig
+from rspo_mega.config.schema import AlgorithmConfig, CountdownConfig, LikelihoodConfig, TrainConfig
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.params_dtype": ("float32", "bfloat16"),
@@ -119,6 +119,19 @@ def check_likelihood(lik: LikelihoodConfig) -> None:
             f"likelihood.one_step_prompt_mask_prob must lie in [0, 1], got "
             f"{lik.one_step_prompt_mask_prob}"
         )
+
+
+def check_countdown(cd: CountdownConfig) -> None:
+    """Ranges of the generated-Countdown section (checked whatever the task, so a bad section
+    in a shared YAML is found at once)."""
+    if cd.max_number < 1:
+        raise ConfigError(f"data.countdown.max_number must be >= 1, got {cd.max_number}")
+    if not 2 <= cd.min_numbers <= cd.max_numbers:
+        raise ConfigError(f"data.countdown needs 2 <= min_numbers <= max_numbers, got "
+                          f"min_numbers={cd.min_numbers}, max_numbers={cd.max_numbers}")
+    if not 1 <= cd.min_target <= cd.max_target:
+        raise ConfigError(f"data.countdown needs 1 <= min_target <= max_target, got "
+                          f"min_target={cd.min_target}, max_target={cd.max_target}")
 
 
 def check_algorithm(alg: AlgorithmConfig) -> None:
@@ -248,6 +261,14 @@ def validate_config(cfg: TrainConfig, world_size: Optional[int] = None) -> Layou
                               f"[0, sft_warmup_steps={cfg.sft_warmup_steps}]")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
+    check_countdown(cfg.data.countdown)
+    from rspo_mega.tasks import TASKS  # the registry knows each task's logical fields
+
+    known = TASKS[cfg.data.task].default_fields
+    unknown = sorted(set(cfg.data.fields) - set(known))
+    if unknown:
+        raise ConfigError(f"data.fields: unknown field(s) {unknown} for task {cfg.data.task!r}; "
+                          f"its fields are {sorted(known)}")
 
     per_rank = cfg.global_batch_size // dp
     return Layout(

@@ -107,6 +107,10 @@ class Task(ABC):
     def prompt(self, example: Example) -> str:
         """User message text (instruction + problem + response format); no chat template."""
 
+    def reference_answer(self, example: Example) -> str:
+        """The text a correct response puts inside the answer tags (SFT targets)."""
+        return str(example.answer)
+
     @abstractmethod
     def reward(self, completion: str, example: Example) -> float:
         """Score a decoded completion in [0, 1]; bounded time on any input, never executes it."""

@@ -57,9 +57,12 @@ def countdown_split(numbers: Sequence[int], target: int, test_fraction: float = 
     return "test" if bucket < test_fraction else "train"
 
 
-def _random_problem(rng: random.Random, max_number: int) -> tuple[list[int], int, str]:
-    """Numbers, the value of a random expression over all of them, and that expression."""
-    numbers = [rng.randint(1, max_number) for _ in range(rng.choice((3, 4)))]
+def _random_problem(
+    rng: random.Random, max_number: int, counts: Sequence[int] = (3, 4)
+) -> tuple[list[int], int, str]:
+    """Numbers (how many: one of `counts`), the value of a random expression over all of them,
+    and that expression."""
+    numbers = [rng.randint(1, max_number) for _ in range(rng.choice(tuple(counts)))]
     pool = [(n, str(n)) for n in numbers]
     while len(pool) > 1:
         (a, expr_a), (b, expr_b) = pool.pop(rng.randrange(len(pool))), pool.pop(rng.randrange(len(pool)))
@@ -84,12 +87,14 @@ def generate_countdown(
     max_number: int = 99,
     min_target: int = 10,
     max_target: int = 100,
+    counts: Sequence[int] = (3, 4),
     test_fraction: float = 0.1,
 ) -> list[Example]:
     """`num_examples` distinct solvable problems of `split`, reproducible from `seed`.
 
-    Example.answer is the target (int); meta holds "numbers" (list[int]) and a reference
-    "solution" expression.
+    Each problem has `len(numbers)` in `counts`, numbers in [1, max_number] and a target in
+    [min_target, max_target]. Example.answer is the target (int); meta holds "numbers"
+    (list[int]) and a reference "solution" expression.
     """
     rng = random.Random(f"countdown|{split}|{seed}")
     seen: set[tuple[tuple[int, ...], int]] = set()
@@ -99,7 +104,7 @@ def generate_countdown(
         attempts += 1
         if attempts > 1000 * num_examples + 10_000:
             raise RuntimeError(f"countdown generator could not produce {num_examples} {split} problems")
-        numbers, target, solution = _random_problem(rng, max_number)
+        numbers, target, solution = _random_problem(rng, max_number, counts)
         key = (tuple(sorted(numbers)), target)
         if not min_target <= target <= max_target or key in seen:
             continue
@@ -213,14 +218,49 @@ def _parse_numbers(value: Any) -> list[int]:
 
 
 class CountdownTask(Task):
-    """Fields: `numbers` (default column "nums"), `target` (default column "target")."""
+    """Fields: `numbers` (default column "nums"), `target` (default column "target").
+
+    The generator's problem size is set at construction: `min_numbers`-`max_numbers` numbers
+    drawn from [1, max_number], targets in [min_target, max_target] (the defaults are the d1
+    style problems; the tiny default model uses 3 numbers up to 9).
+    """
 
     name = "countdown"
     default_fields = {"numbers": "nums", "target": "target"}
     default_num_examples = {"train": 20_000, "test": 512}
 
+    def __init__(
+        self,
+        *,
+        max_number: int = 99,
+        min_target: int = 10,
+        max_target: int = 100,
+        min_numbers: int = 3,
+        max_numbers: int = 4,
+    ) -> None:
+        if max_number < 1:
+            raise ValueError(f"countdown max_number must be >= 1, got {max_number}")
+        if not 2 <= min_numbers <= max_numbers:
+            raise ValueError(
+                f"countdown needs 2 <= min_numbers <= max_numbers, got {min_numbers} and {max_numbers}"
+            )
+        if not 1 <= min_target <= max_target:
+            raise ValueError(f"countdown needs 1 <= min_target <= max_target, got {min_target} and {max_target}")
+        self.max_number, self.min_target, self.max_target = max_number, min_target, max_target
+        self.counts = tuple(range(min_numbers, max_numbers + 1))
+
     def generate(self, split: str, *, seed: int, num_examples: int | None) -> list[Example]:
-        return generate_countdown(split, num_examples or self.default_num_examples[split], seed)
+        return generate_countdown(
+            split, num_examples or self.default_num_examples[split], seed, max_number=self.max_number,
+            min_target=self.min_target, max_target=self.max_target, counts=self.counts,
+        )
+
+    def reference_answer(self, example: Example) -> str:
+        """The generator's expression, or one found by the exhaustive solver for file problems."""
+        solution = example.meta.get("solution") or solve_countdown(example.meta["numbers"], int(example.answer))
+        if solution is None:
+            raise ValueError(f"countdown example {example.uid} has no solution to train on")
+        return solution
 
     def example_from_record(self, record: Mapping[str, Any], uid: int) -> Example:
         numbers = _parse_numbers(record["numbers"])

@@ -8,6 +8,7 @@ the config must agree with the model section, else the error names the key.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ class RunData:
 
     def sft_target(self, example: Example) -> list[int]:
         """Token ids of the reference response (answer only, in the verifier's format)."""
-        return self.tokenizer.encode(format_response("", str(example.answer)))
+        return self.tokenizer.encode(format_response("", self.task.reference_answer(example)))
 
 
 def _builtin_tokenizer(cfg: TrainConfig) -> Tokenizer:
@@ -70,9 +71,19 @@ def _agree(cfg: TrainConfig, tok: Tokenizer) -> None:
                               f"{cfg.data.tokenizer} says {value}")
 
 
+def build_task(cfg: TrainConfig) -> Task:
+    """The configured task; generator options come from the task's own section."""
+    if cfg.data.task != "countdown":
+        return get_task(cfg.data.task)
+    try:
+        return get_task("countdown", **dataclasses.asdict(cfg.data.countdown))
+    except ValueError as err:
+        raise ConfigError(f"data.countdown: {err}") from None
+
+
 def prepare_run_data(cfg: TrainConfig) -> RunData:
     """Load the task's splits and the tokenizer, and encode every training prompt."""
-    task = get_task(cfg.data.task)
+    task = build_task(cfg)
     if cfg.data.tokenizer:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
         _agree(cfg, tokenizer)
@@ -85,14 +96,16 @@ def prepare_run_data(cfg: TrainConfig) -> RunData:
         log.info("built-in tokenizer: vocab %d, mask %d, eos %d", m.vocab_size, m.mask_token_id,
                  m.eos_token_id)
     template = get_template(cfg.data.template)
-    train = task.load("train", path=cfg.data.train_path, seed=cfg.data.seed,
-                      num_examples=cfg.data.num_train_examples)
+    d = cfg.data
+    files = dict(fields=d.fields or None, json_field=d.json_field)
+    train = task.load("train", path=d.train_path, seed=d.seed, num_examples=d.num_train_examples,
+                      **files)
     if not train:
         raise ConfigError(f"data.train_path: the {task.name} training set "
                           f"'{cfg.data.train_path or 'generated'}' is empty")
     has_test = cfg.data.test_path or (cfg.data.train_path is None and cfg.data.num_test_examples)
-    test = task.load("test", path=cfg.data.test_path, seed=cfg.data.seed,
-                     num_examples=cfg.data.num_test_examples) if has_test else []
+    test = task.load("test", path=d.test_path, seed=d.seed, num_examples=d.num_test_examples,
+                     **files) if has_test else []
     encoded = encode_prompts(train, task, template, tokenizer, cfg.data.max_prompt_length)
     return RunData(task, tokenizer, template, encoded, test)
 

@@ -88,3 +88,39 @@ def test_task_interface() -> None:
     message = task.prompt(example)
     assert str(example.answer) in message and all(str(n) in message for n in example.meta["numbers"])
     assert task.reward(f"<answer>{example.meta['solution']}</answer>", example) == 1.0
+
+
+def test_problem_size_options() -> None:
+    task = get_task("countdown", max_number=9, min_target=1, max_target=30, min_numbers=3, max_numbers=3)
+    examples = task.load("train", seed=0, num_examples=200)
+    assert len({_key(e) for e in examples}) == 200
+    for example in examples:
+        numbers = example.meta["numbers"]
+        assert len(numbers) == 3 and all(1 <= n <= 9 for n in numbers)
+        assert 1 <= example.answer <= 30
+        assert task.reward(f"<answer>{task.reference_answer(example)}</answer>", example) == 1.0
+    default = get_task("countdown").load("train", seed=0, num_examples=200)
+    assert max(max(e.meta["numbers"]) for e in default) > 9  # the options are not the defaults
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"max_number": 0}, "max_number must be >= 1"),
+        ({"min_numbers": 1}, "2 <= min_numbers <= max_numbers"),
+        ({"min_numbers": 4, "max_numbers": 3}, "2 <= min_numbers <= max_numbers"),
+        ({"min_target": 0}, "1 <= min_target <= max_target"),
+    ],
+)
+def test_bad_problem_size_is_refused(options, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        get_task("countdown", **options)
+
+
+def test_reference_answer_of_file_problems_comes_from_the_solver() -> None:
+    task = get_task("countdown")
+    example = task.example_from_record({"numbers": "[4, 6, 2]", "target": 5}, uid=1)
+    assert task.reward(f"<answer>{task.reference_answer(example)}</answer>", example) == 1.0
+    unsolvable = task.example_from_record({"numbers": [1, 1, 1], "target": 100}, uid=2)
+    with pytest.raises(ValueError, match="no solution"):
+        task.reference_answer(unsolvable)

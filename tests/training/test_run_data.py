@@ -1,0 +1,64 @@
+"""A run's data from the config: file field mappings, JSON record keys, generator options and
+SFT targets, prepared before any model exists."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rspo_mega.config import ConfigError, load_config, validate_config
+from rspo_mega.training.run_data import prepare_run_data
+
+
+def _cfg(tmp_path, *overrides: str):
+    cfg = load_config(None, [f"logging.output_dir={tmp_path / 'run'}", *overrides])
+    validate_config(cfg, world_size=1)
+    return cfg
+
+
+def test_field_mapping_and_json_field_reach_the_files(tmp_path):
+    rows = [{"q": f"What is {i} + {i}?", "a": f"It is {2 * i}.\n#### {2 * i}"} for i in range(1, 6)]
+    train = tmp_path / "train.json"
+    train.write_text(json.dumps({"data": rows}))
+    test = tmp_path / "test.json"
+    test.write_text(json.dumps({"data": rows[:2]}))
+    cfg = _cfg(tmp_path, "data.task=gsm8k", f"data.train_path={train}", f"data.test_path={test}",
+               "data.fields.prompt=q", "data.fields.answer=a", "data.json_field=data",
+               "data.max_prompt_length=128", "model.max_position_embeddings=256")
+    data = prepare_run_data(cfg)
+    assert [e.example.prompt for e in data.train] == [r["q"] for r in rows]
+    assert [e.answer for e in data.test] == ["2", "4"]
+    target = data.tokenizer.decode(data.sft_target(data.test[1]))
+    assert data.task.reward(target, data.test[1]) == 1.0
+
+
+def test_missing_column_names_the_column_and_file(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps({"question": "1 + 1?", "answer": "#### 2"}) + "\n")
+    cfg = _cfg(tmp_path, "data.task=gsm8k", f"data.train_path={train}", "data.fields.prompt=q",
+               "data.max_prompt_length=128", "model.max_position_embeddings=256")
+    with pytest.raises(ValueError, match="'q'") as err:
+        prepare_run_data(cfg)
+    assert str(train) in str(err.value)
+
+
+def test_unknown_field_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.fields: unknown field\(s\) \['question'\] for task 'gsm8k'"):
+        _cfg(tmp_path, "data.task=gsm8k", "data.fields.question=q")
+    with pytest.raises(ConfigError, match="'data.fields' must be a mapping of strings to strings"):
+        load_config(None, ["data.fields=[q]"])
+
+
+def test_countdown_options_and_sft_target(tmp_path):
+    cfg = _cfg(tmp_path, "data.task=countdown", "data.countdown.max_number=9",
+               "data.countdown.min_target=1", "data.countdown.max_target=30",
+               "data.countdown.max_numbers=3", "data.num_train_examples=50",
+               "data.num_test_examples=5")
+    data = prepare_run_data(cfg)
+    for encoded in data.train:
+        ex = encoded.example
+        assert len(ex.meta["numbers"]) == 3 and max(ex.meta["numbers"]) <= 9 and ex.answer <= 30
+        # the SFT target is the solution expression, not the bare target number
+        target = data.tokenizer.decode(data.sft_target(ex))
+        assert data.task.reward(target, ex) == 1.0, target
