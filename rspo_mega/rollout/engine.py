@@ -67,11 +67,6 @@ def sampler_settings(model_cfg: ModelConfig, rollout_cfg: RolloutConfig, seed: i
     )
 
 
-def _micro_batch(b: int, limit: int) -> int:
-    """Largest divisor of ``b`` not above ``limit`` (the pipeline needs equal micro-batches)."""
-    return max(d for d in range(1, min(b, limit) + 1) if b % d == 0)
-
-
 class RolloutEngine:
     """Generates completions with an LLaDA model built by ``build_llada_model`` (any TP/PP).
 
@@ -108,11 +103,20 @@ class RolloutEngine:
         """Vocab-parallel logits ``[b, S, V/tp]`` on the last stage, ``None`` on other stages."""
         from rspo_mega.models.llada import llada_forward
 
-        mbs = _micro_batch(x.shape[0], self.micro_batch_size)
+        b = x.shape[0]
+        if self.pp == 1 and len(self.chunks) == 1:  # micro-batches of any size
+            ids = x.split(self.micro_batch_size)
+            pads = [None] * len(ids) if key_padding is None else key_padding.split(self.micro_batch_size)
+            return torch.cat([llada_forward(self.chunks[0], i, p) for i, p in zip(ids, pads)])
+        # The pipeline needs equal micro-batches: pad with copies of the last row, drop them after.
+        mbs = min(b, self.micro_batch_size)
+        extra = -b % mbs
+        if extra:
+            x = torch.cat([x, x[-1:].expand(extra, -1)])
+            key_padding = None if key_padding is None else \
+                torch.cat([key_padding, key_padding[-1:].expand(extra, -1)])
         ids = list(x.split(mbs))
         pads = [None] * len(ids) if key_padding is None else list(key_padding.split(mbs))
-        if self.pp == 1 and len(self.chunks) == 1:
-            return torch.cat([llada_forward(self.chunks[0], i, p) for i, p in zip(ids, pads)])
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def forward_step(data_iterator, model):
@@ -131,7 +135,7 @@ class RolloutEngine:
             forward_only=True,
             collect_non_loss_data=True,
         )
-        return torch.cat(outputs) if self.is_last else None
+        return torch.cat(outputs)[:b] if self.is_last else None
 
     def sync(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's tokens on every pipeline stage (a broadcast of ``[b, S]`` ids)."""

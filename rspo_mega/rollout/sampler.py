@@ -194,11 +194,24 @@ def generate(
                 break
             t0 = time.perf_counter()
             step = block * s.steps_per_block + i
-            logits = _model_logits(logits_fn, x, key_padding, prompt_region, s)
+            # Rows whose block is already decoded (threshold commits finish rows early) skip the
+            # model call; every row's randomness is keyed by its uid, so the rest is unchanged.
+            live = (x[:, lo:hi] == s.mask_token_id).any(1)
+            rows = None if bool(live.all()) else live.nonzero().squeeze(1)
+            sub = x if rows is None else x[rows]
+            logits = _model_logits(
+                logits_fn, sub, key_padding if rows is None or key_padding is None else key_padding[rows],
+                prompt_region if rows is None else prompt_region[rows], s)
             if logits is not None:
-                x = _denoise_step(x, logits[:, lo:hi], lo, schedule[:, i], uids, step, s, shard, noise_fn)
+                sub_uids = uids if rows is None else [uids[r] for r in rows.tolist()]
+                k = schedule[:, i] if rows is None else schedule[rows, i]
+                sub = _denoise_step(sub, logits[:, lo:hi], lo, k, sub_uids, step, s, shard, noise_fn)
+                if rows is None:
+                    x = sub
+                else:
+                    x[rows] = sub
             x = sync_fn(x)
-            steps_used += active.long()
+            steps_used += (active & live).long()
             times.append(time.perf_counter() - t0)
         if s.stop_on_eos_block:
             done = (x[:, lo:hi] == s.eos_token_id).all(1) & active

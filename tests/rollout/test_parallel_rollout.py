@@ -23,7 +23,7 @@ def _prompts(n: int) -> tuple[list[list[int]], list[int]]:
     return prompts, [1000 + i for i in range(n)]
 
 
-def _body(rank: int, world: int, ckpt: str, temperature: float) -> dict:
+def _body(rank: int, world: int, ckpt: str, temperature: float, threshold: float | None) -> dict:
     from megatron.core import parallel_state as ps
 
     from rspo_mega.models.llada import build_llada_model, llada_forward, load_model, save_model
@@ -31,8 +31,12 @@ def _body(rank: int, world: int, ckpt: str, temperature: float) -> dict:
     from rspo_mega.rollout.engine import RolloutEngine, assign_completions
 
     mcfg = ModelConfig(**MODEL)
+    # threshold mode: rows finish after different numbers of steps and leave the batch, so the
+    # pipeline sees batches that micro_batch_size=3 does not divide
     rcfg = RolloutConfig(gen_length=8, block_length=4, steps=4, temperature=temperature,
-                         micro_batch_size=2, stop_on_eos_block=False)
+                         micro_batch_size=3 if threshold else 2, stop_on_eos_block=False,
+                         mode="threshold" if threshold else "exact",
+                         confidence_threshold=threshold or 0.9)
     prompts, prompt_uids = _prompts(4)
     initialize_model_parallel(tp=1, pp=1, seed=3)
     save_model(build_llada_model(mcfg), ckpt)
@@ -55,6 +59,7 @@ def _body(rank: int, world: int, ckpt: str, temperature: float) -> dict:
         rollout = RolloutEngine(model, mcfg, rcfg, seed=9).generate(
             [prompts[i] for i, _ in mine], [uid for _, uid in mine])
         local = {uid: rollout.completion_ids[j] for j, (_, uid) in enumerate(mine)}
+        out[(tp, pp, keep, "steps")] = rollout.steps_used.tolist()
         gathered: list = [None] * world
         dist.all_gather_object(gathered, local)
         merged: dict = {}
@@ -67,9 +72,9 @@ def _body(rank: int, world: int, ckpt: str, temperature: float) -> dict:
 
 
 def test_same_completions_for_every_layout(tmp_path):
-    for temperature in (0.0, 1.0):
-        results = run_distributed(_body, 4, args=(str(tmp_path / f"ckpt{temperature}"), temperature),
-                                  timeout=300)
+    for temperature, threshold in ((0.0, None), (1.0, None), (1.0, 0.05)):
+        results = run_distributed(_body, 4, args=(str(tmp_path / f"ckpt{temperature}{threshold}"),
+                                                  temperature, threshold), timeout=300)
         base = results[0][(1, 1, True)]
         assert len(base) == 4 * GROUP
         for layout in LAYOUTS:
@@ -78,6 +83,8 @@ def test_same_completions_for_every_layout(tmp_path):
                 assert got.keys() == base.keys(), layout
                 for uid in base:
                     assert torch.equal(got[uid], base[uid]), (temperature, layout, uid)
+        if threshold:  # rows finished early and skipped model calls
+            assert len({n for r in results for n in r[(1, 1, True, "steps")]}) > 1
         if temperature == 0:
             ref, got = results[0]["reference"]
             assert torch.equal(ref, got)

@@ -146,6 +146,29 @@ def test_threshold_mode_commits_confident_tokens_early():
     assert exact.steps_used.item() == 6 and fast.steps_used.item() == 3  # one step per block
 
 
+def test_threshold_rows_that_finish_early_skip_the_model_call():
+    """Rows whose block is decoded leave the batch; each row still decodes as it would alone."""
+    model = ToyBidirectional(seed=2)
+    s = _settings(temperature=1.0, threshold=0.3)
+    prompts = [[i, i + 1, i + 2, i + 3] for i in range(0, 24, 4)]
+    uids = list(range(40, 46))
+    batch_rows: list[int] = []
+
+    def logits(x, pad):
+        batch_rows.append(x.shape[0])
+        return model(x)
+
+    out = generate(logits, prompts, uids, s)
+    used = out.steps_used.tolist()
+    assert len(set(used)) > 1  # rows finished after different numbers of model calls
+    assert min(batch_rows) < len(prompts)  # finished rows were left out of later calls
+    assert sum(batch_rows) == sum(used)  # each row took part in exactly its own steps
+    for row, (prompt, uid) in enumerate(zip(prompts, uids)):
+        alone = generate(lambda x, p: model(x), [prompt], [uid], s)
+        assert torch.equal(out.completion_ids[row], alone.completion_ids[0]), row
+        assert used[row] == alone.steps_used.item()
+
+
 def test_transfer_schedule_matches_reference():
     masked = torch.tensor([7, 8, 3, 0])
     ref = transfer_schedule(torch.arange(8).unsqueeze(0) < masked.unsqueeze(1), 4)
