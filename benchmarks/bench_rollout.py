@@ -118,6 +118,10 @@ def main() -> None:
         "threshold": {"threshold": args.threshold, "seconds": round(t_fast, 3),
                       "tokens_per_s": round(tokens / t_fast, 1),
                       "mean_steps_used": float(fast.steps_used.float().mean()),
+                      "model_calls": len(fast.step_seconds),
+                      # rows left out of calls once their block was decoded (work not done)
+                      "row_forwards_skipped": round(1 - float(fast.steps_used.sum())
+                                                    / (len(fast.step_seconds) * prompts.shape[0]), 3),
                       "token_diff_rate_vs_exact": float((fast.completion_ids != exact.completion_ids).float().mean())},
         "speedup_exact_vs_reference": round(t_ref / t_exact, 3),
         "speedup_threshold_vs_reference": round(t_ref / t_fast, 3),
