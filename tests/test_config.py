@@ -121,10 +121,10 @@ def test_unknown_key_in_yaml_file(tmp_path):
         (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel=true needs parallel.tp > 1"),
         (["model.hidden_size=130"], 1, "model.hidden_size=130 is not divisible by"),
         (["data.countdown.min_numbers=4", "data.countdown.max_numbers=3"], 1,
-         "data.countdown needs 2 <= min_numbers <= max_numbers, got min_numbers=4, max_numbers=3"),
+         "data.countdown: needs 2 <= min_numbers <= max_numbers, got min_numbers=4, max_numbers=3"),
         (["data.countdown.min_target=60", "data.countdown.max_target=50"], 1,
-         "data.countdown needs 1 <= min_target <= max_target, got min_target=60"),
-        (["data.countdown.max_number=0"], 1, "data.countdown.max_number must be >= 1"),
+         "data.countdown: needs 1 <= min_target <= max_target, got min_target=60"),
+        (["data.countdown.max_number=0"], 1, "data.countdown: max_number must be >= 1"),
     ],
 )
 def test_validation_errors_name_the_key(overrides, world, message):

@@ -6,6 +6,7 @@ derived layout (:class:`Layout`): data-parallel size, prompts per step, micro-ba
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,16 +123,14 @@ def check_likelihood(lik: LikelihoodConfig) -> None:
 
 
 def check_countdown(cd: CountdownConfig) -> None:
-    """Ranges of the generated-Countdown section (checked whatever the task, so a bad section
-    in a shared YAML is found at once)."""
-    if cd.max_number < 1:
-        raise ConfigError(f"data.countdown.max_number must be >= 1, got {cd.max_number}")
-    if not 2 <= cd.min_numbers <= cd.max_numbers:
-        raise ConfigError(f"data.countdown needs 2 <= min_numbers <= max_numbers, got "
-                          f"min_numbers={cd.min_numbers}, max_numbers={cd.max_numbers}")
-    if not 1 <= cd.min_target <= cd.max_target:
-        raise ConfigError(f"data.countdown needs 1 <= min_target <= max_target, got "
-                          f"min_target={cd.min_target}, max_target={cd.max_target}")
+    """The generated-Countdown section, checked by the task's own constructor (whatever the
+    task, so a bad section in a shared YAML is found at once)."""
+    from rspo_mega.tasks.countdown import CountdownTask
+
+    try:
+        CountdownTask(**dataclasses.asdict(cd))
+    except ValueError as err:
+        raise ConfigError(f"data.countdown: {err}") from None
 
 
 def check_algorithm(alg: AlgorithmConfig) -> None:

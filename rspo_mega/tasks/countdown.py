@@ -239,13 +239,13 @@ class CountdownTask(Task):
         max_numbers: int = 4,
     ) -> None:
         if max_number < 1:
-            raise ValueError(f"countdown max_number must be >= 1, got {max_number}")
+            raise ValueError(f"max_number must be >= 1, got {max_number}")
         if not 2 <= min_numbers <= max_numbers:
-            raise ValueError(
-                f"countdown needs 2 <= min_numbers <= max_numbers, got {min_numbers} and {max_numbers}"
-            )
+            raise ValueError(f"needs 2 <= min_numbers <= max_numbers, got min_numbers={min_numbers}, "
+                             f"max_numbers={max_numbers}")
         if not 1 <= min_target <= max_target:
-            raise ValueError(f"countdown needs 1 <= min_target <= max_target, got {min_target} and {max_target}")
+            raise ValueError(f"needs 1 <= min_target <= max_target, got min_target={min_target}, "
+                             f"max_target={max_target}")
         self.max_number, self.min_target, self.max_target = max_number, min_target, max_target
         self.counts = tuple(range(min_numbers, max_numbers + 1))
 

@@ -75,10 +75,7 @@ def build_task(cfg: TrainConfig) -> Task:
     """The configured task; generator options come from the task's own section."""
     if cfg.data.task != "countdown":
         return get_task(cfg.data.task)
-    try:
-        return get_task("countdown", **dataclasses.asdict(cfg.data.countdown))
-    except ValueError as err:
-        raise ConfigError(f"data.countdown: {err}") from None
+    return get_task("countdown", **dataclasses.asdict(cfg.data.countdown))  # checked by validate
 
 
 def prepare_run_data(cfg: TrainConfig) -> RunData:
