@@ -190,20 +190,22 @@ def generate(
         lo, hi = plen + block * s.block_length, plen + (block + 1) * s.block_length
         schedule = num_transfer_tokens((x[:, lo:hi] == s.mask_token_id).sum(1), s.steps_per_block)
         for i in range(s.steps_per_block):
-            if not bool((x[:, lo:hi] == s.mask_token_id).any()):
+            # Rows whose block is already decoded (threshold commits finish rows early) skip the
+            # model call; every row's randomness is keyed by its uid, so the rest is unchanged.
+            # One host copy of the live rows per step decides both.
+            live = (x[:, lo:hi] == s.mask_token_id).any(1)
+            live_rows = live.cpu().nonzero().squeeze(1).tolist()
+            if not live_rows:
                 break
             t0 = time.perf_counter()
             step = block * s.steps_per_block + i
-            # Rows whose block is already decoded (threshold commits finish rows early) skip the
-            # model call; every row's randomness is keyed by its uid, so the rest is unchanged.
-            live = (x[:, lo:hi] == s.mask_token_id).any(1)
-            rows = None if bool(live.all()) else live.nonzero().squeeze(1)
+            rows = None if len(live_rows) == b else torch.as_tensor(live_rows, device=x.device)
             sub = x if rows is None else x[rows]
             logits = _model_logits(
                 logits_fn, sub, key_padding if rows is None or key_padding is None else key_padding[rows],
                 prompt_region if rows is None else prompt_region[rows], s)
             if logits is not None:
-                sub_uids = uids if rows is None else [uids[r] for r in rows.tolist()]
+                sub_uids = uids if rows is None else [uids[r] for r in live_rows]
                 k = schedule[:, i] if rows is None else schedule[rows, i]
                 sub = _denoise_step(sub, logits[:, lo:hi], lo, k, sub_uids, step, s, shard, noise_fn)
                 if rows is None:
