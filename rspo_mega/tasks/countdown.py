@@ -103,7 +103,11 @@ def generate_countdown(
     while len(examples) < num_examples:
         attempts += 1
         if attempts > 1000 * num_examples + 10_000:
-            raise RuntimeError(f"countdown generator could not produce {num_examples} {split} problems")
+            raise RuntimeError(
+                f"countdown generator found only {len(examples)} distinct {split} problems of "
+                f"{num_examples} requested: numbers 1..{max_number}, {'/'.join(map(str, counts))} "
+                f"per problem and targets {min_target}..{max_target} may not hold that many"
+            )
         numbers, target, solution = _random_problem(rng, max_number, counts)
         key = (tuple(sorted(numbers)), target)
         if not min_target <= target <= max_target or key in seen:
@@ -221,8 +225,8 @@ class CountdownTask(Task):
     """Fields: `numbers` (default column "nums"), `target` (default column "target").
 
     The generator's problem size is set at construction: `min_numbers`-`max_numbers` numbers
-    drawn from [1, max_number], targets in [min_target, max_target] (the defaults are the d1
-    style problems; the tiny default model uses 3 numbers up to 9).
+    drawn from [1, max_number], targets in [min_target, max_target] (the defaults are d1-style
+    problems).
     """
 
     name = "countdown"

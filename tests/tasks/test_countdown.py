@@ -124,3 +124,9 @@ def test_reference_answer_of_file_problems_comes_from_the_solver() -> None:
     unsolvable = task.example_from_record({"numbers": [1, 1, 1], "target": 100}, uid=2)
     with pytest.raises(ValueError, match="no solution"):
         task.reference_answer(unsolvable)
+
+
+def test_too_small_a_problem_space_is_named() -> None:
+    with pytest.raises(RuntimeError, match=r"found only \d+ distinct train problems of 500 requested: "
+                       r"numbers 1..3, 3 per problem and targets 1..10"):
+        generate_countdown("train", 500, 0, max_number=3, min_target=1, max_target=10, counts=(3,))
