@@ -274,8 +274,9 @@ class Trainer:
                                                self.cfg.model.eos_token_id)
             rewards.append(batches.score(self.data.task, texts, chunk))
             if samples is not None:
-                records += [{"uid": ex.uid, "prompt": self.data.task.prompt(ex),
-                             "completion": text} for ex, text in zip(chunk, texts)]
+                records += [{"uid": ex.uid, "completion": text,  # the prompt as the model saw it
+                             "prompt": batches.prompt_message(self.data.task, self.data.template, ex)}
+                            for ex, text in zip(chunk, texts)]
         r = torch.cat(rewards) if rewards else torch.zeros(0)
         group = data_parallel_group()
         if samples is not None:

@@ -94,7 +94,9 @@ def test_kill_9_then_resume_is_bitwise_identical(tmp_path):
     assert 0.0 <= result["eval/reward"] <= 1.0
     records = [json.loads(line) for line in samples.read_text().splitlines()]
     assert len(records) == 6 and len({r["uid"] for r in records}) == 6
-    assert all(r["prompt"] and isinstance(r["completion"], str) for r in records)
+    assert all(isinstance(r["completion"], str) for r in records)
+    # the prompt as the model saw it: the plain template's bare puzzle, not the chat instructions
+    assert all(r["prompt"].startswith("Puzzle: ") for r in records), records[0]["prompt"]
     mean = sum(r["reward"] for r in records) / 6
     assert abs(mean - result["eval/reward"]) < 1e-6, (mean, result)
     bad = subprocess.run(args[:-1] + [str(tmp_path / "missing" / "s.jsonl")], cwd=ROOT, env=_env(),
