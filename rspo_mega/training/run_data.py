@@ -92,18 +92,18 @@ def prepare_run_data(cfg: TrainConfig) -> RunData:
         m.pad_token_id, m.bos_token_id = tokenizer.pad_id, tokenizer.special_ids.get("bos")
         log.info("built-in tokenizer: vocab %d, mask %d, eos %d", m.vocab_size, m.mask_token_id,
                  m.eos_token_id)
-    template = get_template(cfg.data.template)
     d = cfg.data
+    template = get_template(d.template)
     files = dict(fields=d.fields or None, json_field=d.json_field)
     train = task.load("train", path=d.train_path, seed=d.seed, num_examples=d.num_train_examples,
                       **files)
     if not train:
         raise ConfigError(f"data.train_path: the {task.name} training set "
-                          f"'{cfg.data.train_path or 'generated'}' is empty")
-    has_test = cfg.data.test_path or (cfg.data.train_path is None and cfg.data.num_test_examples)
+                          f"'{d.train_path or 'generated'}' is empty")
+    has_test = d.test_path or (d.train_path is None and d.num_test_examples)
     test = task.load("test", path=d.test_path, seed=d.seed, num_examples=d.num_test_examples,
                      **files) if has_test else []
-    encoded = encode_prompts(train, task, template, tokenizer, cfg.data.max_prompt_length)
+    encoded = encode_prompts(train, task, template, tokenizer, d.max_prompt_length)
     return RunData(task, tokenizer, template, encoded, test)
 
 
