@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from rspo_mega.likelihood.batch import MaskedBatch
+from rspo_mega.parallel import current_device
 
 ForwardFn = Callable[
     [nn.Module, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]], torch.Tensor
@@ -95,6 +96,8 @@ class ElboRunner:
         return -(-masked.num_sequences // self.micro_batch_size)
 
     def _split(self, masked: MaskedBatch, coeff: Optional[torch.Tensor], pad: bool) -> list[_MicroBatch]:
+        """Micro-batches on the compute device (the masks may be drawn on the CPU)."""
+        device = current_device()
         out = []
         mbs = self.micro_batch_size
         for start in range(0, masked.num_sequences, mbs):
@@ -107,8 +110,11 @@ class ElboRunner:
             if coeff is not None:
                 c = coeff[idx].clone()
                 c[rows:] = 0.0
-            out.append(_MicroBatch(masked.input_ids[idx], masked.attention_mask[idx],
-                                   masked.labels[idx], masked.score_mask[idx], c, rows))
+            out.append(_MicroBatch(
+                masked.input_ids[idx].to(device), masked.attention_mask[idx].to(device),
+                masked.labels[idx].to(device), masked.score_mask[idx].to(device),
+                None if c is None else c.to(device), rows,
+            ))
         return out
 
     def _run(self, model: Chunks, mbs: list[_MicroBatch], loss_fn, forward_only: bool) -> None:
@@ -147,7 +153,10 @@ class ElboRunner:
     # --- the two passes ---------------------------------------------------------------------------
 
     def logprobs(self, model: Chunks, masked: MaskedBatch) -> Optional[torch.Tensor]:
-        """Per-token log-probs ``[N, S]`` fp32 (no grad) on the last stage; ``None`` elsewhere."""
+        """Per-token log-probs ``[N, S]`` fp32 (no grad) on the last stage; ``None`` elsewhere.
+
+        They come back on the device of ``masked`` (the loss math stays where the masks live).
+        """
         pp, _, _, last = _parallel_sizes()
         mbs = self._split(masked, None, pad=pp > 1)
         outputs: list[torch.Tensor] = []
@@ -160,7 +169,7 @@ class ElboRunner:
             self._run(model, mbs, collect, forward_only=True)
         if not last:
             return None
-        return torch.cat(outputs, dim=0)
+        return torch.cat(outputs, dim=0).to(masked.input_ids.device)
 
     def backward(self, model: Chunks, masked: MaskedBatch, coeff: Optional[torch.Tensor]) -> None:
         """Accumulate ``grad( sum coeff * logp )`` into the parameters' gradients.

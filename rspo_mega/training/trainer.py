@@ -202,7 +202,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One step (all inner updates); returns the global metrics of the step."""
-        cfg, timers = self.cfg, Timers()
+        cfg, timers = self.cfg, Timers(synchronize=True)  # GPU: time lands in its section
         t0 = time.perf_counter()
         sft = self.in_sft
         batch, advantages, num_groups, stats = self._sft_batch() if sft else self._rl_batch(timers)
@@ -333,6 +333,7 @@ class Trainer:
 
         check_compatible(read_metadata(path).get("config") or {}, config_to_dict(self.cfg),
                          keys=("model",))  # layouts may change: dist checkpoints reshard
+        from rspo_mega.models.llada.checkpoint import trusted_te_extra_state
         from rspo_mega.training.checkpointing import load_extra_state
 
         if load_extra_state(path).get("has_reference"):
@@ -340,12 +341,14 @@ class Trainer:
         state, extra = self.ckpt.load(path, self._sharded_state(is_loading=True))
         if "rng" in extra:
             restore_rng_state(extra["rng"])
-        if self.reference is not None:
-            for i, chunk in enumerate(self.reference.chunks):
-                chunk.load_state_dict({k[len(f"reference{i}."):]: v for k, v in
-                                       state[f"reference{i}"].items()})
-        for i, chunk in enumerate(self.model):  # keys are the inner GPTModel's, not DDP's
-            unwrap_model(chunk).load_state_dict(state["model" if len(self.model) == 1 else f"model{i}"])
+        with trusted_te_extra_state():  # FP8 delayed-scaling metadata of this run's checkpoint
+            if self.reference is not None:
+                for i, chunk in enumerate(self.reference.chunks):
+                    chunk.load_state_dict({k[len(f"reference{i}."):]: v for k, v in
+                                           state[f"reference{i}"].items()})
+            for i, chunk in enumerate(self.model):  # keys are the inner GPTModel's, not DDP's
+                unwrap_model(chunk).load_state_dict(
+                    state["model" if len(self.model) == 1 else f"model{i}"])
         self.optimizer.load_state_dict(state["optimizer"])
         distrib_optimizer_fixes.finish_load(self.optimizer)
         self.scheduler.load_state_dict(extra["scheduler"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import pytest
@@ -25,7 +26,7 @@ def _body(rank: int, world: int) -> dict:
     from megatron.core import parallel_state as ps
 
     from rspo_mega.models.llada import (build_llada_model, llada_forward, resolve_transformer_impl,
-                                        vocab_parallel_log_probs)
+                                        unwrap_model, vocab_parallel_log_probs)
     from rspo_mega.parallel import initialize_model_parallel
 
     out: dict = {"impl": resolve_transformer_impl("auto")}
@@ -54,6 +55,19 @@ def _body(rank: int, world: int) -> dict:
         a, b = llada_forward(model, ids, mask), llada_forward(model, other, mask)
         out[f"tp{tp}_pad_leak"] = _err(a[0, 4:], b[0, 4:])
         out[f"tp{tp}_unpadded_differs"] = _err(llada_forward(model, other)[0, 4:], logits[0, 4:])
+        # the TE path rotates left-padded rows so real tokens come first (RoPE: same outputs)
+        unwrap_model(model).llada_transformer_impl = "transformer_engine"
+        rotated, rotated_lp = llada_forward(model, ids, mask), llada_forward(model, ids, mask, ids)
+        out[f"tp{tp}_rotated_err"] = _err(rotated[:, 4:], a[:, 4:])
+        expected_lp = vocab_parallel_log_probs(a, ids)
+        out[f"tp{tp}_rotated_lp_err"] = (rotated_lp - expected_lp)[:, 4:].abs().max().item()
+        holed = ones.clone()
+        holed[1, 3] = False
+        try:
+            llada_forward(model, ids, holed)
+        except ValueError as exc:
+            out[f"tp{tp}_holed_error"] = str(exc)
+        unwrap_model(model).llada_transformer_impl = "local"
         # gradient of the log-probs never reaches padded output rows
         direct.sum().backward()
         grad = model.output_layer.weight.grad
@@ -79,5 +93,24 @@ def test_model_api_on_two_ranks():
             assert res[f"tp{tp}_mask_ones_err"] < 1e-5
             assert res[f"tp{tp}_pad_leak"] < 1e-5
             assert res[f"tp{tp}_unpadded_differs"] > 1e-4  # the check above is not vacuous
+            assert res[f"tp{tp}_rotated_err"] < 1e-4 and res[f"tp{tp}_rotated_lp_err"] < 1e-4
+            assert "must be contiguous" in res[f"tp{tp}_holed_error"]
             assert res[f"tp{tp}_pad_grad"] == 0.0 and res[f"tp{tp}_real_grad"] > 0
         assert res["bf16"] == ("torch.float32", "torch.bfloat16", (2, 10, 256))
+
+
+def test_trusted_te_extra_state_is_scoped(monkeypatch):
+    """The TE pickle opt-in holds during a model load only; a user's own setting is restored."""
+    from rspo_mega.models.llada.checkpoint import TE_PICKLE_ENV, trusted_te_extra_state
+
+    monkeypatch.delenv(TE_PICKLE_ENV, raising=False)
+    with trusted_te_extra_state():
+        assert os.environ[TE_PICKLE_ENV] == "1"
+    assert TE_PICKLE_ENV not in os.environ
+    monkeypatch.setenv(TE_PICKLE_ENV, "0")
+    try:
+        with trusted_te_extra_state():
+            raise RuntimeError("load failed")
+    except RuntimeError:
+        pass
+    assert os.environ[TE_PICKLE_ENV] == "0"

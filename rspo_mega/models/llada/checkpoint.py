@@ -59,6 +59,31 @@ def single_process_group() -> Iterator[None]:
 # ------------------------------------------------------------------------------------------
 
 
+TE_PICKLE_ENV = "NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"
+
+
+@contextlib.contextmanager
+def trusted_te_extra_state() -> Iterator[None]:
+    """Let Transformer Engine unpickle FP8 delayed-scaling metadata while model states are loaded.
+
+    TE stores the amax history and scales of the ``delayed`` recipe as a pickle in each layer's
+    ``_extra_state`` and refuses to unpickle it unless ``NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE=1``.
+    Checkpoints are only loaded from paths the user configured (the run's own ``checkpoint``
+    directories, ``init_from``, ``rspo-eval --checkpoint``), so loading opts in for its duration
+    and restores the variable afterwards. Stateless recipes (``tensorwise``, ``mxfp8``,
+    ``blockwise``) store nothing.
+    """
+    before = os.environ.get(TE_PICKLE_ENV)
+    os.environ[TE_PICKLE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(TE_PICKLE_ENV, None)
+        else:
+            os.environ[TE_PICKLE_ENV] = before
+
+
 def checkpoint_keys(ckpt_dir: str) -> set[str]:
     """Every tensor/object key stored in a torch_dist checkpoint."""
     meta = load_sharded_metadata(ckpt_dir)
@@ -98,7 +123,8 @@ def load_model(model: torch.nn.Module, ckpt_dir: str, prefix: str = "") -> None:
     loaded = {k: v for k, v in loaded.items() if k in sharded}
     if prefix:
         loaded = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in loaded.items()}
-    result = inner.load_state_dict(loaded, strict=False)
+    with trusted_te_extra_state():
+        result = inner.load_state_dict(loaded, strict=False)
     bad_missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if bad_missing or result.unexpected_keys:
         raise KeyError(

@@ -67,6 +67,8 @@ def build_llada_model(
     )
     model.llada_true_vocab_size = cfg.vocab_size  # read by llada_forward to mask padded ids
     model.llada_transformer_impl = impl
+    if torch.cuda.is_available():  # the local spec's torch norms and RoPE buffers start on the CPU
+        model.cuda(torch.cuda.current_device())
     if config.bf16:
         model = Float16Module(config, model)
     return model
@@ -116,6 +118,35 @@ def vocab_parallel_log_probs(logits_vp: torch.Tensor, labels: torch.Tensor) -> t
     return -tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
 
 
+def real_tokens_first(attention_mask: torch.Tensor) -> Optional[torch.Tensor]:
+    """Per-row rotation that moves each row's real tokens to the front, or None if none is needed.
+
+    ``attention_mask``: ``[b, s]`` bool, True = real token, each row's real tokens contiguous
+    (left padding, as prompts are padded). Returns ``shift [b]``: row ``i`` rotated left by
+    ``shift[i]`` starts with its real tokens. Transformer Engine's fused attention reads a padding
+    mask as per-row lengths (real tokens first), so left-padded rows must be rotated for it; with
+    RoPE the scores depend only on relative positions, so the real tokens' outputs do not change.
+    """
+    mask = attention_mask.bool()
+    shift = mask.int().argmax(dim=1)  # first real token of each row
+    pos = torch.arange(mask.shape[1], device=mask.device)
+    span = (pos >= shift[:, None]) & (pos < (shift + mask.sum(dim=1))[:, None])
+    holed, shifted = torch.stack([(span != mask).any(), shift.any()]).tolist()  # one host sync
+    if not shifted and not holed:
+        return None  # real tokens already come first in every row
+    if holed:
+        raise ValueError("attention_mask: with transformer_impl=transformer_engine each row's real "
+                         "tokens must be contiguous (padding only before and after them)")
+    return shift
+
+
+def _rotate(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate each row of ``x [b, s, ...]`` left by ``shift[row]`` along the sequence."""
+    s = x.shape[1]
+    index = (torch.arange(s, device=x.device)[None, :] + shift[:, None]) % s  # [b, s]
+    return x.gather(1, index.reshape(index.shape + (1,) * (x.dim() - 2)).expand(x.shape))
+
+
 def llada_forward(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -131,11 +162,18 @@ def llada_forward(
     """
     inner = unwrap_model(model)
     b, s = input_ids.shape
+    shift = None
+    if attention_mask is not None and inner.llada_transformer_impl == "transformer_engine":
+        shift = real_tokens_first(attention_mask)
+    if shift is not None:  # every stage sees the same rotated rows; the last one rotates back
+        input_ids, attention_mask = _rotate(input_ids, shift), _rotate(attention_mask, shift)
     position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
     mask = None if attention_mask is None else padding_attention_mask(attention_mask)
     out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask)
     if not inner.post_process:
         return out
+    if shift is not None:
+        out = _rotate(out, (s - shift) % s)  # logits [b, s, V/tp] back to the caller's order
     logits = mask_padded_vocab(out.float(), inner.llada_true_vocab_size)
     if labels is None:
         return logits

@@ -45,11 +45,15 @@ class BidirectionalSelfAttention(SelfAttention):
 
 
 def te_available() -> bool:
-    """Transformer Engine importable *and* a GPU present (TE is useless, and unsafe, on CPU)."""
+    """TE's PyTorch modules importable *and* a GPU present (TE is useless, and unsafe, on CPU).
+
+    ``transformer_engine.pytorch`` is what the TE spec uses; the core package alone (its
+    framework extension missing or built for another torch) does not count.
+    """
     if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
         return False
     try:
-        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - a broken TE install must not crash model building
         log.warning("transformer_engine is installed but fails to import (%s); using local", exc)
         return False
