@@ -1,11 +1,14 @@
-"""End-to-end RL step time breakdown on CPU: rollout, likelihood (forward/backward), optimizer,
-communication, and the rest (rewards, decoding, masks, advantages, bookkeeping).
+"""End-to-end RL step time breakdown (CPU, or the GPU where one is present): rollout, likelihood
+(forward/backward), optimizer, communication, and the rest (rewards, decoding, masks, advantages,
+bookkeeping).
 
 Prints one JSON object per model size: mean seconds of each part over the measured RL steps
 (after one warm-up step) and ``non_compute_fraction`` = 1 - (rollout + likelihood + optimizer)
 / step, the overhead the trainer adds around the model math (target < 0.10).
 
-    python benchmarks/bench_train_step.py [--steps 3] [--sizes tiny,50m]
+    python benchmarks/bench_train_step.py [--steps 3] [--sizes tiny,50m] [key=value ...]
+
+Trailing ``key=value`` config overrides apply to every size (e.g. the TE spec and bf16 on a GPU).
 """
 
 from __future__ import annotations
@@ -32,12 +35,12 @@ SIZES = {
 }
 
 
-def measure(size: str, steps: int) -> dict:
+def measure(size: str, steps: int, extra: list[str]) -> dict:
     from rspo_mega.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(None, COMMON + SIZES[size] + [f"train_steps={steps + 1}",
-                                                        f"logging.output_dir={out}"])
+        cfg = load_config(None, COMMON + SIZES[size] + extra + [f"train_steps={steps + 1}",
+                                                                f"logging.output_dir={out}"])
         trainer = Trainer(cfg, validate_config(cfg, world_size=1))
         trainer.start_rl()
         params = sum(p.numel() for c in trainer.model for p in c.parameters())
@@ -56,14 +59,17 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--sizes", default="tiny,50m")
+    p.add_argument("overrides", nargs="*", help="config overrides for every size, e.g. "
+                   "model.transformer_impl=transformer_engine model.params_dtype=bfloat16")
     args = p.parse_args()
     from rspo_mega.parallel import destroy_parallel
 
     results = []
     for size in args.sizes.split(","):
-        results.append(measure(size, args.steps))
+        results.append(measure(size, args.steps, args.overrides))
         destroy_parallel()
-    print(json.dumps({"benchmark": "train_step", "results": results}, indent=1))
+    print(json.dumps({"benchmark": "train_step", "overrides": args.overrides,
+                      "results": results}, indent=1))
 
 
 if __name__ == "__main__":
