@@ -20,7 +20,7 @@ COPY benchmarks ./benchmarks
 # The image's torch and Transformer Engine are kept (the NGC pip constraint pins them).
 RUN pip install --no-cache-dir "megatron-core>=0.19,<0.20" \
  && pip install --no-cache-dir -e ".[test]" \
- && python -c "import megatron.core, transformer_engine, rspo_mega; print('rspo_mega image ok')"
+ && python -c "import megatron.core, transformer_engine.pytorch, rspo_mega; print('rspo_mega image ok')"
 
 WORKDIR /workspace
 CMD ["rspo-train", "--help"]
