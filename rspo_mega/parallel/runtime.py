@@ -4,7 +4,8 @@ The one place where processes, devices and parallel groups are set up:
 
 * :func:`initialize_distributed` reads the ``torchrun`` environment (RANK, WORLD_SIZE, LOCAL_RANK,
   MASTER_ADDR, MASTER_PORT), picks NCCL on GPUs and gloo on CPUs (applying the CPU compatibility
-  layer there), and creates the default process group.
+  layer there), binds helper processes to the rank (:mod:`rspo_mega.parallel.children`), and
+  creates the default process group.
 * :func:`initialize_model_parallel` builds megatron-core's tensor/pipeline/context/data-parallel
   groups (order ``tp-cp-ep-dp-pp``, megatron's default) and seeds every rank the Megatron way.
 * :func:`destroy_parallel` tears both down (tests re-initialise several layouts in one launch).
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from rspo_mega.parallel.children import bind_children_to_owner
 from rspo_mega.parallel.cpu_compat import apply_cpu_compat
 
 log = logging.getLogger(__name__)
@@ -84,10 +86,13 @@ def initialize_distributed(
     """Create the default process group from the torchrun environment (idempotent).
 
     ``backend`` defaults to ``nccl`` with CUDA and ``gloo`` without; on CPU the megatron-core
-    compatibility patches are applied first. ``timeout_minutes`` bounds every collective, so a
-    hung peer fails with a timeout instead of blocking forever.
+    compatibility patches are applied first. Helper processes the rank starts later (checkpoint
+    writers, data workers) end with it, also after SIGKILL (:func:`bind_children_to_owner`).
+    ``timeout_minutes`` bounds every collective, so a hung peer fails with a timeout instead of
+    blocking forever.
     """
     env = read_torchrun_env()
+    bind_children_to_owner()
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     else:
