@@ -12,12 +12,17 @@ its final name (atomic on POSIX), and replaces the ``latest`` marker. Only then 
 beyond the newest ``keep_last`` deleted. A crash at any point leaves either the previous complete
 checkpoint or a ``*.tmp-*`` directory that :meth:`CheckpointManager.find_resumable` ignores.
 
+A write that fails (disk full, quota, I/O error, on any rank) raises :class:`CheckpointError` on
+every rank with the cause, file and rank (:mod:`rspo_mega.training.save_failures`): the ranks
+gather their failures where all of them arrive (after creating the directory, after the
+per-rank files, after rank 0's publishing step; torch's ``CheckpointException`` from the
+dist-checkpoint write is already collective), and rank 0 removes the temporary directory.
+
 Per-rank files are read with ``torch.load(..., weights_only=True)``: nothing is unpickled.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,10 +38,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from rspo_mega.training import save_failures
+from rspo_mega.training.checkpoint_files import (  # noqa: F401 - atomic_write_text is public here
+    TMP_MARK as _TMP_MARK, atomic_write_text, fsync_dir, make_save_dirs, save_synced, sha256_file,
+)
+
 log = logging.getLogger(__name__)
 
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
-_TMP_MARK = ".tmp-"
 METADATA = "metadata.json"
 LATEST = "latest"
 SMALL_FILE_BYTES = 64 * 2**20  # files up to this size (bytes) get a SHA-256 in metadata.json
@@ -131,38 +140,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron_tracker"])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a synced temporary file and a rename: whole or not at all."""
-    tmp = path.with_name(f".{path.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _file_table(root: Path) -> dict[str, dict[str, Any]]:
     """Relative path -> {size (bytes), sha256 for files up to SMALL_FILE_BYTES}."""
     table: dict[str, dict[str, Any]] = {}
@@ -172,7 +149,7 @@ def _file_table(root: Path) -> dict[str, dict[str, Any]]:
         size = p.stat().st_size
         entry: dict[str, Any] = {"size": size}
         if size <= SMALL_FILE_BYTES:
-            entry["sha256"] = _sha256(p)
+            entry["sha256"] = sha256_file(p)
         table[str(p.relative_to(root))] = entry
     return table
 
@@ -201,7 +178,7 @@ def validate_checkpoint(path: str | Path, verify_checksums: bool = True) -> Opti
         size = p.stat().st_size
         if size != entry["size"]:
             return f"file {rel} has {size} bytes, {entry['size']} were recorded"
-        if verify_checksums and "sha256" in entry and _sha256(p) != entry["sha256"]:
+        if verify_checksums and "sha256" in entry and sha256_file(p) != entry["sha256"]:
             return f"file {rel} does not match its recorded SHA-256"
     return None
 
@@ -328,51 +305,95 @@ class CheckpointManager:
             content_metadata: dist-checkpointing content metadata, e.g.
                 ``{"distrib_optim_sharding_type": "fully_reshardable"}`` (read back with
                 :func:`load_content_metadata` before building the sharded state dict to load).
-        """
-        from megatron.core import dist_checkpointing
 
-        rank, world = _rank(), _world()
+        Raises:
+            CheckpointError: on every rank, naming the cause, the file and the rank, when a
+                write fails (e.g. "no space left on device while writing iter_0000012 (...)").
+                The temporary directory is removed; earlier checkpoints are untouched.
+        """
+        rank = _rank()
         nonce = _broadcast(uuid.uuid4().hex[:12] if rank == 0 else None)
         final = self.save_dir / checkpoint_name(step)
         tmp = self.save_dir / f"{final.name}{_TMP_MARK}{nonce}"
-        if rank == 0:
-            (tmp / "dist").mkdir(parents=True)
-            (tmp / "extra").mkdir()
-        _barrier()
         t0 = time.monotonic()
-        dist_checkpointing.save(
-            sharded_state_dict, str(tmp / "dist"), content_metadata=content_metadata
-        )
+        self._agree(final, tmp, [] if rank else save_failures.attempt(lambda: make_save_dirs(tmp), "directory", 0))
+        self._write_shards(final, tmp, sharded_state_dict, content_metadata)
         payload = dict(extra or {})
         payload["_step"] = step
         if save_rng:
             payload["rng"] = capture_rng_state()
-        rank_path = tmp / "extra" / _rank_file(rank)
-        torch.save(payload, rank_path)
-        with open(rank_path, "rb") as f:
-            os.fsync(f.fileno())
-        _barrier()
+        rank_file = f"extra/{_rank_file(rank)}"
+        self._agree(final, tmp, save_failures.attempt(lambda: save_synced(payload, tmp / rank_file),
+                                         rank_file, rank, tmp))
+        published = [] if rank else save_failures.attempt(
+            lambda: self._publish(step, tmp, final, nonce, config), METADATA, 0, tmp)
+        self._agree(final, tmp, published)
         if rank == 0:
-            meta = {
-                "format_version": FORMAT_VERSION, "step": step, "time": time.time(),
-                "world_size": world, "layout": _layout(), "config": config,
-                "files": _file_table(tmp),
-            }
-            atomic_write_text(tmp / METADATA, json.dumps(meta, indent=1, default=str))
-            old = None
-            if final.exists():  # re-saving a step (e.g. after a resume): replace it
-                old = self.save_dir / f"{final.name}{_TMP_MARK}old-{nonce}"
-                os.replace(final, old)
-            os.replace(tmp, final)
-            _fsync_dir(self.save_dir)
-            atomic_write_text(self.save_dir / LATEST, final.name + "\n")
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-            self._prune()
             log.info("checkpoint: saved step %d to %s in %.1f s", step, final,
                      time.monotonic() - t0)
-        _barrier()
         return final
+
+    def _write_shards(self, final: Path, tmp: Path, sharded_state_dict: dict,
+                      content_metadata: Optional[dict]) -> None:
+        """dist-checkpointing's collective save into ``tmp/dist``. torch's ``CheckpointException``
+        is raised on every rank at once, so ranks agree on it; any other error is this rank's
+        alone (its peers fail when it exits) and is raised at once, without collectives."""
+        from megatron.core import dist_checkpointing
+
+        try:
+            dist_checkpointing.save(
+                sharded_state_dict, str(tmp / "dist"), content_metadata=content_metadata
+            )
+        except save_failures.CheckpointException as exc:
+            self._agree(final, tmp, save_failures.describe(exc, "dist-checkpoint shards", _rank(),
+                                                           str(tmp)))
+            raise CheckpointError(f"dist-checkpoint save of {final.name} failed: {exc}") from exc
+        except Exception as exc:
+            failures = save_failures.describe(exc, "dist-checkpoint", _rank(), str(tmp))
+            raise CheckpointError(
+                save_failures.failure_message(final.name, failures)
+                + f"; the incomplete {tmp.name} is ignored on resume"
+            ) from exc
+
+    def _agree(self, final: Path, tmp: Path, failures: list[save_failures.Failure]) -> None:
+        """Collective: raise :class:`CheckpointError` on every rank if any rank had a failure
+        (after rank 0 removed ``tmp``, naming the newest complete checkpoint that remains)."""
+        failures = save_failures.all_gather(failures)
+        if not failures:
+            return
+        note = None
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            complete = [p.name for _, p in self.checkpoints() if (p / METADATA).is_file()]
+            note = (f"the newest complete checkpoint is {complete[-1]}" if complete
+                    else "there is no complete checkpoint yet")
+        note = _broadcast(note)
+        raise CheckpointError(f"{save_failures.failure_message(final.name, failures)}; {note}")
+
+    def _publish(self, step: int, tmp: Path, final: Path, nonce: str,
+                 config: Optional[dict]) -> None:
+        """Rank 0: ``metadata.json``, rename ``tmp`` to ``final``, ``latest``, pruning."""
+        meta = {
+            "format_version": FORMAT_VERSION, "step": step, "time": time.time(),
+            "world_size": _world(), "layout": _layout(), "config": config,
+            "files": _file_table(tmp),
+        }
+        atomic_write_text(tmp / METADATA, json.dumps(meta, indent=1, default=str))
+        old = None
+        if final.exists():  # re-saving a step (e.g. after a resume): replace it
+            old = self.save_dir / f"{final.name}{_TMP_MARK}old-{nonce}"
+            os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if old is not None:
+                os.replace(old, final)  # the earlier copy of this step stays
+            raise
+        fsync_dir(self.save_dir)
+        atomic_write_text(self.save_dir / LATEST, final.name + "\n")
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self._prune()
 
     def _prune(self) -> None:
         """Delete all but the newest ``keep_last`` complete checkpoints (rank 0)."""
