@@ -322,6 +322,19 @@ class Trainer:
         self.ckpt.save(self.step, self._sharded_state(), extra=self._extra_state(),
                        config=config_to_dict(self.cfg))
 
+    def _save_on_interval(self, preemption: PreemptionHandler) -> bool:
+        """Save if ``checkpoint.save_interval`` divides the step; whether it saved. A stop signal
+        arriving during the save is named: the save completes, then the run stops."""
+        interval = self.cfg.checkpoint.save_interval
+        if self.ckpt is None or not interval or self.step % interval:
+            return False
+        pending = preemption.received
+        self.save()
+        if preemption.received and not pending:
+            log.warning("preemption: %s arrived during the save of step %d; the checkpoint is "
+                        "complete, stopping after it", preemption.signal_name, self.step)
+        return True
+
     def resume(self) -> bool:
         """Load the newest valid checkpoint of ``checkpoint.load_dir`` (or ``save_dir``)."""
         if self.ckpt is None:
@@ -395,12 +408,12 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
                                 reward=f"{metrics.get('reward', float('nan')):.3f}")
-                interval = cfg.checkpoint.save_interval
-                if interval and self.step % interval == 0:
-                    self.save()
+                saved = self._save_on_interval(preemption)
                 if preemption.should_stop():
-                    log.warning("preemption signal: saving at step %d and exiting", self.step)
-                    self.save()
+                    log.warning("preemption signal: %s step %d and exiting",
+                                "saved" if saved else "saving", self.step)
+                    if not saved:
+                        self.save()
                     bar.close()
                     self.metrics.close()
                     return {"preempted": 1.0, "step": float(self.step)}

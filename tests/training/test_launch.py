@@ -1,7 +1,10 @@
 """The product as users launch it: torchrun multi-node rendezvous, kill -9 and resume, SIGTERM.
 
 Each test starts real ``rspo-train`` processes (``python -m rspo_mega.train``), so the whole path
-(config validation, process groups, checkpoints, signals) is the production one.
+(config validation, process groups, checkpoints, signals) is the production one. Every launch is
+marked (``RSPO_MEGA_TEST_RUN``, see :mod:`tests.processes`); after it ended, also by ``kill -9``,
+any process carrying its marker (checkpoint writers, torchrun workers, their helpers) fails the
+test.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import time
 from pathlib import Path
 
 from rspo_mega.training.checkpointing import validate_checkpoint
+from tests import processes
 from tests.distributed import free_port
 from tests.training.test_trainer import TINY
 
@@ -24,19 +28,31 @@ RUN = TINY + ["sft_warmup_steps=2", "sft_warmup_target_accuracy=null", "train_st
               "checkpoint.save_interval=1", "checkpoint.keep_last=5"]
 
 
-def _env() -> dict:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+def _env() -> tuple[dict, str]:
+    """The launch environment, marked with a new run id (returned too)."""
+    env, run = processes.marked_env()
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    return env
+    return env, run
+
+
+def _launch(args: list[str]) -> subprocess.Popen:
+    env, run = _env()
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    proc.run_id = run  # type: ignore[attr-defined]
+    return proc
 
 
 def _train(out: Path, *extra: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "rspo_mega.train", *RUN, f"logging.output_dir={out}",
-            f"checkpoint.save_dir={out}/ckpt", *extra]
-    return subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return _launch([sys.executable, "-m", "rspo_mega.train", *RUN, f"logging.output_dir={out}",
+                    f"checkpoint.save_dir={out}/ckpt", *extra])
+
+
+def _nothing_left(run: str, what: str) -> None:
+    processes.assert_none_left(lambda: processes.marked(processes.RUN_ENV, run), what)
 
 
 def _metrics(out: Path) -> dict[int, dict]:
@@ -51,7 +67,9 @@ def _comparable(row: dict) -> dict:
 
 
 def _wait(proc: subprocess.Popen, timeout: float = 300) -> str:
+    """The process's output once it ended; fails if anything it started is still running."""
     out, _ = proc.communicate(timeout=timeout)
+    _nothing_left(proc.run_id, f"{' '.join(proc.args[2:4])} (exit code {proc.returncode})")
     return out
 
 
@@ -71,6 +89,7 @@ def test_kill_9_then_resume_is_bitwise_identical(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    _nothing_left(proc.run_id, "rspo-train killed with SIGKILL after its checkpoints")
     # Corrupt the newest checkpoint: resume must report it and fall back to the previous one.
     newest = sorted((run / "ckpt").glob("iter_*"))[-1]
     victim = max((p for p in (newest / "dist").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
@@ -87,7 +106,9 @@ def test_kill_9_then_resume_is_bitwise_identical(tmp_path):
     samples = tmp_path / "samples.jsonl"
     args = [sys.executable, "-m", "rspo_mega.evaluate", *RUN, f"logging.output_dir={ref}",
             f"checkpoint.save_dir={ref}/ckpt", "data.num_test_examples=6", "--samples", str(samples)]
-    done = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    env, run = _env()
+    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    _nothing_left(run, "rspo-eval")
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["step"] == 5 and result["eval/examples"] == 6.0
@@ -99,23 +120,46 @@ def test_kill_9_then_resume_is_bitwise_identical(tmp_path):
     assert all(r["prompt"].startswith("Puzzle: ") for r in records), records[0]["prompt"]
     mean = sum(r["reward"] for r in records) / 6
     assert abs(mean - result["eval/reward"]) < 1e-6, (mean, result)
-    bad = subprocess.run(args[:-1] + [str(tmp_path / "missing" / "s.jsonl")], cwd=ROOT, env=_env(),
+    env, run = _env()
+    bad = subprocess.run(args[:-1] + [str(tmp_path / "missing" / "s.jsonl")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
+    _nothing_left(run, "rspo-eval with a bad --samples path")
     assert bad.returncode == 2 and "--samples" in bad.stderr and "does not exist" in bad.stderr
 
 
-def test_sigterm_mid_run_leaves_a_valid_checkpoint(tmp_path):
-    proc = _train(tmp_path, "train_steps=200", "checkpoint.save_interval=0")
+def _freeze_during_a_save(proc: subprocess.Popen, ckpt: Path) -> str:
+    """SIGSTOP ``proc`` while a save of step >= 2 is under way; the name of that save's dir."""
     deadline = time.monotonic() + 300
-    while not (tmp_path / "metrics.jsonl").is_file() or not _metrics(tmp_path):
+    while True:
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+        saving = [p for p in ckpt.glob("iter_*.tmp-*") if p.name >= "iter_0000002"]
+        if saving:
+            proc.send_signal(signal.SIGSTOP)
+            if saving[0].exists():  # still there while stopped: the save is not finished
+                return saving[0].name.split(".tmp-")[0]
+            proc.send_signal(signal.SIGCONT)
+        time.sleep(0.01)
+
+
+def test_sigterm_during_a_save_then_resume(tmp_path):
+    """SIGTERM in the middle of a save: the save completes, the run stops with 143 after it
+    (naming the signal), and the next start resumes from that checkpoint."""
+    proc = _train(tmp_path, "train_steps=200", "checkpoint.save_interval=1")
+    name = _freeze_during_a_save(proc, tmp_path / "ckpt")
+    proc.send_signal(signal.SIGTERM)  # pending until the save resumes
+    proc.send_signal(signal.SIGCONT)
     log = _wait(proc, timeout=120)
     assert proc.returncode == 143, log[-3000:]  # the Slurm script requeues on 143
+    step = int(name.split("_")[1])
+    assert f"SIGTERM arrived during the save of step {step}" in log, log[-3000:]
     latest = (tmp_path / "ckpt" / "latest").read_text().strip()
-    assert validate_checkpoint(tmp_path / "ckpt" / latest) is None
+    assert latest == name and validate_checkpoint(tmp_path / "ckpt" / latest) is None
     assert '"preempted": 1.0' in log
+    proc = _train(tmp_path, f"train_steps={step - 1}")  # 2 warm-up steps: ends at step + 1
+    log = _wait(proc)
+    assert proc.returncode == 0, log[-3000:]
+    assert f"resumed from {tmp_path / 'ckpt' / name} at step {step}" in log, log[-3000:]
+    assert step + 1 in _metrics(tmp_path)
 
 
 def test_two_nodes_rendezvous_on_localhost(tmp_path):
@@ -128,8 +172,7 @@ def test_two_nodes_rendezvous_on_localhost(tmp_path):
                 "-m", "rspo_mega.train", *TINY, "sft_warmup_target_accuracy=null",
                 f"logging.output_dir={tmp_path}",
                 "parallel.world_size=2"]
-        procs.append(subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        procs.append(_launch(args))
     logs = [_wait(p) for p in procs]
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
