@@ -71,5 +71,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return PREEMPTION_EXIT_CODE if summary.get("preempted") else 0
 
 
-if __name__ == "__main__":  # required: dist-checkpointing's async saver spawns and re-imports
+if __name__ == "__main__":  # a spawn-context child re-imports __main__: main() must not run there
     sys.exit(main())

@@ -10,7 +10,6 @@ fails any of these tests that leaves a process behind (a writer of the killed ra
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import signal
 import subprocess
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 from tests.distributed import DistributedTestError, run_distributed
+from tests.training.test_checkpointing import collect_checkpoint_warnings
 
 ROWS = 256  # each rank's shard: ROWS x 1024 float32 = 1 MiB
 NO_SPACE = os.strerror(errno.ENOSPC).lower()
@@ -114,14 +114,7 @@ def _run_out_of_space(rank: int, world_size: int, root: str, disk: str) -> dict:
 
 def _resume(rank: int, world_size: int, root: str) -> dict:
     """The next start: find the newest valid checkpoint, load it, then save step 2."""
-    warnings: list[str] = []
-
-    class _Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.levelno >= logging.WARNING:
-                warnings.append(record.getMessage())
-
-    logging.getLogger("rspo_mega.training.checkpointing").addHandler(_Collect())
+    warnings = collect_checkpoint_warnings()
     manager = _manager(root)
     path = manager.find_resumable()
     state, extra = manager.load(path, _state(rank, world_size, 0.0))

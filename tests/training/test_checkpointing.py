@@ -44,6 +44,25 @@ def _draws() -> tuple:
     return (random.random(), float(np.random.rand()), torch.rand(4))
 
 
+class _Collect(logging.Handler):
+    """Keeps the messages of WARNING records and above in ``messages``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            self.messages.append(record.getMessage())
+
+
+def collect_checkpoint_warnings() -> list[str]:
+    """A list that fills with the checkpoint code's warnings from now on (in this process)."""
+    handler = _Collect()
+    logging.getLogger("rspo_mega.training.checkpointing").addHandler(handler)
+    return handler.messages
+
+
 def _body(rank: int, world_size: int, root: str) -> dict:
     from rspo_mega.parallel import initialize_model_parallel
     from rspo_mega.training.checkpointing import (
@@ -57,14 +76,7 @@ def _body(rank: int, world_size: int, root: str) -> dict:
         except CheckpointError as exc:
             return f"error: {exc}"
 
-    warnings: list[str] = []
-
-    class _Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if record.levelno >= logging.WARNING:
-                warnings.append(record.getMessage())
-
-    logging.getLogger("rspo_mega.training.checkpointing").addHandler(_Collect())
+    warnings = collect_checkpoint_warnings()
     initialize_model_parallel(tp=2)
     out: dict = {}
     save_dir = Path(root) / "ckpt"
