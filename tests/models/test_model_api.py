@@ -16,10 +16,8 @@ CFG = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attenti
 
 
 def _err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Max abs difference; -inf (padded vocab) must sit at the same places in both."""
-    same_inf = torch.equal(torch.isneginf(a), torch.isneginf(b))
-    finite = torch.isfinite(a)
-    return (a[finite] - b[finite]).abs().max().item() if same_inf else float("inf")
+    """Max abs difference of two logit tensors of the same shape."""
+    return (a - b).abs().max().item() if a.shape == b.shape else float("inf")
 
 
 def _body(rank: int, world: int) -> dict:
@@ -39,14 +37,23 @@ def _body(rank: int, world: int) -> dict:
     for tp in (1, 2):
         initialize_model_parallel(tp=tp)
         model = build_llada_model(CFG)
+        inner = unwrap_model(model)
+        group = ps.get_tensor_model_parallel_group() if tp > 1 else None
         logits = llada_forward(model, ids)
+        out[f"tp{tp}_columns"] = (logits.shape[-1], inner.vocab_start)
         before = logits.clone()
-        lp = vocab_parallel_log_probs(logits, ids)
+        lp = vocab_parallel_log_probs(logits, ids, inner.vocab_start, group)
         out[f"tp{tp}_unchanged"] = torch.equal(before, logits)
         direct = llada_forward(model, ids, labels=ids)
         out[f"tp{tp}_lp_err"] = (direct - lp).abs().max().item()
         ones = torch.ones_like(ids, dtype=torch.bool)
         out[f"tp{tp}_mask_ones_err"] = _err(llada_forward(model, ids, ones), logits)
+        # the head at chosen positions (repeats allowed) equals the full head read there
+        pos = torch.tensor([[9, 0, 3], [5, 5, 1]])
+        out[f"tp{tp}_positions_err"] = _err(llada_forward(model, ids, positions=pos),
+                                            logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1])))
+        out[f"tp{tp}_positions_lp_err"] = _err(llada_forward(model, ids, labels=ids, positions=pos),
+                                               direct.gather(1, pos))
         # left padding: what sits at padded positions must not reach real positions
         mask = ones.clone()
         mask[0, :4] = False
@@ -56,10 +63,12 @@ def _body(rank: int, world: int) -> dict:
         out[f"tp{tp}_pad_leak"] = _err(a[0, 4:], b[0, 4:])
         out[f"tp{tp}_unpadded_differs"] = _err(llada_forward(model, other)[0, 4:], logits[0, 4:])
         # the TE path rotates left-padded rows so real tokens come first (RoPE: same outputs)
-        unwrap_model(model).llada_transformer_impl = "transformer_engine"
+        inner.transformer_impl = "transformer_engine"
         rotated, rotated_lp = llada_forward(model, ids, mask), llada_forward(model, ids, mask, ids)
+        out[f"tp{tp}_rotated_positions_err"] = _err(
+            llada_forward(model, ids, mask, ids, positions=pos[:, :1] * 0 + 6), rotated_lp[:, 6:7])
         out[f"tp{tp}_rotated_err"] = _err(rotated[:, 4:], a[:, 4:])
-        expected_lp = vocab_parallel_log_probs(a, ids)
+        expected_lp = vocab_parallel_log_probs(a, ids, inner.vocab_start, group)
         out[f"tp{tp}_rotated_lp_err"] = (rotated_lp - expected_lp)[:, 4:].abs().max().item()
         holed = ones.clone()
         holed[1, 3] = False
@@ -67,7 +76,7 @@ def _body(rank: int, world: int) -> dict:
             llada_forward(model, ids, holed)
         except ValueError as exc:
             out[f"tp{tp}_holed_error"] = str(exc)
-        unwrap_model(model).llada_transformer_impl = "local"
+        inner.transformer_impl = "local"
         # gradient of the log-probs never reaches padded output rows
         direct.sum().backward()
         grad = model.output_layer.weight.grad
@@ -78,7 +87,8 @@ def _body(rank: int, world: int) -> dict:
     initialize_model_parallel(tp=2)
     bf16 = build_llada_model(replace(CFG, params_dtype="bfloat16"))
     logits = llada_forward(bf16, ids)
-    out["bf16"] = (str(logits.dtype), str(next(bf16.parameters()).dtype), tuple(logits.shape))
+    out["bf16"] = (str(logits.dtype), str(next(bf16.parameters()).dtype), tuple(logits.shape),
+                   ps.get_tensor_model_parallel_rank())
     return out
 
 
@@ -91,12 +101,18 @@ def test_model_api_on_two_ranks():
             assert res[f"tp{tp}_unchanged"], "vocab_parallel_log_probs modified its input"
             assert res[f"tp{tp}_lp_err"] < 1e-5
             assert res[f"tp{tp}_mask_ones_err"] < 1e-5
+            assert res[f"tp{tp}_positions_err"] < 1e-5 and res[f"tp{tp}_positions_lp_err"] < 1e-5
+            assert res[f"tp{tp}_rotated_positions_err"] < 1e-5
             assert res[f"tp{tp}_pad_leak"] < 1e-5
             assert res[f"tp{tp}_unpadded_differs"] > 1e-4  # the check above is not vacuous
             assert res[f"tp{tp}_rotated_err"] < 1e-4 and res[f"tp{tp}_rotated_lp_err"] < 1e-4
             assert "must be contiguous" in res[f"tp{tp}_holed_error"]
             assert res[f"tp{tp}_pad_grad"] == 0.0 and res[f"tp{tp}_real_grad"] > 0
-        assert res["bf16"] == ("torch.float32", "torch.bfloat16", (2, 10, 256))
+        # vocab 300 padded to 512 at TP=2: rank 0 holds ids 0-255, rank 1 the 44 real ids 256-299
+        assert res["tp1_columns"] == (300, 0)
+        rank = res["bf16"][3]
+        assert res["tp2_columns"] == [(256, 0), (44, 256)][rank]
+        assert res["bf16"][:3] == ("torch.float32", "torch.bfloat16", (2, 10, [256, 44][rank]))
 
 
 def test_trusted_te_extra_state_is_scoped(monkeypatch):

@@ -1,9 +1,10 @@
 """LLaDA on megatron-core: build the (TP/PP-sharded) GPTModel and run it bidirectionally.
 
-Shapes: ``b`` batch, ``s`` tokens, ``h`` hidden, ``V`` padded vocab, ``tp`` tensor-parallel size.
-Logits stay vocab-parallel (``[b, s, V/tp]`` per rank) and are **unshifted**: position ``i``
-predicts token ``i``. Padded vocab entries (ids >= true vocab) are set to ``-inf``, so no softmax,
-argmax or cross entropy over them can ever pick or weigh a padded id.
+Shapes: ``b`` batch, ``s`` tokens, ``m`` selected positions per row, ``h`` hidden, ``v`` this TP
+rank's real vocab columns (see :mod:`rspo_mega.models.llada.logits`). Logits stay vocab-parallel
+and are **unshifted**: position ``i`` predicts token ``i``. :class:`LLaDAModel` is megatron's
+``GPTModel`` whose head runs the output layer only on the positions a consumer reads (the
+current block in the sampler, the scored positions in the ELBO) and only over real vocab ids.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import Float16Module
+from torch import Tensor
 
 from rspo_mega.config.schema import ModelConfig
 from rspo_mega.models.llada.config import padded_vocab_size, transformer_config
 from rspo_mega.models.llada.hf_config import resolve_model_config
+from rspo_mega.models.llada.logits import _VocabParallelLogProb, true_vocab_columns
 from rspo_mega.models.llada.spec import llada_layer_spec, resolve_transformer_impl
 
 log = logging.getLogger(__name__)
@@ -51,7 +54,9 @@ def build_llada_model(
     impl = resolve_transformer_impl(cfg.transformer_impl)
     config = transformer_config(cfg, impl=impl, perform_initialization=init_weights)
     tp = ps.get_tensor_model_parallel_world_size()
-    model = GPTModel(
+    model = LLaDAModel(
+        true_vocab_size=cfg.vocab_size,
+        transformer_impl=impl,
         config=config,
         transformer_layer_spec=llada_layer_spec(impl),
         vocab_size=padded_vocab_size(cfg, tp),
@@ -65,8 +70,6 @@ def build_llada_model(
         rotary_base=cfg.rope_theta,
         vp_stage=vp_stage,
     )
-    model.llada_true_vocab_size = cfg.vocab_size  # read by llada_forward to mask padded ids
-    model.llada_transformer_impl = impl
     if torch.cuda.is_available():  # the local spec's torch norms and RoPE buffers start on the CPU
         model.cuda(torch.cuda.current_device())
     if config.bf16:
@@ -89,33 +92,6 @@ def padding_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     if attention_mask.dim() != 2:
         raise ValueError(f"attention_mask must be [b, s], got shape {tuple(attention_mask.shape)}")
     return (~attention_mask.bool())[:, None, None, :]
-
-
-def mask_padded_vocab(logits_vp: torch.Tensor, true_vocab_size: int) -> torch.Tensor:
-    """Set entries of this TP rank's logit shard whose global id is >= ``true_vocab_size`` to -inf.
-
-    ``logits_vp``: ``[..., V/tp]``. Returns the input untouched when the shard holds no padding.
-    """
-    shard = logits_vp.size(-1)
-    start = ps.get_tensor_model_parallel_rank() * shard
-    valid = true_vocab_size - start
-    if valid >= shard:
-        return logits_vp
-    ids = torch.arange(shard, device=logits_vp.device)
-    return logits_vp.masked_fill(ids >= valid, float("-inf"))
-
-
-def vocab_parallel_log_probs(logits_vp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token log-probabilities ``[b, s]`` (float32) of ``labels`` from vocab-parallel logits.
-
-    ``logits_vp``: ``[b, s, V/tp]`` (padded ids already -inf). Equals
-    ``-vocab_parallel_cross_entropy`` (no label smoothing); the vocab is never gathered, and the
-    caller's logits are left unchanged (megatron's kernel works in place, so fp32 input is copied).
-    """
-    logits = logits_vp.float()
-    if logits.data_ptr() == logits_vp.data_ptr():
-        logits = logits.clone()
-    return -tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
 
 
 def real_tokens_first(attention_mask: torch.Tensor) -> Optional[torch.Tensor]:
@@ -152,31 +128,84 @@ def llada_forward(
     input_ids: torch.Tensor,
     attention_mask: Optional[torch.Tensor] = None,
     labels: Optional[torch.Tensor] = None,
+    positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """One bidirectional forward of an LLaDA model built by :func:`build_llada_model`.
 
-    ``input_ids``: ``[b, s]``; ``attention_mask``: ``[b, s]`` bool, True = real token (None = no
-    padding, no mask tensor at all). On the last pipeline stage returns float32 vocab-parallel
-    logits ``[b, s, V/tp]`` with padded ids at -inf, or, with ``labels`` ``[b, s]``, per-token
-    log-probs ``[b, s]``. On other stages returns the hidden states ``[s, b, h]``.
+    ``input_ids``: ``[b, s]``; ``attention_mask``: ``[b, s]`` bool, True = real token (None, or
+    all True: no mask at all); ``positions``: long ``[b, m]``, the positions of each row whose
+    output is wanted (None: all ``s``). On the last pipeline stage returns float32
+    vocab-parallel logits ``[b, m, v]`` or, with ``labels [b, s]``, the log-probs ``[b, m]`` of
+    the labels at those positions. On other stages returns the hidden states ``[s, b, h]``.
     """
     inner = unwrap_model(model)
     b, s = input_ids.shape
+    if labels is not None and labels.shape != (b, s):
+        raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {(b, s)}")
+    if positions is not None and (positions.dim() != 2 or positions.shape[0] != b):
+        raise ValueError(f"positions must be [b={b}, m], got shape {tuple(positions.shape)}")
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None  # no padding: the fused attention runs without a mask
     shift = None
-    if attention_mask is not None and inner.llada_transformer_impl == "transformer_engine":
+    if attention_mask is not None and inner.transformer_impl == "transformer_engine":
         shift = real_tokens_first(attention_mask)
-    if shift is not None:  # every stage sees the same rotated rows; the last one rotates back
+    if shift is not None:  # every stage sees the same rotated rows; the head reads caller order
         input_ids, attention_mask = _rotate(input_ids, shift), _rotate(attention_mask, shift)
+        if labels is not None:
+            labels = _rotate(labels, shift)
+        if positions is None:
+            positions = torch.arange(s, device=input_ids.device).expand(b, s)
+        positions = (positions - shift[:, None]) % s
     position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
     mask = None if attention_mask is None else padding_attention_mask(attention_mask)
-    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask)
-    if not inner.post_process:
-        return out
-    if shift is not None:
-        out = _rotate(out, (s - shift) % s)  # logits [b, s, V/tp] back to the caller's order
-    logits = mask_padded_vocab(out.float(), inner.llada_true_vocab_size)
-    if labels is None:
-        return logits
-    if labels.shape != (b, s):
-        raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {(b, s)}")
-    return -tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+    return model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+                 labels=labels, positions=positions)
+
+
+class LLaDAModel(GPTModel):
+    """megatron-core's GPTModel with LLaDA's head: selected positions, real vocab ids, fp32 out.
+
+    ``true_vocab_size``: real ids (the output weight is padded beyond); ``transformer_impl``:
+    the resolved layer spec (``local`` | ``transformer_engine``).
+    """
+
+    def __init__(self, *args: Any, true_vocab_size: int, transformer_impl: str, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.true_vocab_size = int(true_vocab_size)
+        self.transformer_impl = transformer_impl
+        tp_rank = ps.get_tensor_model_parallel_rank()
+        shard = self.vocab_size // ps.get_tensor_model_parallel_world_size()
+        self.vocab_start = tp_rank * shard  # global id of this rank's first logit column
+        self.vocab_columns = true_vocab_columns(self.true_vocab_size, shard, tp_rank)
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Optional[Tensor],
+                decoder_input: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                positions: Optional[Tensor] = None, **unused: Any) -> Tensor:
+        """Embedding (first stage), decoder, head (last stage); see :func:`llada_forward`."""
+        pre = self._preprocess(input_ids=input_ids, position_ids=position_ids,
+                               decoder_input=decoder_input)
+        hidden = self.decoder(
+            hidden_states=pre[0], attention_mask=attention_mask, rotary_pos_emb=pre[1],
+            rotary_pos_cos=pre[2], rotary_pos_sin=pre[3],
+            rotary_pos_cos_sin=pre[6] if len(pre) == 7 else None, sequence_len_offset=pre[4],
+        )
+        if not self.post_process:
+            return hidden
+        return self.head(hidden, labels, positions)
+
+    def head(self, hidden: Tensor, labels: Optional[Tensor], positions: Optional[Tensor]) -> Tensor:
+        """``hidden [s, b, h]`` (final norm applied) -> logits ``[b, m, v]`` or log-probs ``[b, m]``."""
+        if self.config.sequence_parallel:  # all-gather here, reduce-scatter of the grads back
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden)
+        x = hidden.transpose(0, 1)  # [b, s, h]
+        if positions is not None:
+            x = x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            labels = None if labels is None else labels.gather(1, positions)
+        if not self.config.sequence_parallel:  # identity forward, all-reduce of the input grad
+            x = tensor_parallel.copy_to_tensor_model_parallel_region(x)
+        logits = torch.matmul(x, self.output_layer.weight[: self.vocab_columns].t()).float()
+        if labels is None:
+            return logits
+        group = ps.get_tensor_model_parallel_group() \
+            if ps.get_tensor_model_parallel_world_size() > 1 else None
+        return _VocabParallelLogProb.apply(logits, labels, self.vocab_start, group)

@@ -2,8 +2,9 @@
 
 Two implementations share one checkpoint layout:
 
-* ``local``: megatron-core modules only (torch RMSNorm, Column/RowParallelLinear, unfused
-  DotProductAttention). Used on CPU and whenever Transformer Engine is missing.
+* ``local``: megatron-core modules (torch RMSNorm, Column/RowParallelLinear) with torch's fused
+  SDPA as the core attention (:class:`~rspo_mega.models.llada.attention.SDPACoreAttention`).
+  Used on CPU and whenever Transformer Engine is missing.
 * ``transformer_engine``: TE fused LayerNorm+Linear, TE attention, FP8 capable (GPU only).
 
 The local spec carries ``sharded_state_dict_keys_map`` (``input_layernorm.`` ->
@@ -16,32 +17,16 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
-from typing import Any, Optional
 
 import torch
-from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
+
+from rspo_mega.models.llada.attention import BidirectionalSelfAttention, SDPACoreAttention
 
 log = logging.getLogger(__name__)
 
 IMPLS = ("local", "transformer_engine")
-
-
-class BidirectionalSelfAttention(SelfAttention):
-    """Self-attention without a causal mask; a key-padding mask switches TE to ``padding``.
-
-    ``attention_mask``: None (every token attends to every token) or bool ``[b, 1, 1, s]`` /
-    ``[b, 1, s, s]`` with True = masked out. The unfused local attention applies any mask it is
-    given; TE only applies one when the mask type says ``padding``, so the type follows the call.
-    """
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                *args: Any, **kwargs: Any) -> Any:
-        self.attn_mask_type = (
-            AttnMaskType.no_mask if attention_mask is None else AttnMaskType.padding
-        )
-        return super().forward(hidden_states, attention_mask, *args, **kwargs)
 
 
 def te_available() -> bool:
@@ -85,10 +70,14 @@ def llada_layer_spec(impl: str) -> ModuleSpec:
     else:
         raise ValueError(f"unknown transformer impl {impl!r}; expected one of {IMPLS}")
     attn = base.submodules.self_attention
+    attn_submodules = attn.submodules
+    if impl == "local":
+        attn_submodules = dataclasses.replace(attn_submodules, core_attention=SDPACoreAttention)
     bidirectional = dataclasses.replace(
         attn,
         module=BidirectionalSelfAttention,
         params={**(attn.params or {}), "attn_mask_type": AttnMaskType.no_mask},
+        submodules=attn_submodules,
     )
     submodules = dataclasses.replace(base.submodules, self_attention=bidirectional)
     return dataclasses.replace(base, submodules=submodules)
