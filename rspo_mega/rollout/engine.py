@@ -99,37 +99,39 @@ class RolloutEngine:
 
     # -- the two callables the sampler needs -------------------------------------------------
 
-    def logits(self, x: torch.Tensor, key_padding: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """Vocab-parallel logits ``[b, S, V/tp]`` on the last stage, ``None`` on other stages."""
+    def logits(self, x: torch.Tensor, key_padding: Optional[torch.Tensor],
+               positions: torch.Tensor) -> Optional[torch.Tensor]:
+        """Vocab-parallel logits ``[b, m, v]`` at ``positions [b, m]`` on the last stage, else ``None``."""
         from rspo_mega.models.llada import llada_forward
 
         b = x.shape[0]
         if self.pp == 1 and len(self.chunks) == 1:  # micro-batches of any size
-            ids = x.split(self.micro_batch_size)
+            ids, pos = x.split(self.micro_batch_size), positions.split(self.micro_batch_size)
             pads = [None] * len(ids) if key_padding is None else key_padding.split(self.micro_batch_size)
-            return torch.cat([llada_forward(self.chunks[0], i, p) for i, p in zip(ids, pads)])
+            return torch.cat([llada_forward(self.chunks[0], i, p, positions=q)
+                              for i, p, q in zip(ids, pads, pos)])
         # The pipeline needs equal micro-batches: pad with copies of the last row, drop them after.
         mbs = min(b, self.micro_batch_size)
         extra = -b % mbs
         if extra:
-            x = torch.cat([x, x[-1:].expand(extra, -1)])
+            x, positions = (torch.cat([t, t[-1:].expand(extra, -1)]) for t in (x, positions))
             key_padding = None if key_padding is None else \
                 torch.cat([key_padding, key_padding[-1:].expand(extra, -1)])
-        ids = list(x.split(mbs))
-        pads = [None] * len(ids) if key_padding is None else list(key_padding.split(mbs))
+        pads = [None] * (x.shape[0] // mbs) if key_padding is None else list(key_padding.split(mbs))
+        batches = list(zip(x.split(mbs), pads, positions.split(mbs)))
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def forward_step(data_iterator, model):
-            batch_ids, batch_pad = next(data_iterator)
-            out = llada_forward(model, batch_ids, batch_pad)
+            batch_ids, batch_pad, batch_pos = next(data_iterator)
+            out = llada_forward(model, batch_ids, batch_pad, positions=batch_pos)
             return out, lambda output, non_loss_data=False: output
 
         outputs = get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=[iter(list(zip(ids, pads))) for _ in self.chunks]
-            if len(self.chunks) > 1 else iter(list(zip(ids, pads))),
+            data_iterator=[iter(batches) for _ in self.chunks]
+            if len(self.chunks) > 1 else iter(batches),
             model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
-            num_microbatches=len(ids),
+            num_microbatches=len(batches),
             seq_length=x.shape[1],
             micro_batch_size=mbs,
             forward_only=True,

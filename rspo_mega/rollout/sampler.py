@@ -2,11 +2,16 @@
 
 A prompt is followed by ``gen_length`` mask tokens. The generated span is cut into blocks of
 ``block_length`` decoded left to right with ``steps / num_blocks`` denoising steps each; a step
-runs the model on the whole sequence, samples a token for every masked position (Gumbel-max in
-float64 at ``temperature``, argmax at 0), scores it (``low_confidence``: its softmax probability;
-``random``: a uniform draw), and commits the most confident masked positions of the current block,
-an even share of the block per step (remainder to the first steps). Committed tokens are never
-re-masked.
+runs the model on the whole sequence, samples a token for every masked position of the current
+block (Gumbel-max in float64 at ``temperature``, argmax at 0), scores it (``low_confidence``: its
+softmax probability; ``random``: a uniform draw), and commits the most confident ones, an even
+share of the block per step (remainder to the first steps). Committed tokens are never re-masked.
+
+**Work per step.** The model's output layer runs only on the block's still-masked positions
+(``logits_fn`` gets them as ``positions [b, m]``, masked first, ``m`` the most any row has left);
+sampling and confidences are computed there only. In exact mode the commit counts are known on
+the host from the block's schedule, so a step needs no device-to-host copy; threshold mode
+copies the ``[b]`` commit counts once per step.
 
 **Prompts of different lengths** are left-padded into one batch with a key-padding mask. The
 alternative, bucketing by length, avoids the mask but splits a batch into many small forwards when
@@ -33,7 +38,8 @@ import torch
 from rspo_mega.rng import keyed_generator
 from rspo_mega.rollout.vocab_parallel import VocabShard, gumbel_max
 
-LogitsFn = Callable[[torch.Tensor, Optional[torch.Tensor]], Optional[torch.Tensor]]
+# (x [b, S], key_padding [b, S] | None, positions [b, m]) -> logits [b, m, V_local] | None
+LogitsFn = Callable[[torch.Tensor, Optional[torch.Tensor], torch.Tensor], Optional[torch.Tensor]]
 SyncFn = Callable[[torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[int, int, int, int], torch.Tensor]  # (uid, step, n_positions, vocab) -> [n, V]
 # ``step`` in keys and in NoiseFn is ``block * steps_per_block + step_in_block``.
@@ -161,128 +167,189 @@ def generate(
 ) -> Rollout:
     """Generate one completion per prompt; ``uids`` [b] key the randomness of each row.
 
-    ``logits_fn(x [b, S], key_padding [b, S] | None)`` returns logits ``[b, S, V_local]`` on the
-    rank(s) that sample and ``None`` elsewhere; ``sync_fn(x)`` returns the sampling ranks' ``x``
-    on every rank (identity when one stage holds everything). ``noise_fn`` overrides the keyed
-    uniforms (tests feed a reference the same noise).
+    ``logits_fn(x [b, S], key_padding [b, S] | None, positions [b, m])`` returns the logits of
+    those positions ``[b, m, V_local]`` on the rank(s) that sample and ``None`` elsewhere;
+    ``sync_fn(x)`` returns the sampling ranks' ``x`` on every rank (identity when one stage
+    holds everything). ``noise_fn`` overrides the keyed uniforms (tests feed a reference the
+    same noise).
     """
     s = settings
     if len(uids) != len(prompts):
         raise ValueError(f"generate: {len(prompts)} prompts but {len(uids)} uids")
     prompt_ids, prompt_lengths = left_pad(prompts, s.eos_token_id)
     validate_settings(s, prompt_len=prompt_ids.shape[1])
-    shard = shard or VocabShard(0, s.vocab_size, s.vocab_size)
-    sync_fn = sync_fn or (lambda x: x)
-    device = device or torch.device("cpu")
-    b, plen = prompt_ids.shape
-    x = torch.cat([prompt_ids, torch.full((b, s.gen_length), s.mask_token_id, dtype=torch.long)], 1)
-    x = x.to(device)
-    pad_cols = plen - prompt_lengths.to(device)
-    key_padding = torch.arange(x.shape[1], device=device).unsqueeze(0) >= pad_cols.unsqueeze(1)
-    key_padding = None if bool(key_padding.all()) else key_padding
-    prompt_region = torch.zeros_like(x, dtype=torch.bool)
-    prompt_region[:, :plen] = True
-    active = torch.ones(b, dtype=torch.bool, device=device)
-    steps_used = torch.zeros(b, dtype=torch.long, device=device)
-    times: list[float] = []
-
+    state = _State.start(prompt_ids, prompt_lengths, s, shard, sync_fn, device)
     for block in range(s.num_blocks):
-        lo, hi = plen + block * s.block_length, plen + (block + 1) * s.block_length
-        schedule = num_transfer_tokens((x[:, lo:hi] == s.mask_token_id).sum(1), s.steps_per_block)
-        for i in range(s.steps_per_block):
-            # Rows whose block is already decoded (threshold commits finish rows early) skip the
-            # model call; every row's randomness is keyed by its uid, so the rest is unchanged.
-            # One host copy of the live rows per step decides both.
-            live = (x[:, lo:hi] == s.mask_token_id).any(1)
-            live_rows = live.cpu().nonzero().squeeze(1).tolist()
-            if not live_rows:
-                break
-            t0 = time.perf_counter()
-            step = block * s.steps_per_block + i
-            rows = None if len(live_rows) == b else torch.as_tensor(live_rows, device=x.device)
-            sub = x if rows is None else x[rows]
-            logits = _model_logits(
-                logits_fn, sub, key_padding if rows is None or key_padding is None else key_padding[rows],
-                prompt_region if rows is None else prompt_region[rows], s)
-            if logits is not None:
-                sub_uids = uids if rows is None else [uids[r] for r in live_rows]
-                k = schedule[:, i] if rows is None else schedule[rows, i]
-                sub = _denoise_step(sub, logits[:, lo:hi], lo, k, sub_uids, step, s, shard, noise_fn)
-                if rows is None:
-                    x = sub
-                else:
-                    x[rows] = sub
-            x = sync_fn(x)
-            steps_used += (active & live).long()
-            times.append(time.perf_counter() - t0)
-        if s.stop_on_eos_block:
-            done = (x[:, lo:hi] == s.eos_token_id).all(1) & active
-            x[done, hi:] = s.eos_token_id  # LLaDA pads with EOS: the rest of the row is settled
-            active &= ~done
-            if not bool(active.any()):
-                break
-
-    gen = x[:, plen:].cpu()
+        state.run_block(logits_fn, block, uids, noise_fn)
+        if s.stop_on_eos_block and state.stop_finished_rows(block):
+            break
+    gen = state.x[:, state.plen:].cpu()
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_lengths=prompt_lengths,
         completion_ids=gen,
         completion_lengths=_completion_lengths(gen, s.eos_token_id),
-        steps_used=steps_used.cpu(),
-        step_seconds=times,
+        steps_used=torch.tensor(state.steps_used, dtype=torch.long),
+        step_seconds=state.times,
     )
+
+
+@dataclass
+class _State:
+    """The sequences being denoised and the host-side bookkeeping of one ``generate`` call."""
+
+    x: torch.Tensor  # [b, S] prompt + completion (mask ids where undecided)
+    key_padding: Optional[torch.Tensor]  # [b, S] True = real token; None without padding
+    prompt_region: torch.Tensor  # [b, S] True on the (padded) prompt columns
+    plen: int
+    s: SamplerSettings
+    shard: VocabShard
+    sync_fn: SyncFn
+    steps_used: list[int]
+    times: list[float] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, prompt_ids: torch.Tensor, prompt_lengths: torch.Tensor, s: SamplerSettings,
+              shard: Optional[VocabShard], sync_fn: Optional[SyncFn],
+              device: Optional[torch.device]) -> "_State":
+        device = device or torch.device("cpu")
+        b, plen = prompt_ids.shape
+        masks = torch.full((b, s.gen_length), s.mask_token_id, dtype=torch.long)
+        x = torch.cat([prompt_ids, masks], 1).to(device)
+        pad_cols = plen - prompt_lengths.to(device)
+        key_padding = torch.arange(x.shape[1], device=device).unsqueeze(0) >= pad_cols.unsqueeze(1)
+        prompt_region = torch.zeros_like(x, dtype=torch.bool)
+        prompt_region[:, :plen] = True
+        return cls(x, None if bool((prompt_lengths == plen).all()) else key_padding, prompt_region,
+                   plen, s, shard or VocabShard(0, s.vocab_size, s.vocab_size),
+                   sync_fn or (lambda t: t), [0] * b)
+
+    def run_block(self, logits_fn: LogitsFn, block: int, uids: list[int],
+                  noise_fn: Optional[NoiseFn]) -> None:
+        """All denoising steps of ``block``; rows whose block is decoded leave the model calls."""
+        s = self.s
+        lo = self.plen + block * s.block_length
+        left = self.block_masked(lo).sum(1)  # [b] masked positions of the block, per row
+        schedule = num_transfer_tokens(left, s.steps_per_block).tolist()  # host [b][steps]
+        remaining = left.tolist()
+        for i in range(s.steps_per_block):
+            live = [r for r, n in enumerate(remaining) if n > 0]
+            if not live:
+                break
+            t0 = time.perf_counter()
+            step = block * s.steps_per_block + i
+            counts = self.step(logits_fn, lo, live, [schedule[r][i] for r in live],
+                               [remaining[r] for r in live], [uids[r] for r in live], step, noise_fn)
+            self.x = self.sync_fn(self.x)
+            if counts is None:  # a stage that does not sample: read the commits off the tokens
+                remaining = self.block_masked(lo).sum(1).tolist()
+            else:
+                for r, c in zip(live, counts):
+                    remaining[r] -= c
+            for r in live:
+                self.steps_used[r] += 1
+            self.times.append(time.perf_counter() - t0)
+
+    def block_masked(self, lo: int) -> torch.Tensor:
+        """``[b, block_length]`` True where the block starting at column ``lo`` is still masked."""
+        return self.x[:, lo:lo + self.s.block_length] == self.s.mask_token_id
+
+    def step(self, logits_fn: LogitsFn, lo: int, live: list[int], k: list[int],
+             remaining: list[int], uids: list[int], step: int,
+             noise_fn: Optional[NoiseFn]) -> Optional[list[int]]:
+        """One denoising step of the ``live`` rows; their committed counts (host), None if not sampled here.
+
+        ``k``: the schedule's commits per live row; ``remaining``: their masked positions left.
+        """
+        b = self.x.shape[0]
+        rows = None if len(live) == b else torch.as_tensor(live, device=self.x.device)
+        x = self.x if rows is None else self.x[rows]
+        m = max(remaining)
+        # block offsets of each row's masked positions, ascending, masked ones first
+        masked = x[:, lo:lo + self.s.block_length] == self.s.mask_token_id
+        offsets = torch.sort((~masked).to(torch.int8), dim=1, stable=True).indices[:, :m]
+        valid = torch.arange(m, device=x.device)[None, :] < torch.as_tensor(
+            remaining, device=x.device)[:, None]
+        pad = self.key_padding if self.key_padding is None or rows is None else self.key_padding[rows]
+        region = self.prompt_region if rows is None else self.prompt_region[rows]
+        logits = _model_logits(logits_fn, x, pad, region, lo + offsets, self.s)
+        if logits is None:
+            return None
+        commit, x0, counts = _denoise_step(logits, offsets, valid, k, remaining, uids, step,
+                                           self.s, self.shard, noise_fn)
+        block = x[:, lo:lo + self.s.block_length]
+        block.scatter_(1, offsets, torch.where(commit, x0, block.gather(1, offsets)))
+        if rows is not None:
+            self.x[rows] = x
+        return counts
+
+    def stop_finished_rows(self, block: int) -> bool:
+        """EOS-filled blocks settle the rest of their row (LLaDA pads with EOS); True when all are."""
+        lo = self.plen + block * self.s.block_length
+        hi = lo + self.s.block_length
+        done = (self.x[:, lo:hi] == self.s.eos_token_id).all(1)
+        self.x[done, hi:] = self.s.eos_token_id
+        return bool((self.x[:, hi:] == self.s.eos_token_id).all())
 
 
 def _model_logits(
     logits_fn: LogitsFn, x: torch.Tensor, key_padding: Optional[torch.Tensor],
-    prompt_region: torch.Tensor, s: SamplerSettings,
+    prompt_region: torch.Tensor, positions: torch.Tensor, s: SamplerSettings,
 ) -> Optional[torch.Tensor]:
-    """Logits for ``x``; with classifier-free guidance one batched pass of [x; unconditional]."""
+    """Logits at ``positions``; with classifier-free guidance one batched pass of [x; unconditional]."""
     if s.cfg_scale <= 0:
-        return logits_fn(x, key_padding)
+        return logits_fn(x, key_padding, positions)
     uncond = torch.where(prompt_region, torch.full_like(x, s.mask_token_id), x)
     pad = None if key_padding is None else torch.cat([key_padding, key_padding])
-    both = logits_fn(torch.cat([x, uncond]), pad)
+    both = logits_fn(torch.cat([x, uncond]), pad, torch.cat([positions, positions]))
     if both is None:
         return None
     cond, un = both.chunk(2)
     return un + (s.cfg_scale + 1) * (cond - un)
 
 
+def _block_draws(rows: list[torch.Tensor], offsets: torch.Tensor) -> torch.Tensor:
+    """Per-row draws for the whole block ``[block_length, ...]`` -> at ``offsets [b, m]``."""
+    return torch.stack([r[o] for r, o in zip(rows, offsets.cpu())])
+
+
 def _denoise_step(
-    x: torch.Tensor, block_logits: torch.Tensor, lo: int, k: torch.Tensor, uids: list[int],
-    step: int, s: SamplerSettings, shard: VocabShard, noise_fn: Optional[NoiseFn],
-) -> torch.Tensor:
-    """Sample the block's masked positions and commit the ``k[row]`` most confident ones."""
-    b, n, v_local = block_logits.shape
-    logits = block_logits.float().clone()
+    logits: torch.Tensor, offsets: torch.Tensor, valid: torch.Tensor, k: list[int],
+    remaining: list[int], uids: list[int], step: int, s: SamplerSettings, shard: VocabShard,
+    noise_fn: Optional[NoiseFn],
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Sample the block's masked positions and pick the ``k[row]`` most confident ones.
+
+    ``logits [b, m, V_local]`` at the block ``offsets [b, m]`` (``valid``: the real entries).
+    Returns ``(commit [b, m] bool, x0 [b, m], counts)``, ``counts`` the commits per row (host;
+    in threshold mode copied from the device, the step's one device-to-host copy).
+    """
+    b, m, v_local = logits.shape
     if s.forbid_eos:
         shard.forbid(logits, s.eos_token_id)
-    flat = logits.reshape(b * n, v_local)
+    flat = logits.reshape(b * m, v_local)
     noise = None
     if s.temperature > 0:
-        rows = [
-            noise_fn(uid, step, n, s.vocab_size) if noise_fn
-            else keyed_uniforms(s.seed, uid, step, ROLLOUT_NOISE_STREAM, (n, s.vocab_size))
-            for uid in uids
-        ]
-        noise = shard.slice_noise(torch.cat(rows)).to(flat.device)
-    x0 = gumbel_max(flat, noise, s.temperature, shard).view(b, n)
+        draws = [noise_fn(uid, step, s.block_length, s.vocab_size) if noise_fn else
+                 keyed_uniforms(s.seed, uid, step, ROLLOUT_NOISE_STREAM, (s.block_length, s.vocab_size))
+                 for uid in uids]
+        noise = shard.slice_noise(_block_draws(draws, offsets).reshape(b * m, -1)).to(flat.device)
+    x0 = gumbel_max(flat, noise, s.temperature, shard).view(b, m)
     if s.remasking == "low_confidence":
-        conf = shard.chosen_prob(flat, x0.reshape(-1)).view(b, n)
+        conf = shard.chosen_prob(flat, x0.reshape(-1)).view(b, m)
     else:
-        conf = torch.stack([
-            keyed_uniforms(s.seed, uid, step, ROLLOUT_REMASK_STREAM, (n,)) for uid in uids
-        ]).to(flat.device)
-    masked = x[:, lo:lo + n] == s.mask_token_id
-    conf = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
-    counts = k.to(masked.device)
-    if s.threshold is not None:
-        counts = torch.maximum(counts, (masked & (conf > s.threshold)).sum(1))
-    counts = torch.minimum(counts, masked.sum(1)).tolist()
-    commit = torch.zeros_like(masked)
+        draws = [keyed_uniforms(s.seed, uid, step, ROLLOUT_REMASK_STREAM, (s.block_length,))
+                 for uid in uids]
+        conf = _block_draws(draws, offsets).to(flat.device)
+    conf = torch.where(valid, conf, torch.full_like(conf, float("-inf")))
+    if s.threshold is None:
+        counts = [min(kk, n) for kk, n in zip(k, remaining)]
+    else:
+        above = (valid & (conf > s.threshold)).sum(1)
+        k_dev = torch.as_tensor(k, device=conf.device)
+        counts = torch.minimum(torch.maximum(k_dev, above), valid.sum(1)).tolist()
+    commit = torch.zeros_like(valid)
     for row, kk in enumerate(counts):  # per-row top-k, exactly as the reference sampler
         if kk > 0:
             commit[row, torch.topk(conf[row], kk).indices] = True
-    x[:, lo:lo + n] = torch.where(commit, x0, x[:, lo:lo + n])
-    return x
+    return commit, x0, counts

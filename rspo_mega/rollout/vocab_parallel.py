@@ -1,7 +1,8 @@
 """Sampling primitives on vocab-parallel logits: no rank ever holds the full vocabulary.
 
-Under tensor parallelism each rank holds logits ``[n, V/tp]`` for the contiguous vocab shard
-``[rank * V/tp, (rank + 1) * V/tp)``. Gumbel-max sampling, argmax and the softmax probability of
+Under tensor parallelism each rank holds logits ``[n, size]`` for the real ids of its contiguous
+vocab shard, starting at ``rank * V_pad/tp`` (``size`` is ``V_pad/tp`` but at the end of the
+vocabulary, and may be 0 on a rank that holds padding only). Gumbel-max sampling, argmax and the softmax probability of
 the chosen token are computed with small collectives over ``[n]`` vectors instead of gathering
 ``[n, V]``. With ``tp == 1`` (or no group) the same code runs without communication, so every
 layout shares one implementation and agrees with the full-vocabulary reference.
@@ -21,21 +22,24 @@ class VocabShard:
     """This rank's slice of the (padded) vocabulary and the group that holds the other slices."""
 
     start: int  # first global token id of the shard
-    size: int  # local vocab entries (padded vocab / tp)
-    true_vocab: int  # real vocabulary; ids >= true_vocab are padding
+    size: int  # local logit columns: the real ids of the shard
+    true_vocab: int  # real vocabulary
     group: Optional["dist.ProcessGroup"] = None
     world: int = 1
 
     @classmethod
-    def from_parallel_state(cls, local_vocab: int, true_vocab: int) -> "VocabShard":
-        """The shard of the current tensor-parallel rank (megatron-core parallel state)."""
+    def from_parallel_state(cls, padded_shard: int, true_vocab: int) -> "VocabShard":
+        """The shard of the current tensor-parallel rank; ``padded_shard`` = padded vocab / tp."""
         from megatron.core import parallel_state as ps
 
+        from rspo_mega.models.llada.logits import true_vocab_columns
+
         if not ps.model_parallel_is_initialized():
-            return cls(0, local_vocab, true_vocab)
+            return cls(0, true_vocab_columns(true_vocab, padded_shard, 0), true_vocab)
         rank, world = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
         group = ps.get_tensor_model_parallel_group() if world > 1 else None
-        return cls(rank * local_vocab, local_vocab, true_vocab, group, world)
+        size = true_vocab_columns(true_vocab, padded_shard, rank)
+        return cls(rank * padded_shard, size, true_vocab, group, world)
 
     @property
     def owned_true_ids(self) -> tuple[int, int]:
@@ -48,15 +52,21 @@ class VocabShard:
         return t
 
     def slice_noise(self, noise: torch.Tensor) -> torch.Tensor:
-        """Local columns of full-vocabulary noise ``[n, true_vocab]`` -> ``[n, size]`` (pads: 0.5)."""
+        """Local columns ``[n, size]`` of full-vocabulary noise ``[n, true_vocab]``."""
         lo, hi = self.owned_true_ids
-        out = noise.new_full((noise.shape[0], self.size), 0.5)
-        out[:, : hi - lo] = noise[:, lo:hi]
-        return out
+        return noise[:, lo:hi]
+
+    def _local_max(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row maxima and their local indices of ``[n, size]`` (-inf and 0 for an empty shard)."""
+        if scores.shape[-1]:
+            return scores.max(dim=-1)
+        n = scores.shape[0]
+        return (scores.new_full((n,), float("-inf")),
+                torch.zeros(n, dtype=torch.long, device=scores.device))
 
     def argmax(self, scores: torch.Tensor) -> torch.Tensor:
         """Global argmax ids ``[n]`` of local scores ``[n, size]``; ties go to the lowest id."""
-        local_val, local_idx = scores.max(dim=-1)
+        local_val, local_idx = self._local_max(scores)
         if self.world == 1:
             return local_idx + self.start
         vals = [torch.empty_like(local_val) for _ in range(self.world)]
@@ -69,11 +79,12 @@ class VocabShard:
     def chosen_prob(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``softmax(logits)[ids]`` in float64 ``[n]``, from local logits ``[n, size]``."""
         lg = logits.to(torch.float64)
-        gmax = self._all_reduce(lg.max(dim=-1).values, dist.ReduceOp.MAX)
+        gmax = self._all_reduce(self._local_max(lg)[0], dist.ReduceOp.MAX)
         sumexp = self._all_reduce(torch.exp(lg - gmax.unsqueeze(-1)).sum(-1), dist.ReduceOp.SUM)
         local = ids - self.start
         mine = (local >= 0) & (local < self.size)
-        picked = lg.gather(-1, local.clamp(0, self.size - 1).unsqueeze(-1)).squeeze(-1)
+        picked = lg.gather(-1, local.clamp(0, max(self.size - 1, 0)).unsqueeze(-1)).squeeze(-1) \
+            if self.size else torch.zeros_like(gmax)
         picked = self._all_reduce(torch.where(mine, picked, torch.zeros_like(picked)), dist.ReduceOp.SUM)
         return torch.exp(picked - gmax) / sumexp
 

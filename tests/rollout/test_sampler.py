@@ -27,6 +27,14 @@ class ToyBidirectional(torch.nn.Module):
         return torch.tanh(h) @ self.out * 2.0
 
 
+def at_positions(model):
+    """A full-sequence model as the sampler's ``logits_fn``: logits at ``positions [b, m]``."""
+    def logits_fn(x, pad, positions):
+        full = model(x)
+        return full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1]))
+    return logits_fn
+
+
 def _settings(**kw) -> SamplerSettings:
     base = dict(gen_length=12, block_length=4, steps=6, mask_token_id=MASK, eos_token_id=EOS,
                 vocab_size=V, temperature=0.0, remasking="low_confidence", seed=5)
@@ -60,7 +68,7 @@ def _run_both(s: SamplerSettings, prompts: torch.Tensor):
             return remask[step, uid - 100, lo:lo + shape[0]]
         sampler.keyed_uniforms = keyed
     try:
-        out = generate(lambda x, pad: model(x), prompts.tolist(), uids, s, noise_fn=noise_fn)
+        out = generate(at_positions(model), prompts.tolist(), uids, s, noise_fn=noise_fn)
     finally:
         sampler.keyed_uniforms = original
     return ref[:, plen:], out
@@ -92,7 +100,7 @@ def test_keyed_noise_is_per_uid_not_per_batch():
     model = ToyBidirectional(seed=1)
     s = _settings(temperature=1.0, remasking="random")
     a, b, c = [1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]
-    run = lambda prompts, uids: generate(lambda x, p: model(x), prompts, uids, s).completion_ids
+    run = lambda prompts, uids: generate(at_positions(model), prompts, uids, s).completion_ids
     alone = run([a], [7])
     assert torch.equal(run([a, b], [7, 8])[0], alone[0])
     assert torch.equal(run([c, a, b], [9, 7, 8])[1], alone[0])
@@ -102,9 +110,9 @@ def test_keyed_noise_is_per_uid_not_per_batch():
 def test_left_padding_and_key_padding_mask():
     seen = []
 
-    def logits(x, pad):
+    def logits(x, pad, positions):
         seen.append(pad)
-        return ToyBidirectional()(x)
+        return at_positions(ToyBidirectional())(x, pad, positions)
 
     out = generate(logits, [[1, 2, 3, 4], [5, 6, 7]], [0, 1], _settings())
     assert out.prompt_lengths.tolist() == [4, 3]
@@ -112,6 +120,25 @@ def test_left_padding_and_key_padding_mask():
     assert seen[0][1, 0].item() is False and seen[0][1, 1:].all() and seen[0][0].all()
     generate(logits, [[1, 2], [3, 4]], [0, 1], _settings())
     assert seen[-1] is None  # no padding -> no mask tensor at all
+
+
+def test_logits_are_asked_for_the_blocks_masked_positions_only():
+    """Each call reads the current block's still-masked positions, masked first, in order."""
+    s = _settings(gen_length=8, block_length=4, steps=4)
+    calls = []
+
+    def logits(x, pad, positions):
+        calls.append((x.clone(), positions.clone()))
+        return at_positions(ToyBidirectional())(x, pad, positions)
+
+    generate(logits, [[1, 2, 3], [4, 5, 6]], [0, 1], s)
+    assert len(calls) == 4  # 2 blocks x 2 steps, both rows live in each
+    for x, positions in calls:
+        for row in range(2):
+            masked = (x[row] == MASK).nonzero().squeeze(1)
+            block = masked[masked < positions[row].min() + 4][:positions.shape[1]]
+            assert positions[row].tolist() == block.tolist()
+    assert [c[1].shape[1] for c in calls] == [4, 2, 4, 2]  # 2 commits per step
 
 
 def test_forbid_eos_and_stop_on_eos_block():
@@ -123,11 +150,11 @@ def test_forbid_eos_and_stop_on_eos_block():
             return logits
 
     m = EosLover()
-    free = generate(lambda x, p: m(x), [[1, 2]], [0], _settings(stop_on_eos_block=True))
+    free = generate(at_positions(m), [[1, 2]], [0], _settings(stop_on_eos_block=True))
     assert free.completion_ids.eq(EOS).all()
     assert free.steps_used.item() == 2  # first block all EOS -> row stops, 2 of 6 steps used
     assert free.completion_lengths.item() == 1
-    banned = generate(lambda x, p: m(x), [[1, 2]], [0], _settings(forbid_eos=True))
+    banned = generate(at_positions(m), [[1, 2]], [0], _settings(forbid_eos=True))
     assert banned.completion_ids.eq(3).all()
     assert banned.completion_lengths.item() == 12
 
@@ -140,8 +167,8 @@ def test_threshold_mode_commits_confident_tokens_early():
             return logits
 
     m = Confident()
-    exact = generate(lambda x, p: m(x), [[1]], [0], _settings())
-    fast = generate(lambda x, p: m(x), [[1]], [0], _settings(threshold=0.9))
+    exact = generate(at_positions(m), [[1]], [0], _settings())
+    fast = generate(at_positions(m), [[1]], [0], _settings(threshold=0.9))
     assert torch.equal(exact.completion_ids, fast.completion_ids)
     assert exact.steps_used.item() == 6 and fast.steps_used.item() == 3  # one step per block
 
@@ -154,9 +181,9 @@ def test_threshold_rows_that_finish_early_skip_the_model_call():
     uids = list(range(40, 46))
     batch_rows: list[int] = []
 
-    def logits(x, pad):
+    def logits(x, pad, positions):
         batch_rows.append(x.shape[0])
-        return model(x)
+        return at_positions(model)(x, pad, positions)
 
     out = generate(logits, prompts, uids, s)
     used = out.steps_used.tolist()
@@ -164,7 +191,7 @@ def test_threshold_rows_that_finish_early_skip_the_model_call():
     assert min(batch_rows) < len(prompts)  # finished rows were left out of later calls
     assert sum(batch_rows) == sum(used)  # each row took part in exactly its own steps
     for row, (prompt, uid) in enumerate(zip(prompts, uids)):
-        alone = generate(lambda x, p: model(x), [prompt], [uid], s)
+        alone = generate(at_positions(model), [prompt], [uid], s)
         assert torch.equal(out.completion_ids[row], alone.completion_ids[0]), row
         assert used[row] == alone.steps_used.item()
 
@@ -196,6 +223,6 @@ def test_bad_settings_are_named(kw, ctx, plen, message):
 def test_empty_prompt_and_uid_mismatch():
     m = ToyBidirectional()
     with pytest.raises(ValueError, match="at least one token"):
-        generate(lambda x, p: m(x), [[]], [0], _settings())
+        generate(at_positions(m), [[]], [0], _settings())
     with pytest.raises(ValueError, match="2 prompts but 1 uids"):
-        generate(lambda x, p: m(x), [[1], [2]], [0], _settings())
+        generate(at_positions(m), [[1], [2]], [0], _settings())
