@@ -2,11 +2,13 @@
 
 :func:`loss_backward` is what the trainer calls once per optimizer step (per inner update):
 
-1. pass 1: policy log-probs of every masked sequence (``no_grad``, micro-batched, PP/TP aware);
+1. policy log-probs of every masked sequence (micro-batched, PP/TP aware): with the runner's one
+   pass, forwards that keep their autograd graphs; otherwise a ``no_grad`` pass 1;
 2. on the last pipeline stage, the loss on the *whole local batch* of log-probs, its global value
    and ``coeff = dloss/dlogp`` (exact, as the loss only sees log-probs);
-3. pass 2: forward + backward of ``sum coeff * logp`` per micro-batch, accumulating into the
-   parameters' gradients exactly the gradient of this rank's loss share.
+3. the backward of ``sum coeff * logp``: through the kept graphs (one pass), or as a pass 2 of
+   forward + backward per micro-batch; either accumulates into the parameters' gradients exactly
+   the gradient of this rank's loss share.
 
 Reference and old-policy log-probs are computed beforehand on the same :class:`MaskedBatch`
 (``ReferenceModel.logprobs`` / ``ElboRunner.logprobs``); the returned pass-1 log-probs of the first
@@ -75,7 +77,8 @@ def loss_backward(
     ``old_logp`` ``[N, S]`` on the last stage (ignored elsewhere). Gradients are *sums* over
     micro-batches; the data-parallel reduction is the caller's (see ``ElboRunner``).
     """
-    logp = runner.logprobs(policy, masked)
+    graphed = runner.forward_with_graph(policy, masked) if runner.uses_one_pass(policy) else None
+    logp = runner.logprobs(policy, masked) if graphed is None else graphed.logp
     coeff = None
     payload = None
     if logp is not None:
@@ -85,6 +88,9 @@ def loss_backward(
         metrics = out.metrics.reduce(loss_fn.group)
         metrics["loss"] = float(global_sum(out.loss, loss_fn.group))
         payload = metrics
-    runner.backward(policy, masked, coeff)
+    if graphed is None:
+        runner.backward(policy, masked, coeff)
+    else:
+        runner.backward_graph(graphed, coeff)
     metrics = _broadcast_from_last_stage(payload)
     return StepResult(loss=metrics["loss"], metrics=metrics, logp=logp)

@@ -94,6 +94,11 @@ class LikelihoodConfig:
     bernoulli_eps: float = 1e-3  # t ~ U(eps, 1)
     one_step_prompt_mask_prob: float = 0.15
     micro_batch_size: int = 8  # masked sequences per forward
+    # True: keep the graphs of this rank's micro-batches and backpropagate once (one forward per
+    # masked sequence; activations of all local micro-batches live together). False: a no-grad
+    # scoring pass, then forward + backward per micro-batch (activations of one micro-batch, one
+    # more forward). Pipeline-parallel runs always take two passes.
+    one_pass: bool = True
     offload_reference: bool = False  # keep the reference model in CPU memory between uses (GPU)
 
 

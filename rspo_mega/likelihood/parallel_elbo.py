@@ -2,19 +2,28 @@
 
 The model is reached only through a *forward function* with the signature of ``llada_forward``::
 
-    forward_fn(model_chunk, input_ids [b, s], attention_mask [b, s] bool | None, labels [b, s])
-        -> last pipeline stage: per-token log-probs [b, s] fp32 (vocab-parallel, identical on TP ranks)
+    forward_fn(model_chunk, input_ids [b, s], attention_mask [b, s] bool | None, labels [b, s],
+               positions=positions [b, m])
+        -> last pipeline stage: log-probs [b, m] fp32 of the labels at ``positions`` (each row's
+           scored positions, padded to the micro-batch's most; vocab-parallel, same on TP ranks)
         -> other stages: the hidden states the schedule sends on
 
-Two passes, both with micro-batches of ``micro_batch_size`` masked sequences, so activation
-memory is that of one micro-batch whatever K is:
+The output layer thus runs on the scored (masked) positions only. The loss is a non-linear
+function of sums over all micro-batches (centering means, ratios, clipping): it needs every
+completion's full ELBO before any gradient flows. Its gradient is taken through the linear
+surrogate ``sum_{n,t} coeff[n, t] * logp[n, t]`` with ``coeff = dLoss/dlogp`` computed from the
+detached log-probs; the model is deterministic (no dropout), so this is exactly the loss's
+gradient. Two ways to get there:
 
-* :meth:`ElboRunner.logprobs` (``forward_only``, under ``no_grad``): log-probs of every sequence.
-* :meth:`ElboRunner.backward`: forward + backward of the linear surrogate
-  ``sum_{n,t} coeff[n, t] * logp[n, t]``, where ``coeff = dLoss/dlogp`` was computed from the first
-  pass. Because the model is deterministic (no dropout), this gives exactly the gradient of the
-  loss, even though the loss is a non-linear function of sums over many micro-batches (centering
-  means, ratios, clipping): the loss needs each completion's full ELBO before any gradient flows.
+* **one pass** (``one_pass=True``, pipeline size 1): :meth:`ElboRunner.forward_with_graph` runs
+  every local micro-batch with autograd on and keeps the graphs; after the loss,
+  :meth:`ElboRunner.backward_graph` back-propagates the surrogate once. One forward per masked
+  sequence; activation memory of all local micro-batches.
+* **two passes** (``one_pass=False``, and always with pipeline parallelism, whose schedule
+  interleaves forwards and backwards): :meth:`ElboRunner.logprobs` (``forward_only``,
+  ``no_grad``) then :meth:`ElboRunner.backward` (forward + backward of the surrogate per
+  micro-batch) through megatron's schedules. Two forwards per masked sequence; activation memory
+  of one micro-batch whatever K is.
 
 Gradient scaling (explicit): the surrogate of each micro-batch is multiplied by
 ``num_microbatches`` because megatron's ``forward_step`` divides a 2-tuple loss by it, and by the
@@ -55,9 +64,29 @@ class _MicroBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
-    score_mask: torch.Tensor
-    coeff: Optional[torch.Tensor]
+    positions: torch.Tensor  # [rows, m] each row's scored positions, ascending, padded
+    valid: torch.Tensor  # [rows, m] bool, the real entries of ``positions``
+    coeff: Optional[torch.Tensor]  # [rows, m] loss coefficients at ``positions`` (0 off valid)
     rows: int  # real (unpadded) rows
+
+
+def scored_positions(score_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``score_mask [b, s]`` -> (positions [b, m], valid [b, m]), ``m`` the most a row scores.
+
+    Each row's scored positions come first in ascending order; padded entries repeat positions
+    of the row and are marked invalid.
+    """
+    counts = score_mask.sum(1)
+    m = int(counts.max()) if score_mask.numel() else 0
+    order = torch.sort((~score_mask).to(torch.int8), dim=1, stable=True).indices[:, :m]
+    valid = torch.arange(m, device=score_mask.device)[None, :] < counts[:, None]
+    return order, valid
+
+
+def _to_full(mb: _MicroBatch, logp: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Log-probs at ``mb.positions`` ``[rows, m]`` -> ``[rows, seq_len]`` (0 where not scored)."""
+    full = torch.zeros(logp.shape[0], seq_len, dtype=torch.float32, device=logp.device)
+    return full.scatter_(1, mb.positions, torch.where(mb.valid, logp.float(), 0.0))
 
 
 def _parallel_sizes() -> tuple[int, int, int, bool]:
@@ -79,16 +108,20 @@ class ElboRunner:
 
     ``micro_batch_size`` is in masked sequences. With pipeline parallelism every micro-batch must
     have the same shape, so the last one is padded with copies of a real row (coefficient 0).
+    ``one_pass``: use :meth:`forward_with_graph` / :meth:`backward_graph` where they apply
+    (:meth:`uses_one_pass`).
     """
 
     def __init__(
-        self, forward_fn: ForwardFn, micro_batch_size: int, *, ddp_averages_gradients: bool = True
+        self, forward_fn: ForwardFn, micro_batch_size: int, *, ddp_averages_gradients: bool = True,
+        one_pass: bool = False,
     ):
         if micro_batch_size < 1:
             raise ValueError(f"likelihood.micro_batch_size={micro_batch_size} must be >= 1")
         self.forward_fn = forward_fn
         self.micro_batch_size = int(micro_batch_size)
         self.ddp_averages_gradients = ddp_averages_gradients
+        self.one_pass = one_pass
 
     # --- micro-batching -------------------------------------------------------------------------
 
@@ -106,14 +139,14 @@ class ElboRunner:
             rows = idx.numel()
             if pad and rows < mbs:
                 idx = torch.cat([idx, idx[:1].expand(mbs - rows)])
+            positions, valid = scored_positions(masked.score_mask[idx])
+            valid[rows:] = False  # pipeline padding rows carry no loss
             c = None
             if coeff is not None:
-                c = coeff[idx].clone()
-                c[rows:] = 0.0
+                c = torch.where(valid, coeff[idx].gather(1, positions), 0.0).to(device)
             out.append(_MicroBatch(
                 masked.input_ids[idx].to(device), masked.attention_mask[idx].to(device),
-                masked.labels[idx].to(device), masked.score_mask[idx].to(device),
-                None if c is None else c.to(device), rows,
+                masked.labels[idx].to(device), positions.to(device), valid.to(device), c, rows,
             ))
         return out
 
@@ -135,7 +168,8 @@ class ElboRunner:
 
         def step(data_iterator, chunk):
             mb = next(data_iterator)
-            out = self.forward_fn(chunk, mb.input_ids, mb.attention_mask, mb.labels)
+            out = self.forward_fn(chunk, mb.input_ids, mb.attention_mask, mb.labels,
+                                  positions=mb.positions)
             return out, (lambda output: loss_fn(mb, output))
 
         seq_len = mbs[0].input_ids.shape[1]
@@ -153,7 +187,8 @@ class ElboRunner:
     # --- the two passes ---------------------------------------------------------------------------
 
     def logprobs(self, model: Chunks, masked: MaskedBatch) -> Optional[torch.Tensor]:
-        """Per-token log-probs ``[N, S]`` fp32 (no grad) on the last stage; ``None`` elsewhere.
+        """Per-token log-probs ``[N, S]`` fp32 (no grad; 0 off ``score_mask``) on the last stage;
+        ``None`` elsewhere.
 
         They come back on the device of ``masked`` (the loss math stays where the masks live).
         """
@@ -162,7 +197,7 @@ class ElboRunner:
         outputs: list[torch.Tensor] = []
 
         def collect(mb: _MicroBatch, output: torch.Tensor):
-            outputs.append(output.detach().float()[: mb.rows])
+            outputs.append(_to_full(mb, output.detach(), masked.seq_length)[: mb.rows])
             return output.detach().sum() * 0.0, {}
 
         with torch.no_grad():
@@ -184,7 +219,51 @@ class ElboRunner:
         scale = backward_loss_scale(dp, len(mbs), self.ddp_averages_gradients)
 
         def surrogate(mb: _MicroBatch, output: torch.Tensor):
-            logp = torch.where(mb.score_mask, output.float(), torch.zeros_like(output, dtype=torch.float32))
-            return (logp * mb.coeff).sum() * scale, {}
+            return (output.float() * mb.coeff).sum() * scale, {}
 
         self._run(model, mbs, surrogate, forward_only=False)
+
+    # --- one pass ---------------------------------------------------------------------------------
+
+    def uses_one_pass(self, model: Chunks) -> bool:
+        """Whether :meth:`forward_with_graph` applies: one pass asked for, one stage, one chunk."""
+        chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+        return self.one_pass and _parallel_sizes()[0] == 1 and len(chunks) == 1
+
+    def forward_with_graph(self, model: Chunks, masked: MaskedBatch) -> "GraphedLogprobs":
+        """Every local micro-batch forward with autograd on; the detached log-probs ``[N, S]``
+        and the graphs for :meth:`backward_graph`."""
+        if not self.uses_one_pass(model):
+            raise ValueError("ElboRunner.forward_with_graph needs one_pass=True and one "
+                             "pipeline stage (no virtual chunks)")
+        chunk = model[0] if isinstance(model, (list, tuple)) else model
+        mbs = self._split(masked, None, pad=False)
+        outputs = [self.forward_fn(chunk, mb.input_ids, mb.attention_mask, mb.labels,
+                                   positions=mb.positions) for mb in mbs]
+        logp = torch.cat([_to_full(mb, out.detach(), masked.seq_length)
+                          for mb, out in zip(mbs, outputs)])
+        return GraphedLogprobs(logp.to(masked.input_ids.device), mbs, outputs)
+
+    def backward_graph(self, graphed: "GraphedLogprobs", coeff: torch.Tensor) -> None:
+        """Accumulate ``grad( sum coeff * logp )`` through the kept graphs (one backward)."""
+        if coeff.shape != graphed.logp.shape:
+            raise ValueError(f"ElboRunner.backward_graph: coeff must have shape "
+                             f"{tuple(graphed.logp.shape)}, got {tuple(coeff.shape)}")
+        _, _, dp, _ = _parallel_sizes()
+        scale = backward_loss_scale(dp, 1, self.ddp_averages_gradients)
+        coeff = coeff.detach().to(graphed.outputs[0].device)
+        total, start = 0.0, 0
+        for mb, out in zip(graphed.micro_batches, graphed.outputs):
+            c = coeff[start:start + mb.rows].gather(1, mb.positions)
+            total = total + (out.float() * torch.where(mb.valid, c, 0.0)).sum()
+            start += mb.rows
+        (total * scale).backward()
+
+
+@dataclass
+class GraphedLogprobs:
+    """Log-probs of a one-pass forward: ``logp [N, S]`` detached, plus what backward needs."""
+
+    logp: torch.Tensor
+    micro_batches: list
+    outputs: list  # per micro-batch log-probs [rows, m] with their autograd graphs

@@ -103,7 +103,7 @@ class Trainer:
                                      cfg.model.eos_token_id,
                                      scheme_key="likelihood.sft_mask_scheme")
         self.runner = ElboRunner(llada_forward, cfg.likelihood.micro_batch_size,
-                                 ddp_averages_gradients=True)
+                                 ddp_averages_gradients=True, one_pass=cfg.likelihood.one_pass)
         self.metrics = MetricsLogger(cfg.logging.output_dir, tensorboard=cfg.logging.tensorboard,
                                      rank=self.rank)
         self.ckpt = CheckpointManager(cfg.checkpoint.save_dir, cfg.checkpoint.keep_last) \

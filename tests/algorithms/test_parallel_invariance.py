@@ -1,4 +1,5 @@
-"""Loss value and full gradient are the same for any TP/PP/DP layout and micro-batch split.
+"""Loss value and full gradient are the same for any TP/PP/DP layout and micro-batch split, and
+for the ELBO runner's one-pass and two-pass modes (PP layouts always run two passes).
 
 Three launches (1, 2 and 4 gloo ranks) cover: one process with 1 and 4 micro-batches; DP2, TP2,
 PP2; TP2xDP2, PP2xDP2, TP2xPP2, for RSPO (batch and group centering), ESPO and diffu-GRPO, on the
@@ -41,7 +42,7 @@ def _build(cfg, vpp):
 
 
 def _body(rank: int, world: int, layouts: list, splits: list, num_layers: int = 2,
-          cases: tuple = tuple(CASES)) -> dict | None:
+          cases: tuple = tuple(CASES), passes: tuple = (False, True)) -> dict | None:
     from megatron.core import parallel_state as ps
 
     from rspo_mega.algorithms import build_loss, compute_advantages, loss_backward
@@ -65,9 +66,10 @@ def _body(rank: int, world: int, layouts: list, splits: list, num_layers: int = 
             sampler = MaskSampler(lik, seed=42, mask_token_id=cfg.mask_token_id,
                                   eos_token_id=cfg.eos_token_id)
             masked = sampler.sample(local, iteration=3)
-            for split in splits:
+            for split, one_pass in ((sp, op) for sp in splits for op in passes):
                 mbs = -(-masked.num_sequences // split) if split > 0 else -split
-                runner = ElboRunner(_models.forward_fn(), mbs, ddp_averages_gradients=False)
+                runner = ElboRunner(_models.forward_fn(), mbs, ddp_averages_gradients=False,
+                                    one_pass=one_pass)
                 _models.canonical_init(policy, seed=1)
                 _models.canonical_init(policy, seed=2, scale=0.03, add=True)
                 old = runner.logprobs(policy, masked)
@@ -86,7 +88,7 @@ def _body(rank: int, world: int, layouts: list, splits: list, num_layers: int = 
                 all_rows: list = [None] * world
                 torch.distributed.all_gather_object(all_rows, rows)
                 merged = {k: v for r in all_rows for k, v in r.items()}
-                out[(tp, pp, case, split)] = (res.loss, res.metrics, grads, merged)
+                out[(tp, pp, case, split, one_pass)] = (res.loss, res.metrics, grads, merged)
     return out if rank == 0 else None
 
 
@@ -99,12 +101,17 @@ def test_invariance_across_layouts_and_microbatches():
     two = run_distributed(_body, 2, args=([(1, 1), (2, 1), (1, 2)], [-5]), timeout=240)[0]
     four = run_distributed(_body, 4, args=([(2, 1), (1, 2), (2, 2)], [-5]), timeout=240)[0]
     for case in CASES:
-        loss0, metrics0, grads0, masks0 = single[(1, 1, case, 1)]
+        loss0, metrics0, grads0, masks0 = single[(1, 1, case, 1, False)]
         g0 = _flat(grads0)
         assert g0.norm() > 0, case
-        others = {"mb4": single[(1, 1, case, 4)]}
-        others.update({f"w2 tp{t} pp{p}": two[(t, p, case, -5)] for t, p in [(1, 1), (2, 1), (1, 2)]})
-        others.update({f"w4 tp{t} pp{p}": four[(t, p, case, -5)] for t, p in [(2, 1), (1, 2), (2, 2)]})
+        others = {}
+        for one in (False, True):
+            others[f"mb4 one_pass={one}"] = single[(1, 1, case, 4, one)]
+            others.update({f"w2 tp{t} pp{p} one_pass={one}": two[(t, p, case, -5, one)]
+                           for t, p in [(1, 1), (2, 1), (1, 2)]})
+            others.update({f"w4 tp{t} pp{p} one_pass={one}": four[(t, p, case, -5, one)]
+                           for t, p in [(2, 1), (1, 2), (2, 2)]})
+        others["mb1 one_pass=True"] = single[(1, 1, case, 1, True)]
         for tag, (loss, metrics, grads, masks) in others.items():
             assert sorted(grads) == sorted(grads0), (case, tag)
             rel = ((_flat(grads) - g0).norm() / g0.norm()).item()
@@ -121,13 +128,12 @@ def test_invariance_across_layouts_and_microbatches():
 def test_invariance_interleaved_pipeline():
     """PP2 x VP2 (4 layers, 4 virtual stages) against one process, RSPO and diffu-GRPO."""
     cases = ("rspo", "diffu_grpo")
-    single = run_distributed(_body, 1, args=([(1, 1)], [1]),
-                             kwargs={"num_layers": 4, "cases": cases}, timeout=240)[0]
-    inter = run_distributed(_body, 2, args=([(1, 2, 2)], [-4]),
-                            kwargs={"num_layers": 4, "cases": cases}, timeout=240)[0]
+    kwargs = {"num_layers": 4, "cases": cases, "passes": (False,)}
+    single = run_distributed(_body, 1, args=([(1, 1)], [1]), kwargs=kwargs, timeout=240)[0]
+    inter = run_distributed(_body, 2, args=([(1, 2, 2)], [-4]), kwargs=kwargs, timeout=240)[0]
     for case in cases:
-        loss0, _, grads0, _ = single[(1, 1, case, 1)]
-        loss, _, grads, _ = inter[(1, 2, case, -4)]
+        loss0, _, grads0, _ = single[(1, 1, case, 1, False)]
+        loss, _, grads, _ = inter[(1, 2, case, -4, False)]
         g0 = _flat(grads0)
         assert sorted(grads) == sorted(grads0)
         assert ((_flat(grads) - g0).norm() / g0.norm()).item() < 1e-5, case

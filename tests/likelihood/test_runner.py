@@ -1,6 +1,7 @@
 """ElboRunner and ReferenceModel on the tiny LLaDA model (one 2-rank launch).
 
-* micro-batched log-probs equal one direct forward of the whole batch;
+* micro-batched log-probs equal one direct forward of the whole batch at the scored positions
+  (and are 0 elsewhere);
 * the reference is a frozen copy: same log-probs as the policy at construction, unchanged after
   the policy moves, no gradients;
 * megatron DDP (which averages over DP) with ``ddp_averages_gradients=True`` yields the same
@@ -43,7 +44,8 @@ def _body(rank: int, world: int) -> dict:
     lp = runner.logprobs(policy, masked)
     with torch.no_grad():
         direct = fwd(policy[0], masked.input_ids, masked.attention_mask, masked.labels)
-    res["runner_vs_direct"] = (lp - direct).abs().max().item()
+    res["runner_vs_direct"] = (lp - torch.where(masked.score_mask, direct, 0.0)).abs().max().item()
+    res["scored_only"] = bool((lp[~masked.score_mask] == 0).all() and (lp[masked.score_mask] < 0).all())
 
     ref = ReferenceModel.from_policy(policy, lambda: _models.build(cfg), offload=True)
     res["ref_vs_policy_at_init"] = (ref.logprobs(runner, masked) - lp).abs().max().item()
@@ -83,7 +85,7 @@ def _body(rank: int, world: int) -> dict:
 
 def test_runner_reference_and_ddp_scaling():
     for res in run_distributed(_body, 2, timeout=180):
-        assert res["runner_vs_direct"] < 1e-5, res
+        assert res["runner_vs_direct"] < 1e-5 and res["scored_only"], res
         assert res["ref_vs_policy_at_init"] == 0.0, res
         assert res["ref_after_policy_moved"] == 0.0, res
         assert res["ref_frozen"] and res["ref_has_no_grad"], res
