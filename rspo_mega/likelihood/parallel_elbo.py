@@ -3,9 +3,9 @@
 The model is reached only through a *forward function* with the signature of ``llada_forward``::
 
     forward_fn(model_chunk, input_ids [b, s], attention_mask [b, s] bool | None, labels [b, s],
-               positions=positions [b, m])
-        -> last pipeline stage: log-probs [b, m] fp32 of the labels at ``positions`` (each row's
-           scored positions, padded to the micro-batch's most; vocab-parallel, same on TP ranks)
+               positions=positions [n])
+        -> last pipeline stage: log-probs [n] fp32 of the labels at the scored positions (flat
+           indices ``row * s + position``; vocab-parallel, identical on TP ranks)
         -> other stages: the hidden states the schedule sends on
 
 The output layer thus runs on the scored (masked) positions only. The loss is a non-linear
@@ -64,29 +64,16 @@ class _MicroBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
-    positions: torch.Tensor  # [rows, m] each row's scored positions, ascending, padded
-    valid: torch.Tensor  # [rows, m] bool, the real entries of ``positions``
-    coeff: Optional[torch.Tensor]  # [rows, m] loss coefficients at ``positions`` (0 off valid)
+    positions: torch.Tensor  # [n] flat indices row * s + position of the scored positions
+    coeff: Optional[torch.Tensor]  # [n] loss coefficients at ``positions``
     rows: int  # real (unpadded) rows
 
 
-def scored_positions(score_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``score_mask [b, s]`` -> (positions [b, m], valid [b, m]), ``m`` the most a row scores.
-
-    Each row's scored positions come first in ascending order; padded entries repeat positions
-    of the row and are marked invalid.
-    """
-    counts = score_mask.sum(1)
-    m = int(counts.max()) if score_mask.numel() else 0
-    order = torch.sort((~score_mask).to(torch.int8), dim=1, stable=True).indices[:, :m]
-    valid = torch.arange(m, device=score_mask.device)[None, :] < counts[:, None]
-    return order, valid
-
-
-def _to_full(mb: _MicroBatch, logp: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Log-probs at ``mb.positions`` ``[rows, m]`` -> ``[rows, seq_len]`` (0 where not scored)."""
-    full = torch.zeros(logp.shape[0], seq_len, dtype=torch.float32, device=logp.device)
-    return full.scatter_(1, mb.positions, torch.where(mb.valid, logp.float(), 0.0))
+def _to_full(mb: _MicroBatch, logp: torch.Tensor) -> torch.Tensor:
+    """Log-probs at ``mb.positions`` ``[n]`` -> ``[rows, s]`` (0 where not scored)."""
+    b, s = mb.input_ids.shape
+    full = torch.zeros(b * s, dtype=torch.float32, device=logp.device)
+    return full.index_copy_(0, mb.positions, logp.float()).view(b, s)[: mb.rows]
 
 
 def _parallel_sizes() -> tuple[int, int, int, bool]:
@@ -139,14 +126,13 @@ class ElboRunner:
             rows = idx.numel()
             if pad and rows < mbs:
                 idx = torch.cat([idx, idx[:1].expand(mbs - rows)])
-            positions, valid = scored_positions(masked.score_mask[idx])
-            valid[rows:] = False  # pipeline padding rows carry no loss
-            c = None
-            if coeff is not None:
-                c = torch.where(valid, coeff[idx].gather(1, positions), 0.0).to(device)
+            scored = masked.score_mask[idx].clone()
+            scored[rows:] = False  # pipeline padding rows carry no loss
+            positions = scored.reshape(-1).nonzero().squeeze(1)
+            c = None if coeff is None else coeff[idx].reshape(-1)[positions].to(device)
             out.append(_MicroBatch(
                 masked.input_ids[idx].to(device), masked.attention_mask[idx].to(device),
-                masked.labels[idx].to(device), positions.to(device), valid.to(device), c, rows,
+                masked.labels[idx].to(device), positions.to(device), c, rows,
             ))
         return out
 
@@ -197,7 +183,7 @@ class ElboRunner:
         outputs: list[torch.Tensor] = []
 
         def collect(mb: _MicroBatch, output: torch.Tensor):
-            outputs.append(_to_full(mb, output.detach(), masked.seq_length)[: mb.rows])
+            outputs.append(_to_full(mb, output.detach()))
             return output.detach().sum() * 0.0, {}
 
         with torch.no_grad():
@@ -240,8 +226,7 @@ class ElboRunner:
         mbs = self._split(masked, None, pad=False)
         outputs = [self.forward_fn(chunk, mb.input_ids, mb.attention_mask, mb.labels,
                                    positions=mb.positions) for mb in mbs]
-        logp = torch.cat([_to_full(mb, out.detach(), masked.seq_length)
-                          for mb, out in zip(mbs, outputs)])
+        logp = torch.cat([_to_full(mb, out.detach()) for mb, out in zip(mbs, outputs)])
         return GraphedLogprobs(logp.to(masked.input_ids.device), mbs, outputs)
 
     def backward_graph(self, graphed: "GraphedLogprobs", coeff: torch.Tensor) -> None:
@@ -254,8 +239,8 @@ class ElboRunner:
         coeff = coeff.detach().to(graphed.outputs[0].device)
         total, start = 0.0, 0
         for mb, out in zip(graphed.micro_batches, graphed.outputs):
-            c = coeff[start:start + mb.rows].gather(1, mb.positions)
-            total = total + (out.float() * torch.where(mb.valid, c, 0.0)).sum()
+            c = coeff[start:start + mb.rows].reshape(-1)[mb.positions]
+            total = total + (out.float() * c).sum()
             start += mb.rows
         (total * scale).backward()
 
@@ -266,4 +251,4 @@ class GraphedLogprobs:
 
     logp: torch.Tensor
     micro_batches: list
-    outputs: list  # per micro-batch log-probs [rows, m] with their autograd graphs
+    outputs: list  # per micro-batch log-probs [n] with their autograd graphs

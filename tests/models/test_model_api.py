@@ -54,6 +54,9 @@ def _body(rank: int, world: int) -> dict:
                                             logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1])))
         out[f"tp{tp}_positions_lp_err"] = _err(llada_forward(model, ids, labels=ids, positions=pos),
                                                direct.gather(1, pos))
+        flat = torch.tensor([9, 3, 15, 11, 3])  # row * 10 + position
+        out[f"tp{tp}_flat_err"] = _err(llada_forward(model, ids, labels=ids, positions=flat),
+                                       direct.reshape(-1)[flat])
         # left padding: what sits at padded positions must not reach real positions
         mask = ones.clone()
         mask[0, :4] = False
@@ -65,8 +68,9 @@ def _body(rank: int, world: int) -> dict:
         # the TE path rotates left-padded rows so real tokens come first (RoPE: same outputs)
         inner.transformer_impl = "transformer_engine"
         rotated, rotated_lp = llada_forward(model, ids, mask), llada_forward(model, ids, mask, ids)
-        out[f"tp{tp}_rotated_positions_err"] = _err(
-            llada_forward(model, ids, mask, ids, positions=pos[:, :1] * 0 + 6), rotated_lp[:, 6:7])
+        out[f"tp{tp}_rotated_positions_err"] = max(
+            _err(llada_forward(model, ids, mask, ids, positions=pos[:, :1] * 0 + 6), rotated_lp[:, 6:7]),
+            _err(llada_forward(model, ids, mask, ids, positions=flat), rotated_lp.reshape(-1)[flat]))
         out[f"tp{tp}_rotated_err"] = _err(rotated[:, 4:], a[:, 4:])
         expected_lp = vocab_parallel_log_probs(a, ids, inner.vocab_start, group)
         out[f"tp{tp}_rotated_lp_err"] = (rotated_lp - expected_lp)[:, 4:].abs().max().item()
@@ -102,6 +106,7 @@ def test_model_api_on_two_ranks():
             assert res[f"tp{tp}_lp_err"] < 1e-5
             assert res[f"tp{tp}_mask_ones_err"] < 1e-5
             assert res[f"tp{tp}_positions_err"] < 1e-5 and res[f"tp{tp}_positions_lp_err"] < 1e-5
+            assert res[f"tp{tp}_flat_err"] < 1e-5
             assert res[f"tp{tp}_rotated_positions_err"] < 1e-5
             assert res[f"tp{tp}_pad_leak"] < 1e-5
             assert res[f"tp{tp}_unpadded_differs"] > 1e-4  # the check above is not vacuous

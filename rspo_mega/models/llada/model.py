@@ -123,6 +123,17 @@ def _rotate(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.reshape(index.shape + (1,) * (x.dim() - 2)).expand(x.shape))
 
 
+def _rotated_positions(positions: Optional[torch.Tensor], shift: torch.Tensor, b: int,
+                       s: int) -> torch.Tensor:
+    """Caller positions (``[b, m]``, flat ``[n]`` or None = all) in rows rotated left by ``shift``."""
+    if positions is None:
+        positions = torch.arange(s, device=shift.device).expand(b, s)
+    if positions.dim() == 2:
+        return (positions - shift[:, None]) % s
+    row = positions // s
+    return row * s + (positions - row * s - shift[row]) % s
+
+
 def llada_forward(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -133,17 +144,19 @@ def llada_forward(
     """One bidirectional forward of an LLaDA model built by :func:`build_llada_model`.
 
     ``input_ids``: ``[b, s]``; ``attention_mask``: ``[b, s]`` bool, True = real token (None, or
-    all True: no mask at all); ``positions``: long ``[b, m]``, the positions of each row whose
-    output is wanted (None: all ``s``). On the last pipeline stage returns float32
-    vocab-parallel logits ``[b, m, v]`` or, with ``labels [b, s]``, the log-probs ``[b, m]`` of
-    the labels at those positions. On other stages returns the hidden states ``[s, b, h]``.
+    all True: no mask at all); ``positions``: the outputs wanted, long ``[b, m]`` (positions of
+    each row) or ``[n]`` (flat indices ``row * s + position``); None: all ``s`` of every row. On
+    the last pipeline stage returns float32 vocab-parallel logits ``[b, m, v]`` / ``[n, v]`` or,
+    with ``labels [b, s]``, the log-probs ``[b, m]`` / ``[n]`` of the labels there. On other
+    stages returns the hidden states ``[s, b, h]``.
     """
     inner = unwrap_model(model)
     b, s = input_ids.shape
     if labels is not None and labels.shape != (b, s):
         raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {(b, s)}")
-    if positions is not None and (positions.dim() != 2 or positions.shape[0] != b):
-        raise ValueError(f"positions must be [b={b}, m], got shape {tuple(positions.shape)}")
+    if positions is not None and not (positions.dim() == 1 or
+                                      (positions.dim() == 2 and positions.shape[0] == b)):
+        raise ValueError(f"positions must be [b={b}, m] or [n], got shape {tuple(positions.shape)}")
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None  # no padding: the fused attention runs without a mask
     shift = None
@@ -153,9 +166,7 @@ def llada_forward(
         input_ids, attention_mask = _rotate(input_ids, shift), _rotate(attention_mask, shift)
         if labels is not None:
             labels = _rotate(labels, shift)
-        if positions is None:
-            positions = torch.arange(s, device=input_ids.device).expand(b, s)
-        positions = (positions - shift[:, None]) % s
+        positions = _rotated_positions(positions, shift, b, s)
     position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
     mask = None if attention_mask is None else padding_attention_mask(attention_mask)
     return model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
@@ -194,11 +205,18 @@ class LLaDAModel(GPTModel):
         return self.head(hidden, labels, positions)
 
     def head(self, hidden: Tensor, labels: Optional[Tensor], positions: Optional[Tensor]) -> Tensor:
-        """``hidden [s, b, h]`` (final norm applied) -> logits ``[b, m, v]`` or log-probs ``[b, m]``."""
+        """``hidden [s, b, h]`` (final norm applied) -> logits ``[b, m, v]`` / ``[n, v]`` or log-probs
+        ``[b, m]`` / ``[n]`` (see :func:`llada_forward` for ``positions``)."""
         if self.config.sequence_parallel:  # all-gather here, reduce-scatter of the grads back
             hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden)
-        x = hidden.transpose(0, 1)  # [b, s, h]
-        if positions is not None:
+        if positions is not None and positions.dim() == 1:  # flat row * s + position
+            s, b = hidden.shape[:2]
+            rows_in_hidden = (positions % s) * b + positions // s  # hidden is [s, b, h]
+            x = hidden.reshape(s * b, -1).index_select(0, rows_in_hidden)
+            labels = None if labels is None else labels.reshape(-1).index_select(0, positions)
+        else:
+            x = hidden.transpose(0, 1)  # [b, s, h]
+        if positions is not None and positions.dim() == 2:
             x = x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
             labels = None if labels is None else labels.gather(1, positions)
         if not self.config.sequence_parallel:  # identity forward, all-reduce of the input grad
