@@ -8,9 +8,19 @@
    and policy pass 1, ``no_grad``), loss + reductions (coefficients, global metrics) and
    backward (pass 2: forward + backward of the linear surrogate), for a ~25M-parameter LLaDA.
 
+3. ``vs_baseline``: the likelihood part of an RSPO step (policy log-probs, loss, backward;
+   coupled masks, K=2, no reference) against a one-pass baseline written like ESPO's ELBO
+   (:func:`hf_baseline.one_pass_elbo_logprobs` on :class:`hf_baseline.HFLLaDA`: one forward with
+   logits at every position, cross entropy of the masked ones, the same loss, one backward), on
+   the same masked batch and the same weights (a random HF checkpoint converted with the
+   project's converter; the small GQA geometry of bench_model). Ours is timed in both runner
+   modes; ``likelihood_time_vs_one_pass_baseline`` = ours (``likelihood.one_pass``, the
+   default) / baseline (target <= 0.8). Gradients of the two are compared as well.
+
 Runs as one process (a 1-rank gloo group, so collectives are trivially cheap here). Usage::
 
     python benchmarks/bench_elbo.py [--hidden 512 --layers 6 --k 4 --repeats 2]
+    python benchmarks/bench_elbo.py --only-baseline [--baseline-gen 64 256]
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from rspo_mega.config.schema import AlgorithmConfig, LikelihoodConfig, ModelConfig  # noqa: E402
 from rspo_mega.likelihood.batch import CompletionBatch  # noqa: E402
@@ -87,6 +98,71 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
+def _flat_grads(named: list[tuple[str, torch.nn.Parameter]]) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for _, p in named])
+
+
+def vs_baseline(gen: int, repeats: int, batch: int = 4, prompt: int = 32) -> dict:
+    """Ours (both runner modes) vs the ESPO-style one-pass baseline on one batch; see module doc."""
+    import tempfile
+
+    import hf_baseline
+    from rspo_mega.algorithms import build_loss, compute_advantages, loss_backward
+    from rspo_mega.algorithms.base import LossInputs
+    from rspo_mega.likelihood import ElboRunner, MaskSampler
+    from rspo_mega.models.llada.model import llada_forward
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ref, ours, cfg = hf_baseline.same_weights(tmp, max_len=prompt + gen)
+    ref.train(), ours.train()
+    comps = _completions(batch, prompt, gen, cfg)
+    lik = LikelihoodConfig(mask_scheme="coupled", mc_samples=2)
+    algo = AlgorithmConfig(name="rspo")
+    groups = batch // 2
+    comps.group_ids = torch.arange(batch) // 2
+    adv = compute_advantages(torch.arange(batch, dtype=torch.float32), comps.group_ids, groups, algo)
+    loss_fn = build_loss(algo, lik)
+    masked = MaskSampler(lik, 7, cfg.mask_token_id, cfg.eos_token_id).sample(comps, 0)
+    n = masked.num_sequences
+    # RSPO reads reference log-probs; they are scored once, before the timing, for both sides
+    ref_logp = ElboRunner(llada_forward, n).logprobs([ours], masked)
+
+    def baseline() -> None:
+        ref.zero_grad(set_to_none=True)
+        logp = hf_baseline.one_pass_elbo_logprobs(ref, masked.input_ids, masked.attention_mask,
+                                                  masked.labels, masked.score_mask)
+        loss_fn(LossInputs(masked, logp, adv, comps.group_ids, groups, ref_logp)).loss.backward()
+
+    def ours_step(one_pass: bool) -> None:
+        ours.zero_grad(set_to_none=True)
+        runner = ElboRunner(llada_forward, n, ddp_averages_gradients=False, one_pass=one_pass)
+        loss_backward(loss_fn, runner, [ours], masked, adv, comps.group_ids, groups,
+                      ref_logp=ref_logp)
+
+    fns = {"baseline": baseline, "ours_one_pass": lambda: ours_step(True),
+           "ours_two_pass": lambda: ours_step(False)}
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for name, fn in fns.items():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn)[0])
+    ours_step(True)
+    grad_ours = ours.output_layer.weight.grad[: cfg.vocab_size]
+    baseline()
+    grad_ref = ref.ff_out.weight.grad
+    best = {k: min(v) for k, v in times.items()}
+    return {
+        "sequences": n, "seq_length": masked.seq_length, "gen_length": gen,
+        "baseline_s": round(best["baseline"], 3),
+        "ours_one_pass_s": round(best["ours_one_pass"], 3),
+        "ours_two_pass_s": round(best["ours_two_pass"], 3),
+        "likelihood_time_vs_one_pass_baseline": round(best["ours_one_pass"] / best["baseline"], 3),
+        "two_pass_time_vs_one_pass_baseline": round(best["ours_two_pass"] / best["baseline"], 3),
+        "output_grad_rel_diff": float((grad_ours - grad_ref).norm() / grad_ref.norm()),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=512)
@@ -99,9 +175,15 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4, help="coupled pairs per completion")
     ap.add_argument("--micro-batch", type=int, default=4, help="masked sequences per forward")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--baseline-gen", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--only-baseline", action="store_true", help="only the vs_baseline section")
     args = ap.parse_args()
 
     _init_single_process()
+    baseline = {f"gen{g}": vs_baseline(g, max(3, args.repeats)) for g in args.baseline_gen}
+    if args.only_baseline:
+        print(json.dumps({"threads": torch.get_num_threads(), "vs_baseline": baseline}, indent=1))
+        return
     from rspo_mega.algorithms import build_loss, compute_advantages, loss_backward
     from rspo_mega.algorithms.step import loss_coefficients
     from rspo_mega.algorithms.base import LossInputs
@@ -178,7 +260,7 @@ def main() -> None:
     print(json.dumps({
         "model": "LLaDA (rspo_mega.models.llada), local spec, fp32, CPU",
         "params": n_params, "threads": torch.get_num_threads(),
-        "k_scaling": k_scaling, "step_split": step_split,
+        "vs_baseline": baseline, "k_scaling": k_scaling, "step_split": step_split,
         "notes": "single process: reductions are local; backward = pass-2 forward+backward",
     }, indent=1))
 
