@@ -33,7 +33,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 from torch.distributed.checkpoint.planner import WriteItemType
 
-from rspo_mega.parallel import apply_cpu_compat
+from rspo_mega.parallel import apply_cpu_compat, bind_children_to_owner
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,12 @@ Producer = Callable[[str, Optional[int]], torch.Tensor]  # (key, layer or None) 
 
 @contextlib.contextmanager
 def single_process_group() -> Iterator[None]:
-    """A 1-rank gloo group for single-process checkpoint I/O (reuses an existing group)."""
+    """A 1-rank gloo group for single-process checkpoint I/O (reuses an existing group).
+
+    Checkpoint helpers started here die with this process (as in a launched run's ranks).
+    """
     apply_cpu_compat()
+    bind_children_to_owner()
     if dist.is_initialized():
         yield
         return
