@@ -104,8 +104,8 @@ def test_converted_checkpoint_matches_reference(nccl_world, gqa_checkpoint, impl
     with torch.no_grad():
         logits = llada_forward(model, ids.cuda(), mask.cuda())
     v = cfg.vocab_size
-    assert torch.isneginf(logits[..., v:]).all()
-    got = logits[..., :v].double().cpu()
+    assert logits.shape[-1] == v  # real vocab ids only (TP=1)
+    got = logits.double().cpu()
     rel = ((got - ref)[mask].norm() / ref[mask].norm()).item()
     limit = 3e-3 if dtype == "float32" else 2e-2  # fp32 (TE's GEMMs may use TF32) vs bf16
     assert rel < limit, f"{impl}/{dtype}: relative logit error {rel:.2e} >= {limit}"
