@@ -62,7 +62,7 @@ def backward_loss_scale(dp_size: int, num_microbatches: int, ddp_averages_gradie
 @dataclass
 class _MicroBatch:
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: Optional[torch.Tensor]  # None when every token is real
     labels: torch.Tensor
     positions: torch.Tensor  # [n] flat indices row * s + position of the scored positions
     coeff: Optional[torch.Tensor]  # [n] loss coefficients at ``positions``
@@ -116,7 +116,8 @@ class ElboRunner:
         return -(-masked.num_sequences // self.micro_batch_size)
 
     def _split(self, masked: MaskedBatch, coeff: Optional[torch.Tensor], pad: bool) -> list[_MicroBatch]:
-        """Micro-batches on the compute device (the masks may be drawn on the CPU)."""
+        """Micro-batches on the compute device (the masks are drawn where ``masked`` lives, so the
+        checks here need no device sync)."""
         device = current_device()
         out = []
         mbs = self.micro_batch_size
@@ -130,8 +131,10 @@ class ElboRunner:
             scored[rows:] = False  # pipeline padding rows carry no loss
             positions = scored.reshape(-1).nonzero().squeeze(1)
             c = None if coeff is None else coeff[idx].reshape(-1)[positions].to(device)
-            out.append(_MicroBatch(
-                masked.input_ids[idx].to(device), masked.attention_mask[idx].to(device),
+            attention = masked.attention_mask[idx]
+            out.append(_MicroBatch(  # no padding in the micro-batch: no mask, fused attention
+                masked.input_ids[idx].to(device),
+                None if bool(attention.all()) else attention.to(device),
                 masked.labels[idx].to(device), positions.to(device), c, rows,
             ))
         return out

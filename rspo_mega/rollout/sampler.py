@@ -309,8 +309,14 @@ def _model_logits(
 
 
 def _block_draws(rows: list[torch.Tensor], offsets: torch.Tensor) -> torch.Tensor:
-    """Per-row draws for the whole block ``[block_length, ...]`` -> at ``offsets [b, m]``."""
-    return torch.stack([r[o] for r, o in zip(rows, offsets.cpu())])
+    """Per-row draws for the whole block ``[block_length, ...]`` -> ``[b, m, ...]`` at ``offsets``.
+
+    The draws move to the offsets' device and are gathered there (no device-to-host copy).
+    """
+    draws = torch.stack(rows).to(offsets.device)
+    index = offsets.reshape(offsets.shape + (1,) * (draws.dim() - 2)).expand(
+        offsets.shape + draws.shape[2:])
+    return draws.gather(1, index)
 
 
 def _denoise_step(
@@ -333,14 +339,14 @@ def _denoise_step(
         draws = [noise_fn(uid, step, s.block_length, s.vocab_size) if noise_fn else
                  keyed_uniforms(s.seed, uid, step, ROLLOUT_NOISE_STREAM, (s.block_length, s.vocab_size))
                  for uid in uids]
-        noise = shard.slice_noise(_block_draws(draws, offsets).reshape(b * m, -1)).to(flat.device)
+        noise = shard.slice_noise(_block_draws(draws, offsets).reshape(b * m, -1))
     x0 = gumbel_max(flat, noise, s.temperature, shard).view(b, m)
     if s.remasking == "low_confidence":
         conf = shard.chosen_prob(flat, x0.reshape(-1)).view(b, m)
     else:
         draws = [keyed_uniforms(s.seed, uid, step, ROLLOUT_REMASK_STREAM, (s.block_length,))
                  for uid in uids]
-        conf = _block_draws(draws, offsets).to(flat.device)
+        conf = _block_draws(draws, offsets)
     conf = torch.where(valid, conf, torch.full_like(conf, float("-inf")))
     if s.threshold is None:
         counts = [min(kk, n) for kk, n in zip(k, remaining)]

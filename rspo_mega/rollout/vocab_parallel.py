@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from rspo_mega.models.llada.logits import local_row_max, true_vocab_columns
+
 
 @dataclass(frozen=True)
 class VocabShard:
@@ -32,7 +34,6 @@ class VocabShard:
         """The shard of the current tensor-parallel rank; ``padded_shard`` = padded vocab / tp."""
         from megatron.core import parallel_state as ps
 
-        from rspo_mega.models.llada.logits import true_vocab_columns
 
         if not ps.model_parallel_is_initialized():
             return cls(0, true_vocab_columns(true_vocab, padded_shard, 0), true_vocab)
@@ -56,17 +57,9 @@ class VocabShard:
         lo, hi = self.owned_true_ids
         return noise[:, lo:hi]
 
-    def _local_max(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row maxima and their local indices of ``[n, size]`` (-inf and 0 for an empty shard)."""
-        if scores.shape[-1]:
-            return scores.max(dim=-1)
-        n = scores.shape[0]
-        return (scores.new_full((n,), float("-inf")),
-                torch.zeros(n, dtype=torch.long, device=scores.device))
-
     def argmax(self, scores: torch.Tensor) -> torch.Tensor:
         """Global argmax ids ``[n]`` of local scores ``[n, size]``; ties go to the lowest id."""
-        local_val, local_idx = self._local_max(scores)
+        local_val, local_idx = local_row_max(scores)
         if self.world == 1:
             return local_idx + self.start
         vals = [torch.empty_like(local_val) for _ in range(self.world)]
@@ -79,7 +72,7 @@ class VocabShard:
     def chosen_prob(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``softmax(logits)[ids]`` in float64 ``[n]``, from local logits ``[n, size]``."""
         lg = logits.to(torch.float64)
-        gmax = self._all_reduce(self._local_max(lg)[0], dist.ReduceOp.MAX)
+        gmax = self._all_reduce(local_row_max(lg)[0], dist.ReduceOp.MAX)
         sumexp = self._all_reduce(torch.exp(lg - gmax.unsqueeze(-1)).sum(-1), dist.ReduceOp.SUM)
         local = ids - self.start
         mine = (local >= 0) & (local < self.size)

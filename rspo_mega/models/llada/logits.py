@@ -25,6 +25,15 @@ def true_vocab_columns(true_vocab: int, shard_size: int, tp_rank: int) -> int:
     return max(0, min(shard_size, true_vocab - tp_rank * shard_size))
 
 
+def local_row_max(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row maxima and their local column of ``[n, v]`` shards; ``(-inf, 0)`` where ``v == 0``."""
+    if scores.shape[-1]:
+        return scores.max(dim=-1)
+    rows = scores.shape[:-1]
+    return (scores.new_full(rows, float("-inf")),
+            torch.zeros(rows, dtype=torch.long, device=scores.device))
+
+
 def _all_reduce(t: torch.Tensor, op: "dist.ReduceOp", group: Optional["dist.ProcessGroup"]) -> torch.Tensor:
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(t, op=op, group=group)
@@ -38,11 +47,7 @@ class _VocabParallelLogProb(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, start: int,
                 group: Optional["dist.ProcessGroup"]) -> torch.Tensor:  # type: ignore[override]
         width = logits.shape[-1]
-        if width:
-            local_max = logits.max(dim=-1).values
-        else:
-            local_max = logits.new_full(labels.shape, float("-inf"))
-        gmax = _all_reduce(local_max, dist.ReduceOp.MAX, group)
+        gmax = _all_reduce(local_row_max(logits)[0], dist.ReduceOp.MAX, group)
         shifted = logits - gmax.unsqueeze(-1)  # the one [n, v] buffer
         local = labels - start
         mine = (local >= 0) & (local < width)

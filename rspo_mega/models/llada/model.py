@@ -22,7 +22,7 @@ from torch import Tensor
 from rspo_mega.config.schema import ModelConfig
 from rspo_mega.models.llada.config import padded_vocab_size, transformer_config
 from rspo_mega.models.llada.hf_config import resolve_model_config
-from rspo_mega.models.llada.logits import _VocabParallelLogProb, true_vocab_columns
+from rspo_mega.models.llada.logits import true_vocab_columns, vocab_parallel_log_probs
 from rspo_mega.models.llada.spec import llada_layer_spec, resolve_transformer_impl
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,8 @@ def llada_forward(
 ) -> torch.Tensor:
     """One bidirectional forward of an LLaDA model built by :func:`build_llada_model`.
 
-    ``input_ids``: ``[b, s]``; ``attention_mask``: ``[b, s]`` bool, True = real token (None, or
-    all True: no mask at all); ``positions``: the outputs wanted, long ``[b, m]`` (positions of
+    ``input_ids``: ``[b, s]``; ``attention_mask``: ``[b, s]`` bool, True = real token (None = no
+    padding, no mask tensor at all); ``positions``: the outputs wanted, long ``[b, m]`` (positions of
     each row) or ``[n]`` (flat indices ``row * s + position``); None: all ``s`` of every row. On
     the last pipeline stage returns float32 vocab-parallel logits ``[b, m, v]`` / ``[n, v]`` or,
     with ``labels [b, s]``, the log-probs ``[b, m]`` / ``[n]`` of the labels there. On other
@@ -157,8 +157,6 @@ def llada_forward(
     if positions is not None and not (positions.dim() == 1 or
                                       (positions.dim() == 2 and positions.shape[0] == b)):
         raise ValueError(f"positions must be [b={b}, m] or [n], got shape {tuple(positions.shape)}")
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None  # no padding: the fused attention runs without a mask
     shift = None
     if attention_mask is not None and inner.transformer_impl == "transformer_engine":
         shift = real_tokens_first(attention_mask)
@@ -226,4 +224,4 @@ class LLaDAModel(GPTModel):
             return logits
         group = ps.get_tensor_model_parallel_group() \
             if ps.get_tensor_model_parallel_world_size() > 1 else None
-        return _VocabParallelLogProb.apply(logits, labels, self.vocab_start, group)
+        return vocab_parallel_log_probs(logits, labels, self.vocab_start, group)
