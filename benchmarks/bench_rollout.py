@@ -7,9 +7,13 @@ Prints one JSON object. The baseline is :func:`hf_baseline.reference_generate` (
 checkpoint converted with the project's converter (the small GQA geometry of bench_model).
 ``speedup_vs_reference`` = our tokens/s / the baseline's; ``token_agreement`` is the fraction of
 identical tokens (asserted to be 1.0). The baseline's per-forward time is printed beside it.
-The opt-in confidence-threshold mode is timed too, with the fraction of its tokens that differ.
+With ``--cache prefix|dual`` and/or ``--threshold T`` the block-KV-cache / confidence-threshold
+sampler is timed too: ``speedup_vs_exact``, ``speedup_vs_reference`` and ``token_agreement`` (share
+of tokens equal to the exact sampler's at T=0) then describe it, with ``cache_bytes``; the exact
+sampler's figures stay under ``exact``.
 
     python benchmarks/bench_rollout.py [--gen 256 --block 32 --steps 128 --batch 4]
+    python benchmarks/bench_rollout.py --cache dual --threshold 0.9 --batch 8
     python benchmarks/bench_rollout.py --run-dir runs/default   # a trained run's model + prompts
 
 Confidence-threshold decoding only pays off on a trained model (a random one is never
@@ -85,6 +89,18 @@ def _timed(fn):
     return time.perf_counter() - t0, out
 
 
+def _variant_label(args) -> str:
+    parts = ([f"cache={args.cache}"] if args.cache != "none" else []) + \
+        ([f"threshold={args.threshold}"] if args.threshold is not None else [])
+    return " ".join(parts) or "exact"
+
+
+def _summary(rollout, seconds: float, tokens: int) -> dict:
+    return {"seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+            "mean_steps_used": float(rollout.steps_used.float().mean()),
+            "model_calls": len(rollout.step_seconds)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--gen", type=int, default=256)
@@ -92,7 +108,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=128)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--prompt", type=int, default=32)
-    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--cache", choices=("none", "prefix", "dual"), default="none",
+                   help="also time the sampler with this block KV cache")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="also time confidence-threshold decoding (with --cache, both)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--run-dir", default=None, help="trained run: config.yaml, tokenizer/, ckpt/")
     args = p.parse_args()
@@ -104,46 +123,63 @@ def main() -> None:
         ref, model, mcfg, prompts = _models(args, tmp)
     uids = list(range(prompts.shape[0]))
 
-    def engine(mode: str) -> RolloutEngine:
+    def engine(cache: str = "none", threshold: float | None = None) -> RolloutEngine:
         cfg = RolloutConfig(gen_length=args.gen, block_length=args.block, steps=args.steps,
-                            temperature=0.0, micro_batch_size=prompts.shape[0], mode=mode,
-                            confidence_threshold=args.threshold, stop_on_eos_block=False)
+                            temperature=0.0, micro_batch_size=prompts.shape[0],
+                            mode="exact" if threshold is None else "threshold",
+                            confidence_threshold=threshold or 0.9, stop_on_eos_block=False,
+                            cache=cache)
         return RolloutEngine(model, mcfg, cfg, seed=0)
 
     full = torch.cat([prompts, torch.full((prompts.shape[0], args.gen), mcfg.mask_token_id)], 1)
-    with torch.no_grad():  # warm-up of both (first calls of new shapes build kernels)
+    variant = args.cache != "none" or args.threshold is not None
+    with torch.no_grad():  # warm-up of all (first calls of new shapes build kernels)
         for _ in range(3):
             ref(full)
-        engine("exact").generate(prompts.tolist(), uids, steps=args.gen // args.block)
+        engine().generate(prompts.tolist(), uids, steps=args.gen // args.block)
+        if variant:
+            engine(args.cache, args.threshold).generate(prompts.tolist(), uids,
+                                                        steps=2 * args.gen // args.block)
         t_fwd = min(_timed(lambda: ref(full))[0] for _ in range(3))
     t_ref, ref_out = _timed(lambda: hf_baseline.reference_generate(
         ref, prompts, args.steps, args.gen, args.block, mcfg.mask_token_id))
     ref_out = ref_out[:, prompts.shape[1]:]
-    t_exact, exact = _timed(lambda: engine("exact").generate(prompts.tolist(), uids))
-    t_fast, fast = _timed(lambda: engine("threshold").generate(prompts.tolist(), uids))
+    t_exact, exact = _timed(lambda: engine().generate(prompts.tolist(), uids))
     agreement = float((exact.completion_ids == ref_out).float().mean())
     tokens = prompts.shape[0] * args.gen
-    print(json.dumps({
+    out = {
         "benchmark": "rollout", "threads": torch.get_num_threads(),
         "model_params": sum(p.numel() for p in model.parameters()),
-        "batch": prompts.shape[0], "gen_length": args.gen, "block_length": args.block, "steps": args.steps,
+        "batch": prompts.shape[0], "gen_length": args.gen, "block_length": args.block,
+        "steps": args.steps, "run_dir": args.run_dir,
         "reference": {"seconds": round(t_ref, 3), "tokens_per_s": round(tokens / t_ref, 1),
                       "forward_ms": round(1e3 * t_fwd, 2)},
-        "exact": {"seconds": round(t_exact, 3), "tokens_per_s": round(tokens / t_exact, 1),
-                  "steps_per_s": round(int(exact.steps_used.max()) / t_exact, 2)},
-        "threshold": {"threshold": args.threshold, "seconds": round(t_fast, 3),
-                      "tokens_per_s": round(tokens / t_fast, 1),
-                      "mean_steps_used": float(fast.steps_used.float().mean()),
-                      "model_calls": len(fast.step_seconds),
-                      # rows left out of calls once their block was decoded (work not done)
-                      "row_forwards_skipped": round(1 - float(fast.steps_used.sum())
-                                                    / (len(fast.step_seconds) * prompts.shape[0]), 3),
-                      "token_diff_rate_vs_exact": float((fast.completion_ids != exact.completion_ids).float().mean())},
+        "exact": {**_summary(exact, t_exact, tokens), "token_agreement_vs_reference": agreement,
+                  "speedup_vs_reference": round(t_ref / t_exact, 3)},
         "token_agreement": agreement,
         "speedup_vs_reference": round(t_ref / t_exact, 3),
-        "speedup_threshold_vs_reference": round(t_ref / t_fast, 3),
-    }, indent=1))
+    }
+    if variant:
+        eng = engine(args.cache, args.threshold)
+        t_var, var = _timed(lambda: eng.generate(prompts.tolist(), uids))
+        cache_bytes = 0 if args.cache == "none" else _cache_bytes(eng, prompts, args.gen)
+        out.update({
+            "variant": {"name": _variant_label(args), **_summary(var, t_var, tokens)},
+            "speedup_vs_exact": round(t_exact / t_var, 3),
+            "speedup_vs_reference": round(t_ref / t_var, 3),
+            # share of generated tokens equal to the exact sampler's (T=0)
+            "token_agreement": float((var.completion_ids == exact.completion_ids).float().mean()),
+            "cache_bytes": cache_bytes,
+        })
+    print(json.dumps(out, indent=1))
     assert agreement == 1.0, f"exact sampler tokens differ from the reference: agreement {agreement}"
+
+
+def _cache_bytes(eng: RolloutEngine, prompts: torch.Tensor, gen: int) -> int:
+    """Bytes of the block KV cache one generate() call of this batch allocates."""
+    from rspo_mega.models.llada.kv_cache import BlockKVCache
+
+    return BlockKVCache(eng.chunks, prompts.shape[0], prompts.shape[1] + gen).nbytes
 
 
 if __name__ == "__main__":

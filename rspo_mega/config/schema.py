@@ -79,6 +79,10 @@ class RolloutConfig:
     micro_batch_size: int = 16  # sequences per sampler forward
     mode: str = "exact"  # exact | threshold (confidence-threshold parallel decoding)
     confidence_threshold: float = 0.9  # for mode=threshold
+    # Block KV cache: none (every step runs the whole sequence) | prefix (later steps of a block run
+    # the block and the suffix) | dual (the block only). Approximate; see docs/OPTIONS.md.
+    cache: str = "none"
+    cache_check_rate: float = 0.0  # share of cached steps re-run exactly (rollout/cache_* metrics)
 
 
 @dataclass

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Optional
 
 from rspo_mega.config.loader import ConfigError
-from rspo_mega.config.schema import AlgorithmConfig, CountdownConfig, LikelihoodConfig, TrainConfig
+from rspo_mega.config.schema import (
+    AlgorithmConfig,
+    CountdownConfig,
+    LikelihoodConfig,
+    ParallelConfig,
+    RolloutConfig,
+    TrainConfig,
+)
+from rspo_mega.rollout.sampler import CACHE_MODES
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.params_dtype": ("float32", "bfloat16"),
@@ -23,6 +31,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.fp8.amax_compute_algo": ("max", "most_recent"),
     "rollout.remasking": ("low_confidence", "random"),
     "rollout.mode": ("exact", "threshold"),
+    "rollout.cache": CACHE_MODES,
     "likelihood.mask_scheme": ("bernoulli", "stratified", "coupled", "one_step"),
     "likelihood.sft_mask_scheme": ("bernoulli", "stratified", "coupled"),
     "likelihood.count_positions": ("generated", "until_eos"),
@@ -108,6 +117,19 @@ def _check_section(section: object, prefix: str) -> None:
             value = getattr(section, key[len(prefix) + 1:])
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"config key '{key}' must be >= 1, got {value!r}")
+
+
+def check_rollout_cache(ro: RolloutConfig, par: ParallelConfig) -> None:
+    """``rollout.cache_check_rate`` and the cache's span lengths under sequence parallelism."""
+    if not 0 <= ro.cache_check_rate <= 1:
+        raise ConfigError(f"rollout.cache_check_rate must lie in [0, 1], got {ro.cache_check_rate}")
+    if ro.cache_check_rate and ro.cache == "none":
+        raise ConfigError("rollout.cache_check_rate > 0 measures the block KV cache: it needs "
+                          "rollout.cache=prefix or dual")
+    if ro.cache != "none" and par.sequence_parallel and ro.block_length % par.tp:
+        raise ConfigError(f"rollout.cache={ro.cache} with parallel.sequence_parallel runs spans of "
+                          f"rollout.block_length={ro.block_length} tokens, which parallel.tp="
+                          f"{par.tp} must divide")
 
 
 def check_likelihood(lik: LikelihoodConfig) -> None:
@@ -239,6 +261,7 @@ def validate_config(cfg: TrainConfig, world_size: Optional[int] = None) -> Layou
             f"{cfg.data.max_prompt_length + ro.gen_length} exceeds "
             f"model.max_position_embeddings={geo['ctx']}"
         )
+    check_rollout_cache(ro, par)
     check_likelihood(cfg.likelihood)
     check_algorithm(cfg.algorithm)
     if cfg.optimizer.lr <= 0:

@@ -8,6 +8,9 @@
 * **TP**: logits stay vocab-parallel; :class:`VocabShard` samples with collectives.
 * **PP**: each denoising step runs the micro-batches through megatron-core's forward-only
   pipeline schedule; the last stage samples and broadcasts the committed tokens to every stage.
+* **Block KV cache** (``rollout.cache``): one :class:`BlockKVCache` per ``generate`` call holds
+  the K/V of this rank's heads (TP) and layers (PP stage, virtual chunks) for all its rows; a
+  cached step passes only the span's activations between stages.
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ import torch.distributed as dist
 
 from rspo_mega.config.schema import ModelConfig, RolloutConfig
 from rspo_mega.rng import hash64
-from rspo_mega.rollout.sampler import Rollout, SamplerSettings, generate, validate_settings
+from rspo_mega.models.llada.kv_cache import BlockKVCache, CacheView
+from rspo_mega.rollout.sampler import (
+    CacheCheck,
+    CacheStep,
+    Rollout,
+    SamplerSettings,
+    generate,
+    validate_settings,
+)
 from rspo_mega.rollout.vocab_parallel import VocabShard
 
 
@@ -64,6 +75,8 @@ def sampler_settings(model_cfg: ModelConfig, rollout_cfg: RolloutConfig, seed: i
         stop_on_eos_block=rollout_cfg.stop_on_eos_block,
         seed=seed,
         threshold=rollout_cfg.confidence_threshold if rollout_cfg.mode == "threshold" else None,
+        cache=rollout_cfg.cache,
+        cache_check_rate=rollout_cfg.cache_check_rate,
     )
 
 
@@ -96,48 +109,74 @@ class RolloutEngine:
             padded_vocab_size(model_cfg, tp) // tp, model_cfg.vocab_size
         )
         self.device = next(self.chunks[0].parameters()).device
+        self.kv_cache: Optional[BlockKVCache] = None  # allocated for one generate() call
 
     # -- the two callables the sampler needs -------------------------------------------------
 
     def logits(self, x: torch.Tensor, key_padding: Optional[torch.Tensor],
-               positions: torch.Tensor) -> Optional[torch.Tensor]:
-        """Vocab-parallel logits ``[b, m, v]`` at ``positions [b, m]`` on the last stage, else ``None``."""
+               positions: torch.Tensor, cache: Optional[CacheStep] = None) -> Optional[torch.Tensor]:
+        """Vocab-parallel logits ``[b, m, v]`` at ``positions [b, m]`` on the last stage, else ``None``.
+
+        ``x [b, L]``: the whole sequences, or with ``cache`` the columns from ``cache.lo`` run
+        through this rollout's block KV cache (rows ``cache.rows``).
+        """
         from rspo_mega.models.llada import llada_forward
 
         b = x.shape[0]
+        rows = list(range(b)) if cache is None else cache.rows
         if self.pp == 1 and len(self.chunks) == 1:  # micro-batches of any size
-            ids, pos = x.split(self.micro_batch_size), positions.split(self.micro_batch_size)
-            pads = [None] * len(ids) if key_padding is None else key_padding.split(self.micro_batch_size)
-            return torch.cat([llada_forward(self.chunks[0], i, p, positions=q)
-                              for i, p, q in zip(ids, pads, pos)])
-        # The pipeline needs equal micro-batches: pad with copies of the last row, drop them after.
+            n = self.micro_batch_size
+            outs = [llada_forward(self.chunks[0], x[i:i + n],
+                                  None if key_padding is None else key_padding[i:i + n],
+                                  positions=positions[i:i + n],
+                                  kv_cache=self._view(cache, rows[i:i + n]))
+                    for i in range(0, b, n)]
+            return torch.cat(outs)
+        # The pipeline needs equal micro-batches: pad with copies of the last row, drop them after
+        # (a copy re-writes its row's cache entry with the same values).
         mbs = min(b, self.micro_batch_size)
         extra = -b % mbs
         if extra:
             x, positions = (torch.cat([t, t[-1:].expand(extra, -1)]) for t in (x, positions))
             key_padding = None if key_padding is None else \
                 torch.cat([key_padding, key_padding[-1:].expand(extra, -1)])
-        pads = [None] * (x.shape[0] // mbs) if key_padding is None else list(key_padding.split(mbs))
-        batches = list(zip(x.split(mbs), pads, positions.split(mbs)))
+            rows = rows + rows[-1:] * extra
+        n_mb = x.shape[0] // mbs
+        pads = [None] * n_mb if key_padding is None else list(key_padding.split(mbs))
+        views = [self._view(cache, rows[i * mbs:(i + 1) * mbs]) for i in range(n_mb)]
+        batches = list(zip(x.split(mbs), pads, positions.split(mbs), views))
+        outputs = self._pipeline(batches, x.shape[1], mbs)
+        return torch.cat(outputs)[:b] if self.is_last else None
+
+    def _view(self, cache: Optional[CacheStep], rows: list[int]) -> Optional[CacheView]:
+        if cache is None:
+            return None
+        if self.kv_cache is None:
+            raise RuntimeError("RolloutEngine: a cached step outside generate()")
+        return self.kv_cache.view(rows, cache.lo)
+
+    def _pipeline(self, batches: list, seq_length: int, mbs: int) -> list:
+        """megatron-core's forward-only schedule over ``batches`` of ``(ids, pad, positions, view)``."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from rspo_mega.models.llada import llada_forward
+
         def forward_step(data_iterator, model):
-            batch_ids, batch_pad, batch_pos = next(data_iterator)
-            out = llada_forward(model, batch_ids, batch_pad, positions=batch_pos)
+            ids, pad, pos, view = next(data_iterator)
+            out = llada_forward(model, ids, pad, positions=pos, kv_cache=view)
             return out, lambda output, non_loss_data=False: output
 
-        outputs = get_forward_backward_func()(
+        chunked = len(self.chunks) > 1
+        return get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=[iter(batches) for _ in self.chunks]
-            if len(self.chunks) > 1 else iter(batches),
-            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            data_iterator=[iter(batches) for _ in self.chunks] if chunked else iter(batches),
+            model=self.chunks if chunked else self.chunks[0],
             num_microbatches=len(batches),
-            seq_length=x.shape[1],
+            seq_length=seq_length,
             micro_batch_size=mbs,
             forward_only=True,
             collect_non_loss_data=True,
         )
-        return torch.cat(outputs)[:b] if self.is_last else None
 
     def sync(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's tokens on every pipeline stage (a broadcast of ``[b, S]`` ids)."""
@@ -172,11 +211,32 @@ class RolloutEngine:
             )
         for chunk in self.chunks:
             chunk.eval()
+        if settings.cache != "none":
+            rows = len(prompts) * (2 if settings.cfg_scale > 0 else 1)
+            seq = max(map(len, prompts), default=0) + settings.gen_length
+            self.kv_cache = BlockKVCache(self.chunks, rows, seq)
         try:
-            return generate(
+            rollout = generate(
                 self.logits, prompts, uids, settings, shard=self.shard, sync_fn=self.sync,
                 device=self.device,
             )
         finally:
+            self.kv_cache = None
             for chunk in self.chunks:
                 chunk.train()
+        return self._share_cache_check(rollout)
+
+    def _share_cache_check(self, rollout: Rollout) -> Rollout:
+        """The last stage's cache-check counts on every pipeline stage (they log on rank 0)."""
+        check = rollout.cache_check
+        if self.pp == 1 or self.settings.cache == "none":
+            return rollout
+        from megatron.core import parallel_state as ps
+
+        counts = torch.tensor([check.steps, check.committed, check.mismatched,
+                               check.confidence_diff], dtype=torch.float64, device=self.device)
+        dist.broadcast(counts, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+        steps, committed, mismatched, diff = counts.tolist()
+        rollout.cache_check = CacheCheck(int(steps), int(committed), int(mismatched), diff)
+        return rollout

@@ -13,6 +13,14 @@ sampling and confidences are computed there only. In exact mode the commit count
 the host from the block's schedule, so a step needs no device-to-host copy; threshold mode
 copies the ``[b]`` commit counts once per step.
 
+**Block KV cache** (``cache``: ``prefix`` | ``dual``; :mod:`rspo_mega.models.llada.kv_cache`).
+A block's first step runs the whole sequence and writes every position's K/V; its later steps run
+the block and the suffix (``prefix``) or the block alone (``dual``), attending to the cached K/V
+of the other columns. Cached K/V go stale as tokens are committed elsewhere, so the cache is an
+approximation; ``cache_check_rate`` re-runs that share of cached steps exactly and counts the
+commits that differ (:class:`CacheCheck`). The unconditional rows of guidance have their own
+cache rows; rows that leave the batch keep theirs.
+
 **Prompts of different lengths** are left-padded into one batch with a key-padding mask. The
 alternative, bucketing by length, avoids the mask but splits a batch into many small forwards when
 prompt lengths vary (GSM8K, MATH), which costs more than the mask; with RoPE's relative positions
@@ -38,8 +46,24 @@ import torch
 from rspo_mega.rng import keyed_generator
 from rspo_mega.rollout.vocab_parallel import VocabShard, gumbel_max
 
-# (x [b, S], key_padding [b, S] | None, positions [b, m]) -> logits [b, m, V_local] | None
-LogitsFn = Callable[[torch.Tensor, Optional[torch.Tensor], torch.Tensor], Optional[torch.Tensor]]
+CACHE_MODES = ("none", "prefix", "dual")
+
+
+@dataclass(frozen=True)
+class CacheStep:
+    """A forward through the block KV cache: the batch rows' cache rows and the first column run.
+
+    ``lo == 0`` with the whole sequence is a refresh (every position's K/V written).
+    """
+
+    rows: list[int]
+    lo: int
+
+
+# (x [b, L], key_padding [b, S] | None, positions [b, m] into x's L columns, cache step | None)
+# -> logits [b, m, V_local] | None. Without a cache step x is the whole sequence (L = S).
+LogitsFn = Callable[[torch.Tensor, Optional[torch.Tensor], torch.Tensor, Optional[CacheStep]],
+                    Optional[torch.Tensor]]
 SyncFn = Callable[[torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[int, int, int, int], torch.Tensor]  # (uid, step, n_positions, vocab) -> [n, V]
 # ``step`` in keys and in NoiseFn is ``block * steps_per_block + step_in_block``.
@@ -67,6 +91,11 @@ class SamplerSettings:
     # Opt-in parallel decoding: besides the exact schedule's share, commit every masked token of
     # the block whose confidence exceeds this; blocks then finish in fewer steps.
     threshold: Optional[float] = None
+    # Block KV cache (none | prefix | dual): after a block's first, full forward, later steps run
+    # the block and the suffix (prefix) or the block only (dual) against cached K/V.
+    cache: str = "none"
+    # Share of cached steps also run exactly, to measure how often the cache changes a commit.
+    cache_check_rate: float = 0.0
 
     @property
     def num_blocks(self) -> int:
@@ -103,6 +132,12 @@ def validate_settings(s: SamplerSettings, max_context: Optional[int] = None, pro
         raise ValueError(f"rollout.temperature must be >= 0, got {s.temperature}")
     if s.threshold is not None and not 0 < s.threshold <= 1:
         raise ValueError(f"rollout.confidence_threshold must lie in (0, 1], got {s.threshold}")
+    if s.cache not in CACHE_MODES:
+        raise ValueError(f"rollout.cache={s.cache!r} must be one of {', '.join(CACHE_MODES)}")
+    if not 0 <= s.cache_check_rate <= 1:
+        raise ValueError(f"rollout.cache_check_rate must lie in [0, 1], got {s.cache_check_rate}")
+    if s.cache_check_rate and s.cache == "none":
+        raise ValueError("rollout.cache_check_rate > 0 needs rollout.cache=prefix or dual")
     if max_context is not None and prompt_len + s.gen_length > max_context:
         raise ValueError(
             f"prompt length {prompt_len} + rollout.gen_length {s.gen_length} exceeds the model "
@@ -120,6 +155,30 @@ class Rollout:
     completion_lengths: torch.Tensor  # [b] tokens up to and including the first EOS
     steps_used: torch.Tensor  # [b] denoising steps that ran for the row
     step_seconds: list[float] = field(default_factory=list)  # wall time of each step
+    cache_check: "CacheCheck" = field(default_factory=lambda: CacheCheck())
+
+
+@dataclass
+class CacheCheck:
+    """Cached steps re-run exactly (``cache_check_rate``): how often the cache changed a commit.
+
+    Only the sampling ranks (last pipeline stage) count; elsewhere the counts stay 0.
+    """
+
+    steps: int = 0  # cached steps checked
+    committed: int = 0  # tokens those steps committed
+    mismatched: int = 0  # of them, tokens the exact step samples differently
+    confidence_diff: float = 0.0  # sum over them of |confidence cached - confidence exact|
+
+    def add(self, commit: torch.Tensor, x0: torch.Tensor, conf: torch.Tensor,
+            exact_x0: torch.Tensor, exact_conf: torch.Tensor) -> None:
+        """Count one checked step: ``commit [b, m]`` of the cached step and both steps' draws."""
+        stats = torch.stack([commit.sum(), (commit & (x0 != exact_x0)).sum(),
+                             torch.where(commit, (conf - exact_conf).abs(), 0.0).sum()]).tolist()
+        self.steps += 1
+        self.committed += int(stats[0])
+        self.mismatched += int(stats[1])
+        self.confidence_diff += float(stats[2])
 
 
 def num_transfer_tokens(masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -167,8 +226,10 @@ def generate(
 ) -> Rollout:
     """Generate one completion per prompt; ``uids`` [b] key the randomness of each row.
 
-    ``logits_fn(x [b, S], key_padding [b, S] | None, positions [b, m])`` returns the logits of
-    those positions ``[b, m, V_local]`` on the rank(s) that sample and ``None`` elsewhere;
+    ``logits_fn(x [b, L], key_padding [b, S] | None, positions [b, m], cache)`` returns the
+    logits at ``positions`` (columns of the ``x`` given) ``[b, m, V_local]`` on the rank(s) that
+    sample and ``None`` elsewhere; ``cache`` is None (``x`` is the whole sequence) or the
+    :class:`CacheStep` whose rows and first column ``x`` holds (the caller owns the cache);
     ``sync_fn(x)`` returns the sampling ranks' ``x`` on every rank (identity when one stage
     holds everything). ``noise_fn`` overrides the keyed uniforms (tests feed a reference the
     same noise).
@@ -191,6 +252,7 @@ def generate(
         completion_lengths=_completion_lengths(gen, s.eos_token_id),
         steps_used=torch.tensor(state.steps_used, dtype=torch.long),
         step_seconds=state.times,
+        cache_check=state.check,
     )
 
 
@@ -207,6 +269,8 @@ class _State:
     sync_fn: SyncFn
     steps_used: list[int]
     times: list[float] = field(default_factory=list)
+    cached_steps: int = 0  # steps run through the cache so far (schedules the checks)
+    check: CacheCheck = field(default_factory=CacheCheck)
 
     @classmethod
     def start(cls, prompt_ids: torch.Tensor, prompt_lengths: torch.Tensor, s: SamplerSettings,
@@ -239,7 +303,8 @@ class _State:
             t0 = time.perf_counter()
             step = block * s.steps_per_block + i
             counts = self.step(logits_fn, lo, live, [schedule[r][i] for r in live],
-                               [remaining[r] for r in live], [uids[r] for r in live], step, noise_fn)
+                               [remaining[r] for r in live], [uids[r] for r in live], step,
+                               i == 0, noise_fn)
             self.x = self.sync_fn(self.x)
             if counts is None:  # a stage that does not sample: read the commits off the tokens
                 remaining = self.block_masked(lo).sum(1).tolist()
@@ -255,11 +320,12 @@ class _State:
         return self.x[:, lo:lo + self.s.block_length] == self.s.mask_token_id
 
     def step(self, logits_fn: LogitsFn, lo: int, live: list[int], k: list[int],
-             remaining: list[int], uids: list[int], step: int,
+             remaining: list[int], uids: list[int], step: int, first: bool,
              noise_fn: Optional[NoiseFn]) -> Optional[list[int]]:
         """One denoising step of the ``live`` rows; their committed counts (host), None if not sampled here.
 
-        ``k``: the schedule's commits per live row; ``remaining``: their masked positions left.
+        ``k``: the schedule's commits per live row; ``remaining``: their masked positions left;
+        ``first``: the block's first step (with a cache: the full forward that refreshes it).
         """
         b = self.x.shape[0]
         rows = None if len(live) == b else torch.as_tensor(live, device=self.x.device)
@@ -272,16 +338,47 @@ class _State:
             remaining, device=x.device)[:, None]
         pad = self.key_padding if self.key_padding is None or rows is None else self.key_padding[rows]
         region = self.prompt_region if rows is None else self.prompt_region[rows]
-        logits = _model_logits(logits_fn, x, pad, region, lo + offsets, self.s)
+        cols, cache = self.span(lo, live, first)
+        logits = _model_logits(logits_fn, x, pad, region, lo + offsets, self.s, cols, cache)
+        exact = None
+        if self.check_due(cache):
+            exact = _model_logits(logits_fn, x, pad, region, lo + offsets, self.s,
+                                  slice(0, x.shape[1]), None)
         if logits is None:
             return None
-        commit, x0, counts = _denoise_step(logits, offsets, valid, k, remaining, uids, step,
-                                           self.s, self.shard, noise_fn)
+        draw = lambda lg: _denoise_step(lg, offsets, valid, k, remaining, uids, step,  # noqa: E731
+                                        self.s, self.shard, noise_fn)
+        commit, x0, conf, counts = draw(logits)
+        if exact is not None:
+            _, exact_x0, exact_conf, _ = draw(exact)
+            self.check.add(commit, x0, conf, exact_x0, exact_conf)
         block = x[:, lo:lo + self.s.block_length]
         block.scatter_(1, offsets, torch.where(commit, x0, block.gather(1, offsets)))
         if rows is not None:
             self.x[rows] = x
         return counts
+
+    def span(self, lo: int, live: list[int], first: bool) -> tuple[slice, Optional[CacheStep]]:
+        """Columns the step runs and its cache step (None without a cache).
+
+        A block's first step runs everything and refreshes the cache; later ones run the block
+        and the suffix (``prefix``) or the block only (``dual``). With guidance the
+        unconditional copy of row ``r`` has cache row ``b + r``.
+        """
+        s, seq = self.s, self.x.shape[1]
+        if s.cache == "none":
+            return slice(0, seq), None
+        start, end = (0, seq) if first else (lo, seq if s.cache == "prefix" else lo + s.block_length)
+        rows = live + [self.x.shape[0] + r for r in live] if s.cfg_scale > 0 else live
+        return slice(start, end), CacheStep(rows, start)
+
+    def check_due(self, cache: Optional[CacheStep]) -> bool:
+        """Whether this cached step is also run exactly: an even ``cache_check_rate`` share."""
+        if cache is None or cache.lo == 0:
+            return False
+        n, rate = self.cached_steps, self.s.cache_check_rate
+        self.cached_steps += 1
+        return int((n + 1) * rate) > int(n * rate)
 
     def stop_finished_rows(self, block: int) -> bool:
         """EOS-filled blocks settle the rest of their row (LLaDA pads with EOS); True when all are."""
@@ -294,14 +391,17 @@ class _State:
 
 def _model_logits(
     logits_fn: LogitsFn, x: torch.Tensor, key_padding: Optional[torch.Tensor],
-    prompt_region: torch.Tensor, positions: torch.Tensor, s: SamplerSettings,
+    prompt_region: torch.Tensor, positions: torch.Tensor, s: SamplerSettings, cols: slice,
+    cache: Optional[CacheStep],
 ) -> Optional[torch.Tensor]:
-    """Logits at ``positions``; with classifier-free guidance one batched pass of [x; unconditional]."""
+    """Logits at columns ``positions [b, m]`` of ``x [b, S]``, running the columns ``cols``;
+    with classifier-free guidance one batched pass of [x; unconditional]."""
+    at = positions - cols.start
     if s.cfg_scale <= 0:
-        return logits_fn(x, key_padding, positions)
+        return logits_fn(x[:, cols], key_padding, at, cache)
     uncond = torch.where(prompt_region, torch.full_like(x, s.mask_token_id), x)
     pad = None if key_padding is None else torch.cat([key_padding, key_padding])
-    both = logits_fn(torch.cat([x, uncond]), pad, torch.cat([positions, positions]))
+    both = logits_fn(torch.cat([x[:, cols], uncond[:, cols]]), pad, torch.cat([at, at]), cache)
     if both is None:
         return None
     cond, un = both.chunk(2)
@@ -323,12 +423,13 @@ def _denoise_step(
     logits: torch.Tensor, offsets: torch.Tensor, valid: torch.Tensor, k: list[int],
     remaining: list[int], uids: list[int], step: int, s: SamplerSettings, shard: VocabShard,
     noise_fn: Optional[NoiseFn],
-) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """Sample the block's masked positions and pick the ``k[row]`` most confident ones.
 
     ``logits [b, m, V_local]`` at the block ``offsets [b, m]`` (``valid``: the real entries).
-    Returns ``(commit [b, m] bool, x0 [b, m], counts)``, ``counts`` the commits per row (host;
-    in threshold mode copied from the device, the step's one device-to-host copy).
+    Returns ``(commit [b, m] bool, x0 [b, m], confidence [b, m], counts)``, ``counts`` the
+    commits per row (host; in threshold mode copied from the device, the step's one
+    device-to-host copy).
     """
     b, m, v_local = logits.shape
     if s.forbid_eos:
@@ -358,4 +459,4 @@ def _denoise_step(
     for row, kk in enumerate(counts):  # per-row top-k, exactly as the reference sampler
         if kk > 0:
             commit[row, torch.topk(conf[row], kk).indices] = True
-    return commit, x0, counts
+    return commit, x0, conf, counts

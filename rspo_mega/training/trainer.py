@@ -32,9 +32,10 @@ from rspo_mega.data import PromptBatchIterator, shard_examples
 from rspo_mega.likelihood import ElboRunner, MaskSampler, ReferenceModel
 from rspo_mega.models.llada import llada_forward, load_model, unwrap_model
 from rspo_mega.parallel import initialize_distributed, initialize_model_parallel
-from rspo_mega.parallel.reductions import data_parallel_group, global_mean, global_sum
+from rspo_mega.parallel.reductions import data_parallel_group, global_mean, global_sum, global_sums
 from rspo_mega.rng import hash64
 from rspo_mega.rollout import RolloutEngine, completion_uid
+from rspo_mega.rollout.sampler import CacheCheck
 from rspo_mega.training import batches, distrib_optimizer_fixes
 from rspo_mega.training.builder import (
     build_chunks, build_optimizer, build_reference_fn, build_scheduler, finish_grad_sync,
@@ -185,8 +186,21 @@ class Trainer:
             "completion_tokens": float(global_sum(rollout.completion_lengths.float(),
                                                   data_parallel_group())),
             "rollout_steps": float(rollout.steps_used.float().mean()),
+            **self._cache_check_stats(rollout.cache_check),
         }
         return batch, advantages, self.layout.prompts_per_step, stats
+
+    def _cache_check_stats(self, check: CacheCheck) -> dict[str, float]:
+        """``cache_token_mismatch`` / ``cache_confidence_diff`` of the cached steps re-run exactly."""
+        if not self.cfg.rollout.cache_check_rate:
+            return {}
+        committed, mismatched, diff = global_sums(torch.tensor(
+            [check.committed, check.mismatched, check.confidence_diff]),
+            data_parallel_group()).tolist()
+        if not committed:
+            return {}
+        return {"cache_token_mismatch": mismatched / committed,
+                "cache_confidence_diff": diff / committed}
 
     def _sft_batch(self):
         cfg = self.cfg

@@ -29,7 +29,7 @@ class ToyBidirectional(torch.nn.Module):
 
 def at_positions(model):
     """A full-sequence model as the sampler's ``logits_fn``: logits at ``positions [b, m]``."""
-    def logits_fn(x, pad, positions):
+    def logits_fn(x, pad, positions, cache=None):
         full = model(x)
         return full.gather(1, positions[..., None].expand(-1, -1, full.shape[-1]))
     return logits_fn
@@ -110,9 +110,9 @@ def test_keyed_noise_is_per_uid_not_per_batch():
 def test_left_padding_and_key_padding_mask():
     seen = []
 
-    def logits(x, pad, positions):
+    def logits(x, pad, positions, cache=None):
         seen.append(pad)
-        return at_positions(ToyBidirectional())(x, pad, positions)
+        return at_positions(ToyBidirectional())(x, pad, positions, cache)
 
     out = generate(logits, [[1, 2, 3, 4], [5, 6, 7]], [0, 1], _settings())
     assert out.prompt_lengths.tolist() == [4, 3]
@@ -127,9 +127,9 @@ def test_logits_are_asked_for_the_blocks_masked_positions_only():
     s = _settings(gen_length=8, block_length=4, steps=4)
     calls = []
 
-    def logits(x, pad, positions):
+    def logits(x, pad, positions, cache=None):
         calls.append((x.clone(), positions.clone()))
-        return at_positions(ToyBidirectional())(x, pad, positions)
+        return at_positions(ToyBidirectional())(x, pad, positions, cache)
 
     generate(logits, [[1, 2, 3], [4, 5, 6]], [0, 1], s)
     assert len(calls) == 4  # 2 blocks x 2 steps, both rows live in each
@@ -181,7 +181,7 @@ def test_threshold_rows_that_finish_early_skip_the_model_call():
     uids = list(range(40, 46))
     batch_rows: list[int] = []
 
-    def logits(x, pad, positions):
+    def logits(x, pad, positions, cache=None):
         batch_rows.append(x.shape[0])
         return at_positions(model)(x, pad, positions)
 

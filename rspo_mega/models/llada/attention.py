@@ -15,15 +15,17 @@ head dim, ``hp = np * hn``.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from rspo_mega.models.llada.kv_cache import LayerSlot, cached_attention
 
 
 class BidirectionalSelfAttention(SelfAttention):
@@ -61,19 +63,42 @@ class SDPACoreAttention(MegatronModule):
             raise ValueError("SDPACoreAttention: LLaDA has no attention dropout (got "
                              f"{dropout})")
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        self.kv_slot: Optional[LayerSlot] = None  # bound by a cached rollout forward
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor], attn_mask_type: Any = None,
                 attention_bias: Any = None, packed_seq_params: Any = None) -> torch.Tensor:
         """``query [sq, b, np, hn]``, ``key``/``value [sk, b, ng, hn]`` -> context ``[sq, b, hp]``.
 
-        ``attention_mask``: None or bool ``[b, 1, 1, sk]``, True = key masked out.
+        ``attention_mask``: None or bool ``[b, 1, 1, S]``, True = key masked out. With a bound
+        cache slot the span's K/V are written to the cache and the queries attend to all ``S``
+        cached keys (:mod:`rspo_mega.models.llada.kv_cache`).
         """
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("SDPACoreAttention supports neither attention_bias nor packed sequences")
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
-        keep = None if attention_mask is None else ~attention_mask
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.softmax_scale,
-                                             enable_gqa=k.shape[1] != q.shape[1])
-        sq, b = query.shape[0], query.shape[1]
-        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+        return cached_attention(self.kv_slot, query, key, value, attention_mask,
+                                self.softmax_scale)
+
+
+@functools.cache
+def te_cached_core_attention() -> type:
+    """TE's core attention (megatron's ``TEDotProductAttention``) that, with a bound cache slot,
+    runs the cached span through torch SDPA (queries and keys of different lengths, an explicit
+    key-padding mask); without one it is TE's fused attention unchanged. Needs TE (GPU)."""
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+    class TECachedCoreAttention(TEDotProductAttention):
+        def __init__(self, config: TransformerConfig, *args: Any, **kwargs: Any) -> None:
+            super().__init__(config, *args, **kwargs)
+            scale = kwargs.get("softmax_scale") or config.softmax_scale
+            self.cached_softmax_scale = scale or 1.0 / math.sqrt(config.kv_channels)
+            self.kv_slot: Optional[LayerSlot] = None
+
+        def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: Optional[torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+            if self.kv_slot is None:
+                return super().forward(query, key, value, attention_mask, *args, **kwargs)
+            return cached_attention(self.kv_slot, query, key, value, attention_mask,
+                                    self.cached_softmax_scale)
+
+    return TECachedCoreAttention

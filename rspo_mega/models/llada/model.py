@@ -9,6 +9,7 @@ current block in the sampler, the scored positions in the ELBO) and only over re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Optional
 
@@ -22,6 +23,7 @@ from torch import Tensor
 from rspo_mega.config.schema import ModelConfig
 from rspo_mega.models.llada.config import padded_vocab_size, transformer_config
 from rspo_mega.models.llada.hf_config import resolve_model_config
+from rspo_mega.models.llada.kv_cache import CacheView
 from rspo_mega.models.llada.logits import true_vocab_columns, vocab_parallel_log_probs
 from rspo_mega.models.llada.spec import llada_layer_spec, resolve_transformer_impl
 
@@ -140,6 +142,7 @@ def llada_forward(
     attention_mask: Optional[torch.Tensor] = None,
     labels: Optional[torch.Tensor] = None,
     positions: Optional[torch.Tensor] = None,
+    kv_cache: Optional[CacheView] = None,
 ) -> torch.Tensor:
     """One bidirectional forward of an LLaDA model built by :func:`build_llada_model`.
 
@@ -149,9 +152,16 @@ def llada_forward(
     the last pipeline stage returns float32 vocab-parallel logits ``[b, m, v]`` / ``[n, v]`` or,
     with ``labels [b, s]``, the log-probs ``[b, m]`` / ``[n]`` of the labels there. On other
     stages returns the hidden states ``[s, b, h]``.
+
+    ``kv_cache``: a block-KV-cache view (:mod:`rspo_mega.models.llada.kv_cache`); then
+    ``input_ids [b, L]`` are the columns ``[lo, lo + L)`` of the cached sequences, their K/V are
+    written to the cache, their queries attend to all ``S`` cached keys, and ``attention_mask``
+    covers those keys: ``[b, S]``. ``positions`` index the ``L`` columns given.
     """
     inner = unwrap_model(model)
     b, s = input_ids.shape
+    if kv_cache is not None:
+        return _cached_forward(model, input_ids, attention_mask, positions, kv_cache)
     if labels is not None and labels.shape != (b, s):
         raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {(b, s)}")
     if positions is not None and not (positions.dim() == 1 or
@@ -169,6 +179,24 @@ def llada_forward(
     mask = None if attention_mask is None else padding_attention_mask(attention_mask)
     return model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
                  labels=labels, positions=positions)
+
+
+def _cached_forward(model: torch.nn.Module, input_ids: torch.Tensor,
+                    attention_mask: Optional[torch.Tensor], positions: Optional[torch.Tensor],
+                    kv_cache: CacheView) -> torch.Tensor:
+    """:func:`llada_forward` of the columns ``[lo, lo + L)`` through the block KV cache."""
+    b, span = input_ids.shape
+    seq = kv_cache.cache.kv.shape[3]
+    if kv_cache.lo + span > seq:
+        raise ValueError(f"cached forward of columns [{kv_cache.lo}, {kv_cache.lo + span}) "
+                         f"exceeds the cache's {seq} positions")
+    if attention_mask is not None and attention_mask.shape != (b, seq):
+        raise ValueError(f"attention_mask must cover the {seq} cached keys: [b={b}, {seq}], got "
+                         f"{tuple(attention_mask.shape)}")
+    position_ids = (torch.arange(span, device=input_ids.device) + kv_cache.lo).expand(b, span)
+    mask = None if attention_mask is None else padding_attention_mask(attention_mask)
+    return model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+                 positions=positions, kv_cache=kv_cache)
 
 
 class LLaDAModel(GPTModel):
@@ -189,15 +217,20 @@ class LLaDAModel(GPTModel):
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Optional[Tensor],
                 decoder_input: Optional[Tensor] = None, labels: Optional[Tensor] = None,
-                positions: Optional[Tensor] = None, **unused: Any) -> Tensor:
+                positions: Optional[Tensor] = None, kv_cache: Optional[CacheView] = None,
+                **unused: Any) -> Tensor:
         """Embedding (first stage), decoder, head (last stage); see :func:`llada_forward`."""
         pre = self._preprocess(input_ids=input_ids, position_ids=position_ids,
                                decoder_input=decoder_input)
-        hidden = self.decoder(
-            hidden_states=pre[0], attention_mask=attention_mask, rotary_pos_emb=pre[1],
-            rotary_pos_cos=pre[2], rotary_pos_sin=pre[3],
-            rotary_pos_cos_sin=pre[6] if len(pre) == 7 else None, sequence_len_offset=pre[4],
-        )
+        rotary = pre[1]
+        if kv_cache is not None:  # the span's true positions, lo .. lo + L - 1
+            rotary = self.rotary_pos_emb(position_ids.shape[1], offset=kv_cache.lo)
+        with kv_cache.bound(self) if kv_cache is not None else contextlib.nullcontext():
+            hidden = self.decoder(
+                hidden_states=pre[0], attention_mask=attention_mask, rotary_pos_emb=rotary,
+                rotary_pos_cos=pre[2], rotary_pos_sin=pre[3],
+                rotary_pos_cos_sin=pre[6] if len(pre) == 7 else None, sequence_len_offset=pre[4],
+            )
         if not self.post_process:
             return hidden
         return self.head(hidden, labels, positions)

@@ -7,6 +7,9 @@ Two implementations share one checkpoint layout:
   Used on CPU and whenever Transformer Engine is missing.
 * ``transformer_engine``: TE fused LayerNorm+Linear, TE attention, FP8 capable (GPU only).
 
+Both core attentions take a block-KV-cache slot during cached rollout forwards
+(:mod:`rspo_mega.models.llada.kv_cache`).
+
 The local spec carries ``sharded_state_dict_keys_map`` (``input_layernorm.`` ->
 ``self_attention.linear_qkv.layer_norm_``, ``pre_mlp_layernorm.`` -> ``mlp.linear_fc1.layer_norm_``),
 so both specs produce the *same* distributed-checkpoint keys: the TE names are canonical.
@@ -22,7 +25,11 @@ import torch
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from rspo_mega.models.llada.attention import BidirectionalSelfAttention, SDPACoreAttention
+from rspo_mega.models.llada.attention import (
+    BidirectionalSelfAttention,
+    SDPACoreAttention,
+    te_cached_core_attention,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +78,8 @@ def llada_layer_spec(impl: str) -> ModuleSpec:
         raise ValueError(f"unknown transformer impl {impl!r}; expected one of {IMPLS}")
     attn = base.submodules.self_attention
     attn_submodules = attn.submodules
-    if impl == "local":
-        attn_submodules = dataclasses.replace(attn_submodules, core_attention=SDPACoreAttention)
+    core = SDPACoreAttention if impl == "local" else te_cached_core_attention()
+    attn_submodules = dataclasses.replace(attn_submodules, core_attention=core)
     bidirectional = dataclasses.replace(
         attn,
         module=BidirectionalSelfAttention,
