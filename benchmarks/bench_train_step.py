@@ -6,7 +6,11 @@ Prints one JSON object per model size: mean seconds of each part over the measur
 (after one warm-up step) and ``non_compute_fraction`` = 1 - (rollout + likelihood + optimizer)
 / step, the overhead the trainer adds around the model math (target < 0.10).
 
-    python benchmarks/bench_train_step.py [--steps 3] [--sizes tiny,50m] [key=value ...]
+    python benchmarks/bench_train_step.py [--steps 3] [--sizes tiny,50m] [--cache none,dual]
+        [key=value ...]
+
+``--cache`` measures each size under each ``rollout.cache`` mode in the same run
+(``rollout_fraction``: rollout's share of the step).
 
 Trailing ``key=value`` config overrides apply to every size (e.g. the TE spec and bf16 on a GPU).
 """
@@ -49,9 +53,10 @@ def measure(size: str, steps: int, extra: list[str]) -> dict:
             "time/communication"]
     mean = {k: sum(r.get(k, 0.0) for r in rows) / len(rows) for k in keys}
     compute = mean["time/rollout"] + mean["time/likelihood"] + mean["time/optimizer"]
-    return {"size": size, "params": params, "steps": steps,
+    return {"size": size, "params": params, "steps": steps, "cache": cfg.rollout.cache,
             **{k.replace("time/", "") + "_s": round(v, 4) for k, v in mean.items()},
             "other_s": round(mean["step_seconds"] - compute - mean["time/communication"], 4),
+            "rollout_fraction": round(mean["time/rollout"] / mean["step_seconds"], 4),
             "non_compute_fraction": round(1 - compute / mean["step_seconds"], 4)}
 
 
@@ -59,6 +64,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--sizes", default="tiny,50m")
+    p.add_argument("--cache", default="none",
+                   help="comma-separated rollout.cache modes, each size measured under each")
     p.add_argument("overrides", nargs="*", help="config overrides for every size, e.g. "
                    "model.transformer_impl=transformer_engine model.params_dtype=bfloat16")
     args = p.parse_args()
@@ -66,8 +73,9 @@ def main() -> None:
 
     results = []
     for size in args.sizes.split(","):
-        results.append(measure(size, args.steps, args.overrides))
-        destroy_parallel()
+        for cache in args.cache.split(","):
+            results.append(measure(size, args.steps, args.overrides + [f"rollout.cache={cache}"]))
+            destroy_parallel()
     print(json.dumps({"benchmark": "train_step", "overrides": args.overrides,
                       "results": results}, indent=1))
 

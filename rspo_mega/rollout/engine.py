@@ -195,20 +195,19 @@ class RolloutEngine:
     def generate(
         self, prompts: list[list[int]], uids: list[int], seed: Optional[int] = None,
         temperature: Optional[float] = None, steps: Optional[int] = None,
+        cache: Optional[str] = None,
     ) -> Rollout:
         """Completions for this rank's prompts (token lists), one per uid; see ``sampler.generate``.
 
-        ``seed`` (e.g. per training step), ``temperature`` and ``steps`` (e.g. greedy decoding
-        with ``rollout.eval_steps`` for evaluation) override the configured ones for this call.
+        ``seed`` (e.g. per training step), ``temperature``, ``steps`` and ``cache`` (e.g. greedy,
+        uncached decoding with ``rollout.eval_steps`` for evaluation) override the configured
+        ones for this call.
         """
-        settings = self.settings
-        if seed is not None or temperature is not None or steps is not None:
-            settings = replace(
-                settings,
-                seed=settings.seed if seed is None else seed,
-                temperature=settings.temperature if temperature is None else temperature,
-                steps=settings.steps if steps is None else steps,
-            )
+        overrides = {k: v for k, v in (("seed", seed), ("temperature", temperature),
+                                       ("steps", steps), ("cache", cache)) if v is not None}
+        settings = replace(self.settings, **overrides)
+        if settings.cache == "none":
+            settings = replace(settings, cache_check_rate=0.0)
         for chunk in self.chunks:
             chunk.eval()
         if settings.cache != "none":

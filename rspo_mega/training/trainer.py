@@ -30,7 +30,7 @@ from rspo_mega.algorithms import build_loss, compute_advantages, loss_backward
 from rspo_mega.config import Layout, TrainConfig, config_to_dict
 from rspo_mega.data import PromptBatchIterator, shard_examples
 from rspo_mega.likelihood import ElboRunner, MaskSampler, ReferenceModel
-from rspo_mega.models.llada import llada_forward, load_model, unwrap_model
+from rspo_mega.models.llada import llada_forward, unwrap_model
 from rspo_mega.parallel import initialize_distributed, initialize_model_parallel
 from rspo_mega.parallel.reductions import data_parallel_group, global_mean, global_sum, global_sums
 from rspo_mega.rng import hash64
@@ -42,9 +42,10 @@ from rspo_mega.training.builder import (
     optimizer_step, wrap_ddp, zero_grads,
 )
 from rspo_mega.training.checkpointing import (
-    CheckpointManager, check_compatible, resolve_model_checkpoint, restore_rng_state,
+    CheckpointManager, check_compatible, restore_rng_state,
 )
 from rspo_mega.training.guards import check_finite, grad_tensors
+from rspo_mega.training.init_weights import prepare_init
 from rspo_mega.training.metrics import MetricsLogger, Timers, memory_stats
 from rspo_mega.training.run_data import RunData, prepare_run_data, split_warmup_holdout
 from rspo_mega.training.signals import PreemptionHandler
@@ -77,11 +78,10 @@ class Trainer:
             train_examples, cfg.global_batch_size, self.dp_rank, self.dp_size,
             seed=cfg.data.seed + 1)
 
+        load_init = prepare_init(cfg)  # checks checkpoint.init_from before any model exists
         chunks = build_chunks(cfg)
-        if cfg.checkpoint.init_from:
-            init_dir = resolve_model_checkpoint(cfg.checkpoint.init_from)
-            for chunk in chunks:
-                load_model(chunk, init_dir)
+        if load_init is not None:
+            load_init(chunks)
         self.model = wrap_ddp(chunks, cfg)
         self.optimizer = build_optimizer(self.model, cfg)
         self.warmup_steps = cfg.sft_warmup_steps if self.is_rl else cfg.train_steps
@@ -269,8 +269,9 @@ class Trainer:
                  samples: Optional[list] = None) -> dict[str, float]:
         """Reward and accuracy (reward == 1) on ``examples`` (default: the test set), sharded over
         data-parallel ranks; decoded with ``rollout.eval_steps`` denoising steps
-        (``rollout.steps`` when unset). A ``samples`` list receives, on every rank, one record
-        per example in the order of ``examples``: uid, prompt, completion and reward."""
+        (``rollout.steps`` when unset), without the block KV cache. A ``samples`` list receives,
+        on every rank, one record per example in the order of ``examples``: uid, prompt,
+        completion and reward."""
         examples = self.data.test if examples is None else examples
         if not examples:
             raise ValueError("evaluate: no test set (set data.test_path, or data.num_test_examples "
@@ -282,7 +283,7 @@ class Trainer:
             chunk = mine[start:start + mbs]
             prompts = [list(self.data.encode_prompt(ex)) for ex in chunk]
             rollout = self.engine.generate(prompts, [completion_uid(ex.uid, 0) for ex in chunk],
-                                           temperature=temperature,
+                                           temperature=temperature, cache="none",
                                            steps=self.cfg.rollout.eval_steps)
             texts = batches.decode_completions(rollout, self.data.tokenizer,
                                                self.cfg.model.eos_token_id)

@@ -3,7 +3,7 @@
 One process, NCCL world of 1, the production entry points:
 
 * HF checkpoint -> torch_dist conversion -> model on the GPU, logits vs the float64 reference, for
-  the local spec and the Transformer Engine spec, in fp32 and bf16;
+  the local spec and the Transformer Engine spec, in fp32 and bf16; the block KV cache's path;
 * TE + FP8 (delayed scaling, hybrid format) forward/backward on a model whose GEMM shapes FP8
   accepts: finite loss and gradients, logits close to the same weights in bf16;
 * ``torchrun -m rspo_mega.train`` for a few SFT and RSPO steps with TE, bf16 and FP8, resumed once.
@@ -109,6 +109,31 @@ def test_converted_checkpoint_matches_reference(nccl_world, gqa_checkpoint, impl
     rel = ((got - ref)[mask].norm() / ref[mask].norm()).item()
     limit = 3e-3 if dtype == "float32" else 2e-2  # fp32 (TE's GEMMs may use TF32) vs bf16
     assert rel < limit, f"{impl}/{dtype}: relative logit error {rel:.2e} >= {limit}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cached_span_after_a_refresh_matches_the_full_forward(nccl_world, gqa_checkpoint, impl):
+    """The block KV cache's path (TE: torch SDPA over the cache) on the GPU, left padding included."""
+    from rspo_mega.models.llada import build_llada_model, llada_forward, load_model
+    from rspo_mega.models.llada import model_config_from_hf
+    from rspo_mega.models.llada.kv_cache import BlockKVCache
+
+    hf, ckpt = gqa_checkpoint
+    cfg = model_config_from_hf(hf)
+    cfg.transformer_impl, cfg.params_dtype = impl, "float32"
+    model = build_llada_model(cfg, init_weights=False)
+    load_model(model, ckpt)
+    model.eval()
+    ids = torch.randint(0, cfg.vocab_size, (3, 32), generator=torch.Generator().manual_seed(0)).cuda()
+    mask = torch.ones(3, 32, dtype=torch.bool, device="cuda")
+    mask[1, :7] = False
+    cache = BlockKVCache([model], 3, 32)
+    with torch.no_grad():
+        full = llada_forward(model, ids, mask)
+        llada_forward(model, ids, mask, kv_cache=cache.view([0, 1, 2], 0))
+        span = llada_forward(model, ids[:, 16:24], mask, kv_cache=cache.view([0, 1, 2], 16))
+    rel = ((span - full[:, 16:24]).norm() / full[:, 16:24].norm()).item()
+    assert rel < 3e-3, f"{impl}: cached span vs full forward, relative error {rel:.2e}"
 
 
 def _fp8_cfg(fp8: bool):

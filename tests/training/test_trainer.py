@@ -208,6 +208,36 @@ def test_evaluation_decodes_with_rollout_eval_steps(tmp_path, overrides, steps):
     assert used == steps
 
 
+def _cached_step(rank: int, world: int, out: str) -> tuple[dict, list[str]]:
+    """Metrics of one RL step with rollout.cache=dual and every cached step checked; the cache
+    modes the evaluation's decoding ran with."""
+    from rspo_mega.training.trainer import Trainer
+
+    cfg = load_config(None, TINY + [f"logging.output_dir={out}", "sft_warmup_steps=0",
+                                    "data.num_test_examples=4", "rollout.cache=dual",
+                                    "rollout.cache_check_rate=1.0"])
+    trainer = Trainer(cfg, validate_config(cfg, world_size=world))
+    trainer.start_rl()
+    metrics = trainer.train_step()
+    generate, modes = trainer.engine.generate, []
+
+    def recording(*args, **kwargs):
+        modes.append(kwargs.get("cache"))
+        return generate(*args, **kwargs)
+
+    trainer.engine.generate = recording
+    trainer.evaluate()
+    return metrics, modes
+
+
+def test_cached_rollouts_log_their_check_and_evaluation_stays_exact(tmp_path):
+    metrics, modes = run_distributed(_cached_step, 1, args=(str(tmp_path / "run"),),
+                                     timeout=300)[0]
+    assert 0 <= metrics["cache_token_mismatch"] <= 1
+    assert metrics["cache_confidence_diff"] >= 0
+    assert modes and set(modes) == {"none"}
+
+
 def _mask_draws(rank: int, world: int, out: str, fresh: bool) -> tuple[list, int]:
     """(iteration, update) of every mask draw and the reference scorings of one RL step, mu=2."""
     from rspo_mega.training.trainer import Trainer
