@@ -64,6 +64,22 @@ def check_layout(cfg: ModelConfig, tp: int, pp: int) -> None:
             raise ValueError(f"{what}={n} is not divisible by {'tp' if what != 'num_layers' else 'pp'}={by}")
 
 
+def open_hf_checkpoint(hf_dir: str, base: ModelConfig
+                       ) -> tuple[HFCheckpointReader, dict, ModelConfig]:
+    """Check an HF LLaDA directory and open it: ``(reader, raw config.json, model config)``.
+
+    In order: the safetensors index and every shard it lists (a pickle file is refused, nothing
+    is unpickled), config.json (a supported dense LLaDA, required keys), then every tensor's name
+    and shape against that geometry. Only headers are read. The model config takes its geometry
+    and token ids from config.json, its other fields from ``base``.
+    """
+    reader = HFCheckpointReader(hf_dir)
+    raw = read_hf_config(hf_dir)
+    cfg = model_config_from_hf_dict(raw, os.path.join(hf_dir, "config.json"), base)
+    A.check_hf_shapes(cfg, reader.shape, reader.keys(), hf_dir)
+    return reader, raw, cfg
+
+
 def convert_hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,
                         dtype: Optional[str] = None, overwrite: bool = False,
                         make_vocab_size_divisible_by: int = 128) -> ModelConfig:
@@ -72,13 +88,8 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,
     ``dtype`` (bfloat16 | float32 | float16) defaults to the source dtype. Returns the model
     config. Raises naming the key/file on missing, extra or misshapen tensors.
     """
-    reader = HFCheckpointReader(hf_dir)
-    raw = read_hf_config(hf_dir)
-    cfg = model_config_from_hf_dict(
-        raw, os.path.join(hf_dir, "config.json"),
-        ModelConfig(make_vocab_size_divisible_by=make_vocab_size_divisible_by),
-    )
-    A.check_hf_shapes(cfg, reader.shape, reader.keys(), hf_dir)
+    reader, raw, cfg = open_hf_checkpoint(
+        hf_dir, ModelConfig(make_vocab_size_divisible_by=make_vocab_size_divisible_by))
     check_layout(cfg, tp, pp)
     store = _dtype(dtype) or reader.dtype(f"{A.HF_PREFIX}wte.weight")
     padded = padded_vocab_size(cfg, tp)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from rspo_mega.config.schema import ModelConfig
 
@@ -74,9 +74,9 @@ def check_architecture(raw: dict[str, Any], source: str = "config.json") -> None
         raise ValueError(f"{source}: include_qkv_bias=True is not supported")
 
 
-def model_config_from_hf_dict(raw: dict[str, Any], source: str = "config.json",
-                              base: Optional[ModelConfig] = None) -> ModelConfig:
-    """A ``ModelConfig`` with the geometry of ``raw``; non-geometry fields come from ``base``."""
+def hf_model_fields(raw: dict[str, Any], source: str = "config.json") -> dict[str, Any]:
+    """The :class:`ModelConfig` fields a config.json determines (geometry and token ids), after
+    checking that it describes a dense LLaDA model this code can run."""
     check_architecture(raw, source)
 
     def need(key: str) -> Any:
@@ -92,8 +92,7 @@ def model_config_from_hf_dict(raw: dict[str, Any], source: str = "config.json",
     ffn = raw.get("mlp_hidden_size") or int(raw.get("mlp_ratio", 4)) * hidden
     vocab = int(raw.get("embedding_size") or need("vocab_size"))
     eos = raw.get("eos_token_id")
-    return replace(
-        base or ModelConfig(),
+    return dict(
         num_layers=int(need("n_layers")),
         hidden_size=hidden,
         ffn_hidden_size=int(ffn),
@@ -109,6 +108,33 @@ def model_config_from_hf_dict(raw: dict[str, Any], source: str = "config.json",
         bos_token_id=raw.get("bos_token_id"),
         init_method_std=float(raw.get("init_std", 0.02)),
     )
+
+
+def model_config_from_hf_dict(raw: dict[str, Any], source: str = "config.json",
+                              base: Optional[ModelConfig] = None) -> ModelConfig:
+    """A ``ModelConfig`` with the geometry of ``raw``; non-geometry fields come from ``base``."""
+    return replace(base or ModelConfig(), **hf_model_fields(raw, source))
+
+
+def conflicting_fields(cfg: ModelConfig, raw: dict[str, Any], source: str = "config.json",
+                       keys: Optional[Iterable[str]] = None) -> list[tuple[str, Any, Any]]:
+    """``(field, value in cfg, value in raw)`` for every field :func:`hf_model_fields` reads
+    from ``raw`` (only those in ``keys`` when given) on which ``cfg`` differs. Unset query
+    groups mean one per head and an unset pad id means EOS, on either side."""
+    fields = hf_model_fields(raw, source)
+    theirs = replace(cfg, **fields)
+    chosen = fields if keys is None else [k for k in fields if k in set(keys)]
+    return [(k, getattr(cfg, k), fields[k]) for k in chosen
+            if _effective(cfg, k) != _effective(theirs, k)]
+
+
+def _effective(cfg: ModelConfig, key: str) -> Any:
+    """``cfg.<key>`` with the defaults the model applies filled in."""
+    if key == "num_query_groups":
+        return cfg.num_query_groups or cfg.num_attention_heads
+    if key == "pad_token_id":
+        return cfg.eos_token_id if cfg.pad_token_id is None else cfg.pad_token_id
+    return getattr(cfg, key)
 
 
 def model_config_from_hf(path: str | os.PathLike, base: Optional[ModelConfig] = None) -> ModelConfig:

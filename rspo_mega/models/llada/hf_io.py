@@ -24,6 +24,23 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
+# A megatron checkpoint (torch_dist ``.metadata``), a trainer checkpoint (``dist/``) or a trainer
+# save_dir (``latest``, ``iter_*``) is never read as HF, whatever else it holds.
+_MEGATRON_MARKERS = (".metadata", "dist", "latest")
+
+
+def looks_like_hf_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory laid out as an HF checkpoint: a ``config.json``,
+    safetensors or pickle weights, and none of the files of a megatron or trainer checkpoint."""
+    if not os.path.isdir(path):
+        return False
+    names = os.listdir(path)
+    if any(n in _MEGATRON_MARKERS or n.startswith("iter_") for n in names):
+        return False
+    return any(n == "config.json" or n.endswith(".safetensors") or n.endswith(PICKLE_SUFFIXES)
+               for n in names)
+
+
 class HFCheckpointReader:
     """Lazy, key-addressed access to an HF safetensors checkpoint directory."""
 
