@@ -137,11 +137,20 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
 
 
 def config_from_dict(data: Optional[dict], overrides: Iterable[str] = ()) -> TrainConfig:
-    """Build a :class:`TrainConfig` from a nested dict plus dotted overrides."""
+    """Build a :class:`TrainConfig` from a nested dict plus dotted overrides.
+
+    A ``checkpoint.init_from`` that names an HF directory fills the model section and tokenizer
+    from it (:mod:`rspo_mega.config.hf_start`; the model keys given here must agree with it).
+    """
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"the top level of a config must be a mapping, got {type(data).__name__}")
-    return _build(TrainConfig, apply_overrides(data, overrides))
+    merged = apply_overrides(data, overrides)
+    cfg = _build(TrainConfig, merged)
+    from rspo_mega.config.hf_start import resolve_hf_start  # imports the model package
+
+    resolve_hf_start(cfg, given=set(merged.get("model") or ()))
+    return cfg
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Iterable[str] = ()) -> TrainConfig:

@@ -178,7 +178,9 @@ class CheckpointConfig:
     load_dir: Optional[str] = None  # None = auto-resume from save_dir
     save_interval: int = 0  # steps (0 = only at the end and on preemption signals)
     keep_last: int = 2
-    init_from: Optional[str] = None  # a converted model checkpoint to start from
+    # weights to start from: a converted megatron checkpoint, a trainer iter_*/ or save_dir,
+    # or an HF LLaDA directory (converted on the fly; its config.json gives the model)
+    init_from: Optional[str] = None
 
 
 @dataclass
