@@ -12,7 +12,6 @@ run's output directory.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -55,14 +54,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.info("layout: %s", layout)
     if args.dry_run:
         return 0
+    from rspo_mega.training.report import finish_run
     from rspo_mega.training.trainer import Trainer
 
     trainer = Trainer(cfg, layout)
     if rank == 0:  # the tokenizer may have filled the model's ids: save what actually runs
         save_config(cfg, cfg.logging.output_dir)
     summary = trainer.run()
-    if rank == 0:
-        print(json.dumps({"final": summary}, indent=1), flush=True)
+    finish_run(trainer, summary)  # HF export, curves, summary (rank 0)
     from rspo_mega.parallel import destroy_parallel
     from rspo_mega.training.signals import PREEMPTION_EXIT_CODE
 

@@ -181,6 +181,8 @@ class CheckpointConfig:
     # weights to start from: a converted megatron checkpoint, a trainer iter_*/ or save_dir,
     # or an HF LLaDA directory (converted on the fly; its config.json gives the model)
     init_from: Optional[str] = None
+    # at the end of the run, the final checkpoint converted into this HF LLaDA directory
+    export_hf: Optional[str] = None
 
 
 @dataclass

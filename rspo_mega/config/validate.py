@@ -281,6 +281,9 @@ def validate_config(cfg: TrainConfig, world_size: Optional[int] = None) -> Layou
         if not 0 <= cfg.sft_warmup_min_steps <= cfg.sft_warmup_steps:
             raise ConfigError(f"sft_warmup_min_steps={cfg.sft_warmup_min_steps} must lie in "
                               f"[0, sft_warmup_steps={cfg.sft_warmup_steps}]")
+    if cfg.checkpoint.export_hf and not cfg.checkpoint.save_dir:
+        raise ConfigError("checkpoint.export_hf converts the run's final checkpoint: it needs "
+                          "checkpoint.save_dir")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError(f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
     check_countdown(cfg.data.countdown)

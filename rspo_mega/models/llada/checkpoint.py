@@ -298,4 +298,5 @@ def read_global_tensors(
             )
     with single_process_group():
         loaded = dist_checkpointing.load(sharded, ckpt_dir, validate_access_integrity=False)
-    return {k: v if requests[k] is None else v[0] for k, v in loaded.items()}
+    # the load also returns the checkpoint's common (non-tensor) state, e.g. a trainer's optimizer
+    return {k: v if requests[k] is None else v[0] for k, v in loaded.items() if k in requests}

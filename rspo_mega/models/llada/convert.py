@@ -114,9 +114,16 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,
     return cfg
 
 
+def _model_prefixes(keys: set[str]) -> list[str]:
+    """Prefixes under which a whole model's tensors are stored (a trainer checkpoint: the policy,
+    the optimizer's moments, the reference)."""
+    anchor = "embedding.word_embeddings.weight"
+    return sorted(k[: -len(anchor)] for k in keys if k.endswith(anchor))
+
+
 def _detect_prefix(keys: set[str]) -> str:
     anchor = "embedding.word_embeddings.weight"
-    found = sorted(k[: -len(anchor)] for k in keys if k.endswith(anchor))
+    found = _model_prefixes(keys)
     if len(found) != 1:
         raise KeyError(f"cannot find a unique '*{anchor}' in the checkpoint (found {found}); "
                        "pass --prefix")
@@ -136,7 +143,9 @@ def _source_config(ckpt_dir: str, hf_config: Optional[str], template: Optional[s
 def _check_stored(cfg: ModelConfig, shapes: dict, prefix: str, ckpt_dir: str) -> None:
     """Missing / extra / misshapen megatron tensors under ``prefix`` raise naming the key."""
     expected = {prefix + p.key: p for p in A.PARAMS}
-    ours = {k for k in shapes if k.startswith(prefix) and not k.endswith("_extra_state")}
+    others = [o for o in _model_prefixes(set(shapes)) if len(o) > len(prefix) and o.startswith(prefix)]
+    ours = {k for k in shapes if k.startswith(prefix) and not k.endswith("_extra_state")
+            and not any(k.startswith(o) for o in others)}
     A.check_key_sets(set(expected), ours, ckpt_dir, limit=None)
     for key, param in expected.items():
         got = shapes[key][0]

@@ -1,0 +1,155 @@
+"""The end of a run, on rank 0: the final policy as an HF LLaDA directory, the curves, a summary.
+
+* :func:`export_hf` converts a trainer checkpoint (its ``dist/`` torch_dist tensors, any TP/PP)
+  with the project's converter into ``checkpoint.export_hf``: ``config.json`` from the run's
+  resolved model config, safetensors shards, and the tokenizer the run used (the start's HF files
+  when it started from an HF directory, else the run's own tokenizer files).
+* :func:`plot_curves` draws the RL reward per step and the held-out accuracy (before, at every
+  ``eval_interval``, after) into ``curves.png`` of the run directory.
+* :func:`summary_lines` says before, after and gain, and where each file is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from rspo_mega.config.schema import TrainConfig
+from rspo_mega.training.metrics import METRICS_FILE, read_metrics
+
+if TYPE_CHECKING:
+    from rspo_mega.training.trainer import Trainer
+
+CURVES_FILE = "curves.png"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model")
+
+
+def _run_tokenizer_files(cfg: TrainConfig) -> list[Path]:
+    """The tokenizer files the run loaded: ``data.tokenizer`` (a file or a directory) or the one
+    trained into ``<output_dir>/tokenizer``."""
+    source = Path(cfg.data.tokenizer) if cfg.data.tokenizer else \
+        Path(cfg.logging.output_dir) / "tokenizer"
+    folder = source if source.is_dir() else source.parent
+    found = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    if not found:
+        raise FileNotFoundError(f"export_hf: no tokenizer file ({', '.join(TOKENIZER_FILES)}) "
+                                f"in {folder}")
+    return found
+
+
+def export_hf(cfg: TrainConfig, iter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Convert the trainer checkpoint ``iter_dir`` into the HF LLaDA directory ``out_dir``."""
+    from rspo_mega.models.llada.convert import convert_mcore_to_hf
+    from rspo_mega.models.llada.hf_config import hf_config_dict
+    from rspo_mega.models.llada.hf_io import looks_like_hf_checkpoint
+
+    start = cfg.checkpoint.init_from
+    template = start if start and looks_like_hf_checkpoint(start) else None
+    with tempfile.TemporaryDirectory() as tmp:
+        config_json = os.path.join(tmp, "config.json")
+        Path(config_json).write_text(json.dumps(
+            hf_config_dict(cfg.model, torch_dtype=cfg.model.params_dtype), indent=1))
+        # the policy's tensors are stored under their own names (prefix ""), the optimizer's
+        # and the reference's under theirs
+        convert_mcore_to_hf(str(Path(iter_dir) / "dist"), str(out_dir), hf_config=config_json,
+                            template=template, prefix="", dtype=cfg.model.params_dtype,
+                            overwrite=True)
+    if template is None:
+        for path in _run_tokenizer_files(cfg):
+            shutil.copy2(path, Path(out_dir) / path.name)
+    return Path(out_dir)
+
+
+def _accuracy_points(records: list[dict]) -> list[tuple[int, float]]:
+    """Held-out accuracy by step: ``before/``, periodic and ``after/`` evaluations."""
+    points = []
+    for r in records:
+        for key in ("before/eval/accuracy", "eval/accuracy", "after/eval/accuracy"):
+            if r.get(key) is not None:
+                points.append((r["step"], 100 * r[key]))
+    return sorted(set(points))
+
+
+def plot_curves(run_dir: str | Path, title: str = "") -> Optional[Path]:
+    """RL reward per step and held-out solved share (%) into ``run_dir/curves.png``; None when
+    the run logged neither."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(Path(run_dir) / METRICS_FILE)
+    reward = [(r["step"], r["reward"]) for r in records if r.get("reward") is not None]
+    accuracy = _accuracy_points(records)
+    if not reward and not accuracy:
+        return None
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    if reward:
+        steps, values = zip(*reward)
+        window = max(1, len(values) // 25)
+        smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+                  for i in range(len(values))]
+        top.plot(steps, values, alpha=0.3, label="per step")
+        top.plot(steps, smooth, label=f"mean of {window}")
+        top.legend(loc="lower right")
+    top.set_ylabel("rollout reward")
+    if accuracy:
+        bottom.plot(*zip(*accuracy), marker="o")
+    bottom.set_ylabel("held-out solved (%)")
+    bottom.set_xlabel("step")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or Path(run_dir).name)
+    fig.tight_layout()
+    out = Path(run_dir) / CURVES_FILE
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def summary_lines(summary: dict[str, float], files: dict[str, Optional[Path]]) -> list[str]:
+    """Before / after / gain of held-out accuracy and the run's files, as printable lines."""
+    lines = []
+    before, after = summary.get("before/eval/accuracy"), summary.get("after/eval/accuracy")
+    examples = int(summary.get("after/eval/examples", summary.get("before/eval/examples", 0)))
+    if before is not None and after is not None:
+        lines.append(f"held-out accuracy on {examples} examples: {100 * before:.1f}% -> "
+                     f"{100 * after:.1f}% ({100 * (after - before):+.1f} points)")
+    elif after is not None:
+        lines.append(f"held-out accuracy on {examples} examples: {100 * after:.1f}%")
+    width = max((len(name) for name in files), default=0)
+    lines += [f"  {name:<{width}}  {path}" for name, path in files.items() if path is not None]
+    return lines
+
+
+def finish_run(trainer: "Trainer", summary: dict[str, float]) -> None:
+    """On every rank after ``trainer.run()``: export, plot and print the summary on rank 0.
+
+    A preempted run only prints its JSON (it resumes later). ``summary.json`` in the run
+    directory holds the same JSON as the last printed line.
+    """
+    import torch.distributed as dist
+
+    cfg, rank = trainer.cfg, dist.get_rank()
+    run_dir = Path(cfg.logging.output_dir)
+    files: dict[str, Optional[Path]] = {"metrics": run_dir / METRICS_FILE}
+    if not summary.get("preempted"):
+        final = trainer.ckpt.find_resumable() if trainer.ckpt is not None else None
+        if rank == 0:
+            files["checkpoint"] = final
+            if cfg.checkpoint.export_hf and final is not None:
+                files["policy (HF)"] = export_hf(cfg, final, cfg.checkpoint.export_hf)
+            files["curves"] = plot_curves(run_dir, f"{cfg.algorithm.name}: {run_dir.name}")
+        dist.barrier()
+    if rank != 0:
+        return
+    text = json.dumps({"final": summary}, indent=1)
+    (run_dir / "summary.json").write_text(text + "\n")
+    files["summary"] = run_dir / "summary.json"
+    print("\n".join(summary_lines(summary, files)), flush=True)
+    print(text, flush=True)

@@ -1,0 +1,72 @@
+"""The end of a run: the final policy exported to HF (logits of the independent reference forward
+on the exported files equal the trained model's), the curves PNG, the summary and its JSON."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rspo_mega.config import ConfigError, load_config, validate_config
+from tests.distributed import run_distributed
+from tests.reference.llada_forward import llada_reference_logits
+from tests.training.test_hf_start import RUN, hf_sp  # noqa: F401 - the fixture
+
+IDS = torch.arange(24).reshape(2, 12) % 50 + 5
+
+
+def _run_body(rank: int, world: int, hf: str, out: str) -> dict:
+    from rspo_mega.models.llada import llada_forward
+    from rspo_mega.training.report import finish_run
+    from rspo_mega.training.trainer import Trainer
+
+    cfg = load_config(None, RUN + [f"checkpoint.init_from={hf}", f"logging.output_dir={out}",
+                                   f"checkpoint.save_dir={out}/ckpt",
+                                   f"checkpoint.export_hf={out}/hf"])
+    trainer = Trainer(cfg, validate_config(cfg, world_size=world))
+    summary = trainer.run()
+    finish_run(trainer, summary)
+    with torch.no_grad():
+        logits = llada_forward(trainer.model[0].eval(), IDS)
+    return {"summary": summary, "logits": logits}
+
+
+def test_the_final_policy_is_exported_plotted_and_summarised(hf_sp, tmp_path, capfd):  # noqa: F811
+    out = tmp_path / "run"
+    result = run_distributed(_run_body, 1, args=(hf_sp, str(out)), timeout=280)[0]
+    hf = out / "hf"
+    sd = {k: v for f in sorted(glob.glob(str(hf / "*.safetensors"))) for k, v in load_file(f).items()}
+    raw = json.loads((hf / "config.json").read_text())
+    ref = llada_reference_logits(sd, raw, IDS, torch.ones_like(IDS, dtype=torch.bool))
+    got = result["logits"].double()
+    assert (got - ref).abs().max() < 1e-4  # the trained weights, not the start's
+    start = {k: v for f in glob.glob(os.path.join(hf_sp, "*.safetensors")) for k, v in load_file(f).items()}
+    assert any(not torch.equal(start[k], sd[k]) for k in sd)
+    assert (hf / "tokenizer.model").is_file()  # the start's tokenizer travels with the policy
+    assert (out / "curves.png").stat().st_size > 0
+    printed = capfd.readouterr().out
+    final = json.loads((out / "summary.json").read_text())["final"]
+    assert final == result["summary"]
+    assert {"before/eval/accuracy", "after/eval/accuracy"} <= set(final)
+    assert "held-out accuracy on 4 examples" in printed and str(hf) in printed
+
+
+def test_summary_lines_say_before_after_and_gain():
+    from rspo_mega.training.report import summary_lines
+
+    lines = summary_lines({"before/eval/accuracy": 0.2, "after/eval/accuracy": 0.335,
+                           "after/eval/examples": 512.0}, {"curves": Path("r/curves.png"),
+                                                           "policy (HF)": None})
+    assert lines == ["held-out accuracy on 512 examples: 20.0% -> 33.5% (+13.5 points)",
+                     "  curves       r/curves.png"]
+
+
+def test_export_needs_a_checkpoint_directory():
+    cfg = load_config(None, ["checkpoint.export_hf=/tmp/x"])
+    with pytest.raises(ConfigError, match="checkpoint.export_hf .* needs checkpoint.save_dir"):
+        validate_config(cfg, world_size=1)
