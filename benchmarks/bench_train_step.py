@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from rspo_mega.config import load_config, validate_config  # noqa: E402
 
-COMMON = ["sft_warmup_steps=0", "data.num_test_examples=0", "logging.tensorboard=false",
+COMMON = ["data.num_test_examples=0", "logging.tensorboard=false",
           "logging.progress_bar=false", "rollout.group_size=4", "global_batch_size=16",
           "micro_batch_size=16", "likelihood.mc_samples=1", "likelihood.micro_batch_size=32",
           "rollout.gen_length=32", "rollout.block_length=32", "rollout.steps=16",

@@ -9,6 +9,7 @@ from rspo_mega.config import (
     ConfigError, TrainConfig, config_from_dict, dump_config, load_config, save_config,
     validate_config,
 )
+from rspo_mega.train import TINY_DEFAULT
 
 
 def test_defaults_validate_and_layout():
@@ -21,13 +22,55 @@ def test_defaults_validate_and_layout():
 
 
 def test_embedded_default_validates():
-    from rspo_mega.train import TINY_DEFAULT
-
     cfg = load_config(TINY_DEFAULT)
     assert validate_config(cfg, world_size=1).prompts_per_step == 8
-    assert cfg.sft_warmup_min_steps <= cfg.sft_warmup_steps
-    with pytest.raises(ConfigError, match="sft_warmup_min_steps=250"):  # a shorter maximum
-        validate_config(load_config(TINY_DEFAULT, ["sft_warmup_steps=100"]), world_size=1)
+    assert cfg.algorithm.name == "rspo"
+
+
+def test_sft_recipe_validates_with_an_unbiased_estimator():
+    sft = load_config(TINY_DEFAULT.parent / "tiny_sudoku_sft.yaml")
+    validate_config(sft, world_size=1)
+    assert sft.algorithm.name == "sft" and sft.likelihood.mask_scheme == "coupled"
+    assert sft.likelihood.mask_sharing == "completion"
+
+
+REMOVED = ["sft_warmup_steps", "sft_warmup_target_accuracy", "sft_warmup_min_steps",
+           "sft_warmup_check_interval", "sft_warmup_holdout", "optimizer.sft_lr",
+           "optimizer.reset_for_rl", "likelihood.sft_mask_scheme"]
+
+
+@pytest.mark.parametrize("key", REMOVED)
+def test_warm_up_keys_are_refused_with_where_sft_went(key, tmp_path):
+    expected = (f"config key '{key}' was removed: .*run SFT as its own run \\(algorithm.name=sft, "
+                "e.g. --config rspo_mega/configs/tiny_sudoku_sft.yaml\\) and start RL from it "
+                "with checkpoint.init_from")
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [f"{key}=1"])
+    *sections, leaf = key.split(".")
+    data: dict = {leaf: None}
+    for section in reversed(sections):
+        data = {section: data}
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path)
+    assert not any(f.startswith("sft_") for f in TrainConfig.__dataclass_fields__)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["likelihood.mask_scheme=one_step"], "likelihood.mask_scheme='one_step' does not estimate the "
+     "ELBO an SFT run (algorithm.name=sft) maximises: use one of ['bernoulli', 'stratified', "
+     "'coupled']"),
+    (["likelihood.mask_sharing=group"], "an SFT run (algorithm.name=sft) has one target per prompt"),
+])
+def test_sft_runs_refuse_estimators_that_are_not_its_elbo(overrides, message):
+    for scheme in ("bernoulli", "stratified", "coupled"):
+        validate_config(load_config(None, ["algorithm.name=sft",
+                                           f"likelihood.mask_scheme={scheme}"]))
+    validate_config(load_config(None, ["algorithm.name=diffu_grpo", *overrides]))  # RL: allowed
+    with pytest.raises(ConfigError) as err:
+        validate_config(load_config(None, ["algorithm.name=sft", *overrides]))
+    assert message in str(err.value)
 
 
 def test_yaml_file_and_overrides(tmp_path):
@@ -114,8 +157,6 @@ def test_unknown_key_in_yaml_file(tmp_path):
         (["algorithm.lambda_=-0.1"], 1, "algorithm.lambda_ must be >= 0"),
         (["likelihood.mc_samples=0"], 1, "config key 'likelihood.mc_samples' must be >= 1"),
         (["likelihood.mask_scheme=uniform"], 1, "'likelihood.mask_scheme' = 'uniform' must be one of"),
-        (["likelihood.sft_mask_scheme=one_step"], 1,
-         "'likelihood.sft_mask_scheme' = 'one_step' must be one of"),
         (["rollout.temperature=-1"], 1, "rollout.temperature must be >= 0"),
         (["data.max_prompt_length=1000"], 1, "exceeds model.max_position_embeddings"),
         (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel=true needs parallel.tp > 1"),

@@ -27,9 +27,34 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
 
 
+_SFT_RUN = ("run SFT as its own run (algorithm.name=sft, e.g. --config "
+            "rspo_mega/configs/tiny_sudoku_sft.yaml) and start RL from it with "
+            "checkpoint.init_from")
+# Keys of the in-run SFT warm-up, refused with where SFT runs instead.
+REMOVED_KEYS: dict[str, str] = {
+    "sft_warmup_steps": _SFT_RUN,
+    "sft_warmup_target_accuracy": _SFT_RUN,
+    "sft_warmup_min_steps": _SFT_RUN,
+    "sft_warmup_check_interval": _SFT_RUN,
+    "sft_warmup_holdout": _SFT_RUN,
+    "optimizer.sft_lr": "an SFT run's learning rate is its optimizer.lr; " + _SFT_RUN,
+    "optimizer.reset_for_rl": ("an RL run from checkpoint.init_from loads the weights only, so "
+                               "its Adam moments start fresh; " + _SFT_RUN),
+    "likelihood.sft_mask_scheme": ("an SFT run (algorithm.name=sft) estimates its ELBO with "
+                                   "likelihood.mask_scheme; " + _SFT_RUN),
+}
+
+
 def _suggest(key: str, options: Iterable[str]) -> str:
     close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _unknown_key(dotted: str, key: str, options: Iterable[str]) -> ConfigError:
+    """The error for a key the schema lacks: why, for a removed key, else a did-you-mean."""
+    if dotted in REMOVED_KEYS:
+        return ConfigError(f"config key '{dotted}' was removed: {REMOVED_KEYS[dotted]}")
+    return ConfigError(f"unknown config key '{dotted}'{_suggest(key, options)}")
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
@@ -86,7 +111,7 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            raise ConfigError(f"unknown config key '{dotted}'{_suggest(str(key), names)}")
+            raise _unknown_key(dotted, str(key), names)
         kwargs[key] = _coerce(value, hints[key], dotted)
     return cls(**kwargs)
 
@@ -116,7 +141,7 @@ def _check_path(cls: type, parts: list[str]) -> None:
             raise ConfigError(f"override '{'.'.join(parts)}': '{'.'.join(parts[:i])}' is not a section")
         fields = {f.name: f for f in dataclasses.fields(node)}
         if part not in fields:
-            raise ConfigError(f"unknown config key '{dotted}'{_suggest(part, fields)}")
+            raise _unknown_key(dotted, part, fields)
         node = _unwrap_optional(typing.get_type_hints(node)[part])[0]
 
 

@@ -89,8 +89,8 @@ class RolloutConfig:
 class LikelihoodConfig:
     """Monte-Carlo ELBO estimation."""
 
-    mask_scheme: str = "coupled"  # bernoulli | stratified | coupled | one_step
-    sft_mask_scheme: str = "coupled"  # SFT steps (warm-up or SFT-only run): an unbiased scheme
+    # bernoulli | stratified | coupled | one_step; an SFT run takes an unbiased one (not one_step)
+    mask_scheme: str = "coupled"
     mc_samples: int = 2  # K per completion (coupled: K pairs)
     mask_sharing: str = "completion"  # completion (own masks) | group (the G of a prompt share them)
     fresh_masks_per_update: bool = False  # inner updates > 1 draw new masks (RSPO; ref re-scored)
@@ -127,8 +127,7 @@ class AlgorithmConfig:
 class OptimizerConfig:
     """megatron-core optimizer and LR schedule."""
 
-    lr: float = 1e-4  # peak LR of the RL (or SFT-only) schedule
-    sft_lr: Optional[float] = None  # constant LR of the SFT warm-up steps (None = lr)
+    lr: float = 1e-4  # peak LR of the run's schedule
     min_lr: float = 0.0
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -138,7 +137,6 @@ class OptimizerConfig:
     warmup_steps: int = 0
     decay_style: str = "constant"  # constant | linear | cosine
     use_distributed_optimizer: bool = False  # shard optimizer state over DP (ZeRO-1)
-    reset_for_rl: bool = True  # fresh Adam moments when RL starts after the SFT warm-up
 
 
 @dataclass
@@ -199,14 +197,7 @@ class TrainConfig:
     """Top-level run configuration (one section per dataclass above)."""
 
     seed: int = 1234
-    train_steps: int = 10  # RL (or SFT) steps
-    sft_warmup_steps: int = 0  # masked-diffusion SFT steps before the RL steps (0 = none)
-    # End the warm-up early, at the first check where greedy accuracy on `sft_warmup_holdout`
-    # training examples (kept out of training) reaches this; sft_warmup_steps is then the maximum.
-    sft_warmup_target_accuracy: Optional[float] = None
-    sft_warmup_holdout: int = 256  # training examples held out for that check
-    sft_warmup_min_steps: int = 0  # no check before this warm-up step
-    sft_warmup_check_interval: int = 25  # warm-up steps between checks
+    train_steps: int = 10  # RL steps (SFT steps with algorithm.name=sft)
     global_batch_size: int = 32  # completions per step over all DP ranks (prompts * group_size)
     micro_batch_size: int = 8  # completions per forward/backward micro-batch on one rank
     eval_interval: int = 0  # steps (0 = only before and after)

@@ -33,7 +33,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rollout.mode": ("exact", "threshold"),
     "rollout.cache": CACHE_MODES,
     "likelihood.mask_scheme": ("bernoulli", "stratified", "coupled", "one_step"),
-    "likelihood.sft_mask_scheme": ("bernoulli", "stratified", "coupled"),
     "likelihood.count_positions": ("generated", "until_eos"),
     "likelihood.mask_sharing": ("completion", "group"),
     "algorithm.name": ("rspo", "espo", "diffu_grpo", "sft"),
@@ -46,9 +45,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "logging.level": ("DEBUG", "INFO", "WARNING", "ERROR"),
 }
 
+# The likelihood.mask_scheme choices that estimate the ELBO itself: those an SFT run takes.
+SFT_MASK_SCHEMES: tuple[str, ...] = ("bernoulli", "stratified", "coupled")
+
 POSITIVE = (
-    "train_steps", "global_batch_size", "micro_batch_size", "sft_warmup_holdout",
-    "sft_warmup_check_interval",
+    "train_steps", "global_batch_size", "micro_batch_size",
     "model.num_layers", "model.hidden_size", "model.ffn_hidden_size", "model.num_attention_heads",
     "model.vocab_size", "model.max_position_embeddings", "model.make_vocab_size_divisible_by",
     "parallel.tp", "parallel.pp", "parallel.cp",
@@ -142,6 +143,22 @@ def check_likelihood(lik: LikelihoodConfig) -> None:
             f"likelihood.one_step_prompt_mask_prob must lie in [0, 1], got "
             f"{lik.one_step_prompt_mask_prob}"
         )
+
+
+def check_sft_likelihood(alg: AlgorithmConfig, lik: LikelihoodConfig) -> None:
+    """An SFT run maximises the ELBO itself: an estimator of it (``SFT_MASK_SCHEMES``; bernoulli
+    is biased by O(``likelihood.bernoulli_eps``) only), each example with its own masks (it has
+    no group of completions to share them)."""
+    if alg.name != "sft":
+        return
+    if lik.mask_scheme not in SFT_MASK_SCHEMES:
+        raise ConfigError(f"likelihood.mask_scheme={lik.mask_scheme!r} does not estimate the ELBO "
+                          "an SFT run (algorithm.name=sft) maximises: use one of "
+                          f"{list(SFT_MASK_SCHEMES)}")
+    if lik.mask_sharing != "completion":
+        raise ConfigError(f"likelihood.mask_sharing={lik.mask_sharing!r} shares masks among the "
+                          "completions of a prompt; an SFT run (algorithm.name=sft) has one target "
+                          "per prompt: set likelihood.mask_sharing=completion")
 
 
 def check_countdown(cd: CountdownConfig) -> None:
@@ -266,21 +283,7 @@ def validate_config(cfg: TrainConfig, world_size: Optional[int] = None) -> Layou
     check_algorithm(cfg.algorithm)
     if cfg.optimizer.lr <= 0:
         raise ConfigError(f"optimizer.lr must be > 0, got {cfg.optimizer.lr}")
-    if cfg.optimizer.sft_lr is not None and cfg.optimizer.sft_lr <= 0:
-        raise ConfigError(f"optimizer.sft_lr must be > 0, got {cfg.optimizer.sft_lr}")
-    if cfg.sft_warmup_target_accuracy is not None:
-        if not 0 < cfg.sft_warmup_target_accuracy <= 1:
-            raise ConfigError(f"sft_warmup_target_accuracy must lie in (0, 1], got "
-                              f"{cfg.sft_warmup_target_accuracy}")
-        if cfg.sft_warmup_steps < 1 or cfg.algorithm.name == "sft":
-            raise ConfigError("sft_warmup_target_accuracy ends an SFT warm-up before RL: it needs "
-                              "sft_warmup_steps >= 1 (the maximum) and an RL algorithm.name, got "
-                              f"sft_warmup_steps={cfg.sft_warmup_steps}, "
-                              f"algorithm.name={cfg.algorithm.name!r} (set "
-                              "sft_warmup_target_accuracy=null for a run without a warm-up)")
-        if not 0 <= cfg.sft_warmup_min_steps <= cfg.sft_warmup_steps:
-            raise ConfigError(f"sft_warmup_min_steps={cfg.sft_warmup_min_steps} must lie in "
-                              f"[0, sft_warmup_steps={cfg.sft_warmup_steps}]")
+    check_sft_likelihood(cfg.algorithm, cfg.likelihood)
     if cfg.checkpoint.export_hf and not cfg.checkpoint.save_dir:
         raise ConfigError("checkpoint.export_hf converts the run's final checkpoint: it needs "
                           "checkpoint.save_dir")

@@ -143,12 +143,9 @@ class MaskSampler:
     seed and warns when a setting changed (the masks from then on differ from the original run's).
     """
 
-    def __init__(self, cfg: LikelihoodConfig, seed: int, mask_token_id: int, eos_token_id: int,
-                 scheme_key: str = "likelihood.mask_scheme"):
-        """``scheme_key`` names the config key ``cfg.mask_scheme`` came from (in warnings)."""
+    def __init__(self, cfg: LikelihoodConfig, seed: int, mask_token_id: int, eos_token_id: int):
         validate_likelihood_config(cfg)
         self.cfg = cfg
-        self.scheme_key = scheme_key
         self.seed = int(seed)
         self.mask_token_id = int(mask_token_id)
         self.eos_token_id = int(eos_token_id)
@@ -165,8 +162,7 @@ class MaskSampler:
         self.seed = int(state["seed"])
         mine = self.state_dict()
         keys = ("mask_scheme", "mask_sharing", "mc_samples", "fresh_masks_per_update")
-        names = {"mask_scheme": self.scheme_key}
-        changed = [f"{names.get(k, 'likelihood.' + k)}: {state[k]!r} -> {mine[k]!r}"
+        changed = [f"likelihood.{k}: {state[k]!r} -> {mine[k]!r}"
                    for k in keys if k in state and state[k] != mine[k]]
         if changed:
             log.warning("resumed with a different mask stream (%s)", ", ".join(changed))

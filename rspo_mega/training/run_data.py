@@ -20,7 +20,6 @@ from rspo_mega.data import Example
 from rspo_mega.data.templates import PromptTemplate, get_template
 from rspo_mega.data.tokenizer import Tokenizer, load_tokenizer
 from rspo_mega.data.tokenizer_training import task_corpus, train_sentencepiece_tokenizer
-from rspo_mega.rng import hash64
 from rspo_mega.tasks import get_task
 from rspo_mega.tasks.answer_format import format_response
 from rspo_mega.tasks.base import Task
@@ -106,16 +105,3 @@ def prepare_run_data(cfg: TrainConfig) -> RunData:
     encoded = encode_prompts(train, task, template, tokenizer, d.max_prompt_length)
     return RunData(task, tokenizer, template, encoded, test)
 
-
-def split_warmup_holdout(
-    examples: list[Example], holdout: int
-) -> tuple[list[Example], list[Example]]:
-    """(train, holdout): ``holdout`` training examples, chosen by a hash of their uid (so the
-    choice does not depend on the source order), kept out of training to measure the SFT
-    warm-up's accuracy on unseen prompts."""
-    if not 1 <= holdout < len(examples):
-        raise ConfigError(f"sft_warmup_holdout={holdout} must be >= 1 and smaller than the "
-                          f"{len(examples)} training examples")
-    ranked = sorted(examples, key=lambda ex: hash64(ex.uid, 0x5F7))
-    held = {ex.uid for ex in ranked[:holdout]}
-    return [ex for ex in examples if ex.uid not in held], [ex for ex in examples if ex.uid in held]

@@ -1,4 +1,5 @@
-"""The RL trainer: prompts -> rollouts -> rewards -> advantages -> ELBOs -> loss -> update.
+"""The trainer of one run, RL (prompts -> rollouts -> rewards -> advantages -> ELBOs -> loss ->
+update) or masked-diffusion SFT.
 
 One :class:`Trainer` per process (``torchrun`` rank). A step of RL (``algorithm.name`` in rspo,
 espo, diffu_grpo):
@@ -13,23 +14,24 @@ espo, diffu_grpo):
 6. metrics, checkpoint and preemption handling.
 
 ``algorithm.name=sft`` runs masked-diffusion SFT on the data's reference answers instead (no
-rollout), with the same masks and parallel ELBO runner.
+rollout), with the same masks and parallel ELBO runner. SFT and RL are separate runs: an RL run
+starts from an SFT run's weights through ``checkpoint.init_from`` (its ``save_dir``, one of its
+checkpoints, or that policy exported to an HF directory).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
 from typing import Optional
 
 import torch
 from megatron.core import parallel_state as ps
 
-from rspo_mega.algorithms import build_loss, compute_advantages, loss_backward
+from rspo_mega.algorithms import StepResult, build_loss, compute_advantages, loss_backward
 from rspo_mega.config import Layout, TrainConfig, config_to_dict
 from rspo_mega.data import PromptBatchIterator, shard_examples
-from rspo_mega.likelihood import ElboRunner, MaskSampler, ReferenceModel
+from rspo_mega.likelihood import ElboRunner, MaskedBatch, MaskSampler, ReferenceModel
 from rspo_mega.models.llada import llada_forward, unwrap_model
 from rspo_mega.parallel import initialize_distributed, initialize_model_parallel
 from rspo_mega.parallel.reductions import data_parallel_group, global_mean, global_sum, global_sums
@@ -42,15 +44,18 @@ from rspo_mega.training.builder import (
     optimizer_step, wrap_ddp, zero_grads,
 )
 from rspo_mega.training.checkpointing import (
-    CheckpointManager, check_compatible, restore_rng_state,
+    CheckpointManager, check_compatible, load_extra_state, read_metadata, restore_rng_state,
 )
 from rspo_mega.training.guards import check_finite, grad_tensors
 from rspo_mega.training.init_weights import prepare_init
 from rspo_mega.training.metrics import MetricsLogger, Timers, memory_stats
-from rspo_mega.training.run_data import RunData, prepare_run_data, split_warmup_holdout
+from rspo_mega.training.resume_checks import check_resumable
+from rspo_mega.training.run_data import RunData, prepare_run_data
 from rspo_mega.training.signals import PreemptionHandler
 
 log = logging.getLogger(__name__)
+
+POSTFIX = {"loss": ".4f", "reward": ".3f"}  # progress-bar metrics of a step (those it has)
 
 
 class Trainer:
@@ -66,17 +71,12 @@ class Trainer:
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_size = ps.get_data_parallel_world_size()
         self.data: RunData = prepare_run_data(cfg)  # may fill model ids from the tokenizer
-        train_examples = [e.example for e in self.data.train]
-        self.warmup_holdout = []  # training examples that decide when the warm-up ends
-        if cfg.sft_warmup_target_accuracy is not None:
-            train_examples, self.warmup_holdout = split_warmup_holdout(
-                train_examples, cfg.sft_warmup_holdout)
         self.encoded = {e.example.uid: e for e in self.data.train}
-        self.rl_iterator = PromptBatchIterator(
-            train_examples, layout.prompts_per_step, self.dp_rank, self.dp_size, seed=cfg.data.seed)
-        self.sft_iterator = PromptBatchIterator(
-            train_examples, cfg.global_batch_size, self.dp_rank, self.dp_size,
-            seed=cfg.data.seed + 1)
+        # RL: the prompts of a step; SFT: its examples, in an order of their own
+        self.iterator = PromptBatchIterator(
+            [e.example for e in self.data.train],
+            layout.prompts_per_step if self.is_rl else cfg.global_batch_size,
+            self.dp_rank, self.dp_size, seed=cfg.data.seed + (0 if self.is_rl else 1))
 
         load_init = prepare_init(cfg)  # checks checkpoint.init_from before any model exists
         chunks = build_chunks(cfg)
@@ -84,25 +84,15 @@ class Trainer:
             load_init(chunks)
         self.model = wrap_ddp(chunks, cfg)
         self.optimizer = build_optimizer(self.model, cfg)
-        self.warmup_steps = cfg.sft_warmup_steps if self.is_rl else cfg.train_steps
-        self.total_steps = self.warmup_steps + (cfg.train_steps if self.is_rl else 0)
-        self.scheduled_updates = (cfg.train_steps * cfg.algorithm.inner_updates) if self.is_rl \
-            else self.warmup_steps
-        self.scheduler = build_scheduler(self.optimizer, cfg, self.scheduled_updates)
-        # SFT steps maximise the ELBO itself, so they keep an unbiased estimator even when the RL
-        # relative score uses a truncated one (likelihood.mask_scheme=bernoulli, large eps).
-        sft_likelihood = replace(cfg.likelihood, mask_scheme=cfg.likelihood.sft_mask_scheme,
-                                 mask_sharing="completion")
-        self.sft_loss = build_loss(replace(cfg.algorithm, name="sft"), sft_likelihood)
-        self.rl_loss = build_loss(cfg.algorithm, cfg.likelihood,
-                                  microbatch_completions=cfg.micro_batch_size) if self.is_rl else None
+        self.updates_per_step = cfg.algorithm.inner_updates if self.is_rl else 1
+        self.scheduler = build_scheduler(self.optimizer, cfg,
+                                         cfg.train_steps * self.updates_per_step)
+        self.loss = build_loss(cfg.algorithm, cfg.likelihood,
+                               microbatch_completions=cfg.micro_batch_size)
         self.reference: Optional[ReferenceModel] = None  # built when RL starts
         self.engine = RolloutEngine(self.model, cfg.model, cfg.rollout, seed=cfg.seed)
         self.masks = MaskSampler(cfg.likelihood, cfg.seed, cfg.model.mask_token_id,
                                  cfg.model.eos_token_id)
-        self.sft_masks = MaskSampler(sft_likelihood, cfg.seed, cfg.model.mask_token_id,
-                                     cfg.model.eos_token_id,
-                                     scheme_key="likelihood.sft_mask_scheme")
         self.runner = ElboRunner(llada_forward, cfg.likelihood.micro_batch_size,
                                  ddp_averages_gradients=True, one_pass=cfg.likelihood.one_pass)
         self.metrics = MetricsLogger(cfg.logging.output_dir, tensorboard=cfg.logging.tensorboard,
@@ -115,50 +105,11 @@ class Trainer:
     def is_rl(self) -> bool:
         return self.cfg.algorithm.name != "sft"
 
-    @property
-    def in_sft(self) -> bool:
-        """Whether the current step is a masked-diffusion SFT step (warm-up or SFT-only run)."""
-        return self.step < self.warmup_steps
-
-    def _warmup_check_due(self) -> bool:
-        cfg = self.cfg
-        in_range = cfg.sft_warmup_min_steps <= self.step <= self.warmup_steps
-        on_interval = self.step % cfg.sft_warmup_check_interval == 0
-        last = self.step == self.warmup_steps
-        return bool(self.warmup_holdout) and in_range and (on_interval or last)
-
-    def check_warmup(self) -> dict[str, float]:
-        """Greedy accuracy on the warm-up holdout; ends the warm-up here when it reaches
-        ``sft_warmup_target_accuracy``. Run every ``sft_warmup_check_interval`` warm-up steps from
-        ``sft_warmup_min_steps`` on, and at the last one."""
-        cfg = self.cfg
-        result = self.evaluate(self.warmup_holdout)
-        acc = result["eval/accuracy"]
-        if acc >= cfg.sft_warmup_target_accuracy:
-            log.info("SFT warm-up: holdout accuracy %.3f >= sft_warmup_target_accuracy=%g at "
-                     "step %d; RL starts", acc, cfg.sft_warmup_target_accuracy, self.step)
-            self.warmup_steps = self.step
-            self.total_steps = self.step + cfg.train_steps
-        elif self.step == self.warmup_steps:
-            log.warning("SFT warm-up: sft_warmup_steps=%d reached with holdout accuracy %.3f < "
-                        "sft_warmup_target_accuracy=%g; RL starts from a weaker policy than "
-                        "asked for", self.step, acc, cfg.sft_warmup_target_accuracy)
-        return {"warmup/holdout_accuracy": acc, "warmup/holdout_reward": result["eval/reward"]}
-
     def start_rl(self) -> None:
-        """Freeze the current policy as the reference (the RL start point), if the loss needs one.
-
-        After an SFT warm-up, ``optimizer.reset_for_rl`` starts RL with fresh Adam moments, as a
-        separate RL run from the SFT checkpoint would: the warm-up's second moments describe
-        supervised gradients (about twice the RL gradient norm in the tiny default), which
-        would shrink the first RL steps.
-        (On resume this runs before the checkpoint's optimizer state is loaded.)
-        """
-        if self.warmup_steps > 0 and self.cfg.optimizer.reset_for_rl:
-            self.optimizer = build_optimizer(self.model, self.cfg)
-            self.scheduler = build_scheduler(self.optimizer, self.cfg, self.scheduled_updates)
-        self.scheduler.step(increment=0)  # the RL schedule's LR replaces the warm-up's
-        if self.reference is None and self.rl_loss is not None and self.rl_loss.needs_reference:
+        """Freeze the current policy as the reference (the RL start point), if the loss needs
+        one. :meth:`run` calls it before the first RL step; :meth:`resume` before loading a
+        checkpoint that holds a reference (whose weights then replace the copy)."""
+        if self.reference is None and self.is_rl and self.loss.needs_reference:
             self.reference = ReferenceModel.from_policy(
                 self.model, build_reference_fn(self.cfg),
                 offload=self.cfg.likelihood.offload_reference)
@@ -167,7 +118,7 @@ class Trainer:
 
     def _rl_batch(self, timers: Timers):
         cfg, G = self.cfg, self.cfg.rollout.group_size
-        examples = next(self.rl_iterator)
+        examples = next(self.iterator)
         pairs = [(i, completion_uid(ex.uid, j)) for i, ex in enumerate(examples) for j in range(G)]
         prompts = [list(self.encoded[examples[i].uid].prompt_ids) for i, _ in pairs]
         uids = [u for _, u in pairs]
@@ -204,7 +155,7 @@ class Trainer:
 
     def _sft_batch(self):
         cfg = self.cfg
-        examples = next(self.sft_iterator)
+        examples = next(self.iterator)
         encoded = [self.encoded[ex.uid] for ex in examples]
         targets = [self.data.sft_target(ex) for ex in examples]
         uids = [completion_uid(ex.uid, 0) for ex in examples]
@@ -214,51 +165,52 @@ class Trainer:
         batch.group_ids += self.dp_rank * len(examples)
         return batch, advantages, cfg.global_batch_size, {}
 
+    def _reference_logprobs(self, masked: MaskedBatch, timers: Timers) -> Optional[torch.Tensor]:
+        """The reference's log-probs on ``masked`` (None without a reference)."""
+        if self.reference is None:
+            return None
+        with timers("likelihood"):
+            return self.reference.logprobs(self.runner, masked)
+
+    def _update(self, masked: MaskedBatch, advantages: torch.Tensor, group_ids: torch.Tensor,
+                num_groups: int, ref_logp: Optional[torch.Tensor],
+                old_logp: Optional[torch.Tensor], timers: Timers) -> tuple[StepResult, bool, float]:
+        """One optimizer update of the loss on ``masked``: (loss result, applied, grad norm)."""
+        zero_grads(self.model, self.optimizer)
+        with timers("likelihood"):
+            result = loss_backward(self.loss, self.runner, self.model, masked, advantages,
+                                   group_ids, num_groups, ref_logp=ref_logp, old_logp=old_logp)
+        with timers("communication"):
+            finish_grad_sync(self.model)
+        grads = {f"chunk{i}.{k}": g for i, c in enumerate(self.model)
+                 for k, g in grad_tensors(c).items()}
+        finite = check_finite(grads, self.step, policy=self.cfg.non_finite_policy)
+        with timers("optimizer"):
+            applied, grad_norm = optimizer_step(self.optimizer, self.scheduler) if finite \
+                else (False, float("nan"))
+        return result, applied, grad_norm
+
     def train_step(self) -> dict[str, float]:
         """One step (all inner updates); returns the global metrics of the step."""
         cfg, timers = self.cfg, Timers(synchronize=True)  # GPU: time lands in its section
         t0 = time.perf_counter()
-        sft = self.in_sft
-        batch, advantages, num_groups, stats = self._sft_batch() if sft else self._rl_batch(timers)
-        loss_fn = self.sft_loss if sft else self.rl_loss
-        masked = (self.sft_masks if sft else self.masks).sample(batch, iteration=self.step)
-        with timers("likelihood"):
-            ref_logp = None
-            if not sft and self.reference is not None:
-                ref_logp = self.reference.logprobs(self.runner, masked)
-        old_logp, result = None, None
-        for inner in range(1 if sft else cfg.algorithm.inner_updates):
+        batch, advantages, num_groups, stats = self._rl_batch(timers) if self.is_rl \
+            else self._sft_batch()
+        masked = self.masks.sample(batch, iteration=self.step)
+        ref_logp, old_logp = self._reference_logprobs(masked, timers), None
+        for inner in range(self.updates_per_step):
             if inner and cfg.likelihood.fresh_masks_per_update:  # new masks, reference re-scored
                 masked = self.masks.sample(batch, iteration=self.step, update=inner)
-                with timers("likelihood"):
-                    ref_logp = self.reference.logprobs(self.runner, masked) \
-                        if self.reference is not None else None
-            zero_grads(self.model, self.optimizer)
-            with timers("likelihood"):
-                result = loss_backward(loss_fn, self.runner, self.model, masked, advantages,
-                                       batch.group_ids, num_groups, ref_logp=ref_logp,
-                                       old_logp=old_logp)
+                ref_logp = self._reference_logprobs(masked, timers)
+            result, applied, grad_norm = self._update(masked, advantages, batch.group_ids,
+                                                      num_groups, ref_logp, old_logp, timers)
             if inner == 0 and not cfg.likelihood.fresh_masks_per_update:
                 old_logp = result.logp
-            with timers("communication"):
-                finish_grad_sync(self.model)
-            grads = {f"chunk{i}.{k}": g for i, c in enumerate(self.model)
-                     for k, g in grad_tensors(c).items()}
-            finite = check_finite(grads, self.step, policy=cfg.non_finite_policy)
-            with timers("optimizer"):
-                if sft and self.is_rl:  # warm-up phase: its own LR (linear ramp over
-                    # optimizer.warmup_steps, then constant); the RL schedule starts after it
-                    ramp = min(1.0, (self.step + 1) / max(1, cfg.optimizer.warmup_steps))
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = (cfg.optimizer.sft_lr or cfg.optimizer.lr) * ramp
-                applied, grad_norm = optimizer_step(
-                    self.optimizer, None if (sft and self.is_rl) else self.scheduler
-                ) if finite else (False, float("nan"))
         elapsed = time.perf_counter() - t0
-        out = {"phase_sft": float(sft), **stats, **result.metrics, "grad_norm": grad_norm, "update_applied": float(applied),
+        out = {**stats, **result.metrics, "grad_norm": grad_norm, "update_applied": float(applied),
                "lr": self.optimizer.param_groups[0]["lr"], "step_seconds": elapsed,
                **timers.elapsed(), **memory_stats()}
-        if not sft and elapsed > 0:
+        if self.is_rl and elapsed > 0:
             out["tokens_per_s"] = stats["completion_tokens"] / elapsed
         self.step += 1
         return out
@@ -323,13 +275,16 @@ class Trainer:
                 state[f"reference{i}"] = chunk.sharded_state_dict(prefix=f"reference{i}.")
         return state
 
+    def _state_keys(self) -> tuple[str, str]:
+        """Keys of the data position and the mask-sampler state in the saved plain state (named
+        by the run's kind, so a checkpoint of the other kind is never read as this one's)."""
+        return ("rl_iterator", "masks") if self.is_rl else ("sft_iterator", "sft_masks")
+
     def _extra_state(self) -> dict:
-        return {"step": self.step, "warmup_steps": self.warmup_steps,
-                "rl_iterator": self.rl_iterator.state_dict(),
-                "sft_iterator": self.sft_iterator.state_dict(),
+        data_key, masks_key = self._state_keys()
+        return {"step": self.step, data_key: self.iterator.state_dict(),
                 "has_reference": self.reference is not None,
-                "masks": self.masks.state_dict(), "sft_masks": self.sft_masks.state_dict(),
-                "scheduler": self.scheduler.state_dict()}
+                masks_key: self.masks.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def save(self) -> None:
         if self.ckpt is None:
@@ -351,24 +306,37 @@ class Trainer:
         return True
 
     def resume(self) -> bool:
-        """Load the newest valid checkpoint of ``checkpoint.load_dir`` (or ``save_dir``)."""
+        """Load the newest valid checkpoint of ``checkpoint.save_dir``, saved by a run of this
+        kind (:func:`check_resumable` names what to do with any other); whether one was found."""
         if self.ckpt is None:
             return False
         path = self.ckpt.find_resumable()
         if path is None:
             return False
-        from rspo_mega.training.checkpointing import read_metadata
-
-        check_compatible(read_metadata(path).get("config") or {}, config_to_dict(self.cfg),
+        saved_config, saved = read_metadata(path).get("config"), load_extra_state(path)
+        check_resumable(path, saved_config, saved, self.is_rl)
+        check_compatible(saved_config or {}, config_to_dict(self.cfg),
                          keys=("model",))  # layouts may change: dist checkpoints reshard
-        from rspo_mega.models.llada.checkpoint import trusted_te_extra_state
-        from rspo_mega.training.checkpointing import load_extra_state
-
-        if load_extra_state(path).get("has_reference"):
+        if saved.get("has_reference"):
             self.start_rl()  # same layout as the policy; its weights come from the checkpoint
         state, extra = self.ckpt.load(path, self._sharded_state(is_loading=True))
         if "rng" in extra:
             restore_rng_state(extra["rng"])
+        self._load_weights(state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        distrib_optimizer_fixes.finish_load(self.optimizer)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        data_key, masks_key = self._state_keys()
+        self.iterator.load_state_dict(extra[data_key])
+        self.masks.load_state_dict(extra[masks_key])
+        self.step = int(extra["step"])
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def _load_weights(self, state: dict) -> None:
+        """The policy's (and reference's) weights from a loaded sharded state."""
+        from rspo_mega.models.llada.checkpoint import trusted_te_extra_state
+
         with trusted_te_extra_state():  # FP8 delayed-scaling metadata of this run's checkpoint
             if self.reference is not None:
                 for i, chunk in enumerate(self.reference.chunks):
@@ -377,60 +345,33 @@ class Trainer:
             for i, chunk in enumerate(self.model):  # keys are the inner GPTModel's, not DDP's
                 unwrap_model(chunk).load_state_dict(
                     state["model" if len(self.model) == 1 else f"model{i}"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        distrib_optimizer_fixes.finish_load(self.optimizer)
-        self.scheduler.load_state_dict(extra["scheduler"])
-        self.rl_iterator.load_state_dict(extra["rl_iterator"])
-        self.sft_iterator.load_state_dict(extra["sft_iterator"])
-        self.masks.load_state_dict(extra["masks"])
-        if "sft_masks" in extra:
-            self.sft_masks.load_state_dict(extra["sft_masks"])
-        self.step = int(extra["step"])
-        ended = int(extra.get("warmup_steps", self.warmup_steps))
-        if self.is_rl and ended <= self.step:  # RL had started (maybe on the warm-up's target)
-            self.warmup_steps = ended
-            self.total_steps = self.warmup_steps + self.cfg.train_steps
-        log.info("resumed from %s at step %d", path, self.step)
-        return True
 
     # -- the run -------------------------------------------------------------------------------
 
     def run(self) -> dict[str, float]:
-        """Warm-up (if any), then RL; evaluates before and after RL. Returns the summary."""
+        """``train_steps`` steps (RL, or SFT with ``algorithm.name=sft``) with held-out
+        evaluation after them (and before, for RL not resumed); returns the summary."""
         cfg = self.cfg
         resumed = self.resume()
         summary: dict[str, float] = {}
-        bar = self.metrics.progress(self.total_steps, initial=self.step,
+        if self.is_rl:
+            self.start_rl()
+            if self.data.test and not resumed:
+                summary.update({f"before/{k}": v for k, v in self.evaluate().items()})
+                self.metrics.log(self.step, summary)
+        bar = self.metrics.progress(cfg.train_steps, initial=self.step,
                                     enabled=cfg.logging.progress_bar, desc=cfg.algorithm.name)
         with PreemptionHandler() as preemption:
-            while self.step < self.total_steps:
-                if self.step == self.warmup_steps and self.is_rl and self.reference is None:
-                    self.start_rl()
-                    if self.data.test and not resumed:
-                        summary.update({f"before/{k}": v for k, v in self.evaluate().items()})
-                        self.metrics.log(self.step, summary)
+            while self.step < cfg.train_steps:
                 metrics = self.train_step()
-                checked = self._warmup_check_due()
-                if checked:
-                    metrics.update(self.check_warmup())
-                    bar.total = self.total_steps
-                    bar.refresh()
                 if cfg.eval_interval > 0 and self.step % cfg.eval_interval == 0 and self.data.test:
                     metrics.update(self.evaluate())
-                on_log = self.step % cfg.logging.log_interval == 0 or self.step == self.total_steps
-                if checked or on_log:  # a warm-up check is always logged
+                if self.step % cfg.logging.log_interval == 0 or self.step == cfg.train_steps:
                     self.metrics.log(self.step, metrics)
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
-                                reward=f"{metrics.get('reward', float('nan')):.3f}")
-                saved = self._save_on_interval(preemption)
-                if preemption.should_stop():
-                    log.warning("preemption signal: %s step %d and exiting",
-                                "saved" if saved else "saving", self.step)
-                    if not saved:
-                        self.save()
+                bar.set_postfix({k: f"{metrics[k]:{f}}" for k, f in POSTFIX.items() if k in metrics})
+                if self._stopped(preemption, saved=self._save_on_interval(preemption)):
                     bar.close()
-                    self.metrics.close()
                     return {"preempted": 1.0, "step": float(self.step)}
         bar.close()
         if self.data.test:
@@ -439,6 +380,18 @@ class Trainer:
         self.save()
         self.metrics.close()
         return summary
+
+    def _stopped(self, preemption: PreemptionHandler, saved: bool) -> bool:
+        """After a preemption signal: save (unless this step's checkpoint was just written),
+        close the metrics and say so; else False."""
+        if not preemption.should_stop():
+            return False
+        log.warning("preemption signal: %s step %d and exiting",
+                    "saved" if saved else "saving", self.step)
+        if not saved:
+            self.save()
+        self.metrics.close()
+        return True
 
 
 def _gather_in_order(records: list[dict], examples: list, group) -> list[dict]:

@@ -178,8 +178,7 @@ def test_fp8_forward_backward_tracks_bf16(nccl_world):
 def _train(out: str, *extra: str) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
            "-m", "rspo_mega.train", f"logging.output_dir={out}", "logging.progress_bar=false",
-           "data.num_train_examples=200", "data.num_test_examples=16", "sft_warmup_min_steps=0",
-           "sft_warmup_target_accuracy=null", f"checkpoint.save_dir={out}/ckpt",
+           "data.num_train_examples=200", "data.num_test_examples=16", f"checkpoint.save_dir={out}/ckpt",
            "checkpoint.save_interval=2", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -189,14 +188,17 @@ def _train(out: str, *extra: str) -> list[dict]:
 
 @needs_fp8
 def test_train_cli_with_te_fp8_and_resume(tmp_path):
-    """torchrun -m rspo_mega.train on NCCL with TE + bf16 + FP8: SFT then RSPO steps, then resume."""
-    out = str(tmp_path / "run")
-    args = ["sft_warmup_steps=4", "model.transformer_impl=transformer_engine",
-            "model.params_dtype=bfloat16", "model.fp8.enabled=true"]
-    rows = _train(out, *args, "train_steps=2")
-    rl = [r for r in rows if r.get("phase_sft") == 0.0]
-    assert len(rl) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rl), rows[-3:]
-    assert os.path.isdir(os.path.join(out, "ckpt", "iter_0000006")), os.listdir(out + "/ckpt")
-    rows = _train(out, *args, "train_steps=4")  # resumes from step 6 (4 SFT + 2 RSPO)
-    rl = [r for r in rows if r.get("phase_sft") == 0.0]
-    assert [r["step"] for r in rl] == [5, 6, 7, 8], [r["step"] for r in rl]
+    """torchrun -m rspo_mega.train on NCCL with TE + bf16 + FP8: an SFT run, RSPO steps from its
+    checkpoint, then a resume of the RSPO run."""
+    fp8 = ["model.transformer_impl=transformer_engine", "model.params_dtype=bfloat16",
+           "model.fp8.enabled=true"]
+    sft = str(tmp_path / "sft")
+    rows = [r for r in _train(sft, *fp8, "algorithm.name=sft", "likelihood.mask_scheme=coupled",
+                              "likelihood.mask_sharing=completion", "train_steps=4") if "loss" in r]
+    assert len(rows) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows), rows[-3:]
+    out, start = str(tmp_path / "rl"), f"checkpoint.init_from={sft}/ckpt"
+    rl = [r for r in _train(out, *fp8, start, "train_steps=2") if "loss" in r]
+    assert len(rl) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rl), rl
+    assert os.path.isdir(os.path.join(out, "ckpt", "iter_0000002")), os.listdir(out + "/ckpt")
+    rl = [r for r in _train(out, *fp8, start, "train_steps=4") if "loss" in r]  # from step 2
+    assert [r["step"] for r in rl] == [1, 2, 3, 4], [r["step"] for r in rl]

@@ -103,15 +103,6 @@ def test_resume_with_other_mask_settings_warns_with_the_keys(caplog):
         assert key in caplog.text
 
 
-def test_sft_sampler_warnings_name_the_sft_scheme_key(caplog):
-    saved = _sampler("coupled").state_dict()
-    sft = MaskSampler(LikelihoodConfig(mask_scheme="stratified", mc_samples=2), 42, MASK, EOS,
-                      scheme_key="likelihood.sft_mask_scheme")
-    sft.load_state_dict(saved)
-    assert "likelihood.sft_mask_scheme: 'coupled' -> 'stratified'" in caplog.text
-    assert "likelihood.mask_scheme" not in caplog.text
-
-
 @pytest.mark.parametrize("scheme", ["bernoulli", "stratified", "coupled"])
 def test_prompt_and_padding_never_masked(scheme):
     batch, _ = make_completions(6, 3, 5, 9, seed=3)

@@ -8,14 +8,14 @@ from pathlib import Path
 
 from rspo_mega.config import load_config, validate_config
 from tests.distributed import run_distributed
-from tests.training.test_trainer import TINY, _init_checkpoint
+from tests.training.test_trainer import SFT, TINY, _init_checkpoint
 
 
 def _run(rank: int, world: int, run_dir: str, init: str, steps: int, dopt: bool,
          save_interval: int) -> list[tuple[int, float]]:
     from rspo_mega.training.trainer import Trainer
 
-    cfg = load_config(None, TINY + [
+    cfg = load_config(None, TINY + SFT + [  # SFT: every step has a gradient to update with
         f"checkpoint.init_from={init}", f"logging.output_dir={run_dir}", f"train_steps={steps}",
         f"optimizer.use_distributed_optimizer={dopt}", f"checkpoint.save_dir={run_dir}/ckpt",
         f"checkpoint.save_interval={save_interval}"])
@@ -27,14 +27,14 @@ def _run(rank: int, world: int, run_dir: str, init: str, steps: int, dopt: bool,
 def test_distributed_optimizer_matches_plain_and_resumes_exactly(tmp_path):
     init = str(tmp_path / "init")
     run_distributed(_init_checkpoint, 1, args=(init,), timeout=120)
-    plain = run_distributed(_run, 2, args=(str(tmp_path / "plain"), init, 3, False, 0), timeout=600)[0]
-    full = run_distributed(_run, 2, args=(str(tmp_path / "full"), init, 3, True, 0), timeout=600)[0]
+    plain = run_distributed(_run, 2, args=(str(tmp_path / "plain"), init, 4, False, 0), timeout=600)[0]
+    full = run_distributed(_run, 2, args=(str(tmp_path / "full"), init, 4, True, 0), timeout=600)[0]
     assert [s for s, _ in full] == [1, 2, 3, 4]
     for (_, a), (_, b) in zip(plain, full):
         assert math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7), (plain, full)
     part = str(tmp_path / "part")
-    run_distributed(_run, 2, args=(part, init, 1, True, 1), timeout=600)  # steps 1-2, then killed
-    resumed = run_distributed(_run, 2, args=(part, init, 3, True, 1), timeout=600)[0]
+    run_distributed(_run, 2, args=(part, init, 2, True, 1), timeout=600)  # steps 1-2, then killed
+    resumed = run_distributed(_run, 2, args=(part, init, 4, True, 1), timeout=600)[0]
     # steps 3 and 4 come after the resume; step 4's loss sees the first update with restored Adam
     # moments and step counts. Bitwise equal to the uninterrupted run:
     assert resumed[-2:] == full[-2:], (resumed, full)

@@ -23,9 +23,7 @@ from tests.distributed import free_port
 from tests.training.test_trainer import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
-# The embedded default's warm-up target needs far more steps than these runs take.
-RUN = TINY + ["sft_warmup_steps=2", "sft_warmup_target_accuracy=null", "train_steps=3",
-              "checkpoint.save_interval=1", "checkpoint.keep_last=5"]
+RUN = TINY + ["train_steps=5", "checkpoint.save_interval=1", "checkpoint.keep_last=5"]
 
 
 def _env() -> tuple[dict, str]:
@@ -155,7 +153,7 @@ def test_sigterm_during_a_save_then_resume(tmp_path):
     latest = (tmp_path / "ckpt" / "latest").read_text().strip()
     assert latest == name and validate_checkpoint(tmp_path / "ckpt" / latest) is None
     assert '"preempted": 1.0' in log
-    proc = _train(tmp_path, f"train_steps={step - 1}")  # 2 warm-up steps: ends at step + 1
+    proc = _train(tmp_path, f"train_steps={step + 1}")  # one step after the resume
     log = _wait(proc)
     assert proc.returncode == 0, log[-3000:]
     assert f"resumed from {tmp_path / 'ckpt' / name} at step {step}" in log, log[-3000:]
@@ -169,7 +167,7 @@ def test_two_nodes_rendezvous_on_localhost(tmp_path):
         args = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                 "--nproc-per-node", "1", "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "rspo-test",
-                "-m", "rspo_mega.train", *TINY, "sft_warmup_target_accuracy=null",
+                "-m", "rspo_mega.train", *TINY, "train_steps=2",
                 f"logging.output_dir={tmp_path}",
                 "parallel.world_size=2"]
         procs.append(_launch(args))

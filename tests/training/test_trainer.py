@@ -1,4 +1,5 @@
-"""The RL trainer end to end: layout-independent loss curves, bad input named before training."""
+"""The trainer end to end: layout-independent SFT and RL curves, RL from an SFT run, bad input
+and old checkpoints named before training."""
 
 from __future__ import annotations
 
@@ -12,17 +13,23 @@ import torch
 from rspo_mega.config import ConfigError, load_config, validate_config
 from tests.distributed import run_distributed
 
-# A tiny run: 1 SFT warm-up step then 1 RSPO step (so both phases are covered), 4 prompts x G=2.
+# A tiny run: 1 RSPO step, 4 prompts x G=2 (with SFT, 1 step of 8 examples).
 TINY = [
     "model.num_layers=4", "model.hidden_size=64", "model.ffn_hidden_size=128",
     "model.num_attention_heads=4", "model.num_query_groups=2",
-    "sft_warmup_steps=1", "train_steps=1", "global_batch_size=8", "micro_batch_size=2",
+    "train_steps=1", "global_batch_size=8", "micro_batch_size=2",
     "rollout.group_size=2", "rollout.gen_length=32", "rollout.block_length=16", "rollout.steps=8",
     "rollout.temperature=1.0", "rollout.stop_on_eos_block=false",
     "likelihood.mc_samples=1", "likelihood.micro_batch_size=4",
     "data.num_train_examples=64", "data.num_test_examples=0", "optimizer.lr=1e-3",
     "logging.tensorboard=false", "logging.progress_bar=false",
 ]
+SFT = ["algorithm.name=sft"]  # TINY's likelihood (coupled, own masks) is an SFT run's
+
+
+def _curve(run_dir: str) -> list[tuple]:
+    lines = [json.loads(x) for x in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+    return [(d["step"], d["loss"], d.get("reward")) for d in lines if "loss" in d]
 
 
 def _init_checkpoint(rank: int, world: int, out: str) -> None:
@@ -36,22 +43,26 @@ def _init_checkpoint(rank: int, world: int, out: str) -> None:
 
 
 def _train(rank: int, world: int, out: str, init: str, layouts: list[tuple[int, int]]) -> dict:
+    """Per layout: a 2-step SFT run from ``init``, then a 1-step RL run from its save_dir."""
     from rspo_mega.training.trainer import Trainer
 
     losses = {}
     for tp, pp in layouts:
         run_dir = f"{out}/tp{tp}pp{pp}"
-        cfg = load_config(None, TINY + [f"parallel.tp={tp}", f"parallel.pp={pp}",
-                                        f"checkpoint.init_from={init}",
-                                        f"logging.output_dir={run_dir}"])
+        layout = [f"parallel.tp={tp}", f"parallel.pp={pp}"]
+        sft = load_config(None, TINY + SFT + layout + [
+            "train_steps=2", f"checkpoint.init_from={init}", f"logging.output_dir={run_dir}/sft",
+            f"checkpoint.save_dir={run_dir}/sft/ckpt"])
+        Trainer(sft, validate_config(sft, world_size=world)).run()
+        cfg = load_config(None, TINY + layout + [f"checkpoint.init_from={run_dir}/sft/ckpt",
+                                                 f"logging.output_dir={run_dir}/rl"])
         trainer = Trainer(cfg, validate_config(cfg, world_size=world))
         trainer.run()
         samples: list = []  # greedy completions of 5 examples, gathered from the DP shards
         examples = [e.example for e in trainer.data.train[:5]]
         trainer.evaluate(examples, samples=samples)
         if rank == 0:
-            lines = [json.loads(x) for x in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
-            losses[(tp, pp)] = [(d["step"], d["loss"], d.get("reward")) for d in lines if "loss" in d]
+            losses[(tp, pp)] = _curve(f"{run_dir}/sft") + _curve(f"{run_dir}/rl")
             losses[(tp, pp, "samples")] = samples
             losses[(tp, pp, "uids")] = [ex.uid for ex in examples]
     return losses
@@ -62,12 +73,12 @@ def test_loss_curve_is_the_same_for_every_layout(tmp_path):
     run_distributed(_init_checkpoint, 1, args=(init,), timeout=120)
     single = run_distributed(_train, 1, args=(str(tmp_path / "w1"), init, [(1, 1)]), timeout=300)
     base = single[0][(1, 1)]
-    assert [s for s, _, _ in base] == [1, 2]
+    assert [s for s, _, _ in base] == [1, 2, 1]  # SFT steps 1-2, then RL step 1
     layouts = [(2, 2), (2, 1), (1, 2)]  # DP1, DP2, DP2 on 4 ranks
     multi = run_distributed(_train, 4, args=(str(tmp_path / "w4"), init, layouts), timeout=600)
     for layout in layouts:
         curve = multi[0][layout]
-        assert [s for s, _, _ in curve] == [1, 2], layout
+        assert [s for s, _, _ in curve] == [1, 2, 1], layout
         for (_, loss, reward), (_, base_loss, base_reward) in zip(curve, base):
             assert math.isclose(loss, base_loss, rel_tol=1e-4, abs_tol=1e-6), (layout, loss, base_loss)
             assert reward == base_reward, layout  # identical completions, identical rewards
@@ -123,63 +134,40 @@ def test_too_long_prompts_are_reported_at_once():
         encode_prompts(examples, task, get_template("plain"), Tok(), 10)
 
 
-def _adam_state(rank: int, world: int, out: str, init: str, reset: bool) -> list:
-    """(moment norm, Adam step) after the warm-up step, after start_rl, after one RL step; RL LR."""
+def _rl_from_sft(rank: int, world: int, out: str) -> dict:
+    """A 1-step SFT run, then an RL run from its save_dir (weights only) and one resuming it."""
+    from rspo_mega.training.checkpointing import CheckpointError
     from rspo_mega.training.trainer import Trainer
 
-    cfg = load_config(None, TINY + [f"checkpoint.init_from={init}", f"logging.output_dir={out}",
-                                    f"optimizer.reset_for_rl={reset}"])
-    trainer = Trainer(cfg, validate_config(cfg, world_size=world))
-
-    def state() -> tuple[float, int]:
-        adam = [s for s in trainer.optimizer.optimizer.state.values() if "exp_avg" in s]
-        steps = {int(s["step"]) for s in adam}
-        assert len(steps) <= 1, steps
-        return sum(float(s["exp_avg_sq"].norm()) for s in adam), (steps.pop() if steps else 0)
-
-    trainer.train_step()  # the SFT warm-up step
-    seen = [state()]
-    trainer.start_rl()
-    seen.append(state())
-    trainer.train_step()  # the untrained model earns reward 0: zero advantages, zero gradient
-    return seen + [state(), trainer.optimizer.param_groups[0]["lr"]]
-
-
-@pytest.mark.parametrize("reset", [True, False])
-def test_rl_starts_with_fresh_adam_state_after_the_warm_up(tmp_path, reset):
-    init = str(tmp_path / "init")
-    run_distributed(_init_checkpoint, 1, args=(init,), timeout=120)
-    after_sft, at_start, after_rl, lr = run_distributed(
-        _adam_state, 1, args=(str(tmp_path / "run"), init, reset), timeout=300)[0]
-    assert after_sft[0] > 0 and after_sft[1] == 1
-    assert lr == pytest.approx(1e-3)  # the RL schedule (no warm-up in TINY) drives the optimizer
-    if reset:  # nothing carried over from the supervised gradients
-        assert at_start == (0.0, 0) and after_rl[1] == 1
-    else:
-        assert at_start == after_sft and after_rl[1] == 2 and after_rl[0] > 0
+    sft = load_config(None, TINY + SFT + [f"logging.output_dir={out}/sft",
+                                          f"checkpoint.save_dir={out}/sft/ckpt"])
+    sft_trainer = Trainer(sft, validate_config(sft, world_size=world))
+    sft_trainer.run()
+    trained = [p.detach().clone() for c in sft_trainer.model for p in c.parameters()]
+    rl = load_config(None, TINY + [f"checkpoint.init_from={out}/sft/ckpt",
+                                   f"logging.output_dir={out}/rl"])
+    trainer = Trainer(rl, validate_config(rl, world_size=world))
+    start = [p.detach() for c in trainer.model for p in c.parameters()]
+    adam = [s for s in trainer.optimizer.optimizer.state.values() if "exp_avg" in s]
+    trainer.run()
+    wrong = load_config(None, TINY + [f"checkpoint.save_dir={out}/sft/ckpt",
+                                      f"logging.output_dir={out}/wrong"])
+    try:
+        Trainer(wrong, validate_config(wrong, world_size=world)).resume()
+        refused = ""
+    except CheckpointError as err:
+        refused = str(err)
+    return {"same_weights": all(torch.equal(a, b) for a, b in zip(trained, start)),
+            "adam_states": len(adam), "step": trainer.step, "refused": refused,
+            "has_reference": trainer.reference is not None}
 
 
-def _mask_ratios(rank: int, world: int, out: str) -> tuple[list[float], list[float]]:
-    """Masked fraction of each masked sequence of one SFT batch, under the SFT and the RL sampler."""
-    from rspo_mega.training.trainer import Trainer
-
-    cfg = load_config(None, TINY + [f"logging.output_dir={out}", "likelihood.mask_scheme=bernoulli",
-                                    "likelihood.bernoulli_eps=0.9"])
-    trainer = Trainer(cfg, validate_config(cfg, world_size=world))
-    batch = trainer._sft_batch()[0]
-
-    def ratios(masked) -> list[float]:
-        counted = masked.lengths[masked.completion_index].float()
-        return (masked.score_mask.sum(1).float() / counted).tolist()
-
-    return ratios(trainer.sft_masks.sample(batch, 0)), ratios(trainer.masks.sample(batch, 0))
-
-
-def test_sft_steps_keep_an_unbiased_estimator_when_rl_truncates(tmp_path):
-    sft, rl = run_distributed(_mask_ratios, 1, args=(str(tmp_path / "run"),), timeout=300)[0]
-    assert len(sft) == 2 * len(rl)  # coupled pairs (likelihood.sft_mask_scheme) vs one mask each
-    assert min(sft) < 0.5  # light masks too: l ~ U{0..L} and its complement
-    assert min(rl) > 0.6  # t ~ U(0.9, 1): only heavy masks
+def test_rl_starts_from_an_sft_run_with_its_weights_only(tmp_path):
+    got = run_distributed(_rl_from_sft, 1, args=(str(tmp_path),), timeout=300)[0]
+    assert got["same_weights"] and got["adam_states"] == 0  # fresh optimizer state
+    assert got["step"] == 1 and got["has_reference"]
+    assert "was saved by an SFT (algorithm.name=sft) run and this is an RL run" in got["refused"]
+    assert f"checkpoint.init_from={tmp_path}/sft/ckpt/iter_0000001" in got["refused"]
 
 
 def _eval_denoising_steps(rank: int, world: int, out: str, overrides: list[str]) -> int:
@@ -213,7 +201,7 @@ def _cached_step(rank: int, world: int, out: str) -> tuple[dict, list[str]]:
     modes the evaluation's decoding ran with."""
     from rspo_mega.training.trainer import Trainer
 
-    cfg = load_config(None, TINY + [f"logging.output_dir={out}", "sft_warmup_steps=0",
+    cfg = load_config(None, TINY + [f"logging.output_dir={out}",
                                     "data.num_test_examples=4", "rollout.cache=dual",
                                     "rollout.cache_check_rate=1.0"])
     trainer = Trainer(cfg, validate_config(cfg, world_size=world))
@@ -242,7 +230,7 @@ def _mask_draws(rank: int, world: int, out: str, fresh: bool) -> tuple[list, int
     """(iteration, update) of every mask draw and the reference scorings of one RL step, mu=2."""
     from rspo_mega.training.trainer import Trainer
 
-    cfg = load_config(None, TINY + [f"logging.output_dir={out}", "sft_warmup_steps=0",
+    cfg = load_config(None, TINY + [f"logging.output_dir={out}",
                                     "algorithm.inner_updates=2",
                                     f"likelihood.fresh_masks_per_update={fresh}"])
     trainer = Trainer(cfg, validate_config(cfg, world_size=world))
@@ -274,70 +262,59 @@ def test_fresh_masks_per_update_rescore_the_reference(tmp_path, fresh):
         assert draws == [(0, 0)] and scorings == 1
 
 
-def _warmup_on_target(rank: int, world: int, out: str, accuracies: list[float]) -> dict:
-    """A run whose holdout checks (every 2 warm-up steps, at most 6) report `accuracies`."""
+def _as_warm_up_checkpoint(ckpt: Path, step: int, warmup: int) -> None:
+    """Rewrite the checkpoint ``ckpt`` into the state of a run that began with ``warmup`` SFT
+    steps inside it and saved at ``step``: ``warmup_steps`` and both phases' data positions and
+    mask states in its per-rank file, ``sft_warmup_steps`` in its config; checksums updated."""
+    from rspo_mega.training.checkpoint_files import sha256_file
+
+    rank_file = ckpt / "extra" / "rank_00000.pt"
+    extra = torch.load(rank_file, weights_only=True)
+    extra.update(step=step, _step=step, warmup_steps=warmup, sft_iterator=extra["rl_iterator"],
+                 sft_masks=extra["masks"])
+    torch.save(extra, rank_file)
+    meta = json.loads((ckpt / "metadata.json").read_text())
+    meta["config"]["sft_warmup_steps"] = warmup
+    meta["files"]["extra/rank_00000.pt"] = {"size": rank_file.stat().st_size,
+                                            "sha256": sha256_file(rank_file)}
+    (ckpt / "metadata.json").write_text(json.dumps(meta))
+
+
+def _resume_warm_up(rank: int, world: int, out: str, cases: list[tuple[int, int]]) -> list:
+    """Resume a copy of a 1-step RL checkpoint rewritten per (step, warmup) case: the step
+    resumed at, or the error."""
+    import shutil
+
+    from rspo_mega.training.checkpointing import CheckpointError
     from rspo_mega.training.trainer import Trainer
 
-    cfg = load_config(None, TINY + [
-        f"logging.output_dir={out}", "sft_warmup_steps=6", "sft_warmup_target_accuracy=0.5",
-        "sft_warmup_holdout=8", "sft_warmup_check_interval=2", "train_steps=2",
-        f"checkpoint.save_dir={out}/ckpt", "checkpoint.save_interval=1", "checkpoint.keep_last=9"])
-    trainer = Trainer(cfg, validate_config(cfg, world_size=world))
-    evaluate, checked = trainer.evaluate, []
-
-    def scripted(examples=None, temperature=0.0):
-        assert examples is trainer.warmup_holdout
-        checked.append(trainer.step)
-        result = evaluate(examples, temperature)  # the real decoding runs; its figure is replaced
-        return {**result, "eval/accuracy": accuracies[len(checked) - 1]}
-
-    trainer.evaluate = scripted
-    held = {ex.uid for ex in trainer.warmup_holdout}
-    trained = {ex.uid for ex in trainer.rl_iterator.examples} | {
-        ex.uid for ex in trainer.sft_iterator.examples}
-    trainer.run()
-    lines = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()]
-    resumed = Trainer(cfg, validate_config(cfg, world_size=world))  # from the last checkpoint
-    resumed.resume()
-    return {
-        "checked": checked, "held": len(held), "overlap": len(held & trained), "trained": len(trained),
-        "phases": [d["phase_sft"] for d in lines if "phase_sft" in d],
-        "holdout_acc": [d["warmup/holdout_accuracy"] for d in lines if "warmup/holdout_accuracy" in d],
-        "resumed": (resumed.step, resumed.warmup_steps, resumed.total_steps),
-    }
+    cfg = load_config(None, TINY + [f"logging.output_dir={out}", f"checkpoint.save_dir={out}/ckpt"])
+    Trainer(cfg, validate_config(cfg, world_size=world)).run()
+    got = []
+    for i, (step, warmup) in enumerate(cases):
+        save_dir = Path(out, f"case{i}")
+        shutil.copytree(Path(out, "ckpt"), save_dir)
+        _as_warm_up_checkpoint(save_dir / "iter_0000001", step, warmup)
+        again = load_config(None, TINY + [f"logging.output_dir={out}",
+                                          f"checkpoint.save_dir={save_dir}", "train_steps=9"])
+        trainer = Trainer(again, validate_config(again, world_size=world))
+        try:
+            got.append(trainer.step if trainer.resume() else None)
+        except CheckpointError as err:
+            got.append(str(err))
+    return got
 
 
-@pytest.mark.parametrize("accuracies, warmup", [([0.1, 0.6], 4), ([0.1, 0.2, 0.3], 6)])
-def test_warm_up_ends_on_its_holdout_accuracy(tmp_path, accuracies, warmup):
-    got = run_distributed(_warmup_on_target, 1, args=(str(tmp_path / "run"), accuracies),
-                          timeout=300)[0]
-    assert got["checked"] == [2, 4, 6][:len(accuracies)]
-    assert got["holdout_acc"] == accuracies
-    assert got["held"] == 8 and got["trained"] == 64 - 8 and got["overlap"] == 0
-    assert got["phases"] == [1.0] * warmup + [0.0, 0.0]  # then the 2 RL steps
-    assert got["resumed"] == (warmup + 2, warmup, warmup + 2)
-
-
-def test_warm_up_target_is_validated():
-    with pytest.raises(ConfigError, match="sft_warmup_target_accuracy"):
-        validate_config(load_config(None, TINY + ["sft_warmup_target_accuracy=1.5"]))
-    with pytest.raises(ConfigError, match="sft_warmup_steps >= 1"):
-        validate_config(load_config(None, TINY + ["sft_warmup_target_accuracy=0.1",
-                                                  "sft_warmup_steps=0"]))
-    with pytest.raises(ConfigError, match="sft_warmup_check_interval"):
-        validate_config(load_config(None, TINY + ["sft_warmup_target_accuracy=0.1",
-                                                  "sft_warmup_check_interval=0"]))
-
-
-def test_warm_up_holdout_is_chosen_by_uid_not_order():
-    from rspo_mega.tasks import get_task
-    from rspo_mega.training.run_data import split_warmup_holdout
-
-    examples = get_task("sudoku").load("train", seed=3, num_examples=40)
-    train, held = split_warmup_holdout(examples, 8)
-    train_r, held_r = split_warmup_holdout(examples[::-1], 8)
-    assert len(held) == 8 and len(train) == 32 and not {e.uid for e in held} & {e.uid for e in train}
-    assert {e.uid for e in held} == {e.uid for e in held_r}
-    assert [e.uid for e in train] == [e.uid for e in examples if e not in held]  # order kept
-    with pytest.raises(ConfigError, match="sft_warmup_holdout=40"):
-        split_warmup_holdout(examples, 40)
+def test_checkpoints_of_runs_with_an_in_run_warm_up_get_a_clear_message(tmp_path):
+    cases = [(1, 0), (2, 5), (7, 5)]  # no warm-up; saved inside it; 2 RL steps after it
+    no_warmup, inside, after = run_distributed(_resume_warm_up, 1, args=(str(tmp_path), cases),
+                                               timeout=300)[0]
+    assert no_warmup == 1
+    ckpt = tmp_path / "case1" / "iter_0000001"
+    assert f"checkpoint {ckpt} stopped at step 2, inside the 5-step SFT warm-up" in inside
+    assert "continue SFT as its own run (algorithm.name=sft" in inside
+    assert f"checkpoint.init_from={ckpt} and a new checkpoint.save_dir" in inside
+    ckpt = tmp_path / "case2" / "iter_0000001"
+    assert (f"checkpoint {ckpt} is at step 7 of a run that began with a 5-step SFT warm-up "
+            "(2 RL steps after it)") in after
+    assert f"checkpoint.init_from={ckpt} and a new checkpoint.save_dir" in after
