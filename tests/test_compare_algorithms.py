@@ -1,0 +1,146 @@
+"""``tools/compare_algorithms.py``: every algorithm from one start, its settings applied, the
+table, the curves, reuse of finished runs, and Ctrl-C ending every process it started."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rspo_mega.training.metrics import read_metrics
+from tests import processes
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "compare_algorithms.py"
+# The tiny default's task and sampler on a 2-layer model (that of the HF start below) and a few
+# examples; the geometry keys the tiny default sets must agree with the start's config.json.
+SMALL = [
+    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=160",
+    "model.num_attention_heads=4", "model.max_position_embeddings=128", "global_batch_size=8",
+    "micro_batch_size=8", "rollout.micro_batch_size=8", "rollout.steps=8",
+    "likelihood.micro_batch_size=16", "data.num_train_examples=64", "data.num_test_examples=8",
+]
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("compare_algorithms", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory) -> str:
+    """A tiny random HF LLaDA directory with a SentencePiece tokenizer trained on task text."""
+    from rspo_mega.data.tokenizer_training import task_corpus, train_sentencepiece_tokenizer
+    from tests.training.test_hf_start import _write_with_tokenizer
+
+    root = tmp_path_factory.mktemp("start")
+    model = train_sentencepiece_tokenizer(task_corpus(num_countdown=300, num_sudoku=300),
+                                          root / "sp" / "tok", vocab_size=400)
+    return _write_with_tokenizer(root / "llada", model, "tokenizer.model")
+
+
+def _launch(args: list[str]) -> tuple[subprocess.Popen, str]:
+    env, run = processes.marked_env()
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.Popen([sys.executable, str(TOOL), *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return proc, run
+
+
+def _finish(proc: subprocess.Popen, run: str, timeout: float = 240) -> tuple[str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    processes.assert_none_left(lambda: processes.marked(processes.RUN_ENV, run),
+                               f"compare_algorithms (exit code {proc.returncode})")
+    return out, err
+
+
+@pytest.mark.timeout(300)
+def test_every_algorithm_runs_from_one_start_with_its_settings(start, tmp_path):
+    out = tmp_path / "cmp"
+    args = ["--out", str(out), "--seeds", "1", "--steps", "2", "--eval-interval", "1",
+            "--init-from", start, *SMALL]
+    stdout, stderr = _finish(*_launch(args))
+    assert "Traceback" not in stderr, stderr[-3000:]
+    result = json.loads((out / "comparison.json").read_text())
+    runs = result["runs"]
+    assert [(r["algorithm"], r["seed"]) for r in runs] == [
+        ("rspo", 1234), ("espo", 1234), ("diffu_grpo", 1234)], stdout
+    for r in runs:
+        cfg = yaml.safe_load((Path(r["dir"]) / "config.yaml").read_text())
+        assert (cfg["algorithm"]["name"], cfg["seed"]) == (r["algorithm"], 1234)
+        assert cfg["checkpoint"]["init_from"] == start and cfg["train_steps"] == 2
+        assert cfg["model"]["num_query_groups"] == 2  # from the start's config.json
+        rows = read_metrics(Path(r["dir"]) / "metrics.jsonl")
+        assert [x["step"] for x in rows if "loss" in x] == [1, 2]
+        assert [x["step"] for x in rows if "eval/accuracy" in x] == [1, 2]
+        after = [x for x in rows if "after/eval/accuracy" in x][0]
+        assert r["after/eval/accuracy"] == after["after/eval/accuracy"]
+        assert r["after/eval/reward"] == after["after/eval/reward"]
+        r["cfg"] = cfg
+    espo, diffu = runs[1]["cfg"], runs[2]["cfg"]
+    assert (espo["likelihood"]["mask_scheme"], espo["likelihood"]["mc_samples"]) == ("coupled", 2)
+    assert (espo["algorithm"]["inner_updates"], espo["algorithm"]["kl_beta"],
+            espo["algorithm"]["advantage"]) == (8, 0.01, "mean")
+    assert diffu["likelihood"]["mask_scheme"] == "one_step"
+    assert (diffu["algorithm"]["inner_updates"], diffu["algorithm"]["clip_eps"],
+            diffu["algorithm"]["kl_beta"]) == (12, 0.5, 0.04)
+    assert runs[0]["cfg"]["likelihood"]["mask_scheme"] == "bernoulli"  # RSPO: the config's
+    lines = stdout.splitlines()
+    table = lines[[line.split()[:2] for line in lines].index(["algorithm", "seeds"]):]
+    assert [line.split()[0] for line in table[1:4]] == ["rspo", "espo", "diffu_grpo"], stdout
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    again, _ = _finish(*_launch(args))  # the same command: every finished run is reused
+    assert again.count("(reused)") == 3, again
+
+
+@pytest.mark.timeout(200)
+def test_ctrl_c_ends_the_running_training_and_keeps_nothing_alive(start, tmp_path):
+    out = tmp_path / "cmp"
+    proc, run = _launch(["--out", str(out), "--algorithms", "rspo", "--seeds", "1",
+                         "--steps", "500", "--init-from", start, *SMALL])
+    metrics = out / "rspo_seed1234" / "metrics.jsonl"
+    deadline = time.monotonic() + 150
+    while not (metrics.is_file() and '"loss"' in metrics.read_text()):  # training under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = _finish(proc, run, timeout=120)
+    assert proc.returncode == 130 and "interrupted" in stderr, stderr[-3000:]
+    assert not (out / "rspo_seed1234" / "result.json").exists()
+
+
+def test_a_config_without_a_start_is_refused(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("seed: 7\n")
+    done = subprocess.run([sys.executable, str(TOOL), "--config", str(config), "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"{config} has no checkpoint.init_from: name the start of every run with " \
+           "--init-from DIR" in done.stderr
+    bad = subprocess.run([sys.executable, str(TOOL), "--algorithms", "rspo,grpo", "--init-from",
+                          str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "['grpo']" in bad.stderr
+
+
+def test_table_gives_mean_spread_and_range_per_algorithm():
+    tool = _tool()
+    records = [{"algorithm": "espo", "seed": s, "wall_s": w, "before/eval/accuracy": 0.1,
+                "before/eval/reward": 0.5, "after/eval/accuracy": a, "after/eval/reward": 0.7}
+               for s, a, w in ((1, 0.2, 10.0), (2, 0.3, 20.0), (3, 0.25, 30.0))]
+    summary = tool.summarize(records)
+    assert summary["espo"]["gain"] == pytest.approx([10.0, 20.0, 15.0])
+    row = tool.format_table(summary).splitlines()[1]
+    assert row.startswith("espo") and "15.0 ± 5.0 [10.0, 20.0]" in row  # gain, points
+    assert "25.0 ± 5.0 [20.0, 30.0]" in row and "20.0 ± 10.0 [10.0, 30.0]" in row
+    single = tool.format_table(tool.summarize(records[:1])).splitlines()[1].split()
+    assert single[:4] == ["espo", "1", "10.0", "20.0"]
