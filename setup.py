@@ -42,6 +42,7 @@ setup(
         "console_scripts": [
             "rspo-train=rspo_mega.train:main",
             "rspo-eval=rspo_mega.evaluate:main",
+            "rspo-plan=rspo_mega.plan.cli:main",
         ],
     },
 )

@@ -5,8 +5,9 @@
 With no ``--config`` the embedded tiny default runs (``rspo_mega/configs/tiny_sudoku.yaml``:
 generated 4x4 Sudoku, SFT warm-up, then RSPO); a ``--config`` file overlays the dataclass defaults
 of :mod:`rspo_mega.config.schema`. The config is loaded and validated against the launched world
-size *before* any process group or model exists; the resolved config is printed and saved in the
-run's output directory.
+size *before* any process group or model exists, and the run's memory plan is checked against
+the hardware it was launched on (:mod:`rspo_mega.plan.launch`; ``--no-plan-check`` skips it); the
+resolved config is printed and saved in the run's output directory.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from rspo_mega.config import ConfigError, dump_config, load_config, save_config, validate_config
+from rspo_mega.config import (
+    ConfigError, Layout, TrainConfig, dump_config, load_config, save_config, validate_config,
+)
 
 log = logging.getLogger("rspo_mega")
 
@@ -34,8 +37,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--dry-run", action="store_true", help="validate and print the resolved config, then exit"
     )
+    parser.add_argument("--no-plan-check", action="store_true",
+                        help="launch even where the memory plan says a rank does not fit")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2")
     return parser.parse_args(argv)
+
+
+def plan_check(cfg: TrainConfig, layout: Layout, rank: int) -> bool:
+    """Whether every rank's memory plan fits the hardware of this launch (rank 0 says why not)."""
+    from rspo_mega.plan import check_before_launch
+
+    try:
+        reason = check_before_launch(cfg, layout)
+    except ConfigError as exc:
+        reason = f"config error: {exc}"
+    if reason and rank == 0:
+        print(f"rspo-train: plan check: {reason} (--no-plan-check launches anyway)",
+              file=sys.stderr)
+    return reason is None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -48,6 +67,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(name)s: %(message)s")
     rank = int(os.environ.get("RANK", "0"))
+    if not (args.dry_run or args.no_plan_check) and not plan_check(cfg, layout, rank):
+        return 2
     if rank == 0:
         print(dump_config(cfg), flush=True)
         save_config(cfg, cfg.logging.output_dir)

@@ -1,0 +1,204 @@
+"""What the planner knows about a run: the model's per-rank shapes and the step's workload.
+
+:func:`model_shapes` reads the geometry exactly where the model builder does
+(:func:`rspo_mega.models.llada.hf_config.resolve_model_config`, then
+:func:`rspo_mega.models.llada.config.transformer_config` and
+:func:`~rspo_mega.models.llada.config.padded_vocab_size`); the parameter count per rank is the
+count of the tensors megatron-core allocates for that config (checked against built models in
+``tests/test_plan_model.py``). :func:`workload` turns the config and its validated
+:class:`~rspo_mega.config.Layout` into the sizes of one RL step on one rank.
+
+Units: sizes are element counts unless a name ends in ``_bytes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+from rspo_mega.config import ConfigError, Layout, TrainConfig
+
+_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    """Per-rank geometry of the policy under a TP/PP layout (``impl``: the layer spec)."""
+
+    layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    groups: int  # query groups (KV heads)
+    head_dim: int
+    vocab: int  # real ids
+    padded_vocab: int
+    vocab_columns: int  # real logit columns of the TP rank holding the most of them
+    tp: int
+    pp: int
+    param_bytes: int  # 4 (float32) | 2 (bfloat16)
+    impl: str  # local | transformer_engine
+    sequence_parallel: bool
+    fp8: bool
+
+    @property
+    def layers_per_stage(self) -> int:
+        return self.layers // self.pp
+
+    @property
+    def vocab_shard(self) -> int:
+        """Rows of the embedding / output weight on one TP rank (padded vocab / tp)."""
+        return self.padded_vocab // self.tp
+
+    def layer_params(self) -> int:
+        """Parameters of one transformer layer on one TP rank (QKV, proj, fc1, fc2, two norms)."""
+        qkv = (self.heads + 2 * self.groups) * self.head_dim * self.hidden // self.tp
+        proj = self.heads * self.head_dim * self.hidden // self.tp
+        mlp = 3 * self.ffn * self.hidden // self.tp  # fc1 [2 ffn / tp, h] (SwiGLU) + fc2
+        return qkv + proj + mlp + 2 * self.hidden
+
+    def layer_matmul_params(self) -> int:
+        """Weights one token multiplies through in a layer on one TP rank (no norms)."""
+        return self.layer_params() - 2 * self.hidden
+
+    def stage_params(self, stage: int) -> int:
+        """Parameters on one rank of pipeline stage ``stage`` (embedding first, head last)."""
+        n = self.layers_per_stage * self.layer_params()
+        if stage == 0:
+            n += self.vocab_shard * self.hidden
+        if stage == self.pp - 1:
+            n += self.vocab_shard * self.hidden + self.hidden  # output layer + final norm
+        return n
+
+    def total_params(self) -> int:
+        """Parameters of the whole model (all ranks of one data-parallel replica, no duplicates)."""
+        return sum(self.stage_params(s) for s in range(self.pp)) * self.tp \
+            - (self.tp - 1) * (2 * self.layers + 1) * self.hidden  # norms are replicated over TP
+
+
+def planned_impl(cfg: TrainConfig, kind: str) -> str:
+    """The layer spec a run resolves to on ``kind`` hardware (``auto``: TE on GPUs, else local)."""
+    if kind == "cpu":
+        return "local"
+    return "local" if cfg.model.transformer_impl == "local" else "transformer_engine"
+
+
+def model_shapes(cfg: TrainConfig, impl: str) -> ModelShapes:
+    """The policy's shapes under ``cfg.parallel``, read through the model builder's functions."""
+    from rspo_mega.models.llada.config import padded_vocab_size, transformer_config
+    from rspo_mega.models.llada.hf_config import resolve_model_config
+    from rspo_mega.models.llada.logits import true_vocab_columns
+
+    try:
+        model = resolve_model_config(cfg.model)
+    except FileNotFoundError as err:
+        raise ConfigError(f"model.hf_config: {err} (to plan with the model.* sizes of the YAML "
+                          "instead, add model.hf_config=null)") from None
+    par = cfg.parallel
+    # Sequence parallelism and FP8 are checked against the GPU at build time; the shapes do not
+    # depend on them (a CPU plan of a TE recipe keeps its geometry).
+    geometry = model if impl == "transformer_engine" else \
+        replace(model, fp8=replace(model.fp8, enabled=False))
+    tc = transformer_config(geometry, replace(par, sequence_parallel=False), impl=impl,
+                            perform_initialization=False)
+    padded = padded_vocab_size(model, par.tp)
+    columns = max(true_vocab_columns(model.vocab_size, padded // par.tp, r) for r in range(par.tp))
+    return ModelShapes(
+        layers=tc.num_layers, hidden=tc.hidden_size, ffn=tc.ffn_hidden_size,
+        heads=tc.num_attention_heads, groups=tc.num_query_groups, head_dim=tc.kv_channels,
+        vocab=model.vocab_size, padded_vocab=padded, vocab_columns=columns, tp=par.tp, pp=par.pp,
+        param_bytes=_BYTES[model.params_dtype], impl=impl,
+        sequence_parallel=par.sequence_parallel and impl == "transformer_engine",
+        fp8=model.fp8.enabled and impl == "transformer_engine",
+    )
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One RL step on one rank: rollout, ELBO sequences and the update (sizes in rows/tokens)."""
+
+    completions: int  # this rank's completions per step
+    prompt_length: int  # tokens of the longest prompt of a batch (left padding to it)
+    gen_length: int
+    block_length: int
+    steps: int  # denoising steps of a rollout (exact schedule: all of them run; 0: SFT, no rollout)
+    cfg_doubling: int  # 2 with classifier-free guidance (conditional + unconditional rows)
+    rollout_micro_batch: int  # rows per sampler forward
+    sampled: bool  # temperature > 0: Gumbel noise is drawn
+    cache: str  # none | prefix | dual
+    cache_check_rate: float  # share of cached steps also run exactly
+    sequences: int  # masked sequences per rank: completions * K * (2 if coupled else 1)
+    elbo_micro_batch: int  # masked sequences per forward
+    scored_max: int  # most scored positions one ELBO micro-batch can hold (memory)
+    scored_mean: float  # expected scored positions per masked sequence (time)
+    one_pass: bool  # graphs of all local micro-batches kept, one backward
+    inner_updates: int
+    reference_passes: int  # reference scorings per step (0: the loss needs no reference)
+    offload_reference: bool
+    distributed_optimizer: bool
+    dp: int
+
+    @property
+    def seq_len(self) -> int:
+        return self.prompt_length + self.gen_length
+
+    @property
+    def rollout_rows(self) -> int:
+        return self.completions * self.cfg_doubling
+
+    @property
+    def steps_per_block(self) -> int:
+        return self.steps // (self.gen_length // self.block_length)
+
+    @property
+    def elbo_micro_batches(self) -> int:
+        return -(-self.sequences // self.elbo_micro_batch)
+
+
+def _scored(cfg: TrainConfig, mbs: int) -> tuple[int, float]:
+    """(most scored positions in one micro-batch of ``mbs`` sequences, mean per sequence).
+
+    L is the generated span (``count_positions=until_eos`` only shortens it). A coupled pair's
+    two masks split the span; pairs are consecutive sequences, so a micro-batch holds
+    ``ceil(mbs / 2)`` spans at most.
+    """
+    lik, span = cfg.likelihood, cfg.rollout.gen_length
+    if lik.mask_scheme == "coupled":
+        return -(-mbs // 2) * span, span / 2
+    mean = {"bernoulli": (1 + lik.bernoulli_eps) / 2 * span, "stratified": (span + 1) / 2,
+            "one_step": float(span)}[lik.mask_scheme]
+    return mbs * span, mean
+
+
+def reference_passes(cfg: TrainConfig) -> int:
+    """How often a step scores the reference (fresh masks re-score it for every inner update)."""
+    from rspo_mega.algorithms import build_loss
+
+    if cfg.algorithm.name == "sft" or not build_loss(cfg.algorithm, cfg.likelihood).needs_reference:
+        return 0
+    return cfg.algorithm.inner_updates if cfg.likelihood.fresh_masks_per_update else 1
+
+
+def workload(cfg: TrainConfig, layout: Layout, prompt_length: Optional[int] = None) -> Workload:
+    """The per-rank sizes of one RL step (``prompt_length`` default: ``data.max_prompt_length``)."""
+    ro, lik = cfg.rollout, cfg.likelihood
+    plen = cfg.data.max_prompt_length if prompt_length is None else int(prompt_length)
+    if plen < 1:
+        raise ConfigError(f"prompt length must be >= 1 token, got {plen}")
+    units = 2 if lik.mask_scheme == "coupled" else 1
+    sequences = layout.completions_per_rank * lik.mc_samples * units
+    mbs = min(lik.micro_batch_size, sequences)
+    scored_max, scored_mean = _scored(cfg, mbs)
+    pipelined = cfg.parallel.pp > 1 or cfg.parallel.vpp is not None
+    return Workload(
+        completions=layout.completions_per_rank, prompt_length=plen, gen_length=ro.gen_length,
+        block_length=ro.block_length, steps=0 if cfg.algorithm.name == "sft" else ro.steps,
+        cfg_doubling=2 if ro.cfg_scale > 0 else 1,
+        rollout_micro_batch=ro.micro_batch_size, sampled=ro.temperature > 0,
+        cache=ro.cache, cache_check_rate=ro.cache_check_rate if ro.cache != "none" else 0.0,
+        sequences=sequences, elbo_micro_batch=mbs,
+        scored_max=scored_max, scored_mean=scored_mean, one_pass=lik.one_pass and not pipelined,
+        inner_updates=cfg.algorithm.inner_updates, reference_passes=reference_passes(cfg),
+        offload_reference=lik.offload_reference,
+        distributed_optimizer=cfg.optimizer.use_distributed_optimizer, dp=layout.dp,
+    )
