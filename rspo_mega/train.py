@@ -3,7 +3,7 @@
     rspo-train [--config run.yaml] [section.key=value ...]
 
 With no ``--config`` the embedded tiny default runs (``rspo_mega/configs/tiny_sudoku.yaml``:
-generated 4x4 Sudoku, SFT warm-up, then RSPO); a ``--config`` file overlays the dataclass defaults
+generated 4x4 Sudoku, RSPO from ``checkpoint.init_from``); a ``--config`` file overlays the defaults
 of :mod:`rspo_mega.config.schema`. The config is loaded and validated against the launched world
 size *before* any process group or model exists, and the run's memory plan is checked against
 the hardware it was launched on (:mod:`rspo_mega.plan.launch`; ``--no-plan-check`` skips it); the
