@@ -309,6 +309,8 @@ def _run_all(runs: list[dict]) -> list[dict]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    # SIGINT too: a shell's background job starts with SIGINT ignored, and Python then keeps it so
+    signal.signal(signal.SIGINT, _raise_interrupt)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         runs = plan_runs(args)

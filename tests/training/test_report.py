@@ -3,7 +3,9 @@ on the exported files equal the trained model's), the curves PNG, the summary an
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
 import json
 import os
 from pathlib import Path
@@ -32,13 +34,15 @@ def _run_body(rank: int, world: int, hf: str, out: str) -> dict:
                                    f"checkpoint.export_hf={out}/hf"])
     trainer = Trainer(cfg, validate_config(cfg, world_size=world))
     summary = trainer.run()
-    finish_run(trainer, summary)
+    printed = io.StringIO()  # the rank's stdout is the forkserver's, not the test's
+    with contextlib.redirect_stdout(printed):
+        finish_run(trainer, summary)
     with torch.no_grad():
         logits = llada_forward(trainer.model[0].eval(), IDS)
-    return {"summary": summary, "logits": logits}
+    return {"summary": summary, "logits": logits, "printed": printed.getvalue()}
 
 
-def test_the_final_policy_is_exported_plotted_and_summarised(hf_sp, tmp_path, capfd):  # noqa: F811
+def test_the_final_policy_is_exported_plotted_and_summarised(hf_sp, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     result = run_distributed(_run_body, 1, args=(hf_sp, str(out)), timeout=280)[0]
     hf = out / "hf"
@@ -51,7 +55,7 @@ def test_the_final_policy_is_exported_plotted_and_summarised(hf_sp, tmp_path, ca
     assert any(not torch.equal(start[k], sd[k]) for k in sd)
     assert (hf / "tokenizer.model").is_file()  # the start's tokenizer travels with the policy
     assert (out / "curves.png").stat().st_size > 0
-    printed = capfd.readouterr().out
+    printed = result["printed"]
     final = json.loads((out / "summary.json").read_text())["final"]
     assert final == result["summary"]
     assert "after/eval/accuracy" in final
