@@ -66,13 +66,19 @@ def export_hf(cfg: TrainConfig, iter_dir: str | Path, out_dir: str | Path) -> Pa
 
 
 def _accuracy_points(records: list[dict]) -> list[tuple[int, float]]:
-    """Held-out accuracy by step: ``before/``, periodic and ``after/`` evaluations."""
-    points = []
+    """Held-out accuracy (%) by step: the first ``before/``, the periodic ones, the last
+    ``after/`` (the final summary record repeats ``before/`` at the last step)."""
+    points: dict[int, float] = {}
+    before = [r for r in records if r.get("before/eval/accuracy") is not None]
+    if before:
+        points[before[0]["step"]] = 100 * before[0]["before/eval/accuracy"]
     for r in records:
-        for key in ("before/eval/accuracy", "eval/accuracy", "after/eval/accuracy"):
-            if r.get(key) is not None:
-                points.append((r["step"], 100 * r[key]))
-    return sorted(set(points))
+        if r.get("eval/accuracy") is not None:
+            points[r["step"]] = 100 * r["eval/accuracy"]
+    after = [r for r in records if r.get("after/eval/accuracy") is not None]
+    if after:
+        points[after[-1]["step"]] = 100 * after[-1]["after/eval/accuracy"]
+    return sorted(points.items())
 
 
 def plot_curves(run_dir: str | Path, title: str = "") -> Optional[Path]:

@@ -208,12 +208,15 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config: Optional[str] = 
         config = hf_config_dict(cfg, dtype, template=raw)
         write_hf_checkpoint(tmp, entries, tensors(), parse_size(max_shard_size), config)
         if template:
-            copy_template_files(template, tmp, skip=_is_weight_or_config)
+            copy_template_files(template, tmp, skip=_not_copied)
     log.info("converted %s -> %s", ckpt_dir, out_dir)
     return cfg
 
 
-def _is_weight_or_config(name: str) -> bool:
+def _not_copied(name: str) -> bool:
+    """Template files the export writes itself or that describe the template's weights (its
+    model card): weights, indexes, config.json, ``*.md``."""
     return (name in ("config.json", INDEX_NAME) or name.endswith(".safetensors")
-            or name.endswith(PICKLE_SUFFIXES) or name.endswith(".bin.index.json"))
+            or name.endswith(PICKLE_SUFFIXES) or name.endswith(".bin.index.json")
+            or name.endswith(".md"))
 
