@@ -25,6 +25,22 @@ from rspo_mega.config.loader import ConfigError
 from rspo_mega.config.schema import ModelConfig, TrainConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what load_tokenizer looks for in a dir
+SHIPPED_PREFIX = "shipped:"  # init_from=shipped:<name>: a checkpoint shipped with the package
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def resolve_shipped(cfg: TrainConfig) -> None:
+    """``checkpoint.init_from=shipped:<name>`` -> the absolute path of that shipped checkpoint."""
+    start = cfg.checkpoint.init_from
+    if not start or not start.startswith(SHIPPED_PREFIX):
+        return
+    name = start[len(SHIPPED_PREFIX):]
+    path = SHIPPED_DIR / name
+    if not name or not (path / "config.json").is_file():
+        shipped = sorted(p.name for p in SHIPPED_DIR.glob("*") if (p / "config.json").is_file())
+        raise ConfigError(f"checkpoint.init_from={start}: no shipped checkpoint {name!r} "
+                          f"(shipped: {', '.join(shipped) or 'none'})")
+    cfg.checkpoint.init_from = str(path)
 
 
 def is_hf_start(cfg: TrainConfig) -> bool:
@@ -63,7 +79,8 @@ def check_model_keys(model: ModelConfig, raw: dict[str, Any], hf_dir: str,
 def resolve_hf_start(cfg: TrainConfig, given: Optional[Iterable[str]] = None) -> None:
     """Take ``cfg.model`` (and ``data.tokenizer`` when unset) from an HF ``checkpoint.init_from``
     in place; nothing happens for other ``init_from`` values. ``given``: the model keys the run
-    set itself (None: all of them)."""
+    set itself (None: all of them). ``shipped:<name>`` names a checkpoint of the package."""
+    resolve_shipped(cfg)
     if not is_hf_start(cfg):
         return
     from rspo_mega.models.llada.hf_config import model_config_from_hf_dict, read_hf_config

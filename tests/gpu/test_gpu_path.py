@@ -179,7 +179,7 @@ def _train(out: str, *extra: str) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
            "-m", "rspo_mega.train", f"logging.output_dir={out}", "logging.progress_bar=false",
            "data.num_train_examples=200", "data.num_test_examples=16", f"checkpoint.save_dir={out}/ckpt",
-           "checkpoint.save_interval=2", *extra]
+           "checkpoint.save_interval=2", "checkpoint.export_hf=null", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     with open(os.path.join(out, "metrics.jsonl")) as f:

@@ -23,7 +23,9 @@ from tests.distributed import free_port
 from tests.training.test_trainer import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
-RUN = TINY + ["train_steps=5", "checkpoint.save_interval=1", "checkpoint.keep_last=5"]
+# the tiny default's model, without its shipped start, checkpoint directory and HF export
+OWN_MODEL = ["checkpoint.init_from=null", "checkpoint.save_dir=null", "checkpoint.export_hf=null"]
+RUN = TINY + OWN_MODEL + ["train_steps=5", "checkpoint.save_interval=1", "checkpoint.keep_last=5"]
 
 
 def _env() -> tuple[dict, str]:
@@ -167,7 +169,7 @@ def test_two_nodes_rendezvous_on_localhost(tmp_path):
         args = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                 "--nproc-per-node", "1", "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "rspo-test",
-                "-m", "rspo_mega.train", *TINY, "train_steps=2",
+                "-m", "rspo_mega.train", *TINY, *OWN_MODEL, "train_steps=2",
                 f"logging.output_dir={tmp_path}",
                 "parallel.world_size=2"]
         procs.append(_launch(args))
