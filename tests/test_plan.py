@@ -20,7 +20,9 @@ SMALL = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=19
          "model.params_dtype=bfloat16", "parallel.tp=2", "global_batch_size=8",
          "micro_batch_size=8", "rollout.group_size=4", "rollout.gen_length=16",
          "rollout.block_length=16", "rollout.steps=8", "data.max_prompt_length=16",
-         "likelihood.micro_batch_size=4"]
+         "likelihood.micro_batch_size=4",
+         # a model of its own, not the tiny default's shipped start, and nothing saved
+         "checkpoint.init_from=null", "checkpoint.save_dir=null", "checkpoint.export_hf=null"]
 TWO_GPUS = Hardware(kind="gpu", gpus_per_node=2, nodes=1, memory_gib=80.0, framework_gib=1.0,
                     fragmentation=0.1)
 EIGHT_B = "examples/configs/llada8b_rspo_countdown.yaml"
@@ -185,7 +187,8 @@ def test_launch_refusal_names_stage_phase_parts_and_fixes():
 
 
 HUGE = ["model.num_layers=64", "model.hidden_size=8192", "model.ffn_hidden_size=28672",
-        "model.num_attention_heads=64", "model.max_position_embeddings=256"]
+        "model.num_attention_heads=64", "model.max_position_embeddings=256",
+        "checkpoint.init_from=null", "checkpoint.save_dir=null", "checkpoint.export_hf=null"]
 
 
 def test_rspo_train_refuses_before_any_process_group(monkeypatch, capsys, tmp_path):
