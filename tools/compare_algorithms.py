@@ -244,12 +244,6 @@ def format_table(summary: dict[str, dict[str, list[float]]]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def _smooth(values: list[float]) -> list[float]:
-    """Trailing mean over a window of about a 25th of the run."""
-    window = max(1, len(values) // 25)
-    return [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
-
-
 def plot_runs(records: list[dict], out_png: Path) -> Path:
     """Rollout reward (smoothed) and held-out solved grids (%) against the step, every run, one
     colour per algorithm, into ``out_png``."""
@@ -259,6 +253,7 @@ def plot_runs(records: list[dict], out_png: Path) -> Path:
     import matplotlib.pyplot as plt
 
     from rspo_mega.training.metrics import METRICS_FILE, read_metrics
+    from rspo_mega.training.report import accuracy_points, smooth
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     colours = {a: f"C{i}" for i, a in enumerate(dict.fromkeys(r["algorithm"] for r in records))}
@@ -266,14 +261,12 @@ def plot_runs(records: list[dict], out_png: Path) -> Path:
     for r in records:
         rows = read_metrics(Path(r["dir"]) / METRICS_FILE)
         reward = [(x["step"], x["reward"]) for x in rows if x.get("reward") is not None]
-        held = sorted({(x["step"], 100 * x[k]) for x in rows for k in
-                       ("before/eval/accuracy", "eval/accuracy", "after/eval/accuracy")
-                       if x.get(k) is not None})
+        held = accuracy_points(rows)
         label = None if r["algorithm"] in labelled else r["algorithm"]
         labelled.add(r["algorithm"])
         colour = colours[r["algorithm"]]
         if reward:
-            top.plot([s for s, _ in reward], _smooth([v for _, v in reward]), color=colour,
+            top.plot([s for s, _ in reward], smooth([v for _, v in reward]), color=colour,
                      alpha=0.8, label=label)
         bottom.plot([s for s, _ in held], [v for _, v in held], color=colour, marker="o",
                     markersize=3, alpha=0.8, label=label)

@@ -223,12 +223,12 @@ class RolloutEngine:
             self.kv_cache = None
             for chunk in self.chunks:
                 chunk.train()
-        return self._share_cache_check(rollout)
+        return self._share_cache_check(rollout, settings)
 
-    def _share_cache_check(self, rollout: Rollout) -> Rollout:
+    def _share_cache_check(self, rollout: Rollout, settings: SamplerSettings) -> Rollout:
         """The last stage's cache-check counts on every pipeline stage (they log on rank 0)."""
         check = rollout.cache_check
-        if self.pp == 1 or self.settings.cache == "none":
+        if self.pp == 1 or not settings.cache_check_rate:
             return rollout
         from megatron.core import parallel_state as ps
 

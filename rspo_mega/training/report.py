@@ -65,7 +65,7 @@ def export_hf(cfg: TrainConfig, iter_dir: str | Path, out_dir: str | Path) -> Pa
     return Path(out_dir)
 
 
-def _accuracy_points(records: list[dict]) -> list[tuple[int, float]]:
+def accuracy_points(records: list[dict]) -> list[tuple[int, float]]:
     """Held-out accuracy (%) by step: the first ``before/``, the periodic ones, the last
     ``after/`` (the final summary record repeats ``before/`` at the last step)."""
     points: dict[int, float] = {}
@@ -81,6 +81,18 @@ def _accuracy_points(records: list[dict]) -> list[tuple[int, float]]:
     return sorted(points.items())
 
 
+def smoothing_window(n: int) -> int:
+    """Points in the trailing mean of a curve of ``n`` points: about a 25th of it."""
+    return max(1, n // 25)
+
+
+def smooth(values: list[float]) -> list[float]:
+    """Trailing mean of ``values`` over :func:`smoothing_window` points."""
+    window = smoothing_window(len(values))
+    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1))
+            for i in range(len(values))]
+
+
 def plot_curves(run_dir: str | Path, title: str = "") -> Optional[Path]:
     """RL reward per step and held-out solved share (%) into ``run_dir/curves.png``; None when
     the run logged neither."""
@@ -91,17 +103,14 @@ def plot_curves(run_dir: str | Path, title: str = "") -> Optional[Path]:
 
     records = read_metrics(Path(run_dir) / METRICS_FILE)
     reward = [(r["step"], r["reward"]) for r in records if r.get("reward") is not None]
-    accuracy = _accuracy_points(records)
+    accuracy = accuracy_points(records)
     if not reward and not accuracy:
         return None
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
     if reward:
         steps, values = zip(*reward)
-        window = max(1, len(values) // 25)
-        smooth = [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
-                  for i in range(len(values))]
         top.plot(steps, values, alpha=0.3, label="per step")
-        top.plot(steps, smooth, label=f"mean of {window}")
+        top.plot(steps, smooth(list(values)), label=f"mean of {smoothing_window(len(values))}")
         top.legend(loc="lower right")
     top.set_ylabel("rollout reward")
     if accuracy:

@@ -79,9 +79,9 @@ def test_export_needs_a_checkpoint_directory():
 
 
 def test_the_accuracy_curve_takes_before_periodic_and_after_once():
-    from rspo_mega.training.report import _accuracy_points
+    from rspo_mega.training.report import accuracy_points
 
     records = [{"step": 0, "before/eval/accuracy": 0.2}, {"step": 50, "eval/accuracy": 0.25},
                {"step": 100, "eval/accuracy": 0.3},
                {"step": 100, "before/eval/accuracy": 0.2, "after/eval/accuracy": 0.3}]
-    assert _accuracy_points(records) == [(0, 20.0), (50, 25.0), (100, 30.0)]
+    assert accuracy_points(records) == [(0, 20.0), (50, 25.0), (100, 30.0)]

@@ -161,6 +161,9 @@ def llada_forward(
     inner = unwrap_model(model)
     b, s = input_ids.shape
     if kv_cache is not None:
+        if labels is not None:
+            raise ValueError("llada_forward: a cached (rollout) forward returns logits; labels "
+                             "need the full sequence without kv_cache")
         return _cached_forward(model, input_ids, attention_mask, positions, kv_cache)
     if labels is not None and labels.shape != (b, s):
         raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {(b, s)}")
