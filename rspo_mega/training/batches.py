@@ -1,56 +1,22 @@
-"""From examples to token batches and back: prompt encoding, completion batches, rewards.
+"""From rollouts and reference answers to completion batches, and from completions to rewards.
 
 Shapes: ``b`` completions on this rank, ``P`` left-padded prompt width, ``G`` generated tokens.
-A completion's global uid is ``prompt_uid * G_group + j`` (see ``rollout.assign_completions``);
-its group id is the prompt's index in the *global* step batch, so groups may span ranks.
+Completion ``j`` of a prompt has the global uid ``rollout.completion_uid(prompt_uid, j)``; its
+group id is the prompt's index in the *global* step batch, so groups may span ranks.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from rspo_mega.data import Example
-from rspo_mega.data.templates import PromptTemplate
+from rspo_mega.data import EncodedExample, Example
 from rspo_mega.data.tokenizer import Tokenizer
 from rspo_mega.likelihood.batch import CompletionBatch
 from rspo_mega.rollout.sampler import Rollout, left_pad
 from rspo_mega.tasks.base import Task
-
-
-@dataclass(frozen=True)
-class EncodedExample:
-    example: Example
-    prompt_ids: tuple[int, ...]
-
-
-def prompt_message(task: Task, template: PromptTemplate, example: Example) -> str:
-    """The user message: the task's full instructions for chat models; with the ``plain``
-    template (tiny models trained from scratch) the bare problem text."""
-    return example.prompt if template.name == "plain" else task.prompt(example)
-
-
-def encode_prompts(
-    examples: Sequence[Example], task: Task, template: PromptTemplate, tokenizer: Tokenizer,
-    max_prompt_length: int,
-) -> list[EncodedExample]:
-    """Token ids of every prompt; all too-long prompts are reported at once, before training."""
-    out, too_long = [], []
-    for ex in examples:
-        ids = tuple(template.encode(tokenizer, prompt_message(task, template, ex)))
-        if len(ids) > max_prompt_length:
-            too_long.append((ex.uid, len(ids)))
-        out.append(EncodedExample(ex, ids))
-    if too_long:
-        uid, n = too_long[0]
-        raise ValueError(
-            f"{len(too_long)} of {len(examples)} {task.name} prompts exceed "
-            f"data.max_prompt_length={max_prompt_length} tokens (e.g. uid {uid}: {n} tokens)"
-        )
-    return out
 
 
 def completion_batch(rollout: Rollout, uids: Sequence[int], group_ids: Sequence[int]) -> CompletionBatch:

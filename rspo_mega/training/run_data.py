@@ -16,14 +16,13 @@ from pathlib import Path
 import torch.distributed as dist
 
 from rspo_mega.config import ConfigError, TrainConfig
-from rspo_mega.data import Example
+from rspo_mega.data import EncodedExample, Example, encode_prompt, encode_prompts, prompt_message
 from rspo_mega.data.templates import PromptTemplate, get_template
 from rspo_mega.data.tokenizer import Tokenizer, load_tokenizer
 from rspo_mega.data.tokenizer_training import task_corpus, train_sentencepiece_tokenizer
 from rspo_mega.tasks import get_task
 from rspo_mega.tasks.answer_format import format_response
 from rspo_mega.tasks.base import Task
-from rspo_mega.training.batches import EncodedExample, encode_prompts, prompt_message
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +37,13 @@ class RunData:
     train: list[EncodedExample]
     test: list[Example]
 
+    def prompt_message(self, example: Example) -> str:
+        """The user message of ``example`` (the prompt as the model sees it, before the template)."""
+        return prompt_message(self.task, self.template, example)
+
     def encode_prompt(self, example: Example) -> list[int]:
-        return self.template.encode(self.tokenizer, prompt_message(self.task, self.template, example))
+        """The prompt token ids of ``example``."""
+        return encode_prompt(self.task, self.template, self.tokenizer, example)
 
     def sft_target(self, example: Example) -> list[int]:
         """Token ids of the reference response (answer only, in the verifier's format)."""

@@ -242,7 +242,7 @@ class Trainer:
             rewards.append(batches.score(self.data.task, texts, chunk))
             if samples is not None:
                 records += [{"uid": ex.uid, "completion": text,  # the prompt as the model saw it
-                             "prompt": batches.prompt_message(self.data.task, self.data.template, ex)}
+                             "prompt": self.data.prompt_message(ex)}
                             for ex, text in zip(chunk, texts)]
         r = torch.cat(rewards) if rewards else torch.zeros(0)
         group = data_parallel_group()
