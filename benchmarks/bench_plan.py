@@ -208,9 +208,10 @@ def _rates(m) -> dict[str, float]:
 
 def _build(cfg, layout, probe: Probe, record: dict):
     """The trainer, with the RSS growth of each resident part recorded."""
+    import rspo_mega.training.policy as policy
     import rspo_mega.training.trainer as tr
 
-    originals = {"build_chunks": tr.build_chunks, "wrap_ddp": tr.wrap_ddp}
+    originals = {"build_chunks": tr.build_chunks, "wrap_ddp": policy.wrap_ddp}
 
     def measured(name: str, part: str) -> Callable:
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -221,10 +222,10 @@ def _build(cfg, layout, probe: Probe, record: dict):
             return out
         return run
 
-    tr.build_chunks, tr.wrap_ddp = measured("build_chunks", "policy weights"), \
+    tr.build_chunks, policy.wrap_ddp = measured("build_chunks", "policy weights"), \
         measured("wrap_ddp", "gradients")
     trainer = tr.Trainer(cfg, layout)
-    tr.build_chunks, tr.wrap_ddp = originals["build_chunks"], originals["wrap_ddp"]
+    tr.build_chunks, policy.wrap_ddp = originals["build_chunks"], originals["wrap_ddp"]
     before = probe.settle()
     trainer.start_rl()
     record["reference model"] = probe.settle() - before
@@ -232,14 +233,16 @@ def _build(cfg, layout, probe: Probe, record: dict):
 
 
 def _instrument(trainer, meter: Meter) -> None:
-    import rspo_mega.training.trainer as tr
+    import rspo_mega.training.policy as policy
+    import rspo_mega.training.update_loop as update_loop
 
-    trainer.engine.generate = meter.wrap("rollout", trainer.engine.generate)
-    trainer.reference.logprobs = meter.wrap("reference", trainer.reference.logprobs)
-    tr.loss_backward = meter.wrap("policy", tr.loss_backward)
-    tr.finish_grad_sync = meter.wrap("grad_sync", tr.finish_grad_sync)
-    tr.optimizer_step = meter.wrap("optimizer", tr.optimizer_step)
-    weights = [p for c in trainer.model for p in c.parameters()] + trainer.reference.parameters()
+    engine, reference = trainer.batches.engine, trainer.policy.reference
+    engine.generate = meter.wrap("rollout", engine.generate)
+    reference.logprobs = meter.wrap("reference", reference.logprobs)
+    update_loop.loss_backward = meter.wrap("policy", update_loop.loss_backward)
+    policy.finish_grad_sync = meter.wrap("grad_sync", policy.finish_grad_sync)
+    policy.optimizer_step = meter.wrap("optimizer", policy.optimizer_step)
+    weights = [p for c in trainer.policy.model for p in c.parameters()] + reference.parameters()
     meter.saved = SavedBytes({p.untyped_storage().data_ptr() for p in weights})
 
 
@@ -353,7 +356,7 @@ def worker(case: str, out_dir: str) -> None:
     plan = plan_run(cfg, _cpu_hardware(layout.world_size, rates), prompt_length=plen)
     stage = ps.get_pipeline_model_parallel_rank()
     result = {"rank": int(os.environ["RANK"]), "stage": stage, "rates": rates,
-              "params": sum(p.numel() for c in trainer.model for p in c.parameters()),
+              "params": sum(p.numel() for c in trainer.policy.model for p in c.parameters()),
               **_compare(plan, record, meter, stage)}
     with open(os.path.join(out_dir, f"rank{result['rank']}.json"), "w") as f:
         json.dump(result, f)

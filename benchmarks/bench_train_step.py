@@ -47,7 +47,7 @@ def measure(size: str, steps: int, extra: list[str]) -> dict:
                                                                 f"logging.output_dir={out}"])
         trainer = Trainer(cfg, validate_config(cfg, world_size=1))
         trainer.start_rl()
-        params = sum(p.numel() for c in trainer.model for p in c.parameters())
+        params = sum(p.numel() for c in trainer.policy.model for p in c.parameters())
         rows = [trainer.train_step() for _ in range(steps + 1)][1:]
     keys = ["step_seconds", "time/rollout", "time/likelihood", "time/optimizer",
             "time/communication"]

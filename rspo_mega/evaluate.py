@@ -3,10 +3,10 @@
     rspo-eval --config run.yaml checkpoint.save_dir=runs/x/ckpt [--temperature 0]
               [--samples out.jsonl] [key=value ...]
 
-Loads the newest valid checkpoint of ``checkpoint.save_dir`` (or the weights of
-``checkpoint.init_from``), generates one completion per test example with the ``rollout``
-settings (``rollout.eval_steps`` denoising steps when set, temperature from ``--temperature``),
-sharded over data-parallel ranks, and prints the task's mean reward and accuracy (reward == 1)
+Loads the policy's weights (no optimizer, no DDP) from the newest valid checkpoint of
+``checkpoint.save_dir`` (or from ``checkpoint.init_from``), generates one completion per test
+example with the ``rollout`` settings (``rollout.eval_steps`` denoising steps when set,
+temperature from ``--temperature``), sharded over data-parallel ranks, and prints the task's mean reward and accuracy (reward == 1)
 as JSON on rank 0. ``--samples`` also writes every completion (uid, prompt, completion, reward;
 one JSON object per line, in test-set order) to a file, written whole or not at all.
 """
@@ -35,7 +35,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config or TINY_DEFAULT, args.overrides)
-        layout = validate_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        validate_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
         if not (cfg.checkpoint.save_dir or cfg.checkpoint.init_from):
             raise ConfigError("rspo-eval needs checkpoint.save_dir or checkpoint.init_from")
         if args.temperature < 0:
@@ -47,20 +47,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"rspo-eval: config error: {exc}", file=sys.stderr)
         return 2
     from rspo_mega.parallel import destroy_parallel
-    from rspo_mega.training.trainer import Trainer
+    from rspo_mega.training.evaluator import build_evaluator
 
-    trainer = Trainer(cfg, layout)
-    if cfg.checkpoint.save_dir and not trainer.resume() and not cfg.checkpoint.init_from:
+    evaluator, step = build_evaluator(cfg)
+    if step is None:
         print(f"rspo-eval: no valid checkpoint in {cfg.checkpoint.save_dir}", file=sys.stderr)
         return 2
     samples: Optional[list] = [] if args.samples else None
-    result = trainer.evaluate(temperature=args.temperature, samples=samples)
+    result = evaluator.evaluate(temperature=args.temperature, samples=samples)
     if int(os.environ.get("RANK", "0")) == 0:
         if args.samples:
             from rspo_mega.training.checkpointing import atomic_write_text
 
             atomic_write_text(Path(args.samples), "".join(json.dumps(r) + "\n" for r in samples))
-        print(json.dumps({"step": trainer.step, **result}), flush=True)  # one line, last on stdout
+        print(json.dumps({"step": step, **result}), flush=True)  # one line, last on stdout
     destroy_parallel()
     return 0
 

@@ -1,6 +1,7 @@
-"""Build the trainable policy: model chunks, megatron DDP, optimizer and LR schedule.
+"""Build the trainable policy: parallel state, model chunks, megatron DDP, optimizer and LR schedule.
 
-Everything here uses the current megatron-core parallel state; nothing is RL-specific. The
+Everything after :func:`setup_parallel` uses the current megatron-core parallel state; nothing is
+RL-specific. The
 policy is a list of model chunks (one per virtual pipeline stage) wrapped in megatron's
 ``DistributedDataParallel``, whose gradient all-reduce *averages* over data-parallel ranks
 (the ELBO runner compensates with ``ddp_averages_gradients=True``).
@@ -20,8 +21,17 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from rspo_mega.config.schema import TrainConfig
 from rspo_mega.models.llada import build_llada_model, unwrap_model
+from rspo_mega.parallel import initialize_distributed, initialize_model_parallel
 
 log = logging.getLogger(__name__)
+
+
+def setup_parallel(cfg: TrainConfig) -> None:
+    """The process group and megatron-core's TP/PP/CP/DP groups of ``cfg.parallel``."""
+    p = cfg.parallel
+    initialize_distributed(backend=p.backend, timeout_minutes=p.timeout_minutes)
+    initialize_model_parallel(tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp, seed=cfg.seed,
+                              timeout_minutes=p.timeout_minutes)
 
 
 def build_chunks(cfg: TrainConfig, init_weights: bool = True) -> list[torch.nn.Module]:

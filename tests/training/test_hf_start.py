@@ -201,13 +201,13 @@ def _rl_body(rank: int, world: int, hf: str, out: str) -> dict:
     from rspo_mega.models.llada.hf_io import HFCheckpointReader
 
     wte = HFCheckpointReader(hf).get(f"{PREFIX}wte.weight").float()  # [V, H]
-    local = trainer.model[0].module.embedding.word_embeddings.weight.detach()  # [Vp / tp, H]
+    local = trainer.policy.model[0].module.embedding.word_embeddings.weight.detach()  # [Vp / tp, H]
     rows = local.shape[0]
     start = rank * rows
     real = wte[start:start + rows]
     starts_from_hf = torch.equal(local[:len(real)], real) and not local[len(real):].any()
     return {"summary": trainer.run(), "step": trainer.step, "starts_from_hf": starts_from_hf,
-            "layers": len(trainer.model[0].module.decoder.layers)}
+            "layers": len(trainer.policy.model[0].module.decoder.layers)}
 
 
 @pytest.mark.timeout(300)

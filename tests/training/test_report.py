@@ -38,7 +38,7 @@ def _run_body(rank: int, world: int, hf: str, out: str) -> dict:
     with contextlib.redirect_stdout(printed):
         finish_run(trainer, summary)
     with torch.no_grad():
-        logits = llada_forward(trainer.model[0].eval(), IDS)
+        logits = llada_forward(trainer.policy.model[0].eval(), IDS)
     return {"summary": summary, "logits": logits, "printed": printed.getvalue()}
 
 

@@ -60,7 +60,7 @@ def _train(rank: int, world: int, out: str, init: str, layouts: list[tuple[int, 
         trainer.run()
         samples: list = []  # greedy completions of 5 examples, gathered from the DP shards
         examples = [e.example for e in trainer.data.train[:5]]
-        trainer.evaluate(examples, samples=samples)
+        trainer.evaluator.evaluate(examples, samples=samples)
         if rank == 0:
             losses[(tp, pp)] = _curve(f"{run_dir}/sft") + _curve(f"{run_dir}/rl")
             losses[(tp, pp, "samples")] = samples
@@ -143,12 +143,12 @@ def _rl_from_sft(rank: int, world: int, out: str) -> dict:
                                           f"checkpoint.save_dir={out}/sft/ckpt"])
     sft_trainer = Trainer(sft, validate_config(sft, world_size=world))
     sft_trainer.run()
-    trained = [p.detach().clone() for c in sft_trainer.model for p in c.parameters()]
+    trained = [p.detach().clone() for c in sft_trainer.policy.model for p in c.parameters()]
     rl = load_config(None, TINY + [f"checkpoint.init_from={out}/sft/ckpt",
                                    f"logging.output_dir={out}/rl"])
     trainer = Trainer(rl, validate_config(rl, world_size=world))
-    start = [p.detach() for c in trainer.model for p in c.parameters()]
-    adam = [s for s in trainer.optimizer.optimizer.state.values() if "exp_avg" in s]
+    start = [p.detach() for c in trainer.policy.model for p in c.parameters()]
+    adam = [s for s in trainer.policy.optimizer.optimizer.state.values() if "exp_avg" in s]
     trainer.run()
     wrong = load_config(None, TINY + [f"checkpoint.save_dir={out}/sft/ckpt",
                                       f"logging.output_dir={out}/wrong"])
@@ -159,7 +159,7 @@ def _rl_from_sft(rank: int, world: int, out: str) -> dict:
         refused = str(err)
     return {"same_weights": all(torch.equal(a, b) for a, b in zip(trained, start)),
             "adam_states": len(adam), "step": trainer.step, "refused": refused,
-            "has_reference": trainer.reference is not None}
+            "has_reference": trainer.policy.reference is not None}
 
 
 def test_rl_starts_from_an_sft_run_with_its_weights_only(tmp_path):
@@ -170,6 +170,30 @@ def test_rl_starts_from_an_sft_run_with_its_weights_only(tmp_path):
     assert f"checkpoint.init_from={tmp_path}/sft/ckpt/iter_0000001" in got["refused"]
 
 
+class _RecordingEngine:
+    """A rollout engine that records the keyword arguments and rollout of each ``generate``."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.calls = engine, []
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+    def generate(self, *args, **kwargs):
+        rollout = self.engine.generate(*args, **kwargs)
+        self.calls.append((kwargs, rollout))
+        return rollout
+
+
+def _evaluate_recorded(trainer) -> list[tuple[dict, object]]:
+    """The ``generate`` calls of an evaluation like the trainer's (its engine, data, steps)."""
+    from rspo_mega.training.evaluator import Evaluator
+
+    engine = _RecordingEngine(trainer.evaluator.engine)
+    Evaluator(engine, trainer.data, trainer.evaluator.steps).evaluate()
+    return engine.calls
+
+
 def _eval_denoising_steps(rank: int, world: int, out: str, overrides: list[str]) -> int:
     """Denoising steps the evaluation's decoding ran (the max over its rows)."""
     from rspo_mega.training.trainer import Trainer
@@ -177,16 +201,7 @@ def _eval_denoising_steps(rank: int, world: int, out: str, overrides: list[str])
     cfg = load_config(None, TINY + [f"logging.output_dir={out}", "data.num_test_examples=4"]
                       + overrides)
     trainer = Trainer(cfg, validate_config(cfg, world_size=world))
-    generate, used = trainer.engine.generate, []
-
-    def recording(*args, **kwargs):
-        rollout = generate(*args, **kwargs)
-        used.append(int(rollout.steps_used.max()))
-        return rollout
-
-    trainer.engine.generate = recording
-    trainer.evaluate()
-    return max(used)
+    return max(int(rollout.steps_used.max()) for _, rollout in _evaluate_recorded(trainer))
 
 
 @pytest.mark.parametrize("overrides, steps", [([], 8), (["rollout.eval_steps=2"], 2)])
@@ -207,15 +222,7 @@ def _cached_step(rank: int, world: int, out: str) -> tuple[dict, list[str]]:
     trainer = Trainer(cfg, validate_config(cfg, world_size=world))
     trainer.start_rl()
     metrics = trainer.train_step()
-    generate, modes = trainer.engine.generate, []
-
-    def recording(*args, **kwargs):
-        modes.append(kwargs.get("cache"))
-        return generate(*args, **kwargs)
-
-    trainer.engine.generate = recording
-    trainer.evaluate()
-    return metrics, modes
+    return metrics, [kwargs.get("cache") for kwargs, _ in _evaluate_recorded(trainer)]
 
 
 def test_cached_rollouts_log_their_check_and_evaluation_stays_exact(tmp_path):
@@ -228,7 +235,9 @@ def test_cached_rollouts_log_their_check_and_evaluation_stays_exact(tmp_path):
 
 def _mask_draws(rank: int, world: int, out: str, fresh: bool) -> tuple[list, int]:
     """(iteration, update) of every mask draw and the reference scorings of one RL step, mu=2."""
+    from rspo_mega.training.metrics import Timers
     from rspo_mega.training.trainer import Trainer
+    from rspo_mega.training.update_loop import UpdateLoop
 
     cfg = load_config(None, TINY + [f"logging.output_dir={out}",
                                     "algorithm.inner_updates=2",
@@ -236,18 +245,21 @@ def _mask_draws(rank: int, world: int, out: str, fresh: bool) -> tuple[list, int
     trainer = Trainer(cfg, validate_config(cfg, world_size=world))
     trainer.start_rl()
     draws, scorings = [], []
-    sample, logprobs = trainer.masks.sample, trainer.reference.logprobs
+    masks, reference = trainer.updates.masks, trainer.policy.reference
 
-    def recording_sample(batch, iteration, update=0):
-        draws.append((iteration, update))
-        return sample(batch, iteration, update)
+    class RecordingMasks:
+        def sample(self, batch, iteration, update=0):
+            draws.append((iteration, update))
+            return masks.sample(batch, iteration, update)
 
-    def recording_logprobs(runner, masked):
-        scorings.append(masked.input_ids.clone())
-        return logprobs(runner, masked)
+    class RecordingReference:
+        def logprobs(self, runner, masked):
+            scorings.append(masked.input_ids.clone())
+            return reference.logprobs(runner, masked)
 
-    trainer.masks.sample, trainer.reference.logprobs = recording_sample, recording_logprobs
-    trainer.train_step()
+    loop = UpdateLoop(trainer.policy, cfg, RecordingMasks(), trainer.updates.updates_per_step)
+    batch = trainer.batches.next_batch(trainer.step, Timers())
+    loop.run(batch, trainer.step, Timers(), reference=RecordingReference())
     distinct = len({tuple(ids.flatten().tolist()) for ids in scorings})
     return draws, len(scorings), distinct
 

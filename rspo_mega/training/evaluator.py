@@ -1,0 +1,113 @@
+"""Held-out evaluation: reward and accuracy of a policy's greedy (or sampled) completions.
+
+:class:`Evaluator` needs only a rollout engine around the policy's chunks and the run's data;
+the trainer evaluates through one, and ``rspo-eval`` builds one with :func:`build_evaluator`
+(weights only: no DDP, no optimizer).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from megatron.core import parallel_state as ps
+
+from rspo_mega.config import TrainConfig, config_to_dict
+from rspo_mega.data import Example, shard_examples
+from rspo_mega.parallel.reductions import data_parallel_group, global_mean, global_sum
+from rspo_mega.rollout import RolloutEngine, completion_uid
+from rspo_mega.training import batches
+from rspo_mega.training.builder import build_chunks, setup_parallel
+from rspo_mega.training.checkpointing import (
+    CheckpointManager, check_compatible, load_extra_state, read_metadata,
+)
+from rspo_mega.training.init_weights import prepare_init
+from rspo_mega.training.run_data import RunData, prepare_run_data
+
+
+class Evaluator:
+    """Evaluates the policy behind ``engine`` on examples of ``data`` (default: its test set).
+
+    Decoding is uncached (exact) with ``steps`` denoising steps (``rollout.eval_steps``; the
+    engine's ``rollout.steps`` when None), ``engine.micro_batch_size`` prompts per call.
+    """
+
+    def __init__(self, engine: RolloutEngine, data: RunData, steps: Optional[int] = None) -> None:
+        self.engine, self.data, self.steps = engine, data, steps
+
+    def evaluate(self, examples: Optional[Sequence[Example]] = None, temperature: float = 0.0,
+                 samples: Optional[list] = None) -> dict[str, float]:
+        """``eval/reward``, ``eval/accuracy`` (reward == 1) and ``eval/examples`` on
+        ``examples``, sharded over data-parallel ranks. A ``samples`` list receives, on every
+        rank, one record per example in the order of ``examples``: uid, prompt, completion and
+        reward."""
+        examples = self.data.test if examples is None else examples
+        if not examples:
+            raise ValueError("evaluate: no test set (set data.test_path, or data.num_test_examples "
+                             "for a generated task)")
+        mine = shard_examples(examples, ps.get_data_parallel_rank(),
+                              ps.get_data_parallel_world_size())
+        mbs = max(1, self.engine.micro_batch_size)
+        texts, rewards = [], []
+        for start in range(0, len(mine), mbs):
+            chunk_texts = self._complete(mine[start:start + mbs], temperature)
+            rewards.append(batches.score(self.data.task, chunk_texts, mine[start:start + mbs]))
+            texts += chunk_texts
+        r = torch.cat(rewards) if rewards else torch.zeros(0)
+        group = data_parallel_group()
+        if samples is not None:
+            samples.extend(self._records(examples, mine, texts, r.tolist()))
+        return {"eval/reward": float(global_mean(r, group=group)),
+                "eval/accuracy": float(global_mean((r >= 1.0).float(), group=group)),
+                "eval/examples": float(global_sum(torch.ones_like(r), group))}
+
+    def _complete(self, examples: Sequence[Example], temperature: float) -> list[str]:
+        """One completion text per example (uncached decoding)."""
+        prompts = [list(self.data.encode_prompt(ex)) for ex in examples]
+        rollout = self.engine.generate(prompts, [completion_uid(ex.uid, 0) for ex in examples],
+                                       temperature=temperature, cache="none", steps=self.steps)
+        return batches.decode_completions(rollout, self.data.tokenizer,
+                                          self.engine.model_cfg.eos_token_id)
+
+    def _records(self, examples: Sequence[Example], mine: Sequence[Example], texts: list[str],
+                 rewards: list[float]) -> list[dict]:
+        """Every rank's records (uid, prompt as the model saw it, completion, reward), gathered
+        on every rank in the order of ``examples``."""
+        records = [{"uid": ex.uid, "completion": text, "prompt": self.data.prompt_message(ex),
+                    "reward": reward} for ex, text, reward in zip(mine, texts, rewards)]
+        group = data_parallel_group()
+        parts: list = [None] * torch.distributed.get_world_size(group)
+        torch.distributed.all_gather_object(parts, records, group=group)
+        by_uid = {rec["uid"]: rec for part in parts for rec in part}
+        return [by_uid[ex.uid] for ex in examples]
+
+
+def _load_weights(cfg: TrainConfig, chunks: list[torch.nn.Module]) -> Optional[int]:
+    """Fill ``chunks`` from the newest valid checkpoint of ``checkpoint.save_dir``, else from
+    ``checkpoint.init_from``; the step of the checkpoint (0 for ``init_from``, None: neither)."""
+    from rspo_mega.models.llada import load_model
+
+    load_init = prepare_init(cfg)  # checks checkpoint.init_from before it is needed
+    newest = CheckpointManager(cfg.checkpoint.save_dir).find_resumable() \
+        if cfg.checkpoint.save_dir else None
+    if newest is not None:
+        check_compatible(read_metadata(newest).get("config") or {}, config_to_dict(cfg),
+                         keys=("model",))  # layouts may change: dist checkpoints reshard
+        for chunk in chunks:  # the policy's tensors; the optimizer's and reference's stay
+            load_model(chunk, str(newest / "dist"))
+        return int(load_extra_state(newest)["step"])
+    if load_init is None:
+        return None
+    load_init(chunks)
+    return 0
+
+
+def build_evaluator(cfg: TrainConfig) -> tuple[Evaluator, Optional[int]]:
+    """For ``rspo-eval``: the parallel state, the run's data and the policy's weights (see
+    :func:`_load_weights`, whose step it returns with the evaluator)."""
+    setup_parallel(cfg)
+    data = prepare_run_data(cfg)
+    chunks = build_chunks(cfg)
+    step = _load_weights(cfg, chunks)
+    engine = RolloutEngine(chunks, cfg.model, cfg.rollout, seed=cfg.seed)
+    return Evaluator(engine, data, cfg.rollout.eval_steps), step

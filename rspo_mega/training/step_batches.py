@@ -1,0 +1,132 @@
+"""The batch sources of a run: each step's completions, advantages and rollout metrics.
+
+:class:`RLBatches`: this rank's prompts of the global step (``PromptBatchIterator``, sharded over
+DP) -> G completions each with the masked-diffusion sampler (seeded per step and uid) ->
+verifiable rewards -> group advantages reduced over the DP group. :class:`SFTBatches`: this
+rank's examples with their reference answers (masked-diffusion SFT, no rollout). Both keep
+their data position as ``state_dict`` / ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from megatron.core import parallel_state as ps
+
+from rspo_mega.algorithms import compute_advantages
+from rspo_mega.config import Layout, TrainConfig
+from rspo_mega.data import Example, PromptBatchIterator
+from rspo_mega.likelihood import CompletionBatch
+from rspo_mega.parallel.reductions import data_parallel_group, global_mean, global_sum, global_sums
+from rspo_mega.rng import hash64
+from rspo_mega.rollout import RolloutEngine, completion_uid
+from rspo_mega.rollout.sampler import CacheCheck, Rollout
+from rspo_mega.training import batches
+from rspo_mega.training.metrics import Timers
+from rspo_mega.training.run_data import RunData
+
+
+@dataclass
+class StepBatch:
+    """One step's completions on this rank and what the loss needs besides them."""
+
+    completions: CompletionBatch  # [b, P + G] sequences, uids and global group ids
+    advantages: torch.Tensor  # [b] float32 (zeros for SFT)
+    num_groups: int  # groups of the global step (prompts for RL, examples for SFT)
+    metrics: dict[str, float] = field(default_factory=dict)  # global metrics of the rollout
+
+
+class _Batches:
+    """This rank's examples of each global step, in a seeded order of the run's kind."""
+
+    def __init__(self, cfg: TrainConfig, data: RunData, per_step: int, seed: int) -> None:
+        self.cfg, self.data = cfg, data
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.iterator = PromptBatchIterator([e.example for e in data.train], per_step,
+                                            self.dp_rank, ps.get_data_parallel_world_size(),
+                                            seed=seed)
+        self.encoded = {e.example.uid: e for e in data.train}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position (see ``PromptBatchIterator.state_dict``)."""
+        return self.iterator.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.iterator.load_state_dict(state)
+
+
+class RLBatches(_Batches):
+    """RL steps: ``layout.prompts_per_step`` prompts x ``rollout.group_size`` completions."""
+
+    def __init__(self, cfg: TrainConfig, layout: Layout, data: RunData,
+                 engine: RolloutEngine) -> None:
+        super().__init__(cfg, data, layout.prompts_per_step, seed=cfg.data.seed)
+        self.engine, self.num_groups = engine, layout.prompts_per_step
+
+    def next_batch(self, step: int, timers: Timers) -> StepBatch:
+        """Rollouts of this rank's prompts of ``step``, their rewards and advantages."""
+        cfg, G = self.cfg, self.cfg.rollout.group_size
+        examples = next(self.iterator)
+        rows = [(i, completion_uid(ex.uid, j)) for i, ex in enumerate(examples) for j in range(G)]
+        prompts = [list(self.encoded[examples[i].uid].prompt_ids) for i, _ in rows]
+        uids = [u for _, u in rows]
+        with timers("rollout"):
+            rollout = self.engine.generate(prompts, uids, seed=hash64(cfg.seed, step))
+        texts = batches.decode_completions(rollout, self.data.tokenizer, cfg.model.eos_token_id)
+        rewards = batches.score(self.data.task, texts, [examples[i] for i, _ in rows])
+        base = self.dp_rank * len(examples)
+        completions = batches.completion_batch(rollout, uids, [base + i for i, _ in rows])
+        advantages = compute_advantages(rewards, completions.group_ids, self.num_groups,
+                                        cfg.algorithm)
+        return StepBatch(completions, advantages, self.num_groups,
+                         self._metrics(rewards, rollout))
+
+    def _metrics(self, rewards: torch.Tensor, rollout: Rollout) -> dict[str, float]:
+        """Global reward, accuracy (reward == 1), completion tokens and denoising steps."""
+        group = data_parallel_group()
+        return {
+            "reward": float(global_mean(rewards, group=group)),
+            "accuracy": float(global_mean((rewards >= 1.0).float(), group=group)),
+            "completion_tokens": float(global_sum(rollout.completion_lengths.float(), group)),
+            "rollout_steps": float(rollout.steps_used.float().mean()),
+            **self._cache_check_metrics(rollout.cache_check),
+        }
+
+    def _cache_check_metrics(self, check: CacheCheck) -> dict[str, float]:
+        """``cache_token_mismatch`` / ``cache_confidence_diff`` of the cached steps re-run exactly."""
+        if not self.cfg.rollout.cache_check_rate:
+            return {}
+        committed, mismatched, diff = global_sums(torch.tensor(
+            [check.committed, check.mismatched, check.confidence_diff]),
+            data_parallel_group()).tolist()
+        if not committed:
+            return {}
+        return {"cache_token_mismatch": mismatched / committed,
+                "cache_confidence_diff": diff / committed}
+
+
+class SFTBatches(_Batches):
+    """SFT steps: ``global_batch_size`` examples with their reference answers as completions."""
+
+    def __init__(self, cfg: TrainConfig, data: RunData) -> None:
+        super().__init__(cfg, data, cfg.global_batch_size, seed=cfg.data.seed + 1)
+
+    def next_batch(self, step: int, timers: Timers) -> StepBatch:
+        """This rank's examples of ``step``, each its prompt and reference answer."""
+        examples: list[Example] = next(self.iterator)
+        targets = [self.data.sft_target(ex) for ex in examples]
+        uids = [completion_uid(ex.uid, 0) for ex in examples]
+        completions = batches.sft_batch([self.encoded[ex.uid] for ex in examples], targets, uids,
+                                        self.cfg.rollout.gen_length, self.cfg.model.eos_token_id)
+        completions.group_ids += self.dp_rank * len(examples)
+        return StepBatch(completions, torch.zeros(len(examples)), self.cfg.global_batch_size)
+
+
+def build_batches(cfg: TrainConfig, layout: Layout, data: RunData,
+                  engine: RolloutEngine) -> RLBatches | SFTBatches:
+    """The run's batch source: SFT with ``algorithm.name=sft``, else RL."""
+    if cfg.algorithm.name == "sft":
+        return SFTBatches(cfg, data)
+    return RLBatches(cfg, layout, data, engine)
