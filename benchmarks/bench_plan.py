@@ -222,10 +222,9 @@ def _build(cfg, layout, probe: Probe, record: dict):
             return out
         return run
 
-    tr.build_chunks, policy.wrap_ddp = measured("build_chunks", "policy weights"), \
-        measured("wrap_ddp", "gradients")
-    trainer = tr.Trainer(cfg, layout)
-    tr.build_chunks, policy.wrap_ddp = originals["build_chunks"], originals["wrap_ddp"]
+    policy.wrap_ddp = measured("wrap_ddp", "gradients")
+    trainer = tr.Trainer(cfg, layout, build_model=measured("build_chunks", "policy weights"))
+    policy.wrap_ddp = originals["wrap_ddp"]
     before = probe.settle()
     trainer.start_rl()
     record["reference model"] = probe.settle() - before

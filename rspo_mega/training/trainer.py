@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -47,15 +47,20 @@ POSTFIX = {"loss": ".4f", "reward": ".3f"}  # progress-bar metrics of a step (th
 
 
 class Trainer:
-    """Owns the parallel state and the run's parts (see the module docstring)."""
+    """Owns the parallel state and the run's parts (see the module docstring).
 
-    def __init__(self, cfg: TrainConfig, layout: Layout) -> None:
+    ``build_model`` builds this rank's model chunks from the config (default
+    :func:`builder.build_chunks`), after the data and ``checkpoint.init_from`` are checked.
+    """
+
+    def __init__(self, cfg: TrainConfig, layout: Layout,
+                 build_model: Callable[[TrainConfig], list[torch.nn.Module]] = build_chunks) -> None:
         self.cfg, self.layout = cfg, layout
         setup_parallel(cfg)
         self.rank = torch.distributed.get_rank()
         self.data: RunData = prepare_run_data(cfg)  # may fill model ids from the tokenizer
         load_init = prepare_init(cfg)  # checks checkpoint.init_from before any model exists
-        chunks = build_chunks(cfg)
+        chunks = build_model(cfg)
         if load_init is not None:
             load_init(chunks)
         updates_per_step = cfg.algorithm.inner_updates if self.is_rl else 1
