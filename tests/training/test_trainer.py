@@ -330,3 +330,23 @@ def test_checkpoints_of_runs_with_an_in_run_warm_up_get_a_clear_message(tmp_path
     assert (f"checkpoint {ckpt} is at step 7 of a run that began with a 5-step SFT warm-up "
             "(2 RL steps after it)") in after
     assert f"checkpoint.init_from={ckpt} and a new checkpoint.save_dir" in after
+
+
+def _logged_lrs(rank: int, world: int, out: str, overrides: list[str]) -> list[float]:
+    """The ``lr`` of every logged step of a 4-step SFT run."""
+    from rspo_mega.training.trainer import Trainer
+
+    cfg = load_config(None, TINY + SFT + ["train_steps=4", f"logging.output_dir={out}"] + overrides)
+    Trainer(cfg, validate_config(cfg, world_size=world)).run()
+    rows = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()]
+    return [d["lr"] for d in rows if "lr" in d]
+
+
+def test_the_learning_rate_comes_from_the_schedule(tmp_path):
+    # linear warm-up over 2 updates to optimizer.lr=1e-3, then linear decay to min_lr over the
+    # 4 updates of the run; each step logs the rate set for its next update
+    lrs = run_distributed(_logged_lrs, 1, args=(str(tmp_path / "run"), [
+        "optimizer.warmup_steps=2", "optimizer.decay_style=linear", "optimizer.min_lr=1e-4"]),
+        timeout=300)[0]
+    expected = [5e-4, 1e-3, 1e-3 - 0.9e-3 / 2, 1e-4]
+    assert len(lrs) == 4 and all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(lrs, expected)), lrs
