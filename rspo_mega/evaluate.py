@@ -6,9 +6,10 @@
 Loads the policy's weights (no optimizer, no DDP) from the newest valid checkpoint of
 ``checkpoint.save_dir`` (or from ``checkpoint.init_from``), generates one completion per test
 example with the ``rollout`` settings (``rollout.eval_steps`` denoising steps when set,
-temperature from ``--temperature``), sharded over data-parallel ranks, and prints the task's mean reward and accuracy (reward == 1)
-as JSON on rank 0. ``--samples`` also writes every completion (uid, prompt, completion, reward;
-one JSON object per line, in test-set order) to a file, written whole or not at all.
+temperature from ``--temperature``), sharded over data-parallel ranks, and prints the task's
+mean reward and accuracy (reward == 1) as JSON on rank 0. ``--samples`` also writes every
+completion (uid, prompt, completion, reward; one JSON object per line, in test-set order) to a
+file, written whole or not at all.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
-"""Build the trainable policy: parallel state, model chunks, megatron DDP, optimizer and LR schedule.
+"""Build the trainable policy: parallel state, model chunks, megatron DDP, optimizer, LR schedule.
 
 Everything after :func:`setup_parallel` uses the current megatron-core parallel state; nothing is
-RL-specific. The
-policy is a list of model chunks (one per virtual pipeline stage) wrapped in megatron's
-``DistributedDataParallel``, whose gradient all-reduce *averages* over data-parallel ranks
-(the ELBO runner compensates with ``ddp_averages_gradients=True``).
+RL-specific. The policy is a list of model chunks (one per virtual pipeline stage) wrapped in
+megatron's ``DistributedDataParallel``, whose gradient all-reduce *averages* over data-parallel
+ranks (the ELBO runner compensates with ``ddp_averages_gradients=True``).
 """
 
 from __future__ import annotations

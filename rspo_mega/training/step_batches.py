@@ -95,7 +95,8 @@ class RLBatches(_Batches):
         }
 
     def _cache_check_metrics(self, check: CacheCheck) -> dict[str, float]:
-        """``cache_token_mismatch`` / ``cache_confidence_diff`` of the cached steps re-run exactly."""
+        """``cache_token_mismatch`` / ``cache_confidence_diff`` of the cached steps re-run
+        exactly (none without ``rollout.cache_check_rate``)."""
         if not self.cfg.rollout.cache_check_rate:
             return {}
         committed, mismatched, diff = global_sums(torch.tensor(

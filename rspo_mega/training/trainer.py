@@ -44,6 +44,7 @@ from rspo_mega.training.update_loop import UpdateLoop
 log = logging.getLogger(__name__)
 
 POSTFIX = {"loss": ".4f", "reward": ".3f"}  # progress-bar metrics of a step (those it has)
+ModelBuilder = Callable[[TrainConfig], list[torch.nn.Module]]  # this rank's model chunks
 
 
 class Trainer:
@@ -54,7 +55,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, layout: Layout,
-                 build_model: Callable[[TrainConfig], list[torch.nn.Module]] = build_chunks) -> None:
+                 build_model: ModelBuilder = build_chunks) -> None:
         self.cfg, self.layout = cfg, layout
         setup_parallel(cfg)
         self.rank = torch.distributed.get_rank()

@@ -29,7 +29,7 @@ class UpdateLoop:
         policy: the trained policy (its ``update`` runs one optimizer step).
         cfg: the run config (algorithm, likelihood, micro_batch_size).
         masks: the mask sampler (its state is checkpointed by the trainer).
-        updates_per_step: optimizer updates per step (``algorithm.inner_updates`` for RL, 1 for SFT).
+        updates_per_step: optimizer updates per step (``algorithm.inner_updates``; 1 for SFT).
     """
 
     def __init__(self, policy: Policy, cfg: TrainConfig, masks: MaskSampler,

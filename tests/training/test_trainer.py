@@ -349,4 +349,5 @@ def test_the_learning_rate_comes_from_the_schedule(tmp_path):
         "optimizer.warmup_steps=2", "optimizer.decay_style=linear", "optimizer.min_lr=1e-4"]),
         timeout=300)[0]
     expected = [5e-4, 1e-3, 1e-3 - 0.9e-3 / 2, 1e-4]
-    assert len(lrs) == 4 and all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(lrs, expected)), lrs
+    assert len(lrs) == 4, lrs
+    assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(lrs, expected)), lrs
