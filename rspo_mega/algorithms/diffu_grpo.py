@@ -31,13 +31,7 @@ class DiffuGRPOLoss(PolicyLoss):
 
     name = "diffu_grpo"
     needs_old_policy = True
-
-    def __init__(self, algorithm: AlgorithmConfig, likelihood: LikelihoodConfig,
-                 group: ProcessGroup = None):
-        super().__init__(algorithm, likelihood, group)
-        if likelihood.mask_scheme != "one_step":
-            raise ValueError(f"algorithm.name='diffu_grpo' needs likelihood.mask_scheme="
-                             f"'one_step', got {likelihood.mask_scheme!r}")
+    mask_schemes = ("one_step",)
 
     @property
     def needs_reference(self) -> bool:  # type: ignore[override]

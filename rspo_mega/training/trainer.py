@@ -65,12 +65,12 @@ class Trainer:
         self.cfg, self.layout = cfg, layout
         p = cfg.parallel
         initialize_distributed(backend=p.backend, timeout_minutes=p.timeout_minutes)
-        initialize_model_parallel(tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp, seed=cfg.seed,
+        initialize_model_parallel(tp=p.tp, pp=p.pp, vpp=p.vpp, seed=cfg.seed,
                                   timeout_minutes=p.timeout_minutes)
         self.rank = torch.distributed.get_rank()
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_size = ps.get_data_parallel_world_size()
-        self.data: RunData = prepare_run_data(cfg)  # may fill model ids from the tokenizer
+        self.data: RunData = prepare_run_data(cfg)
         self.encoded = {e.example.uid: e for e in self.data.train}
         # RL: the prompts of a step; SFT: its examples, in an order of their own
         self.iterator = PromptBatchIterator(
@@ -87,8 +87,7 @@ class Trainer:
         self.updates_per_step = cfg.algorithm.inner_updates if self.is_rl else 1
         self.scheduler = build_scheduler(self.optimizer, cfg,
                                          cfg.train_steps * self.updates_per_step)
-        self.loss = build_loss(cfg.algorithm, cfg.likelihood,
-                               microbatch_completions=cfg.micro_batch_size)
+        self.loss = build_loss(cfg.algorithm, cfg.likelihood)
         self.reference: Optional[ReferenceModel] = None  # built when RL starts
         self.engine = RolloutEngine(self.model, cfg.model, cfg.rollout, seed=cfg.seed)
         self.masks = MaskSampler(cfg.likelihood, cfg.seed, cfg.model.mask_token_id,
