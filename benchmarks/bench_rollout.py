@@ -42,8 +42,13 @@ import hf_baseline  # noqa: E402
 
 
 def _latest_dist(run_dir: str) -> str:
-    ckpt = os.path.join(run_dir, "ckpt")
-    return os.path.join(ckpt, open(os.path.join(ckpt, "latest")).read().strip(), "dist")
+    """The dist-checkpoint of the newest valid checkpoint of the run (what a resume takes)."""
+    from rspo_mega.training.checkpointing import CheckpointManager
+
+    newest = CheckpointManager(os.path.join(run_dir, "ckpt")).find_resumable()
+    if newest is None:
+        raise SystemExit(f"no valid checkpoint in {run_dir}/ckpt")
+    return os.path.join(str(newest), "dist")
 
 
 def _trained(args):

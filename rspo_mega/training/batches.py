@@ -1,8 +1,8 @@
 """From examples to token batches and back: prompt encoding, completion batches, rewards.
 
 Shapes: ``b`` completions on this rank, ``P`` left-padded prompt width, ``G`` generated tokens.
-A completion's global uid is ``prompt_uid * G_group + j`` (see ``rollout.assign_completions``);
-its group id is the prompt's index in the *global* step batch, so groups may span ranks.
+A completion's global uid is ``rollout.completion_uid(prompt_uid, j)`` (a hash, the same on
+every layout); its group id is the prompt's index in the *global* step batch, so groups may span ranks.
 """
 
 from __future__ import annotations
