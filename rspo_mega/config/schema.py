@@ -65,12 +65,12 @@ def choices(literal: object) -> tuple[str, ...]:
 class FP8Config:
     """Transformer Engine FP8 (GPU only; ignored with the local spec)."""
 
-    enabled: bool = False
-    recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    enabled: bool = False  # FP8 GEMMs (transformer_impl=transformer_engine on a GPU)
+    recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"  # TE scaling
     format: Literal["hybrid", "e4m3"] = "hybrid"  # hybrid: E4M3 forward, E5M2 backward
     margin: int = 0  # scaling margin (powers of 2)
     amax_history_len: PositiveInt = 1024  # steps of amax history (delayed recipe)
-    amax_compute_algo: Literal["max", "most_recent"] = "max"
+    amax_compute_algo: Literal["max", "most_recent"] = "max"  # amax from the history
 
 
 @dataclass
@@ -80,22 +80,22 @@ class ModelConfig:
     itself (which must then agree with those sources)."""
 
     hf_config: Optional[str] = None  # HF LLaDA config.json (or its directory) giving the geometry
-    num_layers: PositiveInt = 4
-    hidden_size: PositiveInt = 128
-    ffn_hidden_size: PositiveInt = 384
-    num_attention_heads: PositiveInt = 4
+    num_layers: PositiveInt = 4  # transformer layers
+    hidden_size: PositiveInt = 128  # model width
+    ffn_hidden_size: PositiveInt = 384  # SwiGLU inner width
+    num_attention_heads: PositiveInt = 4  # query heads
     num_query_groups: Optional[PositiveInt] = None  # null = num_attention_heads (MHA)
     vocab_size: PositiveInt = 512  # true vocabulary (logits are sliced back to it); tokenizer's
     make_vocab_size_divisible_by: PositiveInt = 128  # padded vocab = multiple of this * tp
     max_position_embeddings: PositiveInt = 1024  # tokens
-    rope_theta: Positive = 500000.0
-    norm_eps: Positive = 1e-5
+    rope_theta: Positive = 500000.0  # RoPE base
+    norm_eps: Positive = 1e-5  # RMSNorm epsilon
     mask_token_id: Annotated[int, Bounds(0)] = 511  # unset in the run: the tokenizer's
     eos_token_id: Annotated[int, Bounds(0)] = 510  # unset in the run: the tokenizer's
     pad_token_id: Optional[int] = None  # null = eos_token_id
-    bos_token_id: Optional[int] = None
-    init_method_std: Positive = 0.02
-    params_dtype: Literal["float32", "bfloat16"] = "float32"
+    bos_token_id: Optional[int] = None  # null = the model has none
+    init_method_std: Positive = 0.02  # std of the random initialisation
+    params_dtype: Literal["float32", "bfloat16"] = "float32"  # parameter dtype
     transformer_impl: TransformerImpl = "auto"  # auto: transformer_engine with TE and a GPU
     fp8: FP8Config = field(default_factory=FP8Config)
 
@@ -104,8 +104,8 @@ class ModelConfig:
 class ParallelConfig:
     """Layout: world = tp * pp * dp (dp is derived)."""
 
-    tp: PositiveInt = 1
-    pp: PositiveInt = 1
+    tp: PositiveInt = 1  # tensor-parallel size
+    pp: PositiveInt = 1  # pipeline-parallel stages
     vpp: Optional[PositiveInt] = None  # virtual pipeline stages per rank (interleaved 1F1B)
     sequence_parallel: bool = False  # GPU (TE) only
     world_size: Optional[PositiveInt] = None  # expected world size; checked against torchrun
@@ -121,12 +121,12 @@ class RolloutConfig:
     gen_length: PositiveInt = 32  # generated tokens
     block_length: PositiveInt = 32  # semi-autoregressive block, tokens
     steps: PositiveInt = 32  # denoising steps in total
-    eval_steps: Optional[PositiveInt] = None  # denoising steps for held-out evaluation (null = steps)
+    eval_steps: Optional[PositiveInt] = None  # denoising steps of held-out evaluation (null: steps)
     temperature: NonNegative = 1.0  # 0 = argmax
-    remasking: Remasking = "low_confidence"
+    remasking: Remasking = "low_confidence"  # commit order: most confident first, or random
     cfg_scale: float = 0.0  # classifier-free guidance scale (0 = off)
-    forbid_eos: bool = False
-    stop_on_eos_block: bool = True
+    forbid_eos: bool = False  # never sample EOS
+    stop_on_eos_block: bool = True  # a row whose block is all EOS ends (EOS fills the rest)
     micro_batch_size: PositiveInt = 16  # sequences per sampler forward
     # null: the exact schedule; else each step also commits every masked token of the block whose
     # confidence exceeds this (parallel decoding: blocks finish in fewer steps)
@@ -162,12 +162,12 @@ class LikelihoodConfig:
 class AlgorithmConfig:
     """Loss and advantages."""
 
-    name: AlgorithmName = "rspo"
+    name: AlgorithmName = "rspo"  # the loss (docs/OPTIONS.md)
     lambda_: NonNegative = 0.01  # RSPO target scale
     centering: Centering = "batch"  # RSPO: scope of the relative-score mean
     # centering=microbatch: completions per centering chunk (consecutive completions of a rank)
     microbatch_completions: PositiveInt = 8
-    advantage: Advantage = "standardized"
+    advantage: Advantage = "standardized"  # group-relative advantage of a reward
     advantage_eps: NonNegative = 1e-4  # added to the group std (standardized)
     inner_updates: PositiveInt = 1  # mu: optimizer steps per rollout batch
     clip_eps: Positive = 0.2  # ESPO / diffu-GRPO ratio clip
@@ -182,14 +182,14 @@ class OptimizerConfig:
     """megatron-core optimizer and LR schedule."""
 
     lr: Positive = 1e-4  # peak LR of the run's schedule
-    min_lr: NonNegative = 0.0
-    weight_decay: NonNegative = 0.0
-    adam_beta1: Annotated[float, Bounds(0, 1, high_open=True)] = 0.9
-    adam_beta2: Annotated[float, Bounds(0, 1, high_open=True)] = 0.999
-    adam_eps: Positive = 1e-8
+    min_lr: NonNegative = 0.0  # LR at the end of a linear/cosine decay
+    weight_decay: NonNegative = 0.0  # weight-decay coefficient
+    adam_beta1: Annotated[float, Bounds(0, 1, high_open=True)] = 0.9  # first-moment decay
+    adam_beta2: Annotated[float, Bounds(0, 1, high_open=True)] = 0.999  # second-moment decay
+    adam_eps: Positive = 1e-8  # added to the root of the second moment
     clip_grad: NonNegative = 1.0  # global grad-norm clip (0 = off)
     warmup_steps: Annotated[int, Bounds(0)] = 0  # optimizer steps of linear warm-up from 0
-    decay_style: Literal["constant", "linear", "cosine"] = "constant"
+    decay_style: Literal["constant", "linear", "cosine"] = "constant"  # LR after the warm-up
     use_distributed_optimizer: bool = False  # shard optimizer state over DP (ZeRO-1)
 
 
@@ -198,17 +198,17 @@ class CountdownConfig:
     """Problem size of generated Countdown (``data.task=countdown`` without ``train_path``)."""
 
     max_number: PositiveInt = 99  # numbers are drawn from [1, max_number]
-    min_target: PositiveInt = 10
-    max_target: PositiveInt = 100
-    min_numbers: PositiveInt = 3  # numbers per problem
-    max_numbers: PositiveInt = 4
+    min_target: PositiveInt = 10  # smallest target
+    max_target: PositiveInt = 100  # largest target
+    min_numbers: PositiveInt = 3  # numbers per problem, at least
+    max_numbers: PositiveInt = 4  # numbers per problem, at most
 
 
 @dataclass
 class DataConfig:
     """Prompts and batching."""
 
-    task: TaskName = "sudoku"
+    task: TaskName = "sudoku"  # prompts, reward and answer format (docs/DATA.md)
     train_path: Optional[str] = None  # local file (JSONL/JSON/parquet/CSV); null for generators
     test_path: Optional[str] = None  # held-out file; null: generated (generator tasks) or none
     # the task's logical field -> column of the files, e.g. {prompt: question}; unset fields
@@ -216,7 +216,7 @@ class DataConfig:
     fields: dict[str, str] = field(default_factory=dict)
     json_field: Optional[str] = None  # key holding the records in a {key: [...]} JSON file
     tokenizer: Optional[str] = None  # tokenizer.json or SentencePiece .model; null = built-in
-    template: TemplateName = "plain"
+    template: TemplateName = "plain"  # prompt text as is, or LLaDA's chat template
     max_prompt_length: PositiveInt = 64  # tokens
     num_train_examples: PositiveInt = 2000  # for generated tasks
     num_test_examples: Annotated[int, Bounds(0)] = 200  # 0 = no held-out evaluation
@@ -245,20 +245,20 @@ class LoggingConfig:
 
     output_dir: str = "runs/default"  # metrics.jsonl, config.yaml, TensorBoard, built-in tokenizer
     log_interval: PositiveInt = 1  # steps
-    tensorboard: bool = True
-    progress_bar: bool = True
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    tensorboard: bool = True  # TensorBoard events in output_dir
+    progress_bar: bool = True  # a progress bar on the console (rank 0)
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"  # console log level
 
 
 @dataclass
 class TrainConfig:
     """Top-level run configuration (one section per dataclass above)."""
 
-    seed: int = 1234
+    seed: int = 1234  # run seed: initialisation, rollouts and masks (data.seed: the data)
     train_steps: PositiveInt = 10  # RL steps (SFT steps with algorithm.name=sft)
     global_batch_size: PositiveInt = 32  # completions per step over all DP ranks (prompts * G)
     eval_interval: Annotated[int, Bounds(0)] = 0  # steps (0 = only before and after)
-    non_finite_policy: NonFinitePolicy = "skip"  # NaN/Inf in gradients: skip the update | abort
+    non_finite_policy: NonFinitePolicy = "skip"  # NaN/Inf in gradients: skip the update, or abort
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
