@@ -131,8 +131,7 @@ def main() -> None:
     def engine(cache: str = "none", threshold: float | None = None) -> RolloutEngine:
         cfg = RolloutConfig(gen_length=args.gen, block_length=args.block, steps=args.steps,
                             temperature=0.0, micro_batch_size=prompts.shape[0],
-                            mode="exact" if threshold is None else "threshold",
-                            confidence_threshold=threshold or 0.9, stop_on_eos_block=False,
+                            confidence_threshold=threshold, stop_on_eos_block=False,
                             cache=cache)
         return RolloutEngine(model, mcfg, cfg, seed=0)
 
