@@ -21,9 +21,8 @@ from rspo_mega.algorithms.diagnostics import (
     add_elbo_diagnostics,
     add_relative_score_diagnostics,
 )
-from rspo_mega.config.schema import AlgorithmConfig, LikelihoodConfig
 from rspo_mega.likelihood.elbo import estimate_elbo, token_average
-from rspo_mega.parallel.reductions import ProcessGroup, global_mean
+from rspo_mega.parallel.reductions import global_mean
 
 
 class DiffuGRPOLoss(PolicyLoss):
