@@ -460,7 +460,7 @@ def resolve_model_checkpoint(path: str | Path) -> str:
             raise CheckpointError(f"checkpoint.init_from={path} is not loadable: {reason}")
         return str(path / "dist")
     manager = CheckpointManager(path)
-    if (path / LATEST).is_file() or manager.checkpoints():
+    if manager.checkpoints():
         newest = manager.find_resumable()
         if newest is None:
             raise CheckpointError(f"checkpoint.init_from={path}: no valid checkpoint in it")
