@@ -15,7 +15,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["rspo_mega", "rspo_mega.*"]),
-    package_data={"rspo_mega": ["**/*.yaml", "checkpoints/*/*"]},  # configs, shipped checkpoints
+    package_data={"rspo_mega": ["**/*.yaml", "models/llada/configs/*.json", "checkpoints/*/*"]},
     install_requires=[
         # Python 3.11 resolves 0.16.1 (tested here); the NGC images' Python 3.12 takes 0.19.x.
         "megatron-core>=0.16.1,<0.20",

@@ -51,9 +51,9 @@ COMMON = ["data.num_test_examples=0",
           "data.num_train_examples=64", "logging.tensorboard=false", "logging.progress_bar=false",
           "train_steps=100"]
 M50 = ["model.num_layers=10", "model.hidden_size=640", "model.ffn_hidden_size=1792",
-       "model.num_attention_heads=10", "global_batch_size=4", "micro_batch_size=4",
+       "model.num_attention_heads=10", "global_batch_size=4",
        "rollout.group_size=4", "rollout.steps=4", "rollout.micro_batch_size=4",
-       "rollout.mode=exact", "likelihood.mask_scheme=coupled", "likelihood.mask_sharing=completion",
+       "rollout.confidence_threshold=null", "likelihood.mask_scheme=coupled", "likelihood.mask_sharing=completion",
        "likelihood.mc_samples=1", "likelihood.micro_batch_size=4"]
 CASES = {  # name -> (ranks, overrides of the tiny default)
     "tiny": (1, []),

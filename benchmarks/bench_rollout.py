@@ -42,8 +42,13 @@ import hf_baseline  # noqa: E402
 
 
 def _latest_dist(run_dir: str) -> str:
-    ckpt = os.path.join(run_dir, "ckpt")
-    return os.path.join(ckpt, open(os.path.join(ckpt, "latest")).read().strip(), "dist")
+    """The dist-checkpoint of the newest valid checkpoint of the run (what a resume takes)."""
+    from rspo_mega.training.checkpointing import CheckpointManager
+
+    newest = CheckpointManager(os.path.join(run_dir, "ckpt")).find_resumable()
+    if newest is None:
+        raise SystemExit(f"no valid checkpoint in {run_dir}/ckpt")
+    return os.path.join(str(newest), "dist")
 
 
 def _trained(args):
@@ -126,8 +131,7 @@ def main() -> None:
     def engine(cache: str = "none", threshold: float | None = None) -> RolloutEngine:
         cfg = RolloutConfig(gen_length=args.gen, block_length=args.block, steps=args.steps,
                             temperature=0.0, micro_batch_size=prompts.shape[0],
-                            mode="exact" if threshold is None else "threshold",
-                            confidence_threshold=threshold or 0.9, stop_on_eos_block=False,
+                            confidence_threshold=threshold, stop_on_eos_block=False,
                             cache=cache)
         return RolloutEngine(model, mcfg, cfg, seed=0)
 

@@ -29,7 +29,7 @@ from rspo_mega.config import load_config, validate_config  # noqa: E402
 
 COMMON = ["data.num_test_examples=0", "logging.tensorboard=false",
           "logging.progress_bar=false", "rollout.group_size=4", "global_batch_size=16",
-          "micro_batch_size=16", "likelihood.mc_samples=1", "likelihood.micro_batch_size=32",
+          "likelihood.mc_samples=1", "likelihood.micro_batch_size=32",
           "rollout.gen_length=32", "rollout.block_length=32", "rollout.steps=16",
           "rollout.temperature=1.0", "data.num_train_examples=500"]
 SIZES = {

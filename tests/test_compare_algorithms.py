@@ -24,7 +24,7 @@ TOOL = ROOT / "tools" / "compare_algorithms.py"
 SMALL = [
     "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=160",
     "model.num_attention_heads=4", "model.max_position_embeddings=128", "global_batch_size=8",
-    "micro_batch_size=8", "rollout.micro_batch_size=8", "rollout.steps=8",
+    "rollout.micro_batch_size=8", "rollout.steps=8",
     "likelihood.micro_batch_size=16", "data.num_train_examples=64", "data.num_test_examples=8",
 ]
 

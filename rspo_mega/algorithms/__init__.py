@@ -1,7 +1,7 @@
 """RL objectives on masked-diffusion ELBOs: advantages, RSPO, ESPO, diffu-GRPO, diagnostics."""
 
 from rspo_mega.algorithms.advantages import compute_advantages, group_statistics
-from rspo_mega.algorithms.base import LossInputs, LossOutput, PolicyLoss, validate_algorithm_config
+from rspo_mega.algorithms.base import LossInputs, LossOutput, PolicyLoss
 from rspo_mega.algorithms.diagnostics import Metrics
 from rspo_mega.algorithms.diffu_grpo import DiffuGRPOLoss
 from rspo_mega.algorithms.espo import ESPOLoss
@@ -25,5 +25,4 @@ __all__ = [
     "group_statistics",
     "loss_backward",
     "loss_coefficients",
-    "validate_algorithm_config",
 ]

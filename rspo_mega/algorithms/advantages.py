@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from rspo_mega.config.schema import AlgorithmConfig
+from rspo_mega.config.schema import Advantage, AlgorithmConfig, choices
 from rspo_mega.parallel.reductions import ProcessGroup, data_parallel_group, segment_sums
-
-ADVANTAGES = ("mean", "leave_one_out", "standardized")
 
 
 def group_statistics(
@@ -55,10 +53,6 @@ def compute_advantages(
 
     ``group`` defaults to the data-parallel group (all completions of the global batch).
     """
-    if cfg.advantage not in ADVANTAGES:
-        raise ValueError(f"algorithm.advantage={cfg.advantage!r}: expected one of {ADVANTAGES}")
-    if cfg.advantage_eps < 0:
-        raise ValueError(f"algorithm.advantage_eps={cfg.advantage_eps} must be >= 0")
     if rewards.shape != group_ids.shape or rewards.dim() != 1:
         raise ValueError(f"rewards {tuple(rewards.shape)} and group_ids "
                          f"{tuple(group_ids.shape)} must be matching 1-d tensors")
@@ -71,7 +65,10 @@ def compute_advantages(
         adv = centred
     elif cfg.advantage == "leave_one_out":
         adv = torch.where(g > 1, centred * g / (g - 1.0).clamp(min=1.0), torch.zeros_like(centred))
-    else:
+    elif cfg.advantage == "standardized":
         adv = centred / (var[ids].sqrt() + cfg.advantage_eps)
         adv = torch.where(g > 1, adv, torch.zeros_like(adv))
+    else:
+        raise ValueError(f"algorithm.advantage={cfg.advantage!r}: expected one of "
+                         f"{choices(Advantage)}")
     return adv.to(rewards.dtype)

@@ -27,13 +27,9 @@ from typing import ClassVar, Optional
 import torch
 
 from rspo_mega.algorithms.diagnostics import Metrics
-from rspo_mega.config.schema import AlgorithmConfig, LikelihoodConfig
-from rspo_mega.config.validate import check_algorithm
+from rspo_mega.config.schema import AlgorithmConfig, LikelihoodConfig, MaskScheme, choices
 from rspo_mega.likelihood.batch import MaskedBatch
-from rspo_mega.likelihood.masks import validate_likelihood_config
 from rspo_mega.parallel.reductions import ProcessGroup, data_parallel_group, global_count
-
-NORMALIZERS = ("completions",)
 
 
 @dataclass
@@ -68,13 +64,9 @@ class LossOutput:
     metrics: Metrics
 
 
-def validate_algorithm_config(cfg: AlgorithmConfig) -> None:
-    """Raise ``ValueError`` (a ``ConfigError``) naming the offending ``algorithm.*`` key."""
-    check_algorithm(cfg)
-
-
 class PolicyLoss(abc.ABC):
-    """Base class: subclasses implement :meth:`terms` and declare what they need."""
+    """Base class: subclasses implement :meth:`terms` and declare what they need (the
+    declarations are checked against a run's config by :func:`rspo_mega.config.validate_config`)."""
 
     name: ClassVar[str]
     normalizer: ClassVar[str] = "completions"
@@ -82,20 +74,11 @@ class PolicyLoss(abc.ABC):
     # Ratio losses compare with the rollout policy's log-probs on the *same* masks (``old_logp``
     # from the first inner update), so they cannot draw fresh masks per inner update.
     needs_old_policy: ClassVar[bool] = False
+    # the likelihood.mask_scheme values whose estimate the loss is defined on
+    mask_schemes: ClassVar[tuple[str, ...]] = choices(MaskScheme)
 
     def __init__(self, algorithm: AlgorithmConfig, likelihood: LikelihoodConfig,
                  group: ProcessGroup = None):
-        validate_algorithm_config(algorithm)
-        validate_likelihood_config(likelihood)
-        if self.normalizer not in NORMALIZERS:
-            raise ValueError(f"{type(self).__name__}.normalizer={self.normalizer!r} is not one of "
-                             f"{NORMALIZERS}")
-        if self.needs_old_policy and likelihood.fresh_masks_per_update \
-                and algorithm.inner_updates > 1:
-            raise ValueError(
-                f"likelihood.fresh_masks_per_update=true does not work with algorithm.name="
-                f"{self.name!r} and algorithm.inner_updates={algorithm.inner_updates}: its ratio "
-                "needs the rollout policy's log-probs on the same masks")
         self.algorithm = algorithm
         self.likelihood = likelihood
         self._group = group

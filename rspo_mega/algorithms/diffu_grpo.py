@@ -21,9 +21,8 @@ from rspo_mega.algorithms.diagnostics import (
     add_elbo_diagnostics,
     add_relative_score_diagnostics,
 )
-from rspo_mega.config.schema import AlgorithmConfig, LikelihoodConfig
 from rspo_mega.likelihood.elbo import estimate_elbo, token_average
-from rspo_mega.parallel.reductions import ProcessGroup, global_mean
+from rspo_mega.parallel.reductions import global_mean
 
 
 class DiffuGRPOLoss(PolicyLoss):
@@ -31,13 +30,7 @@ class DiffuGRPOLoss(PolicyLoss):
 
     name = "diffu_grpo"
     needs_old_policy = True
-
-    def __init__(self, algorithm: AlgorithmConfig, likelihood: LikelihoodConfig,
-                 group: ProcessGroup = None):
-        super().__init__(algorithm, likelihood, group)
-        if likelihood.mask_scheme != "one_step":
-            raise ValueError(f"algorithm.name='diffu_grpo' needs likelihood.mask_scheme="
-                             f"'one_step', got {likelihood.mask_scheme!r}")
+    mask_schemes = ("one_step",)
 
     @property
     def needs_reference(self) -> bool:  # type: ignore[override]

@@ -13,7 +13,7 @@ log-ratio onto the target ``A/lambda`` (``lambda = 0``: advantage-weighted ELBO 
 
 Centering scope ``algorithm.centering``: ``batch`` (default; the global batch, one all-reduce),
 ``group`` (the completions of one prompt, possibly on several ranks; a segment all-reduce) or
-``microbatch`` (consecutive chunks of ``microbatch_completions`` local completions, as in the
+``microbatch`` (consecutive chunks of ``algorithm.microbatch_completions`` local completions, as in the
 third-party port; this one depends on the batch split by construction) or ``none`` (no centering:
 the log-partition is taken as 0, so a drift of every completion's relative score in the same
 direction is pulled back too; batch centering cannot see such a common-mode drift).
@@ -31,7 +31,7 @@ from rspo_mega.algorithms.diagnostics import (
     add_elbo_diagnostics,
     add_relative_score_diagnostics,
 )
-from rspo_mega.config.schema import AlgorithmConfig, LikelihoodConfig
+from rspo_mega.config.schema import AlgorithmConfig, Centering, LikelihoodConfig, choices
 from rspo_mega.likelihood.elbo import estimate_elbo
 from rspo_mega.parallel.reductions import ProcessGroup, global_mean, segment_sums
 
@@ -58,15 +58,14 @@ def centering_mean(
         return mean[ids].to(d.dtype)
     if scope == "microbatch":
         if not microbatch_completions or microbatch_completions < 1:
-            raise ValueError("algorithm.centering='microbatch' needs microbatch_completions >= 1 "
-                             "(completions per training micro-batch)")
+            raise ValueError("algorithm.centering='microbatch' needs microbatch_completions >= 1")
         chunk = torch.arange(d.numel(), device=d.device) // microbatch_completions
         n_chunks = int(chunk.max()) + 1 if d.numel() else 0
         sums = torch.zeros(n_chunks, dtype=torch.float64, device=d.device).index_add_(
             0, chunk, d.to(torch.float64))
         counts = torch.bincount(chunk, minlength=n_chunks).to(torch.float64)
         return (sums / counts)[chunk].to(d.dtype)
-    raise ValueError(f"algorithm.centering={scope!r}: expected batch | group | microbatch | none")
+    raise ValueError(f"algorithm.centering={scope!r}: expected one of {choices(Centering)}")
 
 
 class RSPOLoss(PolicyLoss):
@@ -76,11 +75,8 @@ class RSPOLoss(PolicyLoss):
     needs_reference = True
 
     def __init__(self, algorithm: AlgorithmConfig, likelihood: LikelihoodConfig,
-                 group: ProcessGroup = None, microbatch_completions: Optional[int] = None):
+                 group: ProcessGroup = None):
         super().__init__(algorithm, likelihood, group)
-        if algorithm.centering == "microbatch" and not microbatch_completions:
-            raise ValueError("algorithm.centering='microbatch' needs microbatch_completions >= 1")
-        self.microbatch_completions = microbatch_completions
 
     def terms(self, inputs: LossInputs, metrics: Metrics) -> torch.Tensor:
         lam = float(self.algorithm.lambda_)
@@ -88,7 +84,7 @@ class RSPOLoss(PolicyLoss):
         ref = estimate_elbo(inputs.ref_logp.detach(), inputs.masked)
         d = (est.elbo - ref.elbo) / est.lengths.to(est.elbo.dtype)
         center = centering_mean(d, self.algorithm.centering, inputs.group_ids, inputs.num_groups,
-                                self.microbatch_completions, self.group)
+                                self.algorithm.microbatch_completions, self.group)
         dhat = d - center
         adv = inputs.advantages.to(d.dtype)
         push = (adv - lam * dhat).detach()

@@ -11,6 +11,7 @@ import torch
 
 from rspo_mega.algorithms.base import LossInputs, PolicyLoss
 from rspo_mega.algorithms.diagnostics import Metrics, add_elbo_diagnostics
+from rspo_mega.config.schema import ElboMaskScheme, choices
 from rspo_mega.likelihood.elbo import estimate_elbo
 
 
@@ -20,6 +21,7 @@ class SFTLoss(PolicyLoss):
     name = "sft"
     normalizer = "completions"
     needs_reference = False
+    mask_schemes = choices(ElboMaskScheme)  # it maximises the ELBO itself
 
     def terms(self, inputs: LossInputs, metrics: Metrics) -> torch.Tensor:
         est = estimate_elbo(inputs.logp, inputs.masked)

@@ -14,11 +14,11 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Annotated, Any, Iterable, Literal, Optional, Union
 
 import yaml
 
-from rspo_mega.config.schema import TrainConfig
+from rspo_mega.config.schema import Bounds, TrainConfig
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -30,8 +30,20 @@ class ConfigError(ValueError):
 _SFT_RUN = ("run SFT as its own run (algorithm.name=sft, e.g. --config "
             "rspo_mega/configs/tiny_sudoku_sft.yaml) and start RL from it with "
             "checkpoint.init_from")
-# Keys of the in-run SFT warm-up, refused with where SFT runs instead.
+# Keys that no longer exist, refused with where their setting went: the in-run SFT warm-up, and
+# keys that were read nowhere or did something else than their name said.
 REMOVED_KEYS: dict[str, str] = {
+    "micro_batch_size": ("it only set the chunk of algorithm.centering=microbatch, now "
+                         "algorithm.microbatch_completions; the forward micro-batches are "
+                         "likelihood.micro_batch_size (ELBO) and rollout.micro_batch_size "
+                         "(sampler)"),
+    "checkpoint.load_dir": ("it was read nowhere: a run resumes from the newest valid checkpoint "
+                            "in checkpoint.save_dir, and starts from other weights with "
+                            "checkpoint.init_from"),
+    "parallel.cp": ("context parallelism is not supported (the ELBO's masks span the whole "
+                    "sequence); a layout is parallel.tp * parallel.pp * data parallel"),
+    "rollout.mode": ("set rollout.confidence_threshold instead: null is the exact schedule "
+                     "(mode=exact), a value in (0, 1] threshold decoding (mode=threshold)"),
     "sft_warmup_steps": _SFT_RUN,
     "sft_warmup_target_accuracy": _SFT_RUN,
     "sft_warmup_min_steps": _SFT_RUN,
@@ -72,7 +84,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"config key '{key}' must not be null (expected {tp.__name__})")
+        raise ConfigError(f"config key '{key}' must not be null (expected {type_name(tp)})")
+    if typing.get_origin(tp) is Annotated:
+        base, *rules = typing.get_args(tp)
+        value = _coerce(value, base, key)
+        for rule in rules:
+            if isinstance(rule, Bounds) and not rule.holds(value):
+                raise ConfigError(f"config key '{key}' must be {rule.describe()}, got {value!r}")
+        return value
+    if typing.get_origin(tp) is Literal:
+        options = typing.get_args(tp)
+        if value not in options:
+            near = _suggest(str(value), options) if isinstance(value, str) else ""
+            raise ConfigError(f"config key '{key}' = {value!r} must be one of "
+                              f"{list(options)}{near}")
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
@@ -104,8 +130,29 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}': unsupported field type {tp!r}")
 
 
+def type_name(tp: Any) -> str:
+    """A field type as the docs and errors write it: ``int``, ``'a' | 'b'``, ``int (>= 1)``."""
+    tp, optional = _unwrap_optional(tp)
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, *rules = typing.get_args(tp)
+        name = type_name(base) + "".join(f" ({r.describe()})" for r in rules if isinstance(r, Bounds))
+    elif origin is Literal:
+        name = " | ".join(repr(v) for v in typing.get_args(tp))
+    elif origin is dict:
+        name = "mapping of str to str"
+    else:
+        name = getattr(tp, "__name__", str(tp))
+    return f"{name} or null" if optional else name
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """The annotations of a schema dataclass, ``Annotated`` rules included."""
+    return typing.get_type_hints(cls, include_extras=True)
+
+
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = field_types(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
@@ -142,7 +189,7 @@ def _check_path(cls: type, parts: list[str]) -> None:
         fields = {f.name: f for f in dataclasses.fields(node)}
         if part not in fields:
             raise _unknown_key(dotted, part, fields)
-        node = _unwrap_optional(typing.get_type_hints(node)[part])[0]
+        node = _unwrap_optional(field_types(node)[part])[0]
 
 
 def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
@@ -164,17 +211,18 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
 def config_from_dict(data: Optional[dict], overrides: Iterable[str] = ()) -> TrainConfig:
     """Build a :class:`TrainConfig` from a nested dict plus dotted overrides.
 
-    A ``checkpoint.init_from`` that names an HF directory fills the model section and tokenizer
-    from it (:mod:`rspo_mega.config.hf_start`; the model keys given here must agree with it).
+    The model section is then resolved once (:func:`rspo_mega.config.resolve.resolve_model`):
+    geometry and token ids from ``model.hf_config``, an HF ``checkpoint.init_from`` and the
+    tokenizer, where the run does not set them itself (keys it sets must agree).
     """
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"the top level of a config must be a mapping, got {type(data).__name__}")
     merged = apply_overrides(data, overrides)
     cfg = _build(TrainConfig, merged)
-    from rspo_mega.config.hf_start import resolve_hf_start  # imports the model package
+    from rspo_mega.config.resolve import resolve_model
 
-    resolve_hf_start(cfg, given=set(merged.get("model") or ()))
+    resolve_model(cfg, given=set(merged.get("model") or ()))
     return cfg
 
 

@@ -1,103 +1,155 @@
 """Typed configuration: one dataclass per section of a run's YAML file.
 
-Every field has a type and a default; :mod:`rspo_mega.config.loader` fills them from YAML and
-dotted overrides, and :mod:`rspo_mega.config.validate` checks cross-field rules before any process
-group or model exists. Units are in the field comments.
+Every field has a type, a default and a comment (``docs/CONFIG.md`` is generated from them by
+``tools/gen_config_doc.py``). The allowed values of a field live in its type: a ``Literal`` lists
+its choices, a :class:`Bounds` annotation its numeric range. :mod:`rspo_mega.config.loader`
+checks both while it fills the dataclasses from YAML and dotted overrides;
+:mod:`rspo_mega.config.validate` checks the rules between fields. Units are in the comments.
 """
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Annotated, Literal, Optional
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The closed (or, with ``*_open``, open) interval a numeric field must lie in."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        """``>= 1``, ``> 0`` or ``in [0, 1)``."""
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+PositiveInt = Annotated[int, Bounds(1)]
+NonNegative = Annotated[float, Bounds(0)]
+Positive = Annotated[float, Bounds(0, low_open=True)]
+Probability = Annotated[float, Bounds(0, 1)]
+
+# Choices used by code outside the loader as well (their one home).
+AlgorithmName = Literal["rspo", "espo", "diffu_grpo", "sft"]
+ElboMaskScheme = Literal["bernoulli", "stratified", "coupled"]  # unbiased ELBO estimators
+MaskScheme = Literal[ElboMaskScheme, "one_step"]  # one_step: diffu-GRPO's biased estimate
+Centering = Literal["batch", "group", "microbatch", "none"]
+Advantage = Literal["mean", "leave_one_out", "standardized"]
+TransformerImpl = Literal["auto", "local", "transformer_engine"]
+RolloutCache = Literal["none", "prefix", "dual"]
+Remasking = Literal["low_confidence", "random"]
+CountPositions = Literal["generated", "until_eos"]
+NonFinitePolicy = Literal["skip", "abort"]
+TaskName = Literal["sudoku", "countdown", "gsm8k", "math500"]
+TemplateName = Literal["plain", "llada_chat"]
+
+
+def choices(literal: object) -> tuple[str, ...]:
+    """The values of a ``Literal`` type, e.g. ``choices(MaskScheme)``."""
+    return typing.get_args(literal)
 
 
 @dataclass
 class FP8Config:
     """Transformer Engine FP8 (GPU only; ignored with the local spec)."""
 
-    enabled: bool = False
-    recipe: str = "delayed"  # delayed | tensorwise | mxfp8 | blockwise
-    format: str = "hybrid"  # hybrid (E4M3 fwd, E5M2 bwd) | e4m3
-    margin: int = 0
-    amax_history_len: int = 1024
-    amax_compute_algo: str = "max"  # max | most_recent
+    enabled: bool = False  # FP8 GEMMs (transformer_impl=transformer_engine on a GPU)
+    recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"  # TE scaling
+    format: Literal["hybrid", "e4m3"] = "hybrid"  # hybrid: E4M3 forward, E5M2 backward
+    margin: int = 0  # scaling margin (powers of 2)
+    amax_history_len: PositiveInt = 1024  # steps of amax history (delayed recipe)
+    amax_compute_algo: Literal["max", "most_recent"] = "max"  # amax from the history
 
 
 @dataclass
 class ModelConfig:
-    """LLaDA geometry. With ``hf_config`` set, geometry is read from that config.json instead."""
+    """LLaDA geometry and token ids. The loader fills them from ``hf_config`` or an HF
+    ``checkpoint.init_from`` (config.json) and from the tokenizer, keeping the keys a run sets
+    itself (which must then agree with those sources)."""
 
-    hf_config: Optional[str] = None  # path to an HF LLaDA config.json (or its directory)
-    num_layers: int = 4
-    hidden_size: int = 128
-    ffn_hidden_size: int = 384
-    num_attention_heads: int = 4
-    num_query_groups: Optional[int] = None  # None = num_attention_heads (MHA)
-    vocab_size: int = 512  # true vocabulary (logits are sliced back to it)
-    make_vocab_size_divisible_by: int = 128  # padded vocab = multiple of this * tp
-    max_position_embeddings: int = 1024  # tokens
-    rope_theta: float = 500000.0
-    norm_eps: float = 1e-5
-    mask_token_id: int = 511
-    eos_token_id: int = 510
-    pad_token_id: Optional[int] = None  # None = eos_token_id
-    bos_token_id: Optional[int] = None
-    init_method_std: float = 0.02
-    params_dtype: str = "float32"  # float32 | bfloat16
-    transformer_impl: str = "auto"  # auto | local | transformer_engine
+    hf_config: Optional[str] = None  # HF LLaDA config.json (or its directory) giving the geometry
+    num_layers: PositiveInt = 4  # transformer layers
+    hidden_size: PositiveInt = 128  # model width
+    ffn_hidden_size: PositiveInt = 384  # SwiGLU inner width
+    num_attention_heads: PositiveInt = 4  # query heads
+    num_query_groups: Optional[PositiveInt] = None  # null = num_attention_heads (MHA)
+    vocab_size: PositiveInt = 512  # true vocabulary (logits are sliced back to it); tokenizer's
+    make_vocab_size_divisible_by: PositiveInt = 128  # padded vocab = multiple of this * tp
+    max_position_embeddings: PositiveInt = 1024  # tokens
+    rope_theta: Positive = 500000.0  # RoPE base
+    norm_eps: Positive = 1e-5  # RMSNorm epsilon
+    mask_token_id: Annotated[int, Bounds(0)] = 511  # unset in the run: the tokenizer's
+    eos_token_id: Annotated[int, Bounds(0)] = 510  # unset in the run: the tokenizer's
+    pad_token_id: Optional[int] = None  # null = eos_token_id
+    bos_token_id: Optional[int] = None  # null = the model has none
+    init_method_std: Positive = 0.02  # std of the random initialisation
+    params_dtype: Literal["float32", "bfloat16"] = "float32"  # parameter dtype
+    transformer_impl: TransformerImpl = "auto"  # auto: transformer_engine with TE and a GPU
     fp8: FP8Config = field(default_factory=FP8Config)
 
 
 @dataclass
 class ParallelConfig:
-    """Layout: world = tp * pp * cp * dp (dp is derived)."""
+    """Layout: world = tp * pp * dp (dp is derived)."""
 
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-    vpp: Optional[int] = None  # virtual pipeline stages per rank (interleaved 1F1B)
+    tp: PositiveInt = 1  # tensor-parallel size
+    pp: PositiveInt = 1  # pipeline-parallel stages
+    vpp: Optional[PositiveInt] = None  # virtual pipeline stages per rank (interleaved 1F1B)
     sequence_parallel: bool = False  # GPU (TE) only
-    world_size: Optional[int] = None  # expected world size; checked against torchrun when set
-    backend: Optional[str] = None  # None = nccl with CUDA, gloo without
-    timeout_minutes: float = 30.0  # every collective; a hung peer fails after this
+    world_size: Optional[PositiveInt] = None  # expected world size; checked against torchrun
+    backend: Optional[Literal["nccl", "gloo"]] = None  # null = nccl with CUDA, gloo without
+    timeout_minutes: Positive = 30.0  # every collective; a hung peer fails after this
 
 
 @dataclass
 class RolloutConfig:
     """Masked-diffusion sampler (LLaDA generate)."""
 
-    group_size: int = 4  # G completions per prompt
-    gen_length: int = 32  # generated tokens
-    block_length: int = 32  # semi-autoregressive block, tokens
-    steps: int = 32  # denoising steps in total
-    eval_steps: Optional[int] = None  # denoising steps for held-out evaluation (None = steps)
-    temperature: float = 1.0  # 0 = argmax
-    remasking: str = "low_confidence"  # low_confidence | random
+    group_size: PositiveInt = 4  # G completions per prompt
+    gen_length: PositiveInt = 32  # generated tokens
+    block_length: PositiveInt = 32  # semi-autoregressive block, tokens
+    steps: PositiveInt = 32  # denoising steps in total
+    eval_steps: Optional[PositiveInt] = None  # denoising steps of held-out evaluation (null: steps)
+    temperature: NonNegative = 1.0  # 0 = argmax
+    remasking: Remasking = "low_confidence"  # commit order: most confident first, or random
     cfg_scale: float = 0.0  # classifier-free guidance scale (0 = off)
-    forbid_eos: bool = False
-    stop_on_eos_block: bool = True
-    micro_batch_size: int = 16  # sequences per sampler forward
-    mode: str = "exact"  # exact | threshold (confidence-threshold parallel decoding)
-    confidence_threshold: float = 0.9  # for mode=threshold
+    forbid_eos: bool = False  # never sample EOS
+    stop_on_eos_block: bool = True  # a row whose block is all EOS ends (EOS fills the rest)
+    micro_batch_size: PositiveInt = 16  # sequences per sampler forward
+    # null: the exact schedule; else each step also commits every masked token of the block whose
+    # confidence exceeds this (parallel decoding: blocks finish in fewer steps)
+    confidence_threshold: Optional[Annotated[float, Bounds(0, 1, low_open=True)]] = None
     # Block KV cache: none (every step runs the whole sequence) | prefix (later steps of a block run
     # the block and the suffix) | dual (the block only). Approximate; see docs/OPTIONS.md.
-    cache: str = "none"
-    cache_check_rate: float = 0.0  # share of cached steps re-run exactly (rollout/cache_* metrics)
+    cache: RolloutCache = "none"
+    cache_check_rate: Probability = 0.0  # share of cached steps re-run exactly (rollout/cache_*)
 
 
 @dataclass
 class LikelihoodConfig:
     """Monte-Carlo ELBO estimation."""
 
-    # bernoulli | stratified | coupled | one_step; an SFT run takes an unbiased one (not one_step)
-    mask_scheme: str = "coupled"
-    mc_samples: int = 2  # K per completion (coupled: K pairs)
-    mask_sharing: str = "completion"  # completion (own masks) | group (the G of a prompt share them)
+    mask_scheme: MaskScheme = "coupled"  # an SFT run takes an unbiased one (not one_step)
+    mc_samples: PositiveInt = 2  # K per completion (coupled: K pairs)
+    # completion: each completion its own masks | group: the G of a prompt share them
+    mask_sharing: Literal["completion", "group"] = "completion"
     fresh_masks_per_update: bool = False  # inner updates > 1 draw new masks (RSPO; ref re-scored)
-    count_positions: str = "generated"  # generated (whole span) | until_eos
-    bernoulli_eps: float = 1e-3  # t ~ U(eps, 1)
-    one_step_prompt_mask_prob: float = 0.15
-    micro_batch_size: int = 8  # masked sequences per forward
+    count_positions: CountPositions = "generated"  # generated: whole span | until_eos
+    bernoulli_eps: Annotated[float, Bounds(0, 1, high_open=True)] = 1e-3  # t ~ U(eps, 1)
+    one_step_prompt_mask_prob: Probability = 0.15  # one_step: share of prompt tokens masked
+    micro_batch_size: PositiveInt = 8  # masked sequences per forward
     # True: keep the graphs of this rank's micro-batches and backpropagate once (one forward per
     # masked sequence; activations of all local micro-batches live together). False: a no-grad
     # scoring pass, then forward + backward per micro-batch (activations of one micro-batch, one
@@ -110,32 +162,34 @@ class LikelihoodConfig:
 class AlgorithmConfig:
     """Loss and advantages."""
 
-    name: str = "rspo"  # rspo | espo | diffu_grpo | sft
-    lambda_: float = 0.01  # RSPO target scale
-    centering: str = "batch"  # batch | group | microbatch | none
-    advantage: str = "standardized"  # mean | leave_one_out | standardized
-    advantage_eps: float = 1e-4
-    inner_updates: int = 1  # mu: optimizer steps per rollout batch
-    clip_eps: float = 0.2  # ESPO / diffu-GRPO ratio clip
-    kl_beta: float = 0.0  # ESPO k2 / diffu-GRPO k3 coefficient
+    name: AlgorithmName = "rspo"  # the loss (docs/OPTIONS.md)
+    lambda_: NonNegative = 0.01  # RSPO target scale
+    centering: Centering = "batch"  # RSPO: scope of the relative-score mean
+    # centering=microbatch: completions per centering chunk (consecutive completions of a rank)
+    microbatch_completions: PositiveInt = 8
+    advantage: Advantage = "standardized"  # group-relative advantage of a reward
+    advantage_eps: NonNegative = 1e-4  # added to the group std (standardized)
+    inner_updates: PositiveInt = 1  # mu: optimizer steps per rollout batch
+    clip_eps: Positive = 0.2  # ESPO / diffu-GRPO ratio clip
+    kl_beta: NonNegative = 0.0  # ESPO k2 / diffu-GRPO k3 coefficient
     # RSPO: bound |A - lambda * dhat| per completion (advantage units); for lambda > 0 a Huber loss
-    # on the regression residual with delta = push_clip / lambda. None = the plain squared loss.
-    push_clip: Optional[float] = None
+    # on the regression residual with delta = push_clip / lambda. null = the plain squared loss.
+    push_clip: Optional[Positive] = None
 
 
 @dataclass
 class OptimizerConfig:
     """megatron-core optimizer and LR schedule."""
 
-    lr: float = 1e-4  # peak LR of the run's schedule
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0  # global grad-norm clip (0 = off)
-    warmup_steps: int = 0
-    decay_style: str = "constant"  # constant | linear | cosine
+    lr: Positive = 1e-4  # peak LR of the run's schedule
+    min_lr: NonNegative = 0.0  # LR at the end of a linear/cosine decay
+    weight_decay: NonNegative = 0.0  # weight-decay coefficient
+    adam_beta1: Annotated[float, Bounds(0, 1, high_open=True)] = 0.9  # first-moment decay
+    adam_beta2: Annotated[float, Bounds(0, 1, high_open=True)] = 0.999  # second-moment decay
+    adam_eps: Positive = 1e-8  # added to the root of the second moment
+    clip_grad: NonNegative = 1.0  # global grad-norm clip (0 = off)
+    warmup_steps: Annotated[int, Bounds(0)] = 0  # optimizer steps of linear warm-up from 0
+    decay_style: Literal["constant", "linear", "cosine"] = "constant"  # LR after the warm-up
     use_distributed_optimizer: bool = False  # shard optimizer state over DP (ZeRO-1)
 
 
@@ -143,41 +197,43 @@ class OptimizerConfig:
 class CountdownConfig:
     """Problem size of generated Countdown (``data.task=countdown`` without ``train_path``)."""
 
-    max_number: int = 99  # numbers are drawn from [1, max_number]
-    min_target: int = 10
-    max_target: int = 100
-    min_numbers: int = 3  # numbers per problem
-    max_numbers: int = 4
+    max_number: PositiveInt = 99  # numbers are drawn from [1, max_number]
+    min_target: PositiveInt = 10  # smallest target
+    max_target: PositiveInt = 100  # largest target
+    min_numbers: PositiveInt = 3  # numbers per problem, at least
+    max_numbers: PositiveInt = 4  # numbers per problem, at most
 
 
 @dataclass
 class DataConfig:
     """Prompts and batching."""
 
-    task: str = "sudoku"  # sudoku | countdown | gsm8k | math500
-    train_path: Optional[str] = None  # local file (JSONL/JSON/parquet/CSV); None for generators
-    test_path: Optional[str] = None
+    task: TaskName = "sudoku"  # prompts, reward and answer format (docs/DATA.md)
+    train_path: Optional[str] = None  # local file (JSONL/JSON/parquet/CSV); null for generators
+    test_path: Optional[str] = None  # held-out file; null: generated (generator tasks) or none
     # the task's logical field -> column of the files, e.g. {prompt: question}; unset fields
     # keep the task's default columns (docs/DATA.md)
     fields: dict[str, str] = field(default_factory=dict)
     json_field: Optional[str] = None  # key holding the records in a {key: [...]} JSON file
-    tokenizer: Optional[str] = None  # tokenizer.json or SentencePiece .model; None = built-in
-    template: str = "plain"  # plain | llada_chat
-    max_prompt_length: int = 64  # tokens
-    num_train_examples: int = 2000  # for generated tasks
-    num_test_examples: int = 200  # 0 = no held-out evaluation
-    seed: int = 1234
+    tokenizer: Optional[str] = None  # tokenizer.json or SentencePiece .model; null = built-in
+    template: TemplateName = "plain"  # prompt text as is, or LLaDA's chat template
+    max_prompt_length: PositiveInt = 64  # tokens
+    num_train_examples: PositiveInt = 2000  # for generated tasks
+    num_test_examples: Annotated[int, Bounds(0)] = 200  # 0 = no held-out evaluation
+    seed: int = 1234  # generated splits and shuffling
     countdown: CountdownConfig = field(default_factory=CountdownConfig)
 
 
 @dataclass
 class CheckpointConfig:
-    save_dir: Optional[str] = None
-    load_dir: Optional[str] = None  # None = auto-resume from save_dir
-    save_interval: int = 0  # steps (0 = only at the end and on preemption signals)
-    keep_last: int = 2
+    """Saving, resuming (from ``save_dir``), the start weights and the HF export."""
+
+    save_dir: Optional[str] = None  # iter_*/ checkpoints; a restart resumes from the newest valid
+    save_interval: Annotated[int, Bounds(0)] = 0  # steps (0 = at the end and on preemption)
+    keep_last: PositiveInt = 2  # complete checkpoints kept
     # weights to start from: a converted megatron checkpoint, a trainer iter_*/ or save_dir,
-    # or an HF LLaDA directory (converted on the fly; its config.json gives the model)
+    # an HF LLaDA directory (converted on the fly; its config.json gives the model) or
+    # shipped:<name> (a checkpoint shipped with the package)
     init_from: Optional[str] = None
     # at the end of the run, the final checkpoint converted into this HF LLaDA directory
     export_hf: Optional[str] = None
@@ -185,23 +241,24 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    output_dir: str = "runs/default"
-    log_interval: int = 1  # steps
-    tensorboard: bool = True
-    progress_bar: bool = True
-    level: str = "INFO"
+    """Run directory, metrics and console."""
+
+    output_dir: str = "runs/default"  # metrics.jsonl, config.yaml, TensorBoard, built-in tokenizer
+    log_interval: PositiveInt = 1  # steps
+    tensorboard: bool = True  # TensorBoard events in output_dir
+    progress_bar: bool = True  # a progress bar on the console (rank 0)
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"  # console log level
 
 
 @dataclass
 class TrainConfig:
     """Top-level run configuration (one section per dataclass above)."""
 
-    seed: int = 1234
-    train_steps: int = 10  # RL steps (SFT steps with algorithm.name=sft)
-    global_batch_size: int = 32  # completions per step over all DP ranks (prompts * group_size)
-    micro_batch_size: int = 8  # completions per forward/backward micro-batch on one rank
-    eval_interval: int = 0  # steps (0 = only before and after)
-    non_finite_policy: str = "skip"  # NaN/Inf in gradients: skip the update | abort the run
+    seed: int = 1234  # run seed: initialisation, rollouts and masks (data.seed: the data)
+    train_steps: PositiveInt = 10  # RL steps (SFT steps with algorithm.name=sft)
+    global_batch_size: PositiveInt = 32  # completions per step over all DP ranks (prompts * G)
+    eval_interval: Annotated[int, Bounds(0)] = 0  # steps (0 = only before and after)
+    non_finite_policy: NonFinitePolicy = "skip"  # NaN/Inf in gradients: skip the update, or abort
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

@@ -14,7 +14,19 @@ from pathlib import Path
 
 from rspo_mega.data.tokenizer import LLADA_SPECIAL_TOKENS
 
-__all__ = ["task_corpus", "train_sentencepiece_tokenizer"]
+__all__ = ["BUILTIN_VOCAB", "builtin_model_fields", "task_corpus", "train_sentencepiece_tokenizer"]
+
+BUILTIN_VOCAB = 512  # pieces of the built-in tokenizer (an upper bound: hard_vocab_limit is off)
+
+
+def builtin_model_fields() -> dict[str, int | None]:
+    """The model's vocabulary size and special ids for the built-in tokenizer, known before it is
+    trained: unk is id 0 and LLaDA's special tokens follow in order, one id per distinct token."""
+    ids = {token: i + 1 for i, token in enumerate(dict.fromkeys(LLADA_SPECIAL_TOKENS.values()))}
+    return dict(vocab_size=BUILTIN_VOCAB, mask_token_id=ids[LLADA_SPECIAL_TOKENS["mask"]],
+                eos_token_id=ids[LLADA_SPECIAL_TOKENS["eos"]],
+                pad_token_id=ids[LLADA_SPECIAL_TOKENS["pad"]],
+                bos_token_id=ids[LLADA_SPECIAL_TOKENS["bos"]])
 
 
 def task_corpus(

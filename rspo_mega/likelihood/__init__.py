@@ -3,19 +3,11 @@ and the frozen reference model."""
 
 from rspo_mega.likelihood.batch import CompletionBatch, MaskedBatch
 from rspo_mega.likelihood.elbo import ElboEstimate, estimate_elbo, sequence_estimates, token_average
-from rspo_mega.likelihood.masks import (
-    MASK_SCHEMES,
-    MaskSampler,
-    count_mask,
-    hash64,
-    mask_generator,
-    validate_likelihood_config,
-)
+from rspo_mega.likelihood.masks import MaskSampler, count_mask, hash64, mask_generator
 from rspo_mega.likelihood.parallel_elbo import ElboRunner, ForwardFn, backward_loss_scale
 from rspo_mega.likelihood.reference import ReferenceModel
 
 __all__ = [
-    "MASK_SCHEMES",
     "CompletionBatch",
     "ElboEstimate",
     "ElboRunner",
@@ -30,5 +22,4 @@ __all__ = [
     "mask_generator",
     "sequence_estimates",
     "token_average",
-    "validate_likelihood_config",
 ]

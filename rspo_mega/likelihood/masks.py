@@ -39,15 +39,12 @@ from typing import Any
 
 import torch
 
-from rspo_mega.config.schema import LikelihoodConfig
-from rspo_mega.config.validate import check_likelihood
+from rspo_mega.config.schema import CountPositions, LikelihoodConfig, MaskScheme, choices
 from rspo_mega.likelihood.batch import CompletionBatch, MaskedBatch
 from rspo_mega.rng import hash64, keyed_generator  # noqa: F401  (hash64 re-exported)
 
 log = logging.getLogger(__name__)
 
-MASK_SCHEMES = ("bernoulli", "stratified", "coupled", "one_step")
-COUNT_POSITIONS = ("generated", "until_eos")
 COMPLETION_STREAM = -1  # MC index of the per-completion stream (stratified offset)
 GROUP_KEY_TAG = 0x67726F7570  # mask keys of shared group masks: hash64(tag, group id)
 
@@ -62,11 +59,6 @@ def mask_generator(seed: int, iteration: int, uid: int, mc_index: int,
     if update:
         return keyed_generator(seed, iteration, uid, mc_index, update)
     return keyed_generator(seed, iteration, uid, mc_index)
-
-
-def validate_likelihood_config(cfg: LikelihoodConfig) -> None:
-    """Raise ``ValueError`` (a ``ConfigError``) naming the offending ``likelihood.*`` key."""
-    check_likelihood(cfg)
 
 
 def units_per_sample(scheme: str) -> int:
@@ -119,7 +111,9 @@ def _sample_units(
         eps = cfg.bernoulli_eps
         t = eps + (1.0 - eps) * float(torch.rand((), dtype=torch.float64, generator=gen))
         return [bernoulli_unit(t, torch.rand(length, dtype=torch.float64, generator=gen))]
-    return [(torch.ones(length, dtype=torch.bool), 1.0)]  # one_step
+    if scheme == "one_step":
+        return [(torch.ones(length, dtype=torch.bool), 1.0)]
+    raise ValueError(f"likelihood.mask_scheme={scheme!r}: expected one of {choices(MaskScheme)}")
 
 
 def count_mask(batch: CompletionBatch, count_positions: str, eos_token_id: int) -> torch.Tensor:
@@ -129,7 +123,7 @@ def count_mask(batch: CompletionBatch, count_positions: str, eos_token_id: int) 
         return gen
     if count_positions != "until_eos":
         raise ValueError(f"likelihood.count_positions={count_positions!r}: expected one of "
-                         f"{COUNT_POSITIONS}")
+                         f"{choices(CountPositions)}")
     is_eos = gen & (batch.input_ids == eos_token_id)
     eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # EOS strictly before t
     return gen & (eos_before == 0)
@@ -144,7 +138,6 @@ class MaskSampler:
     """
 
     def __init__(self, cfg: LikelihoodConfig, seed: int, mask_token_id: int, eos_token_id: int):
-        validate_likelihood_config(cfg)
         self.cfg = cfg
         self.seed = int(seed)
         self.mask_token_id = int(mask_token_id)

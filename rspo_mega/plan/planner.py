@@ -73,9 +73,6 @@ def plan_run(cfg: TrainConfig, hardware: Hardware, prompt_length: Optional[int] 
         raise ConfigError(f"parallel.world_size={cfg.parallel.world_size} but the plan is for "
                           f"{world} ranks ({hardware.nodes} nodes x {hardware.gpus_per_node}); "
                           f"set parallel.world_size={world} (or null)")
-    if cfg.parallel.cp != 1:
-        raise ConfigError(f"parallel.cp={cfg.parallel.cp}: context parallelism is not planned "
-                          "(the ELBO runner refuses it)")
     layout = validate_config(cfg, world_size=world)
     shapes = model_shapes(cfg, planned_impl(cfg, hardware.kind))
     work = workload(cfg, layout, prompt_length)
@@ -137,8 +134,9 @@ def _divisors(n: int) -> list[int]:
 
 def search_space(cfg: TrainConfig, hw: Hardware) -> Iterable[dict[str, Any]]:
     """Layouts and options to try: TP within a node, PP dividing the layers, micro-batch sizes,
-    one or two ELBO passes, reference offload, distributed optimizer. (The loss's
-    ``micro_batch_size`` shrinks to a divisor of a rank's completions where it must.)"""
+    one or two ELBO passes, reference offload, distributed optimizer. (With
+    ``algorithm.centering=microbatch`` its chunk shrinks to a divisor of a rank's completions
+    where it must.)"""
     world, gbs = hw.world, cfg.global_batch_size
     lik_mbs = sorted({1, 2, 4, 8, 16, 32, cfg.likelihood.micro_batch_size})
     roll_mbs = sorted({4, 8, 16, 32, 64, cfg.rollout.micro_batch_size})
@@ -151,10 +149,10 @@ def search_space(cfg: TrainConfig, hw: Hardware) -> Iterable[dict[str, Any]]:
                 if dist and world // (tp * pp) == 1:
                     continue
                 dp = world // (tp * pp)
-                loss_mbs = math.gcd(cfg.micro_batch_size, gbs // dp) if gbs % dp == 0 \
-                    else cfg.micro_batch_size
+                chunk = cfg.algorithm.microbatch_completions
+                chunk = math.gcd(chunk, gbs // dp) if gbs % dp == 0 else chunk
                 yield {"parallel.tp": tp, "parallel.pp": pp, "parallel.vpp": None,
-                       "micro_batch_size": loss_mbs,
+                       "algorithm.microbatch_completions": chunk,
                        "parallel.world_size": world, "likelihood.micro_batch_size": lm,
                        "rollout.micro_batch_size": rm, "likelihood.one_pass": one,
                        "likelihood.offload_reference": off,

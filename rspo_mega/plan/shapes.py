@@ -1,8 +1,7 @@
 """What the planner knows about a run: the model's per-rank shapes and the step's workload.
 
-:func:`model_shapes` reads the geometry exactly where the model builder does
-(:func:`rspo_mega.models.llada.hf_config.resolve_model_config`, then
-:func:`rspo_mega.models.llada.config.transformer_config` and
+:func:`model_shapes` reads the geometry exactly where the model builder does (the resolved
+``cfg.model``, then :func:`rspo_mega.models.llada.config.transformer_config` and
 :func:`~rspo_mega.models.llada.config.padded_vocab_size`); the parameter count per rank is the
 count of the tensors megatron-core allocates for that config (checked against built models in
 ``tests/test_plan_model.py``). :func:`workload` turns the config and its validated
@@ -86,15 +85,9 @@ def planned_impl(cfg: TrainConfig, kind: str) -> str:
 def model_shapes(cfg: TrainConfig, impl: str) -> ModelShapes:
     """The policy's shapes under ``cfg.parallel``, read through the model builder's functions."""
     from rspo_mega.models.llada.config import padded_vocab_size, transformer_config
-    from rspo_mega.models.llada.hf_config import resolve_model_config
     from rspo_mega.models.llada.logits import true_vocab_columns
 
-    try:
-        model = resolve_model_config(cfg.model)
-    except FileNotFoundError as err:
-        raise ConfigError(f"model.hf_config: {err} (to plan with the model.* sizes of the YAML "
-                          "instead, add model.hf_config=null)") from None
-    par = cfg.parallel
+    model, par = cfg.model, cfg.parallel
     # Sequence parallelism and FP8 are checked against the GPU at build time; the shapes do not
     # depend on them (a CPU plan of a TE recipe keeps its geometry).
     geometry = model if impl == "transformer_engine" else \

@@ -1,10 +1,8 @@
 """The rollout engine: the masked-diffusion sampler on a TP/PP/DP megatron model.
 
-* **DP**: :func:`assign_completions` gives each data-parallel rank its completions, either whole
-  prompt groups (``keep_groups=True``) or an even slice of all ``P * G`` completions (groups then
-  span ranks and the advantage statistics are reduced globally). A completion's uid is
-  :func:`completion_uid` of ``(prompt uid, j)``; its randomness depends on that uid (and the
-  step's seed) only, so the split changes nothing.
+* **DP**: each data-parallel rank generates the completions it is given (the trainer's batch
+  split). A completion's uid is :func:`completion_uid` of ``(prompt uid, j)``; its randomness
+  depends on that uid (and the step's seed) only, so the split changes nothing.
 * **TP**: logits stay vocab-parallel; :class:`VocabShard` samples with collectives.
 * **PP**: each denoising step runs the micro-batches through megatron-core's forward-only
   pipeline schedule; the last stage samples and broadcasts the committed tokens to every stage.
@@ -16,7 +14,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -30,7 +28,6 @@ from rspo_mega.rollout.sampler import (
     Rollout,
     SamplerSettings,
     generate,
-    validate_settings,
 )
 from rspo_mega.rollout.vocab_parallel import VocabShard
 
@@ -38,25 +35,6 @@ from rspo_mega.rollout.vocab_parallel import VocabShard
 def completion_uid(prompt_uid: int, j: int) -> int:
     """Global, layout-independent uid of sample ``j`` of a prompt (63-bit, fits int64)."""
     return hash64(int(prompt_uid), int(j)) >> 1
-
-
-def assign_completions(
-    prompt_uids: Sequence[int], group_size: int, dp_rank: int, dp_size: int, keep_groups: bool = True
-) -> list[tuple[int, int]]:
-    """This rank's ``(prompt index, completion uid)`` pairs of a global batch of prompts.
-
-    ``keep_groups``: prompts are split evenly over ranks and each rank generates all G samples of
-    its prompts (needs ``len(prompt_uids) % dp_size == 0``); otherwise the ``P * G`` completions
-    are split evenly (needs ``P * G % dp_size == 0``).
-    """
-    n_prompts = len(prompt_uids)
-    pairs = [(i, completion_uid(uid, j)) for i, uid in enumerate(prompt_uids) for j in range(group_size)]
-    unit, total = (group_size, n_prompts) if keep_groups else (1, len(pairs))
-    if total % dp_size:
-        what = "prompts" if keep_groups else "completions"
-        raise ValueError(f"assign_completions: {total} {what} do not split over {dp_size} DP ranks")
-    per_rank = total // dp_size * unit
-    return pairs[dp_rank * per_rank:(dp_rank + 1) * per_rank]
 
 
 def sampler_settings(model_cfg: ModelConfig, rollout_cfg: RolloutConfig, seed: int) -> SamplerSettings:
@@ -74,7 +52,7 @@ def sampler_settings(model_cfg: ModelConfig, rollout_cfg: RolloutConfig, seed: i
         forbid_eos=rollout_cfg.forbid_eos,
         stop_on_eos_block=rollout_cfg.stop_on_eos_block,
         seed=seed,
-        threshold=rollout_cfg.confidence_threshold if rollout_cfg.mode == "threshold" else None,
+        threshold=rollout_cfg.confidence_threshold,
         cache=rollout_cfg.cache,
         cache_check_rate=rollout_cfg.cache_check_rate,
     )
@@ -98,7 +76,6 @@ class RolloutEngine:
         self.chunks = model if isinstance(model, list) else [model]
         self.model_cfg = model_cfg
         self.settings = sampler_settings(model_cfg, rollout_cfg, seed)
-        validate_settings(self.settings, model_cfg.max_position_embeddings)
         self.micro_batch_size = rollout_cfg.micro_batch_size
         self.pp = ps.get_pipeline_model_parallel_world_size()
         self.is_last = ps.is_pipeline_last_stage(ignore_virtual=True)

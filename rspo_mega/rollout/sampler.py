@@ -43,10 +43,10 @@ from typing import Callable, Optional
 
 import torch
 
+from rspo_mega.config.schema import Remasking, choices
+from rspo_mega.config.validate import check_schedule
 from rspo_mega.rng import keyed_generator
 from rspo_mega.rollout.vocab_parallel import VocabShard, gumbel_max
-
-CACHE_MODES = ("none", "prefix", "dual")
 
 
 @dataclass(frozen=True)
@@ -104,45 +104,6 @@ class SamplerSettings:
     @property
     def steps_per_block(self) -> int:
         return self.steps // self.num_blocks
-
-
-def validate_settings(s: SamplerSettings, max_context: Optional[int] = None, prompt_len: int = 0) -> None:
-    """Raise ``ValueError`` naming the setting that makes generation impossible."""
-    if s.gen_length < 1 or s.block_length < 1 or s.steps < 1:
-        raise ValueError("rollout.gen_length, rollout.block_length and rollout.steps must be >= 1")
-    if s.gen_length % s.block_length:
-        raise ValueError(
-            f"rollout.gen_length={s.gen_length} is not divisible by rollout.block_length={s.block_length}"
-        )
-    if s.steps % s.num_blocks:
-        raise ValueError(
-            f"rollout.steps={s.steps} is not divisible by the number of blocks {s.num_blocks}"
-        )
-    if not 0 <= s.mask_token_id < s.vocab_size:
-        raise ValueError(
-            f"model.mask_token_id={s.mask_token_id} lies outside the vocabulary [0, {s.vocab_size})"
-        )
-    if not 0 <= s.eos_token_id < s.vocab_size:
-        raise ValueError(
-            f"model.eos_token_id={s.eos_token_id} lies outside the vocabulary [0, {s.vocab_size})"
-        )
-    if s.remasking not in ("low_confidence", "random"):
-        raise ValueError(f"rollout.remasking={s.remasking!r} must be 'low_confidence' or 'random'")
-    if s.temperature < 0:
-        raise ValueError(f"rollout.temperature must be >= 0, got {s.temperature}")
-    if s.threshold is not None and not 0 < s.threshold <= 1:
-        raise ValueError(f"rollout.confidence_threshold must lie in (0, 1], got {s.threshold}")
-    if s.cache not in CACHE_MODES:
-        raise ValueError(f"rollout.cache={s.cache!r} must be one of {', '.join(CACHE_MODES)}")
-    if not 0 <= s.cache_check_rate <= 1:
-        raise ValueError(f"rollout.cache_check_rate must lie in [0, 1], got {s.cache_check_rate}")
-    if s.cache_check_rate and s.cache == "none":
-        raise ValueError("rollout.cache_check_rate > 0 needs rollout.cache=prefix or dual")
-    if max_context is not None and prompt_len + s.gen_length > max_context:
-        raise ValueError(
-            f"prompt length {prompt_len} + rollout.gen_length {s.gen_length} exceeds the model "
-            f"context model.max_position_embeddings={max_context}"
-        )
 
 
 @dataclass
@@ -238,7 +199,7 @@ def generate(
     if len(uids) != len(prompts):
         raise ValueError(f"generate: {len(prompts)} prompts but {len(uids)} uids")
     prompt_ids, prompt_lengths = left_pad(prompts, s.eos_token_id)
-    validate_settings(s, prompt_len=prompt_ids.shape[1])
+    check_schedule(s.gen_length, s.block_length, s.steps)
     state = _State.start(prompt_ids, prompt_lengths, s, shard, sync_fn, device)
     for block in range(s.num_blocks):
         state.run_block(logits_fn, block, uids, noise_fn)
@@ -444,10 +405,12 @@ def _denoise_step(
     x0 = gumbel_max(flat, noise, s.temperature, shard).view(b, m)
     if s.remasking == "low_confidence":
         conf = shard.chosen_prob(flat, x0.reshape(-1)).view(b, m)
-    else:
+    elif s.remasking == "random":
         draws = [keyed_uniforms(s.seed, uid, step, ROLLOUT_REMASK_STREAM, (s.block_length,))
                  for uid in uids]
         conf = _block_draws(draws, offsets)
+    else:
+        raise ValueError(f"rollout.remasking={s.remasking!r}: expected one of {choices(Remasking)}")
     conf = torch.where(valid, conf, torch.full_like(conf, float("-inf")))
     if s.threshold is None:
         counts = [min(kk, n) for kk, n in zip(k, remaining)]

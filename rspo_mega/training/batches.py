@@ -1,8 +1,8 @@
 """From rollouts and reference answers to completion batches, and from completions to rewards.
 
 Shapes: ``b`` completions on this rank, ``P`` left-padded prompt width, ``G`` generated tokens.
-Completion ``j`` of a prompt has the global uid ``rollout.completion_uid(prompt_uid, j)``; its
-group id is the prompt's index in the *global* step batch, so groups may span ranks.
+A completion's global uid is ``rollout.completion_uid(prompt_uid, j)`` (a hash, the same on
+every layout); its group id is the prompt's index in the *global* step batch, so groups may span ranks.
 """
 
 from __future__ import annotations

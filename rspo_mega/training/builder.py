@@ -29,7 +29,7 @@ def setup_parallel(cfg: TrainConfig) -> None:
     """The process group and megatron-core's TP/PP/CP/DP groups of ``cfg.parallel``."""
     p = cfg.parallel
     initialize_distributed(backend=p.backend, timeout_minutes=p.timeout_minutes)
-    initialize_model_parallel(tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp, seed=cfg.seed,
+    initialize_model_parallel(tp=p.tp, pp=p.pp, vpp=p.vpp, seed=cfg.seed,
                               timeout_minutes=p.timeout_minutes)
 
 

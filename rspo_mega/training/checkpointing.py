@@ -7,8 +7,8 @@ Layout of one checkpoint (``save_dir/iter_0000010/``)::
     metadata.json         written last by rank 0: step, time, world size, layout, file list
 
 A save goes into ``iter_0000010.tmp-<nonce>/``; after every rank has written its part, rank 0
-records the file list (sizes for every file, SHA-256 for small ones), renames the directory to
-its final name (atomic on POSIX), and replaces the ``latest`` marker. Only then are checkpoints
+records the file list (sizes for every file, SHA-256 for small ones) and renames the directory to
+its final name (atomic on POSIX). Only then are checkpoints
 beyond the newest ``keep_last`` deleted. A crash at any point leaves either the previous complete
 checkpoint or a ``*.tmp-*`` directory that :meth:`CheckpointManager.find_resumable` ignores.
 
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 METADATA = "metadata.json"
-LATEST = "latest"
 SMALL_FILE_BYTES = 64 * 2**20  # files up to this size (bytes) get a SHA-256 in metadata.json
 FORMAT_VERSION = 1
 
@@ -188,13 +187,6 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / METADATA).read_text())
 
 
-def load_content_metadata(path: str | Path) -> Optional[dict]:
-    """The ``content_metadata`` given to :meth:`CheckpointManager.save` (``None`` if absent)."""
-    from megatron.core.dist_checkpointing.serialization import load_content_metadata as _load
-
-    return _load(str(Path(path) / "dist"))
-
-
 def _rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
 
@@ -254,7 +246,7 @@ class CheckpointManager:
     Every method is collective: call it on every rank of the default process group.
 
     Args:
-        save_dir: directory holding ``iter_*`` checkpoints and the ``latest`` marker.
+        save_dir: directory holding the ``iter_*`` checkpoints.
         keep_last: complete checkpoints kept after a save (>= 1).
     """
 
@@ -291,8 +283,6 @@ class CheckpointManager:
         sharded_state_dict: dict,
         extra: Optional[dict] = None,
         config: Optional[dict] = None,
-        save_rng: bool = True,
-        content_metadata: Optional[dict] = None,
     ) -> Path:
         """Write the checkpoint of ``step`` atomically; returns its final directory.
 
@@ -301,10 +291,7 @@ class CheckpointManager:
             sharded_state_dict: model (+ optimizer) sharded state dict for dist-checkpointing.
             extra: this rank's plain state (ints, floats, strings, lists, dicts, tensors).
             config: the resolved run config (``config_to_dict``), stored in ``metadata.json``.
-            save_rng: add this rank's RNG states to ``extra`` under ``"rng"``.
-            content_metadata: dist-checkpointing content metadata, e.g.
-                ``{"distrib_optim_sharding_type": "fully_reshardable"}`` (read back with
-                :func:`load_content_metadata` before building the sharded state dict to load).
+            This rank's RNG states are added to ``extra`` under ``"rng"``.
 
         Raises:
             CheckpointError: on every rank, naming the cause, the file and the rank, when a
@@ -317,11 +304,10 @@ class CheckpointManager:
         tmp = self.save_dir / f"{final.name}{_TMP_MARK}{nonce}"
         t0 = time.monotonic()
         self._agree(final, tmp, [] if rank else save_failures.attempt(lambda: make_save_dirs(tmp), "directory", 0))
-        self._write_shards(final, tmp, sharded_state_dict, content_metadata)
+        self._write_shards(final, tmp, sharded_state_dict)
         payload = dict(extra or {})
         payload["_step"] = step
-        if save_rng:
-            payload["rng"] = capture_rng_state()
+        payload["rng"] = capture_rng_state()
         rank_file = f"extra/{_rank_file(rank)}"
         self._agree(final, tmp, save_failures.attempt(lambda: save_synced(payload, tmp / rank_file),
                                          rank_file, rank, tmp))
@@ -333,17 +319,14 @@ class CheckpointManager:
                      time.monotonic() - t0)
         return final
 
-    def _write_shards(self, final: Path, tmp: Path, sharded_state_dict: dict,
-                      content_metadata: Optional[dict]) -> None:
+    def _write_shards(self, final: Path, tmp: Path, sharded_state_dict: dict) -> None:
         """dist-checkpointing's collective save into ``tmp/dist``. torch's ``CheckpointException``
         is raised on every rank at once, so ranks agree on it; any other error is this rank's
         alone (its peers fail when it exits) and is raised at once, without collectives."""
         from megatron.core import dist_checkpointing
 
         try:
-            dist_checkpointing.save(
-                sharded_state_dict, str(tmp / "dist"), content_metadata=content_metadata
-            )
+            dist_checkpointing.save(sharded_state_dict, str(tmp / "dist"))
         except save_failures.CheckpointException as exc:
             self._agree(final, tmp, save_failures.describe(exc, "dist-checkpoint shards", _rank(),
                                                            str(tmp)))
@@ -372,7 +355,7 @@ class CheckpointManager:
 
     def _publish(self, step: int, tmp: Path, final: Path, nonce: str,
                  config: Optional[dict]) -> None:
-        """Rank 0: ``metadata.json``, rename ``tmp`` to ``final``, ``latest``, pruning."""
+        """Rank 0: ``metadata.json``, rename ``tmp`` to ``final``, pruning."""
         meta = {
             "format_version": FORMAT_VERSION, "step": step, "time": time.time(),
             "world_size": _world(), "layout": _layout(), "config": config,
@@ -390,7 +373,6 @@ class CheckpointManager:
                 os.replace(old, final)  # the earlier copy of this step stays
             raise
         fsync_dir(self.save_dir)
-        atomic_write_text(self.save_dir / LATEST, final.name + "\n")
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self._prune()
@@ -412,11 +394,6 @@ class CheckpointManager:
         choice: Optional[str] = None
         if _rank() == 0:
             self._clean_tmp()
-            marker = self.save_dir / LATEST
-            if marker.is_file():
-                named = marker.read_text().strip()
-                if not (self.save_dir / named).is_dir():
-                    log.warning("checkpoint: 'latest' names %s, which does not exist", named)
             for step, path in reversed(self.checkpoints()):
                 reason = validate_checkpoint(path)
                 if reason is None:
@@ -440,7 +417,7 @@ class CheckpointManager:
         if reason is not None:
             raise CheckpointError(f"checkpoint {path} is not loadable: {reason}")
         state_dict = dist_checkpointing.load(sharded_state_dict, str(path / "dist"))
-        state_dict.pop("content_metadata", None)  # see load_content_metadata
+        state_dict.pop("content_metadata", None)  # megatron-core's own entry, not model state
         extra = load_extra_state(path)
         _barrier()
         return state_dict, extra
@@ -483,7 +460,7 @@ def resolve_model_checkpoint(path: str | Path) -> str:
             raise CheckpointError(f"checkpoint.init_from={path} is not loadable: {reason}")
         return str(path / "dist")
     manager = CheckpointManager(path)
-    if (path / LATEST).is_file() or manager.checkpoints():
+    if manager.checkpoints():
         newest = manager.find_resumable()
         if newest is None:
             raise CheckpointError(f"checkpoint.init_from={path}: no valid checkpoint in it")

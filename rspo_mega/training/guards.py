@@ -1,32 +1,22 @@
-"""Failure guards: a rank-agreed NaN/Inf check and a watchdog that dumps stacks of a hung block.
+"""Failure guard: a rank-agreed NaN/Inf check.
 
 :func:`check_finite` looks for non-finite values in named tensors (the loss, or the gradients of
 named parameters), all-reduces one flag so that every rank takes the same decision, and, only
 when something is wrong, gathers which rank saw which tensor so the diagnostic names them all.
-
-:func:`watchdog` complements the process-group timeout (``parallel.timeout_minutes``), which
-kills a hung collective only after many minutes and says little about *where* the peers were:
-if the guarded block runs longer than ``seconds``, the stack of every thread is written to
-stderr with a message naming the block, while the block keeps running.
 """
 
 from __future__ import annotations
 
-import contextlib
-import faulthandler
 import logging
-import sys
-import threading
-import time
 from dataclasses import dataclass, field
-from typing import IO, Any, Iterator, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
 
-log = logging.getLogger(__name__)
+from rspo_mega.config.schema import NonFinitePolicy, choices
 
-POLICIES = ("skip", "abort")
+log = logging.getLogger(__name__)
 
 
 class NonFiniteError(FloatingPointError):
@@ -98,8 +88,8 @@ def check_finite(
     trainer then skips the step: ``if not check_finite(grads, step): continue``). With
     ``policy="abort"`` raises :class:`NonFiniteError` instead, on every rank.
     """
-    if policy not in POLICIES:
-        raise ValueError(f"check_finite: policy must be one of {POLICIES}, got {policy!r}")
+    if policy not in choices(NonFinitePolicy):
+        raise ValueError(f"non_finite_policy={policy!r}: expected one of {choices(NonFinitePolicy)}")
     local = _local_offenders(named_tensors)
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
     flag = 1 if local else 0
@@ -124,48 +114,3 @@ def check_finite(
     if rank == 0:
         log.warning("%s; skipping the step", result.message)
     return result
-
-
-def _writable_stream(stream: Optional[IO]) -> IO:
-    """A stream with a real file descriptor (faulthandler writes to the fd)."""
-    for candidate in (stream, sys.stderr, sys.__stderr__):
-        if candidate is None:
-            continue
-        try:
-            candidate.fileno()
-            return candidate
-        except (AttributeError, OSError, ValueError):
-            continue
-    raise RuntimeError("watchdog: no stream with a file descriptor to write stacks to")
-
-
-@contextlib.contextmanager
-def watchdog(seconds: float, what: str, file: Optional[IO] = None) -> Iterator[None]:
-    """If the block takes longer than ``seconds`` (wall clock), write a message naming ``what``
-    and the Python stack of every thread to ``file`` (default stderr); the block is not stopped.
-
-    Uses its own timer thread, so it does not disturb ``faulthandler.dump_traceback_later``.
-    """
-    if seconds <= 0:
-        raise ValueError(f"watchdog: seconds must be > 0, got {seconds}")
-    stream = _writable_stream(file)
-    start = time.monotonic()
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-    def fire() -> None:
-        stream.write(
-            f"\n[watchdog] rank {rank}: '{what}' still running after "
-            f"{time.monotonic() - start:.1f} s (limit {seconds:.1f} s); stacks of all threads:\n"
-        )
-        stream.flush()
-        faulthandler.dump_traceback(file=stream, all_threads=True)
-        stream.flush()
-
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.name = f"watchdog[{what}]"
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()

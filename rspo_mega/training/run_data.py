@@ -2,8 +2,8 @@
 
 With ``data.tokenizer`` unset (the embedded default) a small SentencePiece tokenizer is trained
 on generated task text into ``<logging.output_dir>/tokenizer`` by rank 0 and loaded by every
-rank; the model's vocabulary size and special ids are then taken from it. A tokenizer given in
-the config must agree with the model section, else the error names the key.
+rank. The model section took its vocabulary size and special ids when the config was loaded
+(:mod:`rspo_mega.config.resolve`); the tokenizer must agree with it, else the error names the key.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from rspo_mega.config import ConfigError, TrainConfig
 from rspo_mega.data import EncodedExample, Example, encode_prompt, encode_prompts, prompt_message
 from rspo_mega.data.templates import PromptTemplate, get_template
 from rspo_mega.data.tokenizer import Tokenizer, load_tokenizer
-from rspo_mega.data.tokenizer_training import task_corpus, train_sentencepiece_tokenizer
+from rspo_mega.data.tokenizer_training import (
+    BUILTIN_VOCAB, task_corpus, train_sentencepiece_tokenizer,
+)
 from rspo_mega.tasks import get_task
 from rspo_mega.tasks.answer_format import format_response
 from rspo_mega.tasks.base import Task
 
 log = logging.getLogger(__name__)
-
-BUILTIN_VOCAB = 512
 
 
 @dataclass
@@ -64,14 +64,13 @@ def _builtin_tokenizer(cfg: TrainConfig) -> Tokenizer:
 
 
 def _agree(cfg: TrainConfig, tok: Tokenizer) -> None:
-    m = cfg.model
+    m, name = cfg.model, cfg.data.tokenizer or f"built-in ({tok.path})"
     if tok.vocab_size > m.vocab_size:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
-                          f"vocabulary ({tok.vocab_size}, {cfg.data.tokenizer})")
+                          f"vocabulary ({tok.vocab_size}, {name})")
     for key, value in (("mask_token_id", tok.mask_id), ("eos_token_id", tok.eos_id)):
         if getattr(m, key) != value:
-            raise ConfigError(f"model.{key}={getattr(m, key)} but the tokenizer "
-                              f"{cfg.data.tokenizer} says {value}")
+            raise ConfigError(f"model.{key}={getattr(m, key)} but the tokenizer {name} says {value}")
 
 
 def build_task(cfg: TrainConfig) -> Task:
@@ -86,15 +85,11 @@ def prepare_run_data(cfg: TrainConfig) -> RunData:
     task = build_task(cfg)
     if cfg.data.tokenizer:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
-        _agree(cfg, tokenizer)
     else:
         tokenizer = _builtin_tokenizer(cfg)
-        m = cfg.model
-        m.vocab_size, m.mask_token_id, m.eos_token_id = (
-            tokenizer.vocab_size, tokenizer.mask_id, tokenizer.eos_id)
-        m.pad_token_id, m.bos_token_id = tokenizer.pad_id, tokenizer.special_ids.get("bos")
-        log.info("built-in tokenizer: vocab %d, mask %d, eos %d", m.vocab_size, m.mask_token_id,
-                 m.eos_token_id)
+        log.info("built-in tokenizer: vocab %d, mask %d, eos %d", tokenizer.vocab_size,
+                 tokenizer.mask_id, tokenizer.eos_id)
+    _agree(cfg, tokenizer)
     d = cfg.data
     template = get_template(d.template)
     files = dict(fields=d.fields or None, json_field=d.json_field)

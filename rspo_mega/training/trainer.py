@@ -59,7 +59,7 @@ class Trainer:
         self.cfg, self.layout = cfg, layout
         setup_parallel(cfg)
         self.rank = torch.distributed.get_rank()
-        self.data: RunData = prepare_run_data(cfg)  # may fill model ids from the tokenizer
+        self.data: RunData = prepare_run_data(cfg)
         load_init = prepare_init(cfg)  # checks checkpoint.init_from before any model exists
         chunks = build_model(cfg)
         if load_init is not None:

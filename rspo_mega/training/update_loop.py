@@ -36,8 +36,7 @@ class UpdateLoop:
                  updates_per_step: int) -> None:
         self.policy, self.masks, self.updates_per_step = policy, masks, updates_per_step
         self.fresh_masks = cfg.likelihood.fresh_masks_per_update
-        self.loss = build_loss(cfg.algorithm, cfg.likelihood,
-                               microbatch_completions=cfg.micro_batch_size)
+        self.loss = build_loss(cfg.algorithm, cfg.likelihood)
         self.runner = ElboRunner(llada_forward, cfg.likelihood.micro_batch_size,
                                  ddp_averages_gradients=True, one_pass=cfg.likelihood.one_pass)
 

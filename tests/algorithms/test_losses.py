@@ -44,9 +44,9 @@ def _inputs(masked, logp, adv, batch, ref=None, old=None):
 @pytest.mark.parametrize("lam", [0.01, 0.7])
 def test_rspo_gradient_is_lambda_times_squared_regression_gradient(centering, lam):
     lik, batch, rewards, masked, theta, logp_of, ref, _ = _setup()
-    algo = AlgorithmConfig(name="rspo", lambda_=lam, centering=centering)
+    algo = AlgorithmConfig(name="rspo", lambda_=lam, centering=centering, microbatch_completions=3)
     adv = compute_advantages(rewards.double(), batch.group_ids, 2, algo)
-    loss = RSPOLoss(algo, lik, microbatch_completions=3)(_inputs(masked, logp_of(theta), adv, batch, ref))
+    loss = RSPOLoss(algo, lik)(_inputs(masked, logp_of(theta), adv, batch, ref))
     (g_loss,) = torch.autograd.grad(loss.loss, theta)
     # independent: lambda * grad 1/2 mean (dhat - A/lambda)^2, centering mean stop-gradient
     est, est_ref = estimate_elbo(logp_of(theta), masked), estimate_elbo(ref, masked)
@@ -193,7 +193,8 @@ def test_metrics_against_advantage_fraction():
     (AlgorithmConfig(inner_updates=0), LikelihoodConfig(), "algorithm.inner_updates"),
     (AlgorithmConfig(name="ppo"), LikelihoodConfig(), "algorithm.name"),
     (AlgorithmConfig(name="diffu_grpo"), LikelihoodConfig(), "likelihood.mask_scheme"),
-    (AlgorithmConfig(centering="microbatch"), LikelihoodConfig(), "algorithm.centering"),
+    (AlgorithmConfig(centering="microbatch", microbatch_completions=5), LikelihoodConfig(),
+     "algorithm.microbatch_completions"),
     (AlgorithmConfig(), LikelihoodConfig(mc_samples=0), "likelihood.mc_samples"),
     (AlgorithmConfig(), LikelihoodConfig(mask_scheme="random"), "likelihood.mask_scheme"),
     (AlgorithmConfig(name="espo", inner_updates=2), LikelihoodConfig(fresh_masks_per_update=True),
@@ -203,8 +204,13 @@ def test_metrics_against_advantage_fraction():
      "likelihood.fresh_masks_per_update"),
 ])
 def test_bad_algorithm_config_names_the_key(algo, lik, key):
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        build_loss(algo, lik)
+    """The loader (a field's rules) or validate_config (rules between fields) names the key."""
+    from dataclasses import asdict
+
+    from rspo_mega.config import ConfigError, config_from_dict, validate_config
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_config(config_from_dict({"algorithm": asdict(algo), "likelihood": asdict(lik)}))
 
 
 def test_fresh_masks_per_update_suit_rspo_and_single_update_ratio_losses():

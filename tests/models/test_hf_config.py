@@ -86,24 +86,27 @@ def test_fc1_and_vocab_transforms():
     assert padded.shape == (384, 4) and torch.equal(padded[:300], w) and not padded[300:].any()
 
 
-def test_hf_config_field_overrides_geometry(tmp_path):
+def test_hf_config_fills_the_model_section_when_the_config_loads(tmp_path):
+    from rspo_mega.config import load_config
+
     (tmp_path / "config.json").write_text(json.dumps(config_json(GQA)))
-    cfg = ModelConfig(hf_config=str(tmp_path), vocab_size=7, params_dtype="bfloat16")
-    assert padded_vocab_size(cfg, 1) == 384  # GQA vocab 333, not 7
-    from rspo_mega.models.llada.hf_config import resolve_model_config
-
-    resolved = resolve_model_config(cfg)
-    assert resolved.num_query_groups == 2 and resolved.params_dtype == "bfloat16"
+    cfg = load_config(None, [f"model.hf_config={tmp_path}", "model.params_dtype=bfloat16"]).model
+    assert (cfg.vocab_size, cfg.num_query_groups, cfg.params_dtype) == (333, 2, "bfloat16")
+    assert padded_vocab_size(cfg, 1) == 384  # the builders read the resolved section as it is
 
 
-def test_shipped_yaml_model_sections():
+def test_shipped_model_geometries():
     import os
 
     import yaml
 
     from rspo_mega.models.llada import configs
 
-    for name in ("tiny.yaml", "llada_8b.yaml"):
-        data = yaml.safe_load(open(os.path.join(os.path.dirname(configs.__file__), name)))
-        cfg = ModelConfig(**{k: v for k, v in data["model"].items() if k != "fp8"})
-        assert cfg.hidden_size % cfg.num_attention_heads == 0
+    here = os.path.dirname(configs.__file__)
+    data = yaml.safe_load(open(os.path.join(here, "tiny.yaml")))
+    cfg = ModelConfig(**{k: v for k, v in data["model"].items() if k != "fp8"})
+    assert cfg.hidden_size % cfg.num_attention_heads == 0
+    big = model_config_from_hf(os.path.join(here, "llada_8b.json"))
+    assert (big.num_layers, big.hidden_size, big.ffn_hidden_size, big.vocab_size) == (
+        32, 4096, 12288, 126464)
+    assert (big.mask_token_id, big.eos_token_id, big.bos_token_id) == (126336, 126081, 126080)

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -91,7 +93,7 @@ def _completions(rank: int, world: int, ckpt: str) -> dict:
 
     from rspo_mega.models.llada import build_llada_model, save_model
     from rspo_mega.parallel import initialize_model_parallel
-    from rspo_mega.rollout.engine import assign_completions
+    from tests.rollout.dp_split import split_completions
 
     initialize_model_parallel(seed=3)
     save_model(build_llada_model(ModelConfig(**MODEL)), ckpt)
@@ -100,12 +102,11 @@ def _completions(rank: int, world: int, ckpt: str) -> dict:
     for cache, temperature, threshold, cfg_scale in CASES:
         rcfg = RolloutConfig(gen_length=12, block_length=4, steps=9, temperature=temperature,
                              micro_batch_size=3, stop_on_eos_block=False, cfg_scale=cfg_scale,
-                             mode="threshold" if threshold else "exact",
-                             confidence_threshold=threshold or 0.9, cache=cache,
+                             confidence_threshold=threshold, cache=cache,
                              cache_check_rate=1.0)
         for tp, pp in LAYOUTS:
             engine = _engine(ckpt, tp, pp, rcfg)
-            mine = assign_completions(prompt_uids, 2, ps.get_data_parallel_rank(),
+            mine = split_completions(prompt_uids, 2, ps.get_data_parallel_rank(),
                                       ps.get_data_parallel_world_size())
             rollout = engine.generate([prompts[i] for i, _ in mine], [u for _, u in mine])
             local = {uid: rollout.completion_ids[j] for j, (_, uid) in enumerate(mine)}
@@ -174,14 +175,13 @@ def test_the_check_counts():
 
 
 @pytest.mark.parametrize("override, message", [
-    ({"cache": "full"}, "rollout.cache='full' must be one of none, prefix, dual"),
-    ({"cache_check_rate": 0.5}, "needs rollout.cache=prefix or dual"),
-    ({"cache": "dual", "cache_check_rate": 2.0}, "rollout.cache_check_rate must lie in [0, 1]"),
+    (["rollout.cache=full"], "'rollout.cache' = 'full' must be one of ['none', 'prefix', 'dual']"),
+    (["rollout.cache_check_rate=0.5"], "needs rollout.cache=prefix or dual"),
+    (["rollout.cache=dual", "rollout.cache_check_rate=2.0"],
+     "'rollout.cache_check_rate' must be in [0, 1], got 2.0"),
 ])
 def test_bad_cache_settings_are_named(override, message):
-    from rspo_mega.rollout.engine import sampler_settings
-    from rspo_mega.rollout.sampler import validate_settings
+    from rspo_mega.config import ConfigError, load_config, validate_config
 
-    settings = sampler_settings(ModelConfig(**MODEL), RolloutConfig(**override), seed=0)
-    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        validate_settings(settings)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_config(load_config(None, override))

@@ -28,15 +28,15 @@ def _body(rank: int, world: int, ckpt: str, temperature: float, threshold: float
 
     from rspo_mega.models.llada import build_llada_model, llada_forward, load_model, save_model
     from rspo_mega.parallel import initialize_model_parallel
-    from rspo_mega.rollout.engine import RolloutEngine, assign_completions
+    from rspo_mega.rollout.engine import RolloutEngine
+    from tests.rollout.dp_split import split_completions
 
     mcfg = ModelConfig(**MODEL)
     # threshold mode: rows finish after different numbers of steps and leave the batch, so the
     # pipeline sees batches that micro_batch_size=3 does not divide
     rcfg = RolloutConfig(gen_length=8, block_length=4, steps=4, temperature=temperature,
                          micro_batch_size=3 if threshold else 2, stop_on_eos_block=False,
-                         mode="threshold" if threshold else "exact",
-                         confidence_threshold=threshold or 0.9)
+                         confidence_threshold=threshold or None)
     prompts, prompt_uids = _prompts(4)
     initialize_model_parallel(tp=1, pp=1, seed=3)
     save_model(build_llada_model(mcfg), ckpt)
@@ -54,7 +54,7 @@ def _body(rank: int, world: int, ckpt: str, temperature: float, threshold: float
         initialize_model_parallel(tp=tp, pp=pp, seed=3)
         model = build_llada_model(mcfg, init_weights=False)
         load_model(model, ckpt)
-        mine = assign_completions(prompt_uids, GROUP, ps.get_data_parallel_rank(),
+        mine = split_completions(prompt_uids, GROUP, ps.get_data_parallel_rank(),
                                   ps.get_data_parallel_world_size(), keep_groups=keep)
         rollout = RolloutEngine(model, mcfg, rcfg, seed=9).generate(
             [prompts[i] for i, _ in mine], [uid for _, uid in mine])

@@ -39,14 +39,20 @@ def _manager(root: str):
     return CheckpointManager(Path(root) / "ckpt", keep_last=2)
 
 
+def _newest(ckpt: Path) -> str:
+    """The newest ``iter_*`` directory that is not a temporary one."""
+    return max(p.name for p in ckpt.iterdir() if p.name.startswith("iter_") and ".tmp-" not in p.name)
+
+
 def _disk_state(root: str) -> dict:
-    """What a restart would find: directory names, the ``latest`` marker, iter 1's validity."""
+    """What a restart would find: directory names, the newest complete checkpoint, iter 1's
+    validity."""
     from rspo_mega.training.checkpointing import validate_checkpoint
 
     torch.distributed.barrier()  # rank 0 has cleaned up
     ckpt = Path(root) / "ckpt"
     return {"names": sorted(p.name for p in ckpt.iterdir()),
-            "latest": (ckpt / "latest").read_text().strip(),
+            "latest": _newest(ckpt),
             "iter1": validate_checkpoint(ckpt / "iter_0000001")}
 
 
@@ -129,7 +135,7 @@ def _check_resumed(results: list[dict]) -> None:
     for rank, res in enumerate(results):
         assert res["resumed"] == "iter_0000001" and res["values"] == [1.0], res
         assert res["pos"] == 10 + rank
-        assert res["after"] == {"names": ["iter_0000001", "iter_0000002", "latest"],
+        assert res["after"] == {"names": ["iter_0000001", "iter_0000002"],
                                 "latest": "iter_0000002", "iter1": None}
 
 
@@ -158,7 +164,7 @@ def test_disk_full_during_a_save(disk: tuple[Path, str]) -> None:
     results = run_distributed(_run_out_of_space, 2, args=(str(root), kind), timeout=150)
     for res in results:  # every rank raised the same message
         assert res == results[0]
-    intact = {"names": ["iter_0000001", "latest"], "latest": "iter_0000001", "iter1": None}
+    intact = {"names": ["iter_0000001"], "latest": "iter_0000001", "iter1": None}
     expected = {"rank file": "(extra/rank_00001.pt on rank 1)",
                 "metadata": "(metadata.json on rank 0)", "shards": "(dist-checkpoint shards on rank"}
     for site, where in expected.items():
@@ -192,7 +198,7 @@ def test_a_rank_killed_during_a_save(tmp_path: Path) -> None:
     assert not getattr(err.value, "__notes__", None), err.value.__notes__  # no writer survived
     leftovers = [p.name for p in (tmp_path / "ckpt").iterdir() if ".tmp-" in p.name]
     assert len(leftovers) == 1 and leftovers[0].startswith("iter_0000002.tmp-")
-    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "iter_0000001"
+    assert _newest(tmp_path / "ckpt") == "iter_0000001"
     _check_resumed(run_distributed(_resume, 2, args=(str(tmp_path),), timeout=150))
 
 
@@ -210,7 +216,7 @@ def _save_two_then_truncate(rank: int, world_size: int, root: str, victim: str) 
 ])
 def test_truncated_metadata_of_the_latest_checkpoint(tmp_path: Path, victim: str, reason: str):
     run_distributed(_save_two_then_truncate, 2, args=(str(tmp_path), victim), timeout=120)
-    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "iter_0000002"
+    assert _newest(tmp_path / "ckpt") == "iter_0000002"
     results = run_distributed(_resume, 2, args=(str(tmp_path),), timeout=150)
     _check_resumed(results)
     warned = "\n".join(results[0]["warnings"])

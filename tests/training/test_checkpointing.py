@@ -66,7 +66,7 @@ def collect_checkpoint_warnings() -> list[str]:
 def _body(rank: int, world_size: int, root: str) -> dict:
     from rspo_mega.parallel import initialize_model_parallel
     from rspo_mega.training.checkpointing import (
-        CheckpointError, CheckpointManager, load_content_metadata, read_metadata,
+        CheckpointError, CheckpointManager, read_metadata,
         resolve_model_checkpoint, restore_rng_state,
     )
 
@@ -88,14 +88,12 @@ def _body(rank: int, world_size: int, root: str) -> dict:
             for p in model.parameters():
                 p.add_(0.5)
         final = manager.save(step, model.sharded_state_dict(),
-                             extra={"data_position": 10 * step + rank}, config=config,
-                             content_metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+                             extra={"data_position": 10 * step + rank}, config=config)
         if step == 3:
             expected_draws = _draws()  # what the RNG streams give right after the save
     saved_params = _params(model)
     out["dirs"] = sorted(p.name for p in save_dir.iterdir())
     out["meta"] = {k: v for k, v in read_metadata(final).items() if k != "files"}
-    out["content"] = load_content_metadata(final)
 
     # Leftover temporary directory: ignored and removed. (Both ranks listed the directory first.)
     torch.distributed.barrier()
@@ -149,7 +147,7 @@ def _body(rank: int, world_size: int, root: str) -> dict:
 def test_checkpoint_manager_two_ranks(tmp_path: Path) -> None:
     r0, r1 = run_distributed(_body, world_size=2, args=(str(tmp_path),), timeout=150)
     for r, res in enumerate((r0, r1)):
-        assert res["dirs"] == ["iter_0000002", "iter_0000003", "latest"], res["dirs"]
+        assert res["dirs"] == ["iter_0000002", "iter_0000003"], res["dirs"]
         assert res["resumable"] == "iter_0000003"
         assert res["tmp_left"] == []
         assert res["differs_before"]
@@ -165,11 +163,9 @@ def test_checkpoint_manager_two_ranks(tmp_path: Path) -> None:
         assert res["init_from_corrupt"][1].startswith("error: checkpoint.init_from=")
         assert ".distcp" in res["init_from_corrupt"][1]
         assert "no valid checkpoint" in res["init_from_none_left"]
-        assert res["content"] == {"distrib_optim_sharding_type": "fully_reshardable"}
     meta = r0["meta"]
     assert meta["step"] == 3 and meta["world_size"] == 2
     assert meta["layout"]["tp"] == 2 and meta["config"]["model"]["hidden_size"] == 32
-    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "iter_0000003"
     joined = "\n".join(r0["warnings"])
     assert "iter_0000003" in joined and "bytes" in joined
     assert "iter_0000002" in joined and ".metadata" in joined

@@ -21,7 +21,7 @@ from tests.fixtures.hf_llada import PREFIX, TinyLLaDA, write_hf_llada
 GEOMETRY = dict(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, mlp_hidden_size=160,
                 max_sequence_length=128)
 RUN = [
-    "train_steps=2", "global_batch_size=8", "micro_batch_size=4", "rollout.group_size=2",
+    "train_steps=2", "global_batch_size=8", "rollout.group_size=2",
     "rollout.gen_length=32", "rollout.block_length=32", "rollout.steps=8",
     "rollout.stop_on_eos_block=false", "likelihood.mc_samples=1", "likelihood.micro_batch_size=8",
     "data.num_train_examples=64", "data.num_test_examples=4", "optimizer.lr=1e-3",

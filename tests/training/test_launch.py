@@ -152,8 +152,8 @@ def test_sigterm_during_a_save_then_resume(tmp_path):
     assert proc.returncode == 143, log[-3000:]  # the Slurm script requeues on 143
     step = int(name.split("_")[1])
     assert f"SIGTERM arrived during the save of step {step}" in log, log[-3000:]
-    latest = (tmp_path / "ckpt" / "latest").read_text().strip()
-    assert latest == name and validate_checkpoint(tmp_path / "ckpt" / latest) is None
+    newest = max(p.name for p in (tmp_path / "ckpt").glob("iter_*") if ".tmp-" not in p.name)
+    assert newest == name and validate_checkpoint(tmp_path / "ckpt" / newest) is None
     assert '"preempted": 1.0' in log
     proc = _train(tmp_path, f"train_steps={step + 1}")  # one step after the resume
     log = _wait(proc)

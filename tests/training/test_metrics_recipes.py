@@ -98,12 +98,15 @@ def test_sbatch_directives() -> None:
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
-def test_recipe_valid_for_every_layout(recipe: Path, tmp_path: Path) -> None:
-    hf = tmp_path / "config.json"
-    hf.write_text(json.dumps(LLADA_8B))
+def test_recipe_valid_for_every_layout(recipe: Path) -> None:
     expected_dp = {1: 4, 2: 4, 8: 8}
     for nodes, overrides in _layouts().items():
-        cfg = load_config(recipe, overrides + [f"model.hf_config={hf}"])
+        cfg = load_config(recipe, overrides)  # the geometry: model.hf_config=shipped:llada_8b
+        m = cfg.model
+        assert (m.hidden_size, m.num_attention_heads, m.num_layers, m.vocab_size, m.mask_token_id,
+                m.eos_token_id, m.max_position_embeddings) == tuple(LLADA_8B[k] for k in (
+                    "d_model", "n_heads", "n_layers", "vocab_size", "mask_token_id",
+                    "eos_token_id", "max_sequence_length"))
         layout = validate_config(cfg, world_size=8 * nodes)
         assert layout.dp == expected_dp[nodes]
         assert cfg.model.fp8.enabled and cfg.model.transformer_impl == "transformer_engine"

@@ -17,8 +17,8 @@ from tests.distributed import run_distributed
 TINY = [
     "model.num_layers=4", "model.hidden_size=64", "model.ffn_hidden_size=128",
     "model.num_attention_heads=4", "model.num_query_groups=2",
-    "train_steps=1", "global_batch_size=8", "micro_batch_size=2",
-    "rollout.group_size=2", "rollout.gen_length=32", "rollout.block_length=16", "rollout.steps=8",
+    "train_steps=1", "global_batch_size=8", "rollout.group_size=2", "rollout.gen_length=32",
+    "rollout.block_length=16", "rollout.steps=8",
     "rollout.temperature=1.0", "rollout.stop_on_eos_block=false",
     "likelihood.mc_samples=1", "likelihood.micro_batch_size=4",
     "data.num_train_examples=64", "data.num_test_examples=0", "optimizer.lr=1e-3",

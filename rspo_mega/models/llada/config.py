@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from rspo_mega.config.schema import ModelConfig, ParallelConfig
-from rspo_mega.models.llada.hf_config import resolve_model_config
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -31,7 +30,6 @@ def params_dtype(cfg: ModelConfig) -> torch.dtype:
 
 def padded_vocab_size(cfg: ModelConfig, tp: int) -> int:
     """Smallest multiple of ``make_vocab_size_divisible_by * tp`` that holds ``cfg.vocab_size``."""
-    cfg = resolve_model_config(cfg)
     if cfg.vocab_size < 1 or tp < 1 or cfg.make_vocab_size_divisible_by < 1:
         raise ValueError(
             f"bad vocab padding inputs: vocab_size={cfg.vocab_size}, tp={tp}, "
@@ -84,7 +82,6 @@ def transformer_config(
     enabled with TE on a GPU; on CPU every fusion is off and weights are initialised on the CPU.
     ``overrides`` are passed to ``TransformerConfig`` last (e.g. ``perform_initialization=False``).
     """
-    cfg = resolve_model_config(cfg)
     tp, pp, vpp, sequence_parallel = _layout(parallel)
     dtype = params_dtype(cfg)
     on_gpu = torch.cuda.is_available()

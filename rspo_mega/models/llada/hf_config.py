@@ -142,12 +142,6 @@ def model_config_from_hf(path: str | os.PathLike, base: Optional[ModelConfig] = 
     return model_config_from_hf_dict(read_hf_config(path), _config_path(path), base)
 
 
-def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
-    """``cfg`` with its geometry and token ids read from ``cfg.hf_config`` when that is set
-    (dtype, implementation, FP8 and vocab divisor are kept from ``cfg``)."""
-    return model_config_from_hf(cfg.hf_config, base=cfg) if cfg.hf_config else cfg
-
-
 def hf_config_dict(cfg: ModelConfig, torch_dtype: str = "bfloat16",
                    template: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """An HF LLaDA ``config.json`` dict for ``cfg`` (real LLaDA keys).

@@ -22,7 +22,6 @@ from torch import Tensor
 
 from rspo_mega.config.schema import ModelConfig
 from rspo_mega.models.llada.config import padded_vocab_size, transformer_config
-from rspo_mega.models.llada.hf_config import resolve_model_config
 from rspo_mega.models.llada.kv_cache import CacheView
 from rspo_mega.models.llada.logits import true_vocab_columns, vocab_parallel_log_probs
 from rspo_mega.models.llada.spec import llada_layer_spec, resolve_transformer_impl
@@ -42,10 +41,9 @@ def build_llada_model(
 
     ``pre_process``/``post_process`` default to first/last pipeline stage (of ``vp_stage`` with
     virtual stages). bf16 models come wrapped in ``Float16Module`` (fp32 logits out).
-    ``init_weights=False`` skips random initialisation (the weights will be loaded). With
-    ``cfg.hf_config`` set, the geometry comes from that config.json.
+    ``init_weights=False`` skips random initialisation (the weights will be loaded). ``cfg``
+    is read as it is (``load_config`` resolved ``model.hf_config`` into it).
     """
-    cfg = resolve_model_config(cfg)
     if not ps.model_parallel_is_initialized():
         raise RuntimeError("build_llada_model: initialise megatron parallel state first")
     virtual = ps.get_virtual_pipeline_model_parallel_world_size() is not None

@@ -25,6 +25,7 @@ import torch
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from rspo_mega.config.schema import TransformerImpl, choices
 from rspo_mega.models.llada.attention import (
     BidirectionalSelfAttention,
     SDPACoreAttention,
@@ -33,7 +34,7 @@ from rspo_mega.models.llada.attention import (
 
 log = logging.getLogger(__name__)
 
-IMPLS = ("local", "transformer_engine")
+IMPLS = tuple(i for i in choices(TransformerImpl) if i != "auto")  # what "auto" resolves to
 
 
 def te_available() -> bool:
@@ -54,8 +55,9 @@ def te_available() -> bool:
 
 def resolve_transformer_impl(requested: str) -> str:
     """``auto`` -> ``transformer_engine`` with TE and CUDA, else ``local``; forced values are checked."""
-    if requested not in ("auto",) + IMPLS:
-        raise ValueError(f"transformer_impl={requested!r}: expected auto, local or transformer_engine")
+    if requested not in choices(TransformerImpl):
+        raise ValueError(f"model.transformer_impl={requested!r}: expected one of "
+                         f"{choices(TransformerImpl)}")
     if requested == "auto":
         impl = "transformer_engine" if te_available() else "local"
         log.info("LLaDA layer spec: %s (transformer_impl=auto)", impl)
