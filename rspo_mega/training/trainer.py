@@ -48,14 +48,13 @@ from rspo_mega.training.checkpointing import (
 )
 from rspo_mega.training.guards import check_finite, grad_tensors
 from rspo_mega.training.init_weights import prepare_init
-from rspo_mega.training.metrics import MetricsLogger, Timers, memory_stats
+from rspo_mega.training.metrics import MetricsLogger, StepPostfix, Timers, memory_stats
 from rspo_mega.training.resume_checks import check_resumable
 from rspo_mega.training.run_data import RunData, prepare_run_data
 from rspo_mega.training.signals import PreemptionHandler
 
 log = logging.getLogger(__name__)
 
-POSTFIX = {"loss": ".4f", "reward": ".3f"}  # progress-bar metrics of a step (those it has)
 
 
 class Trainer:
@@ -361,6 +360,7 @@ class Trainer:
                 self.metrics.log(self.step, summary)
         bar = self.metrics.progress(cfg.train_steps, initial=self.step,
                                     enabled=cfg.logging.progress_bar, desc=cfg.algorithm.name)
+        postfix = StepPostfix("rl" if self.is_rl else "sft")
         with PreemptionHandler() as preemption:
             while self.step < cfg.train_steps:
                 metrics = self.train_step()
@@ -369,7 +369,7 @@ class Trainer:
                 if self.step % cfg.logging.log_interval == 0 or self.step == cfg.train_steps:
                     self.metrics.log(self.step, metrics)
                 bar.update(1)
-                bar.set_postfix({k: f"{metrics[k]:{f}}" for k, f in POSTFIX.items() if k in metrics})
+                bar.set_postfix(postfix(metrics))
                 if self._stopped(preemption, saved=self._save_on_interval(preemption)):
                     bar.close()
                     return {"preempted": 1.0, "step": float(self.step)}
