@@ -6,7 +6,7 @@
   records (the parameter list of every DDP bucket, the ``OptimizerConfig`` repr, the scheduler)
   are hidden; ``logging.level=DEBUG`` shows them and the held warnings;
 * :func:`run_entry_point` prints a :class:`~rspo_mega.errors.UserError` as one line
-  ``<prog>: <kind> error: <message>`` on one rank (global rank 0, or the only process) and
+  ``<prog>: <kind> error: <message>`` on one rank (global rank 0 when it has the error too) and
   returns exit code 2; ``--debug`` adds the traceback on every rank. Other exceptions propagate.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import traceback
 import warnings
 from typing import Callable
@@ -22,6 +23,7 @@ from typing import Callable
 from rspo_mega.errors import UserError
 
 USER_ERROR_EXIT_CODE = 2
+PEER_GRACE_S = 5.0  # a rank other than 0 waits this long before reporting (see report_user_error)
 LIBRARY_LOGGERS = ("megatron",)  # their INFO records are hidden unless logging.level=DEBUG
 LOG_FORMAT = "%(asctime)s %(name)s: %(message)s"
 _LIBRARY_DIRS = (f"{os.sep}megatron{os.sep}",)
@@ -92,26 +94,32 @@ def _tear_down_process_group() -> None:
 
 
 def report_user_error(prog: str, exc: UserError, debug: bool = False) -> int:
-    """Print ``exc`` as one line (on the reporting rank; the traceback with ``debug``, on every
-    rank) and return the exit code of a user error."""
-    line = f"{prog}: {exc.kind} error: {exc.message()}"
+    """Print ``exc`` as one line and return the exit code of a user error (``debug``: with the
+    traceback, on every rank).
+
+    Rank 0 prints at once. Another rank waits :data:`PEER_GRACE_S` first: when rank 0 hit the
+    same error it has printed it and exited, and the launcher (torchrun) ends this process
+    meanwhile; a rank still alive after the wait had an error of its own and prints it, naming
+    its rank."""
     if debug:
         traceback.print_exception(exc, file=sys.stderr)
-    if reporting_rank():
-        print(line, file=sys.stderr, flush=True)
-    else:
-        log.debug("%s", line)
+    line = f"{prog}: {exc.kind} error: {exc.message()}"
+    if not reporting_rank():
+        time.sleep(PEER_GRACE_S)
+        line = f"{prog}: {exc.kind} error (rank {os.environ['RANK']}): {exc.message()}"
+    print(line, file=sys.stderr, flush=True)
     return USER_ERROR_EXIT_CODE
 
 
 def run_entry_point(prog: str, body: Callable[[], int], debug: bool = False) -> int:
-    """``body()``'s exit code, or 2 after printing a :class:`UserError` it raised (the process
-    groups it set up are destroyed first)."""
+    """``body()``'s exit code, or 2 after printing a :class:`UserError` it raised (then the
+    process groups it set up are destroyed)."""
     try:
         return body()
     except UserError as exc:
+        code = report_user_error(prog, exc, debug)
         _tear_down_process_group()
-        return report_user_error(prog, exc, debug)
+        return code
 
 
 def add_debug_flag(parser) -> None:

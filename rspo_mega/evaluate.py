@@ -32,7 +32,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="also write each test completion and its reward to this JSONL file")
     add_debug_flag(parser)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may follow the overrides
     return run_entry_point("rspo-eval", lambda: evaluate(args), debug=args.debug)
 
 

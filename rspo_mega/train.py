@@ -46,7 +46,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="launch even where the memory plan says a rank does not fit")
     add_debug_flag(parser)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # options may follow the overrides
 
 
 def plan_check(cfg: TrainConfig, layout: Layout, rank: int) -> bool:

@@ -189,7 +189,7 @@ class LoggingConfig:
     log_interval: int = 1  # steps
     tensorboard: bool = True
     progress_bar: bool = True
-    level: str = "INFO"
+    level: str = "INFO"  # console log level; DEBUG adds megatron-core's INFO records and warnings
 
 
 @dataclass
