@@ -23,7 +23,7 @@ from typing import Callable
 from rspo_mega.errors import UserError
 
 USER_ERROR_EXIT_CODE = 2
-PEER_GRACE_S = 5.0  # a rank other than 0 waits this long before reporting (see report_user_error)
+PEER_GRACE_S = 30.0  # a rank other than 0 waits this long before reporting (see report_user_error)
 LIBRARY_LOGGERS = ("megatron",)  # their INFO records are hidden unless logging.level=DEBUG
 LOG_FORMAT = "%(asctime)s %(name)s: %(message)s"
 _LIBRARY_DIRS = (f"{os.sep}megatron{os.sep}",)

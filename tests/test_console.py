@@ -150,3 +150,20 @@ def test_the_progress_bar_shows_the_run_kinds_own_metrics(kind, metrics, expecte
     assert postfix(metrics) == expected
     assert postfix({**metrics, "eval/accuracy": 0.3125}) == {**expected, "held-out": "31.2%"}
     assert postfix(metrics) == {**expected, "held-out": "31.2%"}  # until the next evaluation
+
+
+def test_a_rank_still_alive_after_the_grace_reports_its_own_error(monkeypatch, capsys):
+    from rspo_mega.errors import DataFileNotFoundError
+
+    error = DataFileNotFoundError("dataset file not found: /node-local/train.jsonl")
+    monkeypatch.setattr(console, "PEER_GRACE_S", 0.0)
+    monkeypatch.setenv("RANK", "3")
+    assert console.report_user_error("rspo-train", error) == 2
+    assert capsys.readouterr().err == \
+        "rspo-train: data file error (rank 3): dataset file not found: /node-local/train.jsonl\n"
+    monkeypatch.setenv("RANK", "0")
+    assert console.run_entry_point("rspo-eval", lambda: (_ for _ in ()).throw(error)) == 2
+    assert capsys.readouterr().err == \
+        "rspo-eval: data file error: dataset file not found: /node-local/train.jsonl\n"
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        console.run_entry_point("rspo-eval", lambda: 1 // 0)
