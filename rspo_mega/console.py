@@ -25,6 +25,7 @@ from rspo_mega.errors import UserError
 USER_ERROR_EXIT_CODE = 2
 PEER_GRACE_S = 30.0  # a rank other than 0 waits this long before reporting (see report_user_error)
 LIBRARY_LOGGERS = ("megatron",)  # their INFO records are hidden unless logging.level=DEBUG
+PLOTTING_LOGGERS = ("matplotlib", "PIL")  # from WARNING up at any level (font-search chatter)
 LOG_FORMAT = "%(asctime)s %(name)s: %(message)s"
 _LIBRARY_DIRS = (f"{os.sep}megatron{os.sep}",)
 _NOISE = ("not installed", "deprecated")  # library warnings no run config can act on
@@ -63,13 +64,16 @@ def hide_library_warnings() -> None:
 
 def setup_logging(level: str = "INFO") -> None:
     """Log ``level`` and above to stderr; megatron-core's records from WARNING up unless
-    ``level`` is DEBUG. Replays the held library warnings at DEBUG."""
+    ``level`` is DEBUG, matplotlib's and PIL's from WARNING up. Replays the held library
+    warnings at DEBUG."""
     global _configured
     numeric = logging.getLevelName(level.upper())
     logging.basicConfig(level=numeric, format=LOG_FORMAT)
     library_level = numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING)
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(library_level)
+    for name in PLOTTING_LOGGERS:
+        logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
     _configured = True
     for text in _held:
         log.debug("%s", text)
