@@ -21,39 +21,45 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from rspo_mega.config import ConfigError, load_config, validate_config
+from rspo_mega.console import add_debug_flag, hide_library_warnings, run_entry_point, setup_logging
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from rspo_mega.train import TINY_DEFAULT
-
+    hide_library_warnings()  # before megatron-core is first imported (the config imports it)
     parser = argparse.ArgumentParser(prog="rspo-eval", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML run config (default: tiny default)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature")
     parser.add_argument("--samples", default=None, metavar="PATH",
                         help="also write each test completion and its reward to this JSONL file")
+    add_debug_flag(parser)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config or TINY_DEFAULT, args.overrides)
-        validate_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-        if not (cfg.checkpoint.save_dir or cfg.checkpoint.init_from):
-            raise ConfigError("rspo-eval needs checkpoint.save_dir or checkpoint.init_from")
-        if args.temperature < 0:
-            raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
-        if args.samples and not Path(args.samples).resolve().parent.is_dir():
-            raise ConfigError(f"--samples {args.samples}: directory "
-                              f"{Path(args.samples).resolve().parent} does not exist")
-    except ConfigError as exc:
-        print(f"rspo-eval: config error: {exc}", file=sys.stderr)
-        return 2
+    args = parser.parse_intermixed_args(argv)  # options may follow the overrides
+    return run_entry_point("rspo-eval", lambda: evaluate(args), debug=args.debug)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Check the config, load the model, evaluate and print the result; the exit code."""
+    from rspo_mega.config import ConfigError, load_config, validate_config
+    from rspo_mega.train import TINY_DEFAULT
+
+    cfg = load_config(args.config or TINY_DEFAULT, args.overrides)
+    validate_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    if not (cfg.checkpoint.save_dir or cfg.checkpoint.init_from):
+        raise ConfigError("rspo-eval needs checkpoint.save_dir or checkpoint.init_from")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.samples and not Path(args.samples).resolve().parent.is_dir():
+        raise ConfigError(f"--samples {args.samples}: directory "
+                          f"{Path(args.samples).resolve().parent} does not exist")
+    setup_logging(cfg.logging.level)
     from rspo_mega.parallel import destroy_parallel
+    from rspo_mega.training.checkpointing import CheckpointError
     from rspo_mega.training.evaluator import build_evaluator
 
     evaluator, step = build_evaluator(cfg)
     if step is None:
-        print(f"rspo-eval: no valid checkpoint in {cfg.checkpoint.save_dir}", file=sys.stderr)
-        return 2
+        raise CheckpointError(f"checkpoint.save_dir={cfg.checkpoint.save_dir}: no valid "
+                              "checkpoint in it")
     samples: Optional[list] = [] if args.samples else None
     result = evaluator.evaluate(temperature=args.temperature, samples=samples)
     if int(os.environ.get("RANK", "0")) == 0:

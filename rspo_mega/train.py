@@ -7,7 +7,11 @@ generated 4x4 Sudoku, RSPO from ``checkpoint.init_from``); a ``--config`` file o
 of :mod:`rspo_mega.config.schema`. The config is loaded and validated against the launched world
 size *before* any process group or model exists, and the run's memory plan is checked against
 the hardware it was launched on (:mod:`rspo_mega.plan.launch`; ``--no-plan-check`` skips it); the
-resolved config is printed and saved in the run's output directory.
+resolved config is saved in the run's output directory (``--dry-run`` prints it).
+
+A config, data-file, checkpoint or HF-directory error prints one line ``rspo-train: <kind> error:
+...`` on rank 0 and exits with code 2 (``--debug`` adds the traceback); the console at the
+default ``logging.level`` hides megatron-core's INFO records and warnings (:mod:`rspo_mega.console`).
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-from rspo_mega.config import (
-    ConfigError, Layout, TrainConfig, dump_config, load_config, save_config, validate_config,
-)
+from rspo_mega.console import add_debug_flag, hide_library_warnings, run_entry_point, setup_logging
+
+if TYPE_CHECKING:
+    from rspo_mega.config import Layout, TrainConfig
 
 log = logging.getLogger("rspo_mega")
 
@@ -39,12 +44,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-plan-check", action="store_true",
                         help="launch even where the memory plan says a rank does not fit")
+    add_debug_flag(parser)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # options may follow the overrides
 
 
 def plan_check(cfg: TrainConfig, layout: Layout, rank: int) -> bool:
     """Whether every rank's memory plan fits the hardware of this launch (rank 0 says why not)."""
+    from rspo_mega.config import ConfigError
     from rspo_mega.plan import check_before_launch
 
     try:
@@ -57,22 +64,23 @@ def plan_check(cfg: TrainConfig, layout: Layout, rank: int) -> bool:
     return reason is None
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config or TINY_DEFAULT, args.overrides)
-        layout = validate_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    except ConfigError as exc:
-        print(f"rspo-train: config error: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=cfg.logging.level, format="%(asctime)s %(name)s: %(message)s")
+def run(args: argparse.Namespace) -> int:
+    """Load and check the config, train, export and summarise; the process's exit code."""
+    from rspo_mega.config import dump_config, load_config, save_config, validate_config
+
+    cfg = load_config(args.config or TINY_DEFAULT, args.overrides)
+    layout = validate_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    setup_logging(cfg.logging.level)
     rank = int(os.environ.get("RANK", "0"))
     if not (args.dry_run or args.no_plan_check) and not plan_check(cfg, layout, rank):
         return 2
     if rank == 0:
-        print(dump_config(cfg), flush=True)
-        save_config(cfg, cfg.logging.output_dir)
-        log.info("layout: %s", layout)
+        path = save_config(cfg, cfg.logging.output_dir)
+        if args.dry_run:
+            print(dump_config(cfg), flush=True)
+        else:
+            log.debug("resolved config:\n%s", dump_config(cfg))
+            log.info("config %s, layout %s", path, layout)
     if args.dry_run:
         return 0
     from rspo_mega.training.report import finish_run
@@ -89,6 +97,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     destroy_parallel()
     # A preempted run saved a checkpoint; 143 tells the Slurm script to requeue it.
     return PREEMPTION_EXIT_CODE if summary.get("preempted") else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    hide_library_warnings()  # before megatron-core is first imported (the config imports it)
+    args = parse_args(argv)
+    return run_entry_point("rspo-train", lambda: run(args), debug=args.debug)
 
 
 if __name__ == "__main__":  # a spawn-context child re-imports __main__: main() must not run there

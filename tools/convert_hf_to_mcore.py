@@ -11,8 +11,9 @@ at the given --tp, whose vocab padding it carries). Pickle checkpoints (.bin) ar
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+
+from rspo_mega.console import hide_library_warnings, setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -30,7 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    hide_library_warnings()  # before megatron-core is first imported
+    setup_logging("INFO")
     from rspo_mega.models.llada.convert import convert_hf_to_mcore
 
     cfg = convert_hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,

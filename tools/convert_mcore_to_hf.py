@@ -13,8 +13,9 @@ or given with --prefix.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
+
+from rspo_mega.console import hide_library_warnings, setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    hide_library_warnings()  # before megatron-core is first imported
+    setup_logging("INFO")
     from rspo_mega.models.llada.convert import convert_mcore_to_hf
 
     cfg = convert_mcore_to_hf(args.ckpt, args.out, hf_config=args.hf_config, template=args.template,

@@ -15,14 +15,17 @@ global, so a checkpoint can be resumed with a different dp_size.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rspo_mega.data.example import Example, check_unique_uids
+from rspo_mega.errors import DataFileError, DataFileNotFoundError
 
 __all__ = [
     "DataFieldError",
@@ -41,7 +44,7 @@ SUPPORTED_SUFFIXES: dict[str, str] = {
 }
 
 
-class DataFieldError(ValueError):
+class DataFieldError(DataFileError):
     """A record file lacks a required field, or holds an empty value in it."""
 
 
@@ -61,22 +64,22 @@ def read_records(
         cache_dir: `datasets` Arrow cache directory (None: the library default).
 
     CSV cells of `fields` are read as strings (so "0140..." Sudoku grids keep their leading
-    zeros); tasks convert types. Raises FileNotFoundError / ValueError / DataFieldError naming
-    the file and the field.
+    zeros); tasks convert types. Raises :class:`DataFileError` (a ``ValueError``; a
+    ``FileNotFoundError`` for a missing file) naming the file and the line, row or field.
     """
     import datasets  # deferred: importing `datasets` costs ~1 s
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"dataset file not found: {path}")
+        raise DataFileNotFoundError(f"dataset file not found: {path}")
     builder = SUPPORTED_SUFFIXES.get(path.suffix.lower())
     if builder is None:
-        raise ValueError(
+        raise DataFileError(
             f"unsupported dataset file type {path.suffix!r} for {path}; "
             f"expected one of {sorted(SUPPORTED_SUFFIXES)}"
         )
     if path.stat().st_size == 0:
-        raise ValueError(f"dataset file {path} is empty")
+        raise DataFileError(f"dataset file {path} is empty")
 
     kwargs: dict[str, Any] = {}
     if builder == "csv":
@@ -86,14 +89,17 @@ def read_records(
             raise ValueError(f"json_field={json_field!r} given for non-JSON file {path}")
         kwargs["field"] = json_field
     try:
-        table = datasets.load_dataset(
-            builder, data_files=str(path), split="train", cache_dir=cache_dir, **kwargs
-        )
+        with _quiet_datasets():
+            table = datasets.load_dataset(
+                builder, data_files=str(path), split="train", cache_dir=cache_dir, **kwargs
+            )
     except Exception as err:  # the library raises many types; keep the file name attached
-        raise ValueError(f"could not read dataset file {path}: {type(err).__name__}: {err}") from err
+        where = _json_syntax_error(path) if builder == "json" else None
+        raise DataFileError(f"dataset file {path}" + (f", {where}" if where else
+                            f": could not read it: {type(err).__name__}: {err}")) from err
 
     if len(table) == 0:
-        raise ValueError(f"dataset file {path} contains no records")
+        raise DataFileError(f"dataset file {path} contains no records")
     for name in fields:
         if name not in table.column_names:
             raise DataFieldError(
@@ -113,6 +119,50 @@ def _check_dp(dp_rank: int, dp_size: int) -> None:
         raise ValueError(f"dp_size must be >= 1, got {dp_size}")
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No progress bar and no log records from `datasets` (a failure is re-raised naming the
+    file, so its own error record would say the same twice)."""
+    from datasets.utils import logging as datasets_logging
+
+    verbosity, bar = datasets_logging.get_verbosity(), datasets_logging.is_progress_bar_enabled()
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL)
+    datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        datasets_logging.set_verbosity(verbosity)
+        if bar:
+            datasets_logging.enable_progress_bar()
+
+
+def _json_syntax_error(path: Path) -> str | None:
+    """Where a JSON Lines or JSON file stops parsing, as ``"line N: <reason> (column C)"``;
+    None when it parses. A file whose first record parses on its own line is read as JSON
+    Lines, any other as one JSON document."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        return f"byte {err.start}: not UTF-8 text"
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    for index, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if index == 0:  # not JSON Lines: one document over several lines
+                break
+            return f"line {number}: {err.msg} (column {err.colno})"
+        if not isinstance(record, dict):
+            return f"line {number}: a JSON {type(record).__name__}, not an object"
+    else:
+        return None
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as err:
+        return f"line {err.lineno}: {err.msg} (column {err.colno})"
+    return None
 
 
 def shard_examples(examples: Sequence[Example], dp_rank: int, dp_size: int) -> list[Example]:

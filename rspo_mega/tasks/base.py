@@ -10,6 +10,7 @@ from typing import Any
 
 from rspo_mega.data.example import Example, check_unique_uids, make_uid
 from rspo_mega.data.loader import DataFieldError, read_records
+from rspo_mega.errors import DataFileError
 
 __all__ = ["Task", "SPLITS"]
 
@@ -91,9 +92,9 @@ class Task(ABC):
 
     def generate(self, split: str, *, seed: int, num_examples: int | None) -> list[Example]:
         """Generate examples without files; tasks that only read files refuse with an error."""
-        raise ValueError(
+        raise DataFileError(
             f"task {self.name!r} has no built-in generator: set a local data file path for "
-            f"split {split!r} (see docs/DATA.md for how to prepare it)"
+            f"split {split!r} (data.{split}_path; see docs/DATA.md for how to prepare it)"
         )
 
     @abstractmethod

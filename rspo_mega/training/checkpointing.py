@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from rspo_mega.errors import UserError
 from rspo_mega.training import save_failures
 from rspo_mega.training.checkpoint_files import (  # noqa: F401 - atomic_write_text is public here
     TMP_MARK as _TMP_MARK, atomic_write_text, fsync_dir, make_save_dirs, save_synced, sha256_file,
@@ -51,12 +52,16 @@ SMALL_FILE_BYTES = 64 * 2**20  # files up to this size (bytes) get a SHA-256 in 
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, incomplete or corrupted."""
 
+    kind = "checkpoint"
 
-class IncompatibleCheckpointError(ValueError):
+
+class IncompatibleCheckpointError(UserError, ValueError):
     """The saved run config differs from the current one in keys that must match."""
+
+    kind = "checkpoint"
 
 
 # ------------------------------------------------------------------------------------------
@@ -453,7 +458,7 @@ def resolve_model_checkpoint(path: str | Path) -> str:
     """
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint.init_from={path}: no such directory")
+        raise CheckpointError(f"checkpoint.init_from={path}: no such directory")
     if (path / "dist").is_dir():
         reason = _broadcast(validate_checkpoint(path) if _rank() == 0 else None)
         if reason is not None:

@@ -18,6 +18,7 @@ import torch
 
 from rspo_mega.config import TrainConfig
 from rspo_mega.config.hf_start import check_model_keys, is_hf_start
+from rspo_mega.errors import HFDirectoryError
 from rspo_mega.models.llada import load_model
 from rspo_mega.models.llada.convert import check_layout, open_hf_checkpoint
 from rspo_mega.models.llada.hf_load import load_hf_weights
@@ -30,8 +31,9 @@ Loader = Callable[[list[torch.nn.Module]], None]  # fills a rank's model chunks 
 
 def prepare_init(cfg: TrainConfig) -> Optional[Loader]:
     """Check ``checkpoint.init_from`` and return the function that loads it into a rank's
-    chunks (None without ``init_from``). Raises the converter's named errors (``KeyError``,
-    ``ValueError``, ``FileNotFoundError``) or a :class:`ConfigError` for a bad source."""
+    chunks (None without ``init_from``). Raises :class:`HFDirectoryError` (the converter's
+    finding: a missing shard, a pickle, a tensor's name or shape) or :class:`CheckpointError`
+    for a bad source, :class:`ConfigError` where the run's model keys disagree with it."""
     source = cfg.checkpoint.init_from
     if not source:
         return None
@@ -43,7 +45,11 @@ def prepare_init(cfg: TrainConfig) -> Optional[Loader]:
                 load_model(chunk, init_dir)
 
         return load_megatron
-    reader, raw, model = open_hf_checkpoint(source, cfg.model)
+    try:
+        reader, raw, model = open_hf_checkpoint(source, cfg.model)
+    except (OSError, ValueError, KeyError) as err:
+        text = err.args[0] if len(err.args) == 1 and isinstance(err.args[0], str) else str(err)
+        raise HFDirectoryError(f"checkpoint.init_from: {text}") from err
     check_model_keys(cfg.model, raw, source)  # every key: this config may not come from a file
     check_layout(model, cfg.parallel.tp, cfg.parallel.pp)
 

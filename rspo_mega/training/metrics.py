@@ -57,6 +57,34 @@ class _NullBar:
         pass
 
 
+# Progress-bar fields of a step, by run kind: label -> (metric, format). RL shows what the
+# rollouts earned (its loss is a centred surrogate near 0), SFT its loss.
+STEP_FIELDS: dict[str, dict[str, tuple[str, str]]] = {
+    "rl": {"reward": ("reward", ".3f"), "solved": ("accuracy", ".0%")},
+    "sft": {"loss": ("loss", ".4f")},
+}
+HELD_OUT_FIELD = ("held-out", "eval/accuracy", ".1%")  # kept from the latest evaluation
+
+
+class StepPostfix:
+    """The progress-bar postfix of each step of a run of ``kind`` (``"rl"`` or ``"sft"``): its
+    :data:`STEP_FIELDS` the step logged and the latest held-out accuracy."""
+
+    def __init__(self, kind: str) -> None:
+        self.fields = STEP_FIELDS[kind]
+        self.held_out: Optional[str] = None
+
+    def __call__(self, metrics: Mapping[str, float]) -> dict[str, str]:
+        out = {label: f"{metrics[key]:{fmt}}" for label, (key, fmt) in self.fields.items()
+               if key in metrics}
+        label, key, fmt = HELD_OUT_FIELD
+        if metrics.get(key) is not None:
+            self.held_out = f"{metrics[key]:{fmt}}"
+        if self.held_out is not None:
+            out[label] = self.held_out
+        return out
+
+
 class MetricsLogger:
     """Rank-0 metrics sink: JSON lines, optional TensorBoard scalars, optional tqdm bar.
 

@@ -128,11 +128,15 @@ def plot_curves(run_dir: str | Path, title: str = "") -> Optional[Path]:
 
 
 def summary_lines(summary: dict[str, float], files: dict[str, Optional[Path]]) -> list[str]:
-    """Before / after / gain of held-out accuracy and the run's files, as printable lines."""
+    """Before / after / gain of held-out accuracy (or where a preempted run stopped) and the
+    run's files, as printable lines."""
     lines = []
     before, after = summary.get("before/eval/accuracy"), summary.get("after/eval/accuracy")
     examples = int(summary.get("after/eval/examples", summary.get("before/eval/examples", 0)))
-    if before is not None and after is not None:
+    if summary.get("preempted"):
+        lines.append(f"preempted at step {int(summary['step'])}: the same command resumes from "
+                     "the checkpoint below")
+    elif before is not None and after is not None:
         lines.append(f"held-out accuracy on {examples} examples: {100 * before:.1f}% -> "
                      f"{100 * after:.1f}% ({100 * (after - before):+.1f} points)")
     elif after is not None:
@@ -142,29 +146,35 @@ def summary_lines(summary: dict[str, float], files: dict[str, Optional[Path]]) -
     return lines
 
 
+def _output_files(cfg: TrainConfig) -> dict[str, Optional[Path]]:
+    """The files every run writes (rank 0), by name."""
+    run_dir = Path(cfg.logging.output_dir)
+    return {"config": run_dir / "config.yaml", "metrics": run_dir / METRICS_FILE,
+            "tensorboard": run_dir / "tensorboard" if cfg.logging.tensorboard else None}
+
+
 def finish_run(trainer: "Trainer", summary: dict[str, float]) -> None:
     """On every rank after ``trainer.run()``: export, plot and print the summary on rank 0.
 
-    A preempted run only prints its JSON (it resumes later). ``summary.json`` in the run
-    directory holds the same JSON as the last printed line.
+    A preempted run (it resumes later) is neither exported nor plotted. ``summary.json`` in the
+    run directory holds the summary; the printed lines name it and every other output.
     """
     import torch.distributed as dist
 
     cfg, rank = trainer.cfg, dist.get_rank()
     run_dir = Path(cfg.logging.output_dir)
-    files: dict[str, Optional[Path]] = {"metrics": run_dir / METRICS_FILE}
+    files = _output_files(cfg)
+    final = trainer.ckpt.find_resumable() if trainer.ckpt is not None else None
+    if rank == 0:
+        files["checkpoint"] = final
     if not summary.get("preempted"):
-        final = trainer.ckpt.find_resumable() if trainer.ckpt is not None else None
         if rank == 0:
-            files["checkpoint"] = final
             if cfg.checkpoint.export_hf and final is not None:
                 files["policy (HF)"] = export_hf(cfg, final, cfg.checkpoint.export_hf)
             files["curves"] = plot_curves(run_dir, f"{cfg.algorithm.name}: {run_dir.name}")
         dist.barrier()
     if rank != 0:
         return
-    text = json.dumps({"final": summary}, indent=1)
-    (run_dir / "summary.json").write_text(text + "\n")
+    (run_dir / "summary.json").write_text(json.dumps({"final": summary}, indent=1) + "\n")
     files["summary"] = run_dir / "summary.json"
     print("\n".join(summary_lines(summary, files)), flush=True)
-    print(text, flush=True)

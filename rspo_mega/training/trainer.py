@@ -33,7 +33,7 @@ from rspo_mega.training.checkpointing import (
 )
 from rspo_mega.training.evaluator import Evaluator
 from rspo_mega.training.init_weights import prepare_init
-from rspo_mega.training.metrics import MetricsLogger, Timers, memory_stats
+from rspo_mega.training.metrics import MetricsLogger, StepPostfix, Timers, memory_stats
 from rspo_mega.training.policy import Policy
 from rspo_mega.training.resume_checks import check_resumable
 from rspo_mega.training.run_data import RunData, prepare_run_data
@@ -43,7 +43,6 @@ from rspo_mega.training.update_loop import UpdateLoop
 
 log = logging.getLogger(__name__)
 
-POSTFIX = {"loss": ".4f", "reward": ".3f"}  # progress-bar metrics of a step (those it has)
 ModelBuilder = Callable[[TrainConfig], list[torch.nn.Module]]  # this rank's model chunks
 
 
@@ -167,6 +166,7 @@ class Trainer:
         summary = self._evaluate_before(resumed=self.resume())
         bar = self.metrics.progress(cfg.train_steps, initial=self.step,
                                     enabled=cfg.logging.progress_bar, desc=cfg.algorithm.name)
+        postfix = StepPostfix("rl" if self.is_rl else "sft")
         with PreemptionHandler() as preemption:
             while self.step < cfg.train_steps:
                 metrics = self.train_step()
@@ -175,7 +175,7 @@ class Trainer:
                 if self.step % cfg.logging.log_interval == 0 or self.step == cfg.train_steps:
                     self.metrics.log(self.step, metrics)
                 bar.update(1)
-                bar.set_postfix({k: f"{metrics[k]:{f}}" for k, f in POSTFIX.items() if k in metrics})
+                bar.set_postfix(postfix(metrics))
                 if self._stopped(preemption, saved=self._save_on_interval(preemption)):
                     bar.close()
                     return {"preempted": 1.0, "step": float(self.step)}

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from rspo_mega.config import ConfigError, load_config, validate_config
+from rspo_mega.errors import HFDirectoryError
 from tests.distributed import run_distributed
 from tests.fixtures.hf_llada import PREFIX, TinyLLaDA, write_hf_llada
 
@@ -249,11 +250,11 @@ def _bad_dirs(hf: str, other: str, root: Path) -> dict[str, tuple[str, list[str]
     raw = json.loads((deeper / "config.json").read_text())
     (deeper / "config.json").write_text(json.dumps({**raw, "n_layers": 3}))
     return {
-        "missing_shard": (str(missing), [], FileNotFoundError,
+        "missing_shard": (str(missing), [], HFDirectoryError,
                           r"model-00002-of-00005\.safetensors \(listed in model\.safetensors"),
-        "misshapen": (misshapen, [], ValueError, r"blocks\.1\.k_proj\.weight has shape \[31, 64\]"),
-        "pickle": (str(pickle), [], ValueError, r"pytorch_model\.bin: refusing a pickle"),
-        "config_vs_tensors": (str(deeper), [], KeyError, r"missing tensor\(s\) \['model\.transformer"
+        "misshapen": (misshapen, [], HFDirectoryError, r"blocks\.1\.k_proj\.weight has shape \[31, 64\]"),
+        "pickle": (str(pickle), [], HFDirectoryError, r"pytorch_model\.bin: refusing a pickle"),
+        "config_vs_tensors": (str(deeper), [], HFDirectoryError, r"missing tensor\(s\) \['model\.transformer"
                                                            r"\.blocks\.2\.attn_norm\.weight'"),
         "tokenizer_vs_config": (hf, [f"data.tokenizer={other}"], ConfigError,
                                 r"model\.(mask|eos)_token_id=\d+ but the tokenizer"),

@@ -154,7 +154,8 @@ def test_sigterm_during_a_save_then_resume(tmp_path):
     assert f"SIGTERM arrived during the save of step {step}" in log, log[-3000:]
     newest = max(p.name for p in (tmp_path / "ckpt").glob("iter_*") if ".tmp-" not in p.name)
     assert newest == name and validate_checkpoint(tmp_path / "ckpt" / newest) is None
-    assert '"preempted": 1.0' in log
+    assert f"preempted at step {step}" in log, log[-3000:]
+    assert json.loads((tmp_path / "summary.json").read_text())["final"]["preempted"] == 1.0
     proc = _train(tmp_path, f"train_steps={step + 1}")  # one step after the resume
     log = _wait(proc)
     assert proc.returncode == 0, log[-3000:]
