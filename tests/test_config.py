@@ -25,7 +25,7 @@ def test_defaults_validate_and_layout():
 
 def test_embedded_default_validates():
     cfg = load_config(TINY_DEFAULT)
-    assert validate_config(cfg, world_size=1).prompts_per_step == 8
+    assert validate_config(cfg, world_size=1).prompts_per_step == 16
     assert cfg.algorithm.name == "rspo"
 
 

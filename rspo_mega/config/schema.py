@@ -247,7 +247,7 @@ class LoggingConfig:
     log_interval: PositiveInt = 1  # steps
     tensorboard: bool = True  # TensorBoard events in output_dir
     progress_bar: bool = True  # a progress bar on the console (rank 0)
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"  # console log level; DEBUG adds megatron-core's INFO records and warnings
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"  # DEBUG adds megatron-core's INFO and warnings
 
 
 @dataclass
