@@ -83,6 +83,7 @@ class RolloutConfig:
     # the block and the suffix) | dual (the block only). Approximate; see docs/OPTIONS.md.
     cache: str = "none"
     cache_check_rate: float = 0.0  # share of cached steps re-run exactly (rollout/cache_* metrics)
+    cache_refresh_interval: int = 0  # a full forward every N steps of a block (0: block start only)
 
 
 @dataclass

@@ -121,12 +121,16 @@ def _check_section(section: object, prefix: str) -> None:
 
 
 def check_rollout_cache(ro: RolloutConfig, par: ParallelConfig) -> None:
-    """``rollout.cache_check_rate`` and the cache's span lengths under sequence parallelism."""
+    """``rollout.cache_check_rate``, ``cache_refresh_interval`` and the cache's span lengths under
+    sequence parallelism."""
     if not 0 <= ro.cache_check_rate <= 1:
         raise ConfigError(f"rollout.cache_check_rate must lie in [0, 1], got {ro.cache_check_rate}")
     if ro.cache_check_rate and ro.cache == "none":
         raise ConfigError("rollout.cache_check_rate > 0 measures the block KV cache: it needs "
                           "rollout.cache=prefix or dual")
+    if ro.cache_refresh_interval < 0 or (ro.cache_refresh_interval and ro.cache == "none"):
+        raise ConfigError(f"rollout.cache_refresh_interval={ro.cache_refresh_interval} must be >= 0 "
+                          "and > 0 only with rollout.cache=prefix or dual")
     if ro.cache != "none" and par.sequence_parallel and ro.block_length % par.tp:
         raise ConfigError(f"rollout.cache={ro.cache} with parallel.sequence_parallel runs spans of "
                           f"rollout.block_length={ro.block_length} tokens, which parallel.tp="

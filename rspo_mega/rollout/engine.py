@@ -77,6 +77,7 @@ def sampler_settings(model_cfg: ModelConfig, rollout_cfg: RolloutConfig, seed: i
         threshold=rollout_cfg.confidence_threshold if rollout_cfg.mode == "threshold" else None,
         cache=rollout_cfg.cache,
         cache_check_rate=rollout_cfg.cache_check_rate,
+        cache_refresh_interval=rollout_cfg.cache_refresh_interval,
     )
 
 
