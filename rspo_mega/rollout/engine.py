@@ -208,7 +208,7 @@ class RolloutEngine:
                                        ("steps", steps), ("cache", cache)) if v is not None}
         settings = replace(self.settings, **overrides)
         if settings.cache == "none":
-            settings = replace(settings, cache_check_rate=0.0)
+            settings = replace(settings, cache_check_rate=0.0, cache_refresh_interval=0)
         for chunk in self.chunks:
             chunk.eval()
         if settings.cache != "none":
