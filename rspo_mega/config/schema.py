@@ -135,6 +135,8 @@ class RolloutConfig:
     # the block and the suffix) | dual (the block only). Approximate; see docs/OPTIONS.md.
     cache: RolloutCache = "none"
     cache_check_rate: Probability = 0.0  # share of cached steps re-run exactly (rollout/cache_*)
+    # A full forward (cache refresh) every N steps of a block; 0: at its first step only.
+    cache_refresh_interval: Annotated[int, Bounds(0)] = 0
 
 
 @dataclass

@@ -98,6 +98,8 @@ def check_rollout(ro: RolloutConfig, par: ParallelConfig, context: int, prompt: 
     if ro.cache_check_rate and ro.cache == "none":
         raise ConfigError("rollout.cache_check_rate > 0 measures the block KV cache: it needs "
                           "rollout.cache=prefix or dual")
+    if ro.cache_refresh_interval and ro.cache == "none":
+        raise ConfigError("rollout.cache_refresh_interval > 0 needs rollout.cache=prefix or dual")
     if ro.cache != "none" and par.sequence_parallel and ro.block_length % par.tp:
         raise ConfigError(f"rollout.cache={ro.cache} with parallel.sequence_parallel runs spans of "
                           f"rollout.block_length={ro.block_length} tokens, which parallel.tp="

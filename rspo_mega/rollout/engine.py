@@ -55,6 +55,7 @@ def sampler_settings(model_cfg: ModelConfig, rollout_cfg: RolloutConfig, seed: i
         threshold=rollout_cfg.confidence_threshold,
         cache=rollout_cfg.cache,
         cache_check_rate=rollout_cfg.cache_check_rate,
+        cache_refresh_interval=rollout_cfg.cache_refresh_interval,
     )
 
 
@@ -184,7 +185,7 @@ class RolloutEngine:
                                        ("steps", steps), ("cache", cache)) if v is not None}
         settings = replace(self.settings, **overrides)
         if settings.cache == "none":
-            settings = replace(settings, cache_check_rate=0.0)
+            settings = replace(settings, cache_check_rate=0.0, cache_refresh_interval=0)
         for chunk in self.chunks:
             chunk.eval()
         if settings.cache != "none":

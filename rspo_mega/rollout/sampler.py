@@ -96,6 +96,8 @@ class SamplerSettings:
     cache: str = "none"
     # Share of cached steps also run exactly, to measure how often the cache changes a commit.
     cache_check_rate: float = 0.0
+    # A full forward (cache refresh) every this many steps of a block; 0: at its first step only.
+    cache_refresh_interval: int = 0
 
     @property
     def num_blocks(self) -> int:
@@ -257,6 +259,7 @@ class _State:
         left = self.block_masked(lo).sum(1)  # [b] masked positions of the block, per row
         schedule = num_transfer_tokens(left, s.steps_per_block).tolist()  # host [b][steps]
         remaining = left.tolist()
+        refresh_every = s.cache_refresh_interval or s.steps_per_block
         for i in range(s.steps_per_block):
             live = [r for r, n in enumerate(remaining) if n > 0]
             if not live:
@@ -265,7 +268,7 @@ class _State:
             step = block * s.steps_per_block + i
             counts = self.step(logits_fn, lo, live, [schedule[r][i] for r in live],
                                [remaining[r] for r in live], [uids[r] for r in live], step,
-                               i == 0, noise_fn)
+                               i % refresh_every == 0, noise_fn)
             self.x = self.sync_fn(self.x)
             if counts is None:  # a stage that does not sample: read the commits off the tokens
                 remaining = self.block_masked(lo).sum(1).tolist()
@@ -281,12 +284,13 @@ class _State:
         return self.x[:, lo:lo + self.s.block_length] == self.s.mask_token_id
 
     def step(self, logits_fn: LogitsFn, lo: int, live: list[int], k: list[int],
-             remaining: list[int], uids: list[int], step: int, first: bool,
+             remaining: list[int], uids: list[int], step: int, refresh: bool,
              noise_fn: Optional[NoiseFn]) -> Optional[list[int]]:
         """One denoising step of the ``live`` rows; their committed counts (host), None if not sampled here.
 
         ``k``: the schedule's commits per live row; ``remaining``: their masked positions left;
-        ``first``: the block's first step (with a cache: the full forward that refreshes it).
+        ``refresh``: with a cache, this step runs the full forward that refreshes it (a block's
+        first step, and every ``cache_refresh_interval``-th one).
         """
         b = self.x.shape[0]
         rows = None if len(live) == b else torch.as_tensor(live, device=self.x.device)
@@ -299,7 +303,7 @@ class _State:
             remaining, device=x.device)[:, None]
         pad = self.key_padding if self.key_padding is None or rows is None else self.key_padding[rows]
         region = self.prompt_region if rows is None else self.prompt_region[rows]
-        cols, cache = self.span(lo, live, first)
+        cols, cache = self.span(lo, live, refresh)
         logits = _model_logits(logits_fn, x, pad, region, lo + offsets, self.s, cols, cache)
         exact = None
         if self.check_due(cache):
@@ -319,17 +323,17 @@ class _State:
             self.x[rows] = x
         return counts
 
-    def span(self, lo: int, live: list[int], first: bool) -> tuple[slice, Optional[CacheStep]]:
+    def span(self, lo: int, live: list[int], refresh: bool) -> tuple[slice, Optional[CacheStep]]:
         """Columns the step runs and its cache step (None without a cache).
 
-        A block's first step runs everything and refreshes the cache; later ones run the block
+        A refresh step runs everything and rewrites the cache; the others run the block
         and the suffix (``prefix``) or the block only (``dual``). With guidance the
         unconditional copy of row ``r`` has cache row ``b + r``.
         """
         s, seq = self.s, self.x.shape[1]
         if s.cache == "none":
             return slice(0, seq), None
-        start, end = (0, seq) if first else (lo, seq if s.cache == "prefix" else lo + s.block_length)
+        start, end = (0, seq) if refresh else (lo, seq if s.cache == "prefix" else lo + s.block_length)
         rows = live + [self.x.shape[0] + r for r in live] if s.cfg_scale > 0 else live
         return slice(start, end), CacheStep(rows, start)
 

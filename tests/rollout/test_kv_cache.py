@@ -163,6 +163,25 @@ def test_the_check_counts_no_mismatch_where_the_cache_is_exact(cache):
     assert cached.cache_check.mismatched == 0 and cached.cache_check.confidence_diff < 1e-12
 
 
+@pytest.mark.parametrize("interval, pattern", [(0, [0, 1, 1, 1]), (2, [0, 1, 0, 1]), (1, [0] * 4)])
+def test_the_cache_is_refreshed_every_interval_steps(interval, pattern):
+    """Per block of 4 steps: the full forwards (refreshes, from column 0) and the cached spans."""
+    from rspo_mega.rollout.engine import sampler_settings
+    from rspo_mega.rollout.sampler import generate
+
+    starts: list[int] = []
+
+    def recording(x, pad, positions, cache):
+        starts.append(cache.lo)
+        return _positionwise(x, pad, positions, cache)
+
+    rcfg = RolloutConfig(gen_length=8, block_length=4, steps=8, stop_on_eos_block=False,
+                         cache="dual", cache_refresh_interval=interval)
+    generate(recording, [[1, 2, 3]], [5], sampler_settings(ModelConfig(**MODEL), rcfg, 3))
+    assert [lo > 0 for lo in starts] == [bool(p) for p in pattern * 2]
+    assert set(starts) == ({0, 3, 7} if interval != 1 else {0})  # dual spans start at the block
+
+
 def test_the_check_counts():
     from rspo_mega.rollout.sampler import CacheCheck
 
@@ -179,6 +198,9 @@ def test_the_check_counts():
     (["rollout.cache_check_rate=0.5"], "needs rollout.cache=prefix or dual"),
     (["rollout.cache=dual", "rollout.cache_check_rate=2.0"],
      "'rollout.cache_check_rate' must be in [0, 1], got 2.0"),
+    (["rollout.cache_refresh_interval=2"], "rollout.cache_refresh_interval > 0 needs rollout.cache"),
+    (["rollout.cache=dual", "rollout.cache_refresh_interval=-1"],
+     "'rollout.cache_refresh_interval' must be"),
 ])
 def test_bad_cache_settings_are_named(override, message):
     from rspo_mega.config import ConfigError, load_config, validate_config

@@ -218,7 +218,8 @@ def _cached_step(rank: int, world: int, out: str) -> tuple[dict, list[str]]:
 
     cfg = load_config(None, TINY + [f"logging.output_dir={out}",
                                     "data.num_test_examples=4", "rollout.cache=dual",
-                                    "rollout.cache_check_rate=1.0"])
+                                    "rollout.cache_check_rate=1.0",
+                                    "rollout.cache_refresh_interval=2"])
     trainer = Trainer(cfg, validate_config(cfg, world_size=world))
     trainer.start_rl()
     metrics = trainer.train_step()
