@@ -82,6 +82,8 @@ class PolicyLoss(abc.ABC):
     # Ratio losses compare with the rollout policy's log-probs on the *same* masks (``old_logp``
     # from the first inner update), so they cannot draw fresh masks per inner update.
     needs_old_policy: ClassVar[bool] = False
+    # Trajectory losses score sampled rollout steps: the rollout must keep its trajectory record.
+    needs_trajectory: ClassVar[bool] = False
 
     def __init__(self, algorithm: AlgorithmConfig, likelihood: LikelihoodConfig,
                  group: ProcessGroup = None):

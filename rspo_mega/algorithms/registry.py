@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from rspo_mega.algorithms.agrpo import AGRPOLoss
 from rspo_mega.algorithms.base import PolicyLoss
 from rspo_mega.algorithms.diffu_grpo import DiffuGRPOLoss
 from rspo_mega.algorithms.espo import ESPOLoss
@@ -12,7 +13,8 @@ from rspo_mega.algorithms.sft import SFTLoss
 from rspo_mega.config.schema import AlgorithmConfig, LikelihoodConfig
 from rspo_mega.parallel.reductions import ProcessGroup
 
-LOSSES = {"rspo": RSPOLoss, "espo": ESPOLoss, "diffu_grpo": DiffuGRPOLoss, "sft": SFTLoss}
+LOSSES = {"rspo": RSPOLoss, "espo": ESPOLoss, "diffu_grpo": DiffuGRPOLoss, "agrpo": AGRPOLoss,
+          "sft": SFTLoss}
 
 
 def build_loss(algorithm: AlgorithmConfig, likelihood: LikelihoodConfig, *,

@@ -89,9 +89,12 @@ class RolloutConfig:
 class LikelihoodConfig:
     """Monte-Carlo ELBO estimation."""
 
-    # bernoulli | stratified | coupled | one_step; an SFT run takes an unbiased one (not one_step)
+    # bernoulli | stratified | coupled | one_step; an SFT run takes an unbiased one (not one_step);
+    # trajectory: sampled denoising steps of the rollout (AGRPO), not an ELBO
     mask_scheme: str = "coupled"
-    mc_samples: int = 2  # K per completion (coupled: K pairs)
+    mc_samples: int = 2  # K per completion (coupled: K pairs; trajectory: K sampled steps)
+    step_sampling: str = "entropy"  # trajectory: uniform | entropy (importance-weighted) steps
+    stratified_steps: bool = True  # trajectory: the K step draws of a completion stratified
     mask_sharing: str = "completion"  # completion (own masks) | group (the G of a prompt share them)
     fresh_masks_per_update: bool = False  # inner updates > 1 draw new masks (RSPO; ref re-scored)
     count_positions: str = "generated"  # generated (whole span) | until_eos
@@ -110,14 +113,14 @@ class LikelihoodConfig:
 class AlgorithmConfig:
     """Loss and advantages."""
 
-    name: str = "rspo"  # rspo | espo | diffu_grpo | sft
+    name: str = "rspo"  # rspo | espo | diffu_grpo | agrpo | sft
     lambda_: float = 0.01  # RSPO target scale
     centering: str = "batch"  # batch | group | microbatch | none
     advantage: str = "standardized"  # mean | leave_one_out | standardized
     advantage_eps: float = 1e-4
     inner_updates: int = 1  # mu: optimizer steps per rollout batch
-    clip_eps: float = 0.2  # ESPO / diffu-GRPO ratio clip
-    kl_beta: float = 0.0  # ESPO k2 / diffu-GRPO k3 coefficient
+    clip_eps: float = 0.2  # ESPO / diffu-GRPO / AGRPO ratio clip
+    kl_beta: float = 0.0  # ESPO k2 / diffu-GRPO and AGRPO k3 coefficient
     # RSPO: bound |A - lambda * dhat| per completion (advantage units); for lambda > 0 a Huber loss
     # on the regression residual with delta = push_clip / lambda. None = the plain squared loss.
     push_clip: Optional[float] = None

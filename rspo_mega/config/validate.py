@@ -32,10 +32,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "rollout.remasking": ("low_confidence", "random"),
     "rollout.mode": ("exact", "threshold"),
     "rollout.cache": CACHE_MODES,
-    "likelihood.mask_scheme": ("bernoulli", "stratified", "coupled", "one_step"),
+    "likelihood.mask_scheme": ("bernoulli", "stratified", "coupled", "one_step", "trajectory"),
+    "likelihood.step_sampling": ("uniform", "entropy"),
     "likelihood.count_positions": ("generated", "until_eos"),
     "likelihood.mask_sharing": ("completion", "group"),
-    "algorithm.name": ("rspo", "espo", "diffu_grpo", "sft"),
+    "algorithm.name": ("rspo", "espo", "diffu_grpo", "agrpo", "sft"),
     "algorithm.centering": ("batch", "group", "microbatch", "none"),
     "algorithm.advantage": ("mean", "leave_one_out", "standardized"),
     "optimizer.decay_style": ("constant", "linear", "cosine"),
@@ -161,6 +162,34 @@ def check_sft_likelihood(alg: AlgorithmConfig, lik: LikelihoodConfig) -> None:
                           "per prompt: set likelihood.mask_sharing=completion")
 
 
+def check_trajectory(cfg: TrainConfig) -> None:
+    """AGRPO and the trajectory estimator go together; the rollout must be a policy the training
+    forward can score (sampled at T > 0, no guidance), with at least K denoising steps."""
+    alg, lik, ro = cfg.algorithm, cfg.likelihood, cfg.rollout
+    if (alg.name == "agrpo") != (lik.mask_scheme == "trajectory"):
+        raise ConfigError(f"algorithm.name={alg.name!r} with likelihood.mask_scheme="
+                          f"{lik.mask_scheme!r}: algorithm.name=agrpo takes likelihood."
+                          "mask_scheme=trajectory, and only it does (the other losses score ELBOs)")
+    if alg.name != "agrpo":
+        return
+    if ro.temperature <= 0:
+        raise ConfigError("algorithm.name=agrpo scores the rollout policy softmax(logits / T): it "
+                          f"needs rollout.temperature > 0, got {ro.temperature}")
+    if ro.cfg_scale > 0:
+        raise ConfigError(f"algorithm.name=agrpo: rollout.cfg_scale={ro.cfg_scale} samples from "
+                          "guided logits the training forward does not compute; set it to 0")
+    if lik.mc_samples > ro.steps:
+        raise ConfigError(f"likelihood.mc_samples={lik.mc_samples} sampled steps per completion "
+                          f"exceed the rollout's rollout.steps={ro.steps} denoising steps")
+    if lik.mask_sharing != "completion":
+        raise ConfigError(f"likelihood.mask_sharing={lik.mask_sharing!r}: every completion has "
+                          "its own trajectory, so its steps cannot be shared; set 'completion'")
+    if lik.count_positions != "generated":
+        raise ConfigError(f"likelihood.count_positions={lik.count_positions!r}: the trajectory "
+                          "estimator counts the steps up to the last non-EOS commit itself; set "
+                          "'generated'")
+
+
 def check_countdown(cd: CountdownConfig) -> None:
     """The generated-Countdown section, checked by the task's own constructor (whatever the
     task, so a bad section in a shared YAML is found at once)."""
@@ -284,6 +313,7 @@ def validate_config(cfg: TrainConfig, world_size: Optional[int] = None) -> Layou
     if cfg.optimizer.lr <= 0:
         raise ConfigError(f"optimizer.lr must be > 0, got {cfg.optimizer.lr}")
     check_sft_likelihood(cfg.algorithm, cfg.likelihood)
+    check_trajectory(cfg)
     if cfg.checkpoint.export_hf and not cfg.checkpoint.save_dir:
         raise ConfigError("checkpoint.export_hf converts the run's final checkpoint: it needs "
                           "checkpoint.save_dir")

@@ -1,7 +1,7 @@
-"""Masked-diffusion likelihoods: the mask RNG, ELBO estimators, the micro-batched parallel runner
-and the frozen reference model."""
+"""Masked-diffusion likelihoods: the mask RNG, ELBO estimators, the trajectory estimator (sampled
+rollout steps), the micro-batched parallel runner and the frozen reference model."""
 
-from rspo_mega.likelihood.batch import CompletionBatch, MaskedBatch
+from rspo_mega.likelihood.batch import CompletionBatch, MaskedBatch, TrajectoryBatch
 from rspo_mega.likelihood.elbo import ElboEstimate, estimate_elbo, sequence_estimates, token_average
 from rspo_mega.likelihood.masks import (
     MASK_SCHEMES,
@@ -13,6 +13,12 @@ from rspo_mega.likelihood.masks import (
 )
 from rspo_mega.likelihood.parallel_elbo import ElboRunner, ForwardFn, backward_loss_scale
 from rspo_mega.likelihood.reference import ReferenceModel
+from rspo_mega.likelihood.trajectory import (
+    TrajectorySampler,
+    run_estimator,
+    tempered_forward,
+    trajectory_sum,
+)
 
 __all__ = [
     "MASK_SCHEMES",
@@ -23,12 +29,17 @@ __all__ = [
     "MaskSampler",
     "MaskedBatch",
     "ReferenceModel",
+    "TrajectoryBatch",
+    "TrajectorySampler",
     "backward_loss_scale",
     "count_mask",
     "estimate_elbo",
     "hash64",
     "mask_generator",
     "sequence_estimates",
+    "run_estimator",
+    "tempered_forward",
     "token_average",
+    "trajectory_sum",
     "validate_likelihood_config",
 ]

@@ -145,6 +145,9 @@ class MaskSampler:
 
     def __init__(self, cfg: LikelihoodConfig, seed: int, mask_token_id: int, eos_token_id: int):
         validate_likelihood_config(cfg)
+        if cfg.mask_scheme not in MASK_SCHEMES:
+            raise ValueError(f"MaskSampler: likelihood.mask_scheme={cfg.mask_scheme!r} is not an "
+                             f"ELBO mask scheme {MASK_SCHEMES} (trajectory: TrajectorySampler)")
         self.cfg = cfg
         self.seed = int(seed)
         self.mask_token_id = int(mask_token_id)

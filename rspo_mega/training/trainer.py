@@ -31,8 +31,8 @@ from megatron.core import parallel_state as ps
 from rspo_mega.algorithms import StepResult, build_loss, compute_advantages, loss_backward
 from rspo_mega.config import Layout, TrainConfig, config_to_dict
 from rspo_mega.data import PromptBatchIterator, shard_examples
-from rspo_mega.likelihood import ElboRunner, MaskedBatch, MaskSampler, ReferenceModel
-from rspo_mega.models.llada import llada_forward, unwrap_model
+from rspo_mega.likelihood import ElboRunner, MaskedBatch, ReferenceModel, run_estimator
+from rspo_mega.models.llada import unwrap_model
 from rspo_mega.parallel import initialize_distributed, initialize_model_parallel
 from rspo_mega.parallel.reductions import data_parallel_group, global_mean, global_sum, global_sums
 from rspo_mega.rng import hash64
@@ -91,9 +91,8 @@ class Trainer:
                                microbatch_completions=cfg.micro_batch_size)
         self.reference: Optional[ReferenceModel] = None  # built when RL starts
         self.engine = RolloutEngine(self.model, cfg.model, cfg.rollout, seed=cfg.seed)
-        self.masks = MaskSampler(cfg.likelihood, cfg.seed, cfg.model.mask_token_id,
-                                 cfg.model.eos_token_id)
-        self.runner = ElboRunner(llada_forward, cfg.likelihood.micro_batch_size,
+        self.masks, forward = run_estimator(cfg)  # ELBO masks, or sampled rollout steps (agrpo)
+        self.runner = ElboRunner(forward, cfg.likelihood.micro_batch_size,
                                  ddp_averages_gradients=True, one_pass=cfg.likelihood.one_pass)
         self.metrics = MetricsLogger(cfg.logging.output_dir, tensorboard=cfg.logging.tensorboard,
                                      rank=self.rank)
@@ -123,7 +122,8 @@ class Trainer:
         prompts = [list(self.encoded[examples[i].uid].prompt_ids) for i, _ in pairs]
         uids = [u for _, u in pairs]
         with timers("rollout"):
-            rollout = self.engine.generate(prompts, uids, seed=hash64(cfg.seed, self.step))
+            rollout = self.engine.generate(prompts, uids, seed=hash64(cfg.seed, self.step),
+                                           trajectory=self.loss.needs_trajectory)
         texts = batches.decode_completions(rollout, self.data.tokenizer, cfg.model.eos_token_id)
         rewards = batches.score(self.data.task, texts, [examples[i] for i, _ in pairs])
         base = self.dp_rank * len(examples)
