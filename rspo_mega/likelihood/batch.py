@@ -124,7 +124,8 @@ class TrajectoryBatch(MaskedBatch):
 
     Row ``n = b * K + k`` holds completion ``b``'s prompt and the tokens committed before its
     sampled step ``sampled_steps[b, k]`` (mask tokens elsewhere); ``score_mask`` marks the tokens
-    that step committed and ``weights`` carries the step's unbiasing weight ``1 / q_b(t)`` there.
+    that step committed and ``weights`` carries the step's unbiasing weight ``1 / q_b(t)`` there
+    (float64 here: the weights of a non-uniform step distribution are not round numbers).
     Extra shapes: ``rollout_logp [N, S]`` fp32, the recorded rollout log-probs at the scored
     positions (0 elsewhere); ``steps [B]`` long, the completion's counted steps ``T_b`` (also in
     ``lengths``); ``sampled_steps [B, K]`` long.

@@ -100,7 +100,7 @@ def draw_steps(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 def step_states(batch: CompletionBatch, steps: torch.Tensor, weights: torch.Tensor,
                 mask_token_id: int) -> dict[str, torch.Tensor]:
     """Rows ``n = b * K + k``: inputs before step ``steps[b, k]``, its committed positions and
-    their weight ``weights[b, k]`` (``[N, S]`` each) and recorded rollout log-probs."""
+    their weight ``weights[b, k]`` (float64) and recorded rollout log-probs, ``[N, S]`` each."""
     k = steps.shape[1]
     commit = batch.commit_step.repeat_interleave(k, dim=0)
     t = steps.reshape(-1, 1)
@@ -112,7 +112,7 @@ def step_states(batch: CompletionBatch, steps: torch.Tensor, weights: torch.Tens
         "input_ids": torch.where(commit < t, ids, torch.full_like(ids, mask_token_id)),
         "labels": ids,
         "score_mask": scored,
-        "weights": torch.where(scored, weights.reshape(-1, 1).to(torch.float32), 0.0),
+        "weights": torch.where(scored, weights.reshape(-1, 1).to(torch.float64), 0.0),
         "rollout_logp": torch.where(scored, logp, 0.0),
     }
 
@@ -165,22 +165,26 @@ class TrajectorySampler:
         if batch.commit_step is None:
             raise ValueError("likelihood.mask_scheme='trajectory' needs the rollout's trajectory "
                              "record (CompletionBatch.commit_step); generate with trajectory=True")
-        device = batch.input_ids.device
         cpu = batch.to("cpu")
-        k_num, b_num = self.cfg.mc_samples, batch.size
-        drawn = [self.completion_steps(cpu, b, iteration, update) for b in range(b_num)]
+        drawn = [self.completion_steps(cpu, b, iteration, update) for b in range(batch.size)]
         totals = torch.tensor([d[0] for d in drawn], dtype=torch.long)
-        steps = torch.stack([d[1] for d in drawn])
-        weights = torch.stack([d[2] for d in drawn])
-        rows = step_states(cpu, steps, weights, self.mask_token_id)
-        counted = cpu.completion_mask & (cpu.commit_step < totals[:, None])
+        out = self.at_steps(cpu, totals, torch.stack([d[1] for d in drawn]),
+                            torch.stack([d[2] for d in drawn]))
+        return out.to(batch.input_ids.device)
+
+    def at_steps(self, batch: CompletionBatch, totals: torch.Tensor, steps: torch.Tensor,
+                 weights: torch.Tensor) -> TrajectoryBatch:
+        """The batch of given steps ``[B, K]`` with their weights ``[B, K]`` (``totals [B]``: the
+        counted steps T); :meth:`sample` calls it with its draws, the enumeration tests with
+        every step in turn."""
+        b_num, k_num = steps.shape
         n = b_num * k_num
-        out = TrajectoryBatch(
-            attention_mask=cpu.attention_mask.repeat_interleave(k_num, dim=0),
+        return TrajectoryBatch(
+            attention_mask=batch.attention_mask.repeat_interleave(k_num, dim=0),
             completion_index=torch.arange(n) // k_num, mc_index=torch.arange(n) % k_num,
-            lengths=totals, count_mask=counted, num_mc=k_num, units_per_sample=1,
-            steps=totals, sampled_steps=steps, **rows)
-        return out.to(device)
+            lengths=totals, count_mask=batch.completion_mask & (batch.commit_step < totals[:, None]),
+            num_mc=k_num, units_per_sample=1, steps=totals, sampled_steps=steps,
+            **step_states(batch, steps, weights, self.mask_token_id))
 
 
 def trajectory_sum(values: torch.Tensor, masked: TrajectoryBatch) -> torch.Tensor:
