@@ -48,6 +48,7 @@ def _rollouts(policy, cfg: ModelConfig, args) -> tuple[object, dict]:
                for _ in range(args.completions)]
     uids = list(range(args.completions))
     times = {}
+    engine.generate(prompts, uids)  # warm-up
     for record in (False, True):
         t0 = time.perf_counter()
         rollout = engine.generate(prompts, uids, trajectory=record)
