@@ -56,14 +56,14 @@ def _launch(args: list[str]) -> tuple[subprocess.Popen, str]:
     return proc, run
 
 
-def _finish(proc: subprocess.Popen, run: str, timeout: float = 240) -> tuple[str, str]:
+def _finish(proc: subprocess.Popen, run: str, timeout: float = 360) -> tuple[str, str]:
     out, err = proc.communicate(timeout=timeout)
     processes.assert_none_left(lambda: processes.marked(processes.RUN_ENV, run),
                                f"compare_algorithms (exit code {proc.returncode})")
     return out, err
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_every_algorithm_runs_from_one_start_with_its_settings(start, tmp_path):
     out = tmp_path / "cmp"
     args = ["--out", str(out), "--seeds", "1", "--steps", "2", "--eval-interval", "1",
@@ -73,7 +73,7 @@ def test_every_algorithm_runs_from_one_start_with_its_settings(start, tmp_path):
     result = json.loads((out / "comparison.json").read_text())
     runs = result["runs"]
     assert [(r["algorithm"], r["seed"]) for r in runs] == [
-        ("rspo", 1234), ("espo", 1234), ("diffu_grpo", 1234)], stdout
+        ("rspo", 1234), ("espo", 1234), ("diffu_grpo", 1234), ("agrpo", 1234)], stdout
     for r in runs:
         cfg = yaml.safe_load((Path(r["dir"]) / "config.yaml").read_text())
         assert (cfg["algorithm"]["name"], cfg["seed"]) == (r["algorithm"], 1234)
@@ -86,21 +86,25 @@ def test_every_algorithm_runs_from_one_start_with_its_settings(start, tmp_path):
         assert r["after/eval/accuracy"] == after["after/eval/accuracy"]
         assert r["after/eval/reward"] == after["after/eval/reward"]
         r["cfg"] = cfg
-    espo, diffu = runs[1]["cfg"], runs[2]["cfg"]
+    espo, diffu, agrpo = runs[1]["cfg"], runs[2]["cfg"], runs[3]["cfg"]
     assert (espo["likelihood"]["mask_scheme"], espo["likelihood"]["mc_samples"]) == ("coupled", 2)
     assert (espo["algorithm"]["inner_updates"], espo["algorithm"]["kl_beta"],
             espo["algorithm"]["advantage"]) == (8, 0.01, "mean")
     assert diffu["likelihood"]["mask_scheme"] == "one_step"
     assert (diffu["algorithm"]["inner_updates"], diffu["algorithm"]["clip_eps"],
             diffu["algorithm"]["kl_beta"]) == (12, 0.5, 0.04)
+    assert (agrpo["likelihood"]["mask_scheme"], agrpo["likelihood"]["step_sampling"],
+            agrpo["likelihood"]["mc_samples"], agrpo["algorithm"]["advantage"]) == (
+        "trajectory", "entropy", 3, "mean")
     assert runs[0]["cfg"]["likelihood"]["mask_scheme"] == "bernoulli"  # RSPO: the config's
     lines = stdout.splitlines()
     table = lines[[line.split()[:2] for line in lines].index(["algorithm", "seeds"]):]
-    assert [line.split()[0] for line in table[1:4]] == ["rspo", "espo", "diffu_grpo"], stdout
+    assert [line.split()[0] for line in table[1:5]] == ["rspo", "espo", "diffu_grpo", "agrpo"], \
+        stdout
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     again, _ = _finish(*_launch(args))  # the same command: every finished run is reused
-    assert again.count("(reused)") == 3, again
+    assert again.count("(reused)") == 4, again
 
 
 @pytest.mark.timeout(200)

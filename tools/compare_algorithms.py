@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""RSPO, ESPO and diffu-GRPO side by side: same start, same rollout budget, several seeds each.
+"""RSPO, ESPO, diffu-GRPO and AGRPO side by side: same start, same rollout budget, several seeds.
 
     python tools/compare_algorithms.py [--out runs/compare] [--seeds 3] [--steps N]
-        [--algorithms rspo,espo,diffu_grpo] [--init-from DIR] [--config YAML]
+        [--algorithms rspo,espo,diffu_grpo,agrpo] [--init-from DIR] [--config YAML]
         [--eval-interval 50] [section.key=value ...]
 
 Every run is ``rspo-train`` (``python -m rspo_mega.train``) on the embedded task: the config
@@ -23,9 +23,9 @@ of empty cells filled correctly, the Sudoku reward), the gain in solved grids ov
 figures; ``<out>/curves.png`` with the rollout reward and the held-out solved grids against the
 step for every run.
 
-Settings. RSPO runs the config as it is. ESPO and diffu-GRPO get their papers' algorithm
+Settings. RSPO runs the config as it is. ESPO, diffu-GRPO and AGRPO get their papers' algorithm
 settings, applied to this task; the task's optimizer, batch, sampler and LR schedule stay the
-config's for all three, so only the algorithm differs:
+config's for all four, so only the algorithm differs:
 
 * ESPO (Ou et al., arXiv 2512.03759; the Sudoku recipe of its code): the coupled (antithetic)
   ELBO estimator with 2 Monte-Carlo pairs per completion, mean-centred advantages (rewards not
@@ -35,8 +35,14 @@ config's for all three, so only the algorithm differs:
   (completion fully masked, prompt tokens masked with probability 0.15), one sample per
   completion, standardized advantages (as GRPO), ratio clip 0.5, k3 penalty 0.04, 12 inner
   updates per rollout batch.
+* AGRPO (Zhan, arXiv 2510.04019; the ``train.yaml`` of its code): the trajectory estimator,
+  entropy-weighted stratified step sampling with the same share of the denoising steps as its
+  24 of 128 (here 3 of the config's 16), each completion's own steps, mean-centred advantages,
+  ratio clip 0.2, no KL penalty, one update per rollout batch. Its code also samples at
+  temperature 0.6 with top-k/top-p and random unmasking: sampler settings, which stay the
+  config's here.
 
-Both papers draw new masks for each inner update; here the masks of a rollout batch stay fixed
+ESPO and diffu-GRPO draw new masks for each inner update; here the masks of a rollout batch stay fixed
 over its inner updates (``likelihood.fresh_masks_per_update`` is RSPO's only, see
 ``docs/OPTIONS.md``). More inner updates cost more optimizer work per step, which the wall-time
 column shows.
@@ -68,6 +74,10 @@ SETTINGS: dict[str, list[str]] = {
                    "likelihood.mc_samples=1", "algorithm.advantage=standardized",
                    "algorithm.clip_eps=0.5", "algorithm.kl_beta=0.04",
                    "algorithm.inner_updates=12"],
+    "agrpo": ["likelihood.mask_scheme=trajectory", "likelihood.step_sampling=entropy",
+              "likelihood.stratified_steps=true", "likelihood.mc_samples=3",
+              "likelihood.mask_sharing=completion", "algorithm.advantage=mean",
+              "algorithm.clip_eps=0.2", "algorithm.kl_beta=0.0", "algorithm.inner_updates=1"],
 }
 # Every run: its own directory, no checkpoints or export (a shared save_dir would be resumed).
 FIXED = ["logging.progress_bar=false", "logging.tensorboard=false", "checkpoint.save_dir=null",

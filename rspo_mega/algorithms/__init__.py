@@ -1,5 +1,7 @@
-"""RL objectives on masked-diffusion ELBOs: advantages, RSPO, ESPO, diffu-GRPO, diagnostics."""
+"""RL objectives for masked diffusion LMs: advantages, RSPO, ESPO, diffu-GRPO (ELBO-based), AGRPO
+(sampled trajectory steps), diagnostics."""
 
+from rspo_mega.algorithms.agrpo import AGRPOLoss
 from rspo_mega.algorithms.advantages import compute_advantages, group_statistics
 from rspo_mega.algorithms.base import LossInputs, LossOutput, PolicyLoss
 from rspo_mega.algorithms.diagnostics import Metrics
@@ -10,6 +12,7 @@ from rspo_mega.algorithms.rspo import RSPOLoss, centering_mean
 from rspo_mega.algorithms.step import StepResult, loss_backward, loss_coefficients
 
 __all__ = [
+    "AGRPOLoss",
     "DiffuGRPOLoss",
     "ESPOLoss",
     "LOSSES",

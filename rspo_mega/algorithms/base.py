@@ -75,7 +75,9 @@ class PolicyLoss(abc.ABC):
     # from the first inner update), so they cannot draw fresh masks per inner update.
     needs_old_policy: ClassVar[bool] = False
     # the likelihood.mask_scheme values whose estimate the loss is defined on
-    mask_schemes: ClassVar[tuple[str, ...]] = choices(MaskScheme)
+    mask_schemes: ClassVar[tuple[str, ...]] = tuple(s for s in choices(MaskScheme) if s != "trajectory")
+    # Trajectory losses score sampled rollout steps: the rollout must keep its trajectory record.
+    needs_trajectory: ClassVar[bool] = False
 
     def __init__(self, algorithm: AlgorithmConfig, likelihood: LikelihoodConfig,
                  group: ProcessGroup = None):

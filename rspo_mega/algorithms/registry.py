@@ -3,6 +3,7 @@ every name has a class)."""
 
 from __future__ import annotations
 
+from rspo_mega.algorithms.agrpo import AGRPOLoss
 from rspo_mega.algorithms.base import PolicyLoss
 from rspo_mega.algorithms.diffu_grpo import DiffuGRPOLoss
 from rspo_mega.algorithms.espo import ESPOLoss
@@ -12,7 +13,8 @@ from rspo_mega.config.schema import AlgorithmConfig, LikelihoodConfig
 from rspo_mega.parallel.reductions import ProcessGroup
 
 LOSSES: dict[str, type[PolicyLoss]] = {
-    "rspo": RSPOLoss, "espo": ESPOLoss, "diffu_grpo": DiffuGRPOLoss, "sft": SFTLoss,
+    "rspo": RSPOLoss, "espo": ESPOLoss, "diffu_grpo": DiffuGRPOLoss, "agrpo": AGRPOLoss,
+    "sft": SFTLoss,
 }
 
 

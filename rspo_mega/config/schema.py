@@ -42,9 +42,10 @@ Positive = Annotated[float, Bounds(0, low_open=True)]
 Probability = Annotated[float, Bounds(0, 1)]
 
 # Choices used by code outside the loader as well (their one home).
-AlgorithmName = Literal["rspo", "espo", "diffu_grpo", "sft"]
+AlgorithmName = Literal["rspo", "espo", "diffu_grpo", "agrpo", "sft"]
 ElboMaskScheme = Literal["bernoulli", "stratified", "coupled"]  # unbiased ELBO estimators
-MaskScheme = Literal[ElboMaskScheme, "one_step"]  # one_step: diffu-GRPO's biased estimate
+# one_step: diffu-GRPO's biased estimate; trajectory: AGRPO's sampled rollout steps
+MaskScheme = Literal[ElboMaskScheme, "one_step", "trajectory"]
 Centering = Literal["batch", "group", "microbatch", "none"]
 Advantage = Literal["mean", "leave_one_out", "standardized"]
 TransformerImpl = Literal["auto", "local", "transformer_engine"]
@@ -143,8 +144,13 @@ class RolloutConfig:
 class LikelihoodConfig:
     """Monte-Carlo ELBO estimation."""
 
-    mask_scheme: MaskScheme = "coupled"  # an SFT run takes an unbiased one (not one_step)
-    mc_samples: PositiveInt = 2  # K per completion (coupled: K pairs)
+    # an SFT run takes an unbiased one (not one_step); trajectory: sampled denoising steps of the
+    # rollout (AGRPO), not an ELBO
+    mask_scheme: MaskScheme = "coupled"
+    mc_samples: PositiveInt = 2  # K per completion (coupled: K pairs; trajectory: K sampled steps)
+    # trajectory: uniform | entropy (importance-weighted) choice of the sampled steps
+    step_sampling: Literal["uniform", "entropy"] = "entropy"
+    stratified_steps: bool = True  # trajectory: the K step draws of a completion stratified
     # completion: each completion its own masks | group: the G of a prompt share them
     mask_sharing: Literal["completion", "group"] = "completion"
     fresh_masks_per_update: bool = False  # inner updates > 1 draw new masks (RSPO; ref re-scored)
@@ -172,8 +178,8 @@ class AlgorithmConfig:
     advantage: Advantage = "standardized"  # group-relative advantage of a reward
     advantage_eps: NonNegative = 1e-4  # added to the group std (standardized)
     inner_updates: PositiveInt = 1  # mu: optimizer steps per rollout batch
-    clip_eps: Positive = 0.2  # ESPO / diffu-GRPO ratio clip
-    kl_beta: NonNegative = 0.0  # ESPO k2 / diffu-GRPO k3 coefficient
+    clip_eps: Positive = 0.2  # ESPO / diffu-GRPO / AGRPO ratio clip
+    kl_beta: NonNegative = 0.0  # ESPO k2 / diffu-GRPO and AGRPO k3 coefficient
     # RSPO: bound |A - lambda * dhat| per completion (advantage units); for lambda > 0 a Huber loss
     # on the regression residual with delta = push_clip / lambda. null = the plain squared loss.
     push_clip: Optional[Positive] = None

@@ -130,6 +130,34 @@ def check_loss(alg: AlgorithmConfig, lik: LikelihoodConfig, completions_per_rank
                           f"{completions_per_rank} completions per step")
 
 
+def check_trajectory(cfg: TrainConfig) -> None:
+    """AGRPO and the trajectory estimator go together; the rollout must be a policy the training
+    forward can score (sampled at T > 0, no guidance), with at least K denoising steps."""
+    alg, lik, ro = cfg.algorithm, cfg.likelihood, cfg.rollout
+    if (alg.name == "agrpo") != (lik.mask_scheme == "trajectory"):
+        raise ConfigError(f"algorithm.name={alg.name!r} with likelihood.mask_scheme="
+                          f"{lik.mask_scheme!r}: algorithm.name=agrpo takes likelihood."
+                          "mask_scheme=trajectory, and only it does (the other losses score ELBOs)")
+    if alg.name != "agrpo":
+        return
+    if ro.temperature <= 0:
+        raise ConfigError("algorithm.name=agrpo scores the rollout policy softmax(logits / T): it "
+                          f"needs rollout.temperature > 0, got {ro.temperature}")
+    if ro.cfg_scale > 0:
+        raise ConfigError(f"algorithm.name=agrpo: rollout.cfg_scale={ro.cfg_scale} samples from "
+                          "guided logits the training forward does not compute; set it to 0")
+    if lik.mc_samples > ro.steps:
+        raise ConfigError(f"likelihood.mc_samples={lik.mc_samples} sampled steps per completion "
+                          f"exceed the rollout's rollout.steps={ro.steps} denoising steps")
+    if lik.mask_sharing != "completion":
+        raise ConfigError(f"likelihood.mask_sharing={lik.mask_sharing!r}: every completion has "
+                          "its own trajectory, so its steps cannot be shared; set 'completion'")
+    if lik.count_positions != "generated":
+        raise ConfigError(f"likelihood.count_positions={lik.count_positions!r}: the trajectory "
+                          "estimator counts the steps up to the last non-EOS commit itself; set "
+                          "'generated'")
+
+
 def check_data(cfg: TrainConfig) -> None:
     """The generated-Countdown section (checked by the task's own constructor, whatever the
     task, so a bad section in a shared YAML is found at once) and ``data.fields``."""
@@ -162,6 +190,7 @@ def validate_config(cfg: TrainConfig, world_size: Optional[int] = None) -> Layou
     per_rank = cfg.global_batch_size // dp
     check_rollout(ro, par, cfg.model.max_position_embeddings, cfg.data.max_prompt_length)
     check_loss(cfg.algorithm, cfg.likelihood, per_rank)
+    check_trajectory(cfg)
     if cfg.checkpoint.export_hf and not cfg.checkpoint.save_dir:
         raise ConfigError("checkpoint.export_hf converts the run's final checkpoint: it needs "
                           "checkpoint.save_dir")

@@ -1,11 +1,17 @@
-"""Masked-diffusion likelihoods: the mask RNG, ELBO estimators, the micro-batched parallel runner
-and the frozen reference model."""
+"""Masked-diffusion likelihoods: the mask RNG, ELBO estimators, the trajectory estimator (sampled
+rollout steps), the micro-batched parallel runner and the frozen reference model."""
 
-from rspo_mega.likelihood.batch import CompletionBatch, MaskedBatch
+from rspo_mega.likelihood.batch import CompletionBatch, MaskedBatch, TrajectoryBatch
 from rspo_mega.likelihood.elbo import ElboEstimate, estimate_elbo, sequence_estimates, token_average
 from rspo_mega.likelihood.masks import MaskSampler, count_mask, hash64, mask_generator
 from rspo_mega.likelihood.parallel_elbo import ElboRunner, ForwardFn, backward_loss_scale
 from rspo_mega.likelihood.reference import ReferenceModel
+from rspo_mega.likelihood.trajectory import (
+    TrajectorySampler,
+    run_estimator,
+    tempered_forward,
+    trajectory_sum,
+)
 
 __all__ = [
     "CompletionBatch",
@@ -15,11 +21,16 @@ __all__ = [
     "MaskSampler",
     "MaskedBatch",
     "ReferenceModel",
+    "TrajectoryBatch",
+    "TrajectorySampler",
     "backward_loss_scale",
     "count_mask",
     "estimate_elbo",
     "hash64",
     "mask_generator",
     "sequence_estimates",
+    "run_estimator",
+    "tempered_forward",
     "token_average",
+    "trajectory_sum",
 ]

@@ -151,13 +151,16 @@ class Workload:
 def _scored(cfg: TrainConfig, mbs: int) -> tuple[int, float]:
     """(most scored positions in one micro-batch of ``mbs`` sequences, mean per sequence).
 
-    L is the generated span (``count_positions=until_eos`` only shortens it). A coupled pair's
+    L is the generated span (``count_positions=until_eos`` only shortens it); a trajectory step
+    commits ``gen_length / steps`` tokens on average, a block at most. A coupled pair's
     two masks split the span; pairs are consecutive sequences, so a micro-batch holds
     ``ceil(mbs / 2)`` spans at most.
     """
     lik, span = cfg.likelihood, cfg.rollout.gen_length
     if lik.mask_scheme == "coupled":
         return -(-mbs // 2) * span, span / 2
+    if lik.mask_scheme == "trajectory":  # a sampled step scores what it committed: <= one block
+        return mbs * cfg.rollout.block_length, span / cfg.rollout.steps
     mean = {"bernoulli": (1 + lik.bernoulli_eps) / 2 * span, "stratified": (span + 1) / 2,
             "one_step": float(span)}[lik.mask_scheme]
     return mbs * span, mean

@@ -173,13 +173,14 @@ class RolloutEngine:
     def generate(
         self, prompts: list[list[int]], uids: list[int], seed: Optional[int] = None,
         temperature: Optional[float] = None, steps: Optional[int] = None,
-        cache: Optional[str] = None,
+        cache: Optional[str] = None, trajectory: bool = False,
     ) -> Rollout:
         """Completions for this rank's prompts (token lists), one per uid; see ``sampler.generate``.
 
         ``seed`` (e.g. per training step), ``temperature``, ``steps`` and ``cache`` (e.g. greedy,
         uncached decoding with ``rollout.eval_steps`` for evaluation) override the configured
-        ones for this call.
+        ones for this call. ``trajectory`` records the rollout's :class:`Trajectory` (the same on
+        every pipeline stage).
         """
         overrides = {k: v for k, v in (("seed", seed), ("temperature", temperature),
                                        ("steps", steps), ("cache", cache)) if v is not None}
@@ -195,13 +196,29 @@ class RolloutEngine:
         try:
             rollout = generate(
                 self.logits, prompts, uids, settings, shard=self.shard, sync_fn=self.sync,
-                device=self.device,
+                device=self.device, record_trajectory=trajectory,
             )
         finally:
             self.kv_cache = None
             for chunk in self.chunks:
                 chunk.train()
+        if trajectory:
+            self._share_trajectory(rollout)
         return self._share_cache_check(rollout, settings)
+
+    def _share_trajectory(self, rollout: Rollout) -> None:
+        """The last stage's rollout log-probs and entropies on every pipeline stage."""
+        record = rollout.trajectory
+        if self.pp == 1:
+            return
+        from megatron.core import parallel_state as ps
+
+        scores = torch.stack([record.logp, record.entropy]) if self.is_last else \
+            torch.empty((2,) + tuple(record.commit_step.shape), dtype=torch.float32)
+        scores = scores.to(self.device)
+        dist.broadcast(scores, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+        record.logp, record.entropy = (t.cpu() for t in scores.unbind(0))
 
     def _share_cache_check(self, rollout: Rollout, settings: SamplerSettings) -> Rollout:
         """The last stage's cache-check counts on every pipeline stage (they log on rank 0)."""

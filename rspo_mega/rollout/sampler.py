@@ -30,6 +30,10 @@ the left shift changes nothing but rounding. A batch with no padding passes no m
 ``(seed, uid, step)`` (:func:`rspo_mega.rng.keyed_generator`), for the full true vocabulary of the
 current block, so completions do not depend on DP size, batch composition or TP/PP layout.
 
+**Trajectory record** (``record_trajectory=True``): per generated position the step that
+committed it and its log-probability and entropy under the rollout policy at that step
+(:mod:`rspo_mega.rollout.trajectory`), in every mode (exact, threshold, cached).
+
 **Parallel model.** ``logits_fn`` returns vocab-parallel logits on the last pipeline stage and
 ``None`` elsewhere (see :mod:`rspo_mega.rollout.engine`); sampling and confidences use
 :class:`VocabShard` collectives, and ``sync_fn`` hands the committed tokens to every stage.
@@ -46,6 +50,7 @@ import torch
 from rspo_mega.config.schema import Remasking, choices
 from rspo_mega.config.validate import check_schedule
 from rspo_mega.rng import keyed_generator
+from rspo_mega.rollout.trajectory import Trajectory, TrajectoryRecorder
 from rspo_mega.rollout.vocab_parallel import VocabShard, gumbel_max
 
 
@@ -119,6 +124,7 @@ class Rollout:
     steps_used: torch.Tensor  # [b] denoising steps that ran for the row
     step_seconds: list[float] = field(default_factory=list)  # wall time of each step
     cache_check: "CacheCheck" = field(default_factory=lambda: CacheCheck())
+    trajectory: Optional[Trajectory] = None  # with record_trajectory=True
 
 
 @dataclass
@@ -186,6 +192,7 @@ def generate(
     sync_fn: Optional[SyncFn] = None,
     noise_fn: Optional[NoiseFn] = None,
     device: Optional[torch.device] = None,
+    record_trajectory: bool = False,
 ) -> Rollout:
     """Generate one completion per prompt; ``uids`` [b] key the randomness of each row.
 
@@ -195,7 +202,7 @@ def generate(
     :class:`CacheStep` whose rows and first column ``x`` holds (the caller owns the cache);
     ``sync_fn(x)`` returns the sampling ranks' ``x`` on every rank (identity when one stage
     holds everything). ``noise_fn`` overrides the keyed uniforms (tests feed a reference the
-    same noise).
+    same noise). ``record_trajectory`` adds the :class:`Trajectory` of every row.
     """
     s = settings
     if len(uids) != len(prompts):
@@ -203,6 +210,8 @@ def generate(
     prompt_ids, prompt_lengths = left_pad(prompts, s.eos_token_id)
     check_schedule(s.gen_length, s.block_length, s.steps)
     state = _State.start(prompt_ids, prompt_lengths, s, shard, sync_fn, device)
+    if record_trajectory:
+        state.record = TrajectoryRecorder(len(prompts), s.gen_length, state.x.device)
     for block in range(s.num_blocks):
         state.run_block(logits_fn, block, uids, noise_fn)
         if s.stop_on_eos_block and state.stop_finished_rows(block):
@@ -216,6 +225,7 @@ def generate(
         steps_used=torch.tensor(state.steps_used, dtype=torch.long),
         step_seconds=state.times,
         cache_check=state.check,
+        trajectory=None if state.record is None else state.record.finish(state.steps_used),
     )
 
 
@@ -234,6 +244,7 @@ class _State:
     times: list[float] = field(default_factory=list)
     cached_steps: int = 0  # steps run through the cache so far (schedules the checks)
     check: CacheCheck = field(default_factory=CacheCheck)
+    record: Optional[TrajectoryRecorder] = None
 
     @classmethod
     def start(cls, prompt_ids: torch.Tensor, prompt_lengths: torch.Tensor, s: SamplerSettings,
@@ -266,10 +277,14 @@ class _State:
                 break
             t0 = time.perf_counter()
             step = block * s.steps_per_block + i
+            before = None if self.record is None else self.block_masked(lo)
             counts = self.step(logits_fn, lo, live, [schedule[r][i] for r in live],
                                [remaining[r] for r in live], [uids[r] for r in live], step,
                                i % refresh_every == 0, noise_fn)
             self.x = self.sync_fn(self.x)
+            if before is not None:  # every stage reads the step's commits off the tokens
+                self.record.commits(before & ~self.block_masked(lo), lo - self.plen,
+                                    torch.as_tensor(self.steps_used))
             if counts is None:  # a stage that does not sample: read the commits off the tokens
                 remaining = self.block_masked(lo).sum(1).tolist()
             else:
@@ -311,11 +326,13 @@ class _State:
                                   slice(0, x.shape[1]), None)
         if logits is None:
             return None
-        draw = lambda lg: _denoise_step(lg, offsets, valid, k, remaining, uids, step,  # noqa: E731
-                                        self.s, self.shard, noise_fn)
-        commit, x0, conf, counts = draw(logits)
+        draw = lambda lg, score: _denoise_step(lg, offsets, valid, k, remaining,  # noqa: E731
+                                               uids, step, self.s, self.shard, noise_fn, score)
+        commit, x0, conf, counts, scores = draw(logits, self.record is not None)
+        if scores is not None:
+            self.record.draws(rows, lo - self.plen + offsets, commit, *scores)
         if exact is not None:
-            _, exact_x0, exact_conf, _ = draw(exact)
+            _, exact_x0, exact_conf, _, _ = draw(exact, False)
             self.check.add(commit, x0, conf, exact_x0, exact_conf)
         block = x[:, lo:lo + self.s.block_length]
         block.scatter_(1, offsets, torch.where(commit, x0, block.gather(1, offsets)))
@@ -387,14 +404,16 @@ def _block_draws(rows: list[torch.Tensor], offsets: torch.Tensor) -> torch.Tenso
 def _denoise_step(
     logits: torch.Tensor, offsets: torch.Tensor, valid: torch.Tensor, k: list[int],
     remaining: list[int], uids: list[int], step: int, s: SamplerSettings, shard: VocabShard,
-    noise_fn: Optional[NoiseFn],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    noise_fn: Optional[NoiseFn], score: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int],
+           Optional[tuple[torch.Tensor, torch.Tensor]]]:
     """Sample the block's masked positions and pick the ``k[row]`` most confident ones.
 
     ``logits [b, m, V_local]`` at the block ``offsets [b, m]`` (``valid``: the real entries).
-    Returns ``(commit [b, m] bool, x0 [b, m], confidence [b, m], counts)``, ``counts`` the
-    commits per row (host; in threshold mode copied from the device, the step's one
-    device-to-host copy).
+    Returns ``(commit [b, m] bool, x0 [b, m], confidence [b, m], counts, scores)``, ``counts``
+    the commits per row (host; in threshold mode copied from the device, the step's one
+    device-to-host copy); ``scores``: with ``score``, the rollout policy's log-prob of ``x0``
+    and its entropy ``[b, m]`` (float64), else None.
     """
     b, m, v_local = logits.shape
     if s.forbid_eos:
@@ -407,6 +426,10 @@ def _denoise_step(
                  for uid in uids]
         noise = shard.slice_noise(_block_draws(draws, offsets).reshape(b * m, -1))
     x0 = gumbel_max(flat, noise, s.temperature, shard).view(b, m)
+    scores = None
+    if score:
+        scores = tuple(t.view(b, m) for t in shard.log_prob_entropy(flat, x0.reshape(-1),
+                                                                     s.temperature))
     if s.remasking == "low_confidence":
         conf = shard.chosen_prob(flat, x0.reshape(-1)).view(b, m)
     elif s.remasking == "random":
@@ -426,4 +449,4 @@ def _denoise_step(
     for row, kk in enumerate(counts):  # per-row top-k, exactly as the reference sampler
         if kk > 0:
             commit[row, torch.topk(conf[row], kk).indices] = True
-    return commit, x0, conf, counts
+    return commit, x0, conf, counts, scores

@@ -81,6 +81,32 @@ class VocabShard:
         picked = self._all_reduce(torch.where(mine, picked, torch.zeros_like(picked)), dist.ReduceOp.SUM)
         return torch.exp(picked - gmax) / sumexp
 
+    def log_prob_entropy(self, logits: torch.Tensor, ids: torch.Tensor,
+                         temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log softmax(logits / T)[ids]`` and the entropy of ``softmax(logits / T)``, float64 ``[n]``.
+
+        From local logits ``[n, size]`` with three all-reduces of ``[n]`` vectors (no vocab
+        gather); ``temperature == 0`` (argmax sampling) scores at ``T = 1``. Forbidden ids
+        (``-inf`` logits) have probability 0 and add nothing to the entropy.
+        """
+        lg = logits.to(torch.float64)
+        if temperature > 0:
+            lg = lg / temperature
+        gmax = self._all_reduce(local_row_max(lg)[0], dist.ReduceOp.MAX)
+        shifted = lg - gmax.unsqueeze(-1)
+        weights = torch.exp(shifted)
+        sumexp = self._all_reduce(weights.sum(-1), dist.ReduceOp.SUM)
+        moment = self._all_reduce(torch.where(weights > 0, weights * shifted, 0.0).sum(-1),
+                                  dist.ReduceOp.SUM)
+        local = ids - self.start
+        mine = (local >= 0) & (local < self.size)
+        picked = shifted.gather(-1, local.clamp(0, max(self.size - 1, 0)).unsqueeze(-1)).squeeze(-1) \
+            if self.size else torch.zeros_like(gmax)
+        picked = self._all_reduce(torch.where(mine, picked, torch.zeros_like(picked)),
+                                  dist.ReduceOp.SUM)
+        log_z = torch.log(sumexp)
+        return picked - log_z, log_z - moment / sumexp
+
     def forbid(self, logits: torch.Tensor, token_id: int) -> torch.Tensor:
         """``logits`` with ``token_id`` set to -inf where this shard holds it (in place)."""
         local = token_id - self.start

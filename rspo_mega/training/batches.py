@@ -20,7 +20,8 @@ from rspo_mega.tasks.base import Task
 
 
 def completion_batch(rollout: Rollout, uids: Sequence[int], group_ids: Sequence[int]) -> CompletionBatch:
-    """The rollout as ``[b, P + G]`` sequences: prompt padding masked out, generated span scored."""
+    """The rollout as ``[b, P + G]`` sequences: prompt padding masked out, generated span scored;
+    with the rollout's trajectory record, that too (prompt columns: step -1, scores 0)."""
     prompt, gen = rollout.prompt_ids, rollout.completion_ids
     b, plen = prompt.shape
     input_ids = torch.cat([prompt, gen], dim=1)
@@ -28,12 +29,19 @@ def completion_batch(rollout: Rollout, uids: Sequence[int], group_ids: Sequence[
     positions = torch.arange(input_ids.shape[1]).unsqueeze(0)
     attention = positions >= pad.unsqueeze(1)
     completion = positions >= plen
+    record = {}
+    if rollout.trajectory is not None:
+        tr = rollout.trajectory
+        record["commit_step"] = torch.cat([torch.full((b, plen), -1), tr.commit_step], dim=1)
+        for name, t in (("commit_logp", tr.logp), ("commit_entropy", tr.entropy)):
+            record[name] = None if t is None else torch.cat([torch.zeros(b, plen), t], dim=1)
     return CompletionBatch(
         input_ids=input_ids,
         attention_mask=attention.expand(b, -1).clone(),
         completion_mask=completion.expand(b, -1).clone(),
         uids=torch.as_tensor(list(uids), dtype=torch.long),
         group_ids=torch.as_tensor(list(group_ids), dtype=torch.long),
+        **record,
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import torch
 from megatron.core import parallel_state as ps
 
-from rspo_mega.algorithms import compute_advantages
+from rspo_mega.algorithms import LOSSES, compute_advantages
 from rspo_mega.config import Layout, TrainConfig
 from rspo_mega.data import Example, PromptBatchIterator
 from rspo_mega.likelihood import CompletionBatch
@@ -64,6 +64,7 @@ class RLBatches(_Batches):
                  engine: RolloutEngine) -> None:
         super().__init__(cfg, data, layout.prompts_per_step, seed=cfg.data.seed)
         self.engine, self.num_groups = engine, layout.prompts_per_step
+        self.trajectory = LOSSES[cfg.algorithm.name].needs_trajectory  # AGRPO's record
 
     def next_batch(self, step: int, timers: Timers) -> StepBatch:
         """Rollouts of this rank's prompts of ``step``, their rewards and advantages."""
@@ -73,7 +74,8 @@ class RLBatches(_Batches):
         prompts = [list(self.encoded[examples[i].uid].prompt_ids) for i, _ in rows]
         uids = [u for _, u in rows]
         with timers("rollout"):
-            rollout = self.engine.generate(prompts, uids, seed=hash64(cfg.seed, step))
+            rollout = self.engine.generate(prompts, uids, seed=hash64(cfg.seed, step),
+                                           trajectory=self.trajectory)
         texts = batches.decode_completions(rollout, self.data.tokenizer, cfg.model.eos_token_id)
         rewards = batches.score(self.data.task, texts, [examples[i] for i, _ in rows])
         base = self.dp_rank * len(examples)

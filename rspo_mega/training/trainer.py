@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from rspo_mega.config import Layout, TrainConfig, config_to_dict
-from rspo_mega.likelihood import MaskSampler
+from rspo_mega.likelihood import run_estimator
 from rspo_mega.rollout import RolloutEngine
 from rspo_mega.training.builder import build_chunks, setup_parallel
 from rspo_mega.training.checkpointing import (
@@ -67,9 +67,8 @@ class Trainer:
         self.policy = Policy(cfg, chunks, cfg.train_steps * updates_per_step)
         engine = RolloutEngine(self.policy.model, cfg.model, cfg.rollout, seed=cfg.seed)
         self.batches = build_batches(cfg, layout, self.data, engine)
-        masks = MaskSampler(cfg.likelihood, cfg.seed, cfg.model.mask_token_id,
-                            cfg.model.eos_token_id)
-        self.updates = UpdateLoop(self.policy, cfg, masks, updates_per_step)
+        masks, forward = run_estimator(cfg)  # ELBO masks, or sampled rollout steps (agrpo)
+        self.updates = UpdateLoop(self.policy, cfg, masks, forward, updates_per_step)
         self.evaluator = Evaluator(engine, self.data, cfg.rollout.eval_steps)
         self.metrics = MetricsLogger(cfg.logging.output_dir, tensorboard=cfg.logging.tensorboard,
                                      rank=self.rank)

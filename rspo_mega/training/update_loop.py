@@ -15,8 +15,7 @@ import torch
 
 from rspo_mega.algorithms import build_loss, loss_backward
 from rspo_mega.config import TrainConfig
-from rspo_mega.likelihood import ElboRunner, MaskedBatch, MaskSampler, ReferenceModel
-from rspo_mega.models.llada import llada_forward
+from rspo_mega.likelihood import ElboRunner, ForwardFn, MaskedBatch, MaskSampler, ReferenceModel
 from rspo_mega.training.metrics import Timers
 from rspo_mega.training.policy import Policy
 from rspo_mega.training.step_batches import StepBatch
@@ -28,16 +27,17 @@ class UpdateLoop:
     Args:
         policy: the trained policy (its ``update`` runs one optimizer step).
         cfg: the run config (algorithm, likelihood, micro_batch_size).
-        masks: the mask sampler (its state is checkpointed by the trainer).
+        masks: the mask sampler, or AGRPO's step sampler (its state is checkpointed by the trainer).
+        forward: the runner's model forward (``llada_forward``; AGRPO: the tempered one).
         updates_per_step: optimizer updates per step (``algorithm.inner_updates``; 1 for SFT).
     """
 
     def __init__(self, policy: Policy, cfg: TrainConfig, masks: MaskSampler,
-                 updates_per_step: int) -> None:
+                 forward: ForwardFn, updates_per_step: int) -> None:
         self.policy, self.masks, self.updates_per_step = policy, masks, updates_per_step
         self.fresh_masks = cfg.likelihood.fresh_masks_per_update
         self.loss = build_loss(cfg.algorithm, cfg.likelihood)
-        self.runner = ElboRunner(llada_forward, cfg.likelihood.micro_batch_size,
+        self.runner = ElboRunner(forward, cfg.likelihood.micro_batch_size,
                                  ddp_averages_gradients=True, one_pass=cfg.likelihood.one_pass)
 
     def run(self, batch: StepBatch, step: int, timers: Timers,

@@ -2,8 +2,9 @@
 for the ELBO runner's one-pass and two-pass modes (PP layouts always run two passes).
 
 Three launches (1, 2 and 4 gloo ranks) cover: one process with 1 and 4 micro-batches; DP2, TP2,
-PP2; TP2xDP2, PP2xDP2, TP2xPP2, for RSPO (batch and group centering), ESPO and diffu-GRPO, on the
-tiny LLaDA model. Completions are dealt to DP ranks round-robin, so prompt groups span ranks. The
+PP2; TP2xDP2, PP2xDP2, TP2xPP2, for RSPO (batch and group centering), ESPO, diffu-GRPO and AGRPO
+(entropy-weighted sampled steps of a synthetic trajectory record, tempered forward, the rollout
+log-probs those of the perturbed "old" policy), on the tiny LLaDA model. Completions are dealt to DP ranks round-robin, so prompt groups span ranks. The
 masks of every completion are also compared across layouts.
 """
 
@@ -27,6 +28,8 @@ CASES = {
              LikelihoodConfig(mask_scheme="coupled", mc_samples=2)),
     "diffu_grpo": (AlgorithmConfig(name="diffu_grpo", clip_eps=0.05, kl_beta=0.04),
                    LikelihoodConfig(mask_scheme="one_step", mc_samples=2)),
+    "agrpo": (AlgorithmConfig(name="agrpo", advantage="mean", clip_eps=0.05, kl_beta=0.04),
+              LikelihoodConfig(mask_scheme="trajectory", mc_samples=3)),
 }
 
 
@@ -46,11 +49,14 @@ def _body(rank: int, world: int, layouts: list, splits: list, num_layers: int = 
     from megatron.core import parallel_state as ps
 
     from rspo_mega.algorithms import build_loss, compute_advantages, loss_backward
-    from rspo_mega.likelihood import ElboRunner, MaskSampler, ReferenceModel
+    from rspo_mega.likelihood import (
+        ElboRunner, MaskSampler, ReferenceModel, TrajectorySampler, tempered_forward,
+    )
     from rspo_mega.parallel import initialize_model_parallel
 
     cfg = dataclasses.replace(_models.TINY, num_layers=num_layers)
     batch, rewards = _models.make_completions(B, G, PROMPT, GEN, seed=5)
+    batch = _models.with_trajectory(batch, seed=6)
     out = {}
     for tp, pp, *rest in layouts:
         vpp = rest[0] if rest else None
@@ -63,16 +69,20 @@ def _body(rank: int, world: int, layouts: list, splits: list, num_layers: int = 
         ref = ReferenceModel.from_policy(policy, lambda: _build(cfg, vpp))
         for case in cases:
             algo, lik = CASES[case]
-            sampler = MaskSampler(lik, seed=42, mask_token_id=cfg.mask_token_id,
-                                  eos_token_id=cfg.eos_token_id)
+            trajectory = lik.mask_scheme == "trajectory"
+            sampler = (TrajectorySampler if trajectory else MaskSampler)(
+                lik, seed=42, mask_token_id=cfg.mask_token_id, eos_token_id=cfg.eos_token_id)
             masked = sampler.sample(local, iteration=3)
+            forward = tempered_forward(0.8) if trajectory else _models.forward_fn()
             for split, one_pass in ((sp, op) for sp in splits for op in passes):
                 mbs = -(-masked.num_sequences // split) if split > 0 else -split
-                runner = ElboRunner(_models.forward_fn(), mbs, ddp_averages_gradients=False,
-                                    one_pass=one_pass)
+                runner = ElboRunner(forward, mbs, ddp_averages_gradients=False, one_pass=one_pass)
                 _models.canonical_init(policy, seed=1)
                 _models.canonical_init(policy, seed=2, scale=0.03, add=True)
                 old = runner.logprobs(policy, masked)
+                if trajectory and old is not None:  # the rollout policy: the perturbed one
+                    masked = dataclasses.replace(
+                        masked, rollout_logp=torch.where(masked.score_mask, old, 0.0))
                 _models.canonical_init(policy, seed=3, scale=0.03, add=True)
                 ref_logp = ref.logprobs(runner, masked)
                 adv = compute_advantages(rewards[mine], local.group_ids, B // G, algo)

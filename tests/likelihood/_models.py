@@ -151,3 +151,23 @@ def make_completions(num: int, group_size: int, prompt_len: int, gen_len: int, s
     )
     rewards = torch.rand(num, generator=gen, dtype=torch.float64).round(decimals=1).float()
     return batch, rewards
+
+
+def with_trajectory(batch: CompletionBatch, seed: int = 0) -> CompletionBatch:
+    """``batch`` with a synthetic trajectory record: each completion's positions spread over 3 to
+    6 steps (each step commits at least one), random rollout log-probs and entropies."""
+    import dataclasses
+
+    gen = torch.Generator().manual_seed(seed)
+    commit = torch.full(batch.input_ids.shape, -1, dtype=torch.long)
+    for row in range(batch.size):
+        cols = batch.completion_mask[row].nonzero().flatten()
+        steps = int(torch.randint(3, 7, (1,), generator=gen))
+        order = cols[torch.randperm(cols.numel(), generator=gen)]
+        step_of = torch.cat([torch.arange(steps), torch.randint(0, steps, (cols.numel() - steps,),
+                                                                generator=gen)])
+        commit[row, order] = step_of
+    completion = batch.completion_mask
+    logp = torch.where(completion, -3.0 * torch.rand(commit.shape, generator=gen), 0.0)
+    entropy = torch.where(completion, 2.0 * torch.rand(commit.shape, generator=gen), 0.0)
+    return dataclasses.replace(batch, commit_step=commit, commit_logp=logp, commit_entropy=entropy)

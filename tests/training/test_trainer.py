@@ -238,6 +238,7 @@ def _mask_draws(rank: int, world: int, out: str, fresh: bool) -> tuple[list, int
     """(iteration, update) of every mask draw and the reference scorings of one RL step, mu=2."""
     from rspo_mega.training.metrics import Timers
     from rspo_mega.training.trainer import Trainer
+    from rspo_mega.models.llada import llada_forward
     from rspo_mega.training.update_loop import UpdateLoop
 
     cfg = load_config(None, TINY + [f"logging.output_dir={out}",
@@ -258,7 +259,8 @@ def _mask_draws(rank: int, world: int, out: str, fresh: bool) -> tuple[list, int
             scorings.append(masked.input_ids.clone())
             return reference.logprobs(runner, masked)
 
-    loop = UpdateLoop(trainer.policy, cfg, RecordingMasks(), trainer.updates.updates_per_step)
+    loop = UpdateLoop(trainer.policy, cfg, RecordingMasks(), llada_forward,
+                      trainer.updates.updates_per_step)
     batch = trainer.batches.next_batch(trainer.step, Timers())
     loop.run(batch, trainer.step, Timers(), reference=RecordingReference())
     distinct = len({tuple(ids.flatten().tolist()) for ids in scorings})
