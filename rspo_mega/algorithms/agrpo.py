@@ -55,6 +55,7 @@ class AGRPOLoss(PolicyLoss):
 
     name = "agrpo"
     needs_trajectory = True
+    mask_schemes = ("trajectory",)  # sampled rollout steps, not an ELBO
 
     def __init__(self, algorithm: AlgorithmConfig, likelihood: LikelihoodConfig,
                  group: ProcessGroup = None):

@@ -27,7 +27,7 @@ from typing import ClassVar, Optional
 import torch
 
 from rspo_mega.algorithms.diagnostics import Metrics
-from rspo_mega.config.schema import AlgorithmConfig, LikelihoodConfig, MaskScheme, choices
+from rspo_mega.config.schema import AlgorithmConfig, LikelihoodConfig, MaskedSequenceScheme, choices
 from rspo_mega.likelihood.batch import MaskedBatch
 from rspo_mega.parallel.reductions import ProcessGroup, data_parallel_group, global_count
 
@@ -75,7 +75,7 @@ class PolicyLoss(abc.ABC):
     # from the first inner update), so they cannot draw fresh masks per inner update.
     needs_old_policy: ClassVar[bool] = False
     # the likelihood.mask_scheme values whose estimate the loss is defined on
-    mask_schemes: ClassVar[tuple[str, ...]] = tuple(s for s in choices(MaskScheme) if s != "trajectory")
+    mask_schemes: ClassVar[tuple[str, ...]] = choices(MaskedSequenceScheme)
     # Trajectory losses score sampled rollout steps: the rollout must keep its trajectory record.
     needs_trajectory: ClassVar[bool] = False
 

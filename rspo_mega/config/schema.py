@@ -44,8 +44,8 @@ Probability = Annotated[float, Bounds(0, 1)]
 # Choices used by code outside the loader as well (their one home).
 AlgorithmName = Literal["rspo", "espo", "diffu_grpo", "agrpo", "sft"]
 ElboMaskScheme = Literal["bernoulli", "stratified", "coupled"]  # unbiased ELBO estimators
-# one_step: diffu-GRPO's biased estimate; trajectory: AGRPO's sampled rollout steps
-MaskScheme = Literal[ElboMaskScheme, "one_step", "trajectory"]
+MaskedSequenceScheme = Literal[ElboMaskScheme, "one_step"]  # one_step: diffu-GRPO's biased one
+MaskScheme = Literal[MaskedSequenceScheme, "trajectory"]  # trajectory: AGRPO's rollout steps
 Centering = Literal["batch", "group", "microbatch", "none"]
 Advantage = Literal["mean", "leave_one_out", "standardized"]
 TransformerImpl = Literal["auto", "local", "transformer_engine"]

@@ -189,8 +189,8 @@ def validate_config(cfg: TrainConfig, world_size: Optional[int] = None) -> Layou
                           f"data-parallel size {dp}")
     per_rank = cfg.global_batch_size // dp
     check_rollout(ro, par, cfg.model.max_position_embeddings, cfg.data.max_prompt_length)
-    check_loss(cfg.algorithm, cfg.likelihood, per_rank)
     check_trajectory(cfg)
+    check_loss(cfg.algorithm, cfg.likelihood, per_rank)
     if cfg.checkpoint.export_hf and not cfg.checkpoint.save_dir:
         raise ConfigError("checkpoint.export_hf converts the run's final checkpoint: it needs "
                           "checkpoint.save_dir")

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from rspo_mega.config.schema import CountPositions, LikelihoodConfig, MaskScheme, choices
+from rspo_mega.config.schema import CountPositions, LikelihoodConfig, MaskedSequenceScheme, choices
 from rspo_mega.likelihood.batch import CompletionBatch, MaskedBatch
 from rspo_mega.rng import hash64, keyed_generator  # noqa: F401  (hash64 re-exported)
 
@@ -113,7 +113,8 @@ def _sample_units(
         return [bernoulli_unit(t, torch.rand(length, dtype=torch.float64, generator=gen))]
     if scheme == "one_step":
         return [(torch.ones(length, dtype=torch.bool), 1.0)]
-    raise ValueError(f"likelihood.mask_scheme={scheme!r}: expected one of {choices(MaskScheme)}")
+    raise ValueError(f"likelihood.mask_scheme={scheme!r}: the mask sampler draws one of "
+                     f"{choices(MaskedSequenceScheme)} (trajectory: TrajectorySampler)")
 
 
 def count_mask(batch: CompletionBatch, count_positions: str, eos_token_id: int) -> torch.Tensor:

@@ -151,7 +151,7 @@ RL = ["algorithm.name=agrpo", "likelihood.mask_scheme=trajectory", "rollout.step
     (["likelihood.mc_samples=9"], "likelihood.mc_samples=9 sampled steps per completion exceed"),
     (["likelihood.mask_scheme=coupled"], "algorithm.name=agrpo takes likelihood.mask_scheme"),
     (["algorithm.name=rspo"], "algorithm.name='rspo' with likelihood.mask_scheme='trajectory'"),
-    (["algorithm.name=sft"], "does not estimate the ELBO"),
+    (["algorithm.name=sft"], "algorithm.name='sft' with likelihood.mask_scheme='trajectory'"),
     (["rollout.temperature=0"], "needs rollout.temperature > 0"),
     (["rollout.cfg_scale=1.5"], "rollout.cfg_scale=1.5"),
     (["likelihood.mask_sharing=group"], "likelihood.mask_sharing='group'"),
@@ -159,20 +159,19 @@ RL = ["algorithm.name=agrpo", "likelihood.mask_scheme=trajectory", "rollout.step
     (["likelihood.step_sampling=linear"], "likelihood.step_sampling"),
 ])
 def test_bad_settings_are_named(extra, message):
-    cfg = load_config(None, RL + extra)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        validate_config(cfg)
+        validate_config(load_config(None, RL + extra))  # choices: the loader; the rest: validate
 
 
 def test_bad_inputs_are_named():
     from rspo_mega.algorithms import LossInputs, build_loss
 
     lik = LikelihoodConfig(mask_scheme="trajectory", mc_samples=2)
-    with pytest.raises(ValueError, match="not an ELBO mask scheme"):
-        MaskSampler(lik, 1, MASK, EOS)
     with pytest.raises(ValueError, match="needs likelihood.mask_scheme='trajectory'"):
         TrajectorySampler(LikelihoodConfig(), 1, MASK, EOS)
     batch = _rollout(_toy64())
+    with pytest.raises(ValueError, match=r"the mask sampler draws one of .* TrajectorySampler"):
+        MaskSampler(lik, 1, MASK, EOS).sample(batch, iteration=0)
     bare = dataclasses.replace(batch, commit_step=None, commit_logp=None, commit_entropy=None)
     with pytest.raises(ValueError, match="needs the rollout's trajectory record"):
         TrajectorySampler(lik, 1, MASK, EOS).sample(bare, iteration=0)
