@@ -88,30 +88,47 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"config key '{key}' must not be null (expected {type_name(tp)})")
-    if typing.get_origin(tp) is Annotated:
-        base, *rules = typing.get_args(tp)
-        value = _coerce(value, base, key)
-        for rule in rules:
-            if isinstance(rule, Bounds) and not rule.holds(value):
-                raise ConfigError(f"config key '{key}' must be {rule.describe()}, got {value!r}")
-        return value
-    if typing.get_origin(tp) is Literal:
-        options = typing.get_args(tp)
-        if value not in options:
-            near = _suggest(str(value), options) if isinstance(value, str) else ""
-            raise ConfigError(f"config key '{key}' = {value!r} must be one of "
-                              f"{list(options)}{near}")
-        return value
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _coerce_annotated(value, tp, key)
+    if origin is Literal:
+        return _check_literal(value, tp, key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{key}' must be a mapping, got {type(value).__name__}")
         return _build(tp, value, key)
-    if typing.get_origin(tp) is dict:  # dict[str, str]: a free mapping, e.g. data.fields
+    if origin is dict:  # dict[str, str]: a free mapping, e.g. data.fields
         if not isinstance(value, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
             raise ConfigError(f"config key '{key}' must be a mapping of strings to strings, "
                               f"got {value!r}")
         return dict(value)
+    return _coerce_scalar(value, tp, key)
+
+
+def _coerce_annotated(value: Any, tp: Any, key: str) -> Any:
+    """``value`` coerced to the base of ``Annotated[base, *rules]``, then every ``Bounds`` checked."""
+    base, *rules = typing.get_args(tp)
+    value = _coerce(value, base, key)
+    for rule in rules:
+        if isinstance(rule, Bounds) and not rule.holds(value):
+            raise ConfigError(f"config key '{key}' must be {rule.describe()}, got {value!r}")
+    return value
+
+
+def _check_literal(value: Any, tp: Any, key: str) -> Any:
+    """``value`` unchanged when it is one of the ``Literal`` options (did-you-mean otherwise)."""
+    options = typing.get_args(tp)
+    if value not in options:
+        near = _suggest(str(value), options) if isinstance(value, str) else ""
+        raise ConfigError(f"config key '{key}' = {value!r} must be one of "
+                          f"{list(options)}{near}")
+    return value
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
+    """A ``bool`` / ``int`` / ``float`` / ``str`` value checked (a float also from an int or from
+    a ``'3e-6'`` string); any other type is unsupported."""
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"config key '{key}' must be a bool, got {value!r}")

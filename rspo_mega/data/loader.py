@@ -67,9 +67,14 @@ def read_records(
     zeros); tasks convert types. Raises :class:`DataFileError` (a ``ValueError``; a
     ``FileNotFoundError`` for a missing file) naming the file and the line, row or field.
     """
-    import datasets  # deferred: importing `datasets` costs ~1 s
-
     path = Path(path)
+    builder = _builder_for(path)
+    table = _load_table(path, builder, fields, json_field, cache_dir)
+    return _table_records(path, table, fields)
+
+
+def _builder_for(path: Path) -> str:
+    """The `datasets` builder for an existing, non-empty file of a supported suffix."""
     if not path.is_file():
         raise DataFileNotFoundError(f"dataset file not found: {path}")
     builder = SUPPORTED_SUFFIXES.get(path.suffix.lower())
@@ -80,6 +85,18 @@ def read_records(
         )
     if path.stat().st_size == 0:
         raise DataFileError(f"dataset file {path} is empty")
+    return builder
+
+
+def _load_table(
+    path: Path,
+    builder: str,
+    fields: Sequence[str],
+    json_field: str | None,
+    cache_dir: str | None,
+) -> Any:
+    """The file as one `datasets.Dataset` split; a read failure is re-raised naming the file."""
+    import datasets  # deferred: importing `datasets` costs ~1 s
 
     kwargs: dict[str, Any] = {}
     if builder == "csv":
@@ -90,7 +107,7 @@ def read_records(
         kwargs["field"] = json_field
     try:
         with _quiet_datasets():
-            table = datasets.load_dataset(
+            return datasets.load_dataset(
                 builder, data_files=str(path), split="train", cache_dir=cache_dir, **kwargs
             )
     except Exception as err:  # the library raises many types; keep the file name attached
@@ -98,6 +115,9 @@ def read_records(
         raise DataFileError(f"dataset file {path}" + (f", {where}" if where else
                             f": could not read it: {type(err).__name__}: {err}")) from err
 
+
+def _table_records(path: Path, table: Any, fields: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows of `table` restricted to `fields`; every field present and every value non-empty."""
     if len(table) == 0:
         raise DataFileError(f"dataset file {path} contains no records")
     for name in fields:

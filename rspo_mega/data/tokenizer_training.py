@@ -61,6 +61,39 @@ def task_corpus(
     return documents
 
 
+# Fixed trainer options: byte fallback, no normalisation, digits split, only unk as a control id.
+_TRAINER_OPTIONS: dict[str, object] = dict(
+    byte_fallback=True,
+    character_coverage=1.0,
+    normalization_rule_name="identity",
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=False,
+    split_digits=True,
+    allow_whitespace_only_pieces=True,
+    hard_vocab_limit=False,
+    unk_id=0,
+    bos_id=-1,
+    eos_id=-1,
+    pad_id=-1,
+)
+
+
+def _special_symbols(
+    documents: list[str], vocab_size: int, special_tokens: Sequence[str] | None
+) -> list[str]:
+    """The user-defined symbols (deduplicated, in order), after checking `vocab_size` holds them,
+    unk, the 256 byte pieces and every distinct character of `documents`."""
+    specials = list(dict.fromkeys(special_tokens if special_tokens is not None else LLADA_SPECIAL_TOKENS.values()))
+    # unk + user-defined symbols + 256 byte pieces + every distinct character (coverage 1.0)
+    minimum = 1 + len(specials) + 256 + len(set().union(*documents))
+    if vocab_size < minimum:
+        raise ValueError(
+            f"vocab_size={vocab_size} too small for this corpus: unk, {len(specials)} special tokens, "
+            f"256 byte pieces and its characters need at least {minimum}"
+        )
+    return specials
+
+
 def train_sentencepiece_tokenizer(
     documents: Iterable[str],
     model_prefix: str | os.PathLike,
@@ -81,14 +114,7 @@ def train_sentencepiece_tokenizer(
     import sentencepiece
 
     documents = list(documents)
-    specials = list(dict.fromkeys(special_tokens if special_tokens is not None else LLADA_SPECIAL_TOKENS.values()))
-    # unk + user-defined symbols + 256 byte pieces + every distinct character (coverage 1.0)
-    minimum = 1 + len(specials) + 256 + len(set().union(*documents))
-    if vocab_size < minimum:
-        raise ValueError(
-            f"vocab_size={vocab_size} too small for this corpus: unk, {len(specials)} special tokens, "
-            f"256 byte pieces and its characters need at least {minimum}"
-        )
+    specials = _special_symbols(documents, vocab_size, special_tokens)
     model_prefix = Path(model_prefix)
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
     sentencepiece.SentencePieceTrainer.train(
@@ -97,18 +123,7 @@ def train_sentencepiece_tokenizer(
         vocab_size=vocab_size,
         model_type=model_type,
         user_defined_symbols=specials,
-        byte_fallback=True,
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        hard_vocab_limit=False,
-        unk_id=0,
-        bos_id=-1,
-        eos_id=-1,
-        pad_id=-1,
+        **_TRAINER_OPTIONS,
         num_threads=num_threads,
         minloglevel=2,
     )

@@ -172,6 +172,26 @@ class MaskSampler:
         selects another independent draw for the same step (see :func:`mask_generator`)."""
         cfg = self.cfg
         device = batch.input_ids.device
+        counted, lengths = self._scored_positions(batch)
+        ids = batch.input_ids.cpu()
+        attn = batch.attention_mask.cpu()
+        if cfg.count_positions == "until_eos":
+            attn = attn & ~(batch.completion_mask.cpu() & ~counted)
+        prompt = attn & ~batch.completion_mask.cpu()
+        copies = cfg.mc_samples * units_per_sample(cfg.mask_scheme)
+        b_num, s_len = ids.shape
+        out_ids = ids.repeat_interleave(copies, dim=0)
+        weights = torch.zeros(b_num * copies, s_len, dtype=torch.float32)
+        score = torch.zeros(b_num * copies, s_len, dtype=torch.bool)
+        for b in range(b_num):
+            key, length = self.mask_key(batch, b), int(lengths[b])
+            self._mask_completion(b, key, length, counted[b], prompt[b], iteration, update,
+                                  out_ids, score, weights)
+        return self._masked_batch(ids, attn, out_ids, weights, score, lengths, counted).to(device)
+
+    def _scored_positions(self, batch: CompletionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(count mask [B, S] bool on CPU, its per-row lengths [B]); every row needs a position."""
+        cfg = self.cfg
         counted = count_mask(batch, cfg.count_positions, self.eos_token_id).cpu()
         lengths = counted.sum(dim=1)
         empty = (lengths == 0).nonzero().flatten()
@@ -180,40 +200,60 @@ class MaskSampler:
                 f"completion(s) {empty.tolist()} (uids {batch.uids[empty].tolist()}) have no "
                 f"positions to score under likelihood.count_positions={cfg.count_positions!r}"
             )
-        ids = batch.input_ids.cpu()
-        attn = batch.attention_mask.cpu()
-        if cfg.count_positions == "until_eos":
-            attn = attn & ~(batch.completion_mask.cpu() & ~counted)
-        prompt = attn & ~batch.completion_mask.cpu()
+        return counted, lengths
+
+    def _mask_completion(
+        self,
+        b: int,
+        key: int,
+        length: int,
+        counted_row: torch.Tensor,
+        prompt_row: torch.Tensor,
+        iteration: int,
+        update: int,
+        out_ids: torch.Tensor,
+        score: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> None:
+        """Write completion ``b``'s K x U masked copies into rows ``b*K*U ..`` of ``out_ids``,
+        ``score`` and ``weights`` ([B*K*U, S]); ``counted_row`` and ``prompt_row`` are [S] bool."""
+        cfg = self.cfg
         k_num, u_num = cfg.mc_samples, units_per_sample(cfg.mask_scheme)
-        b_num, s_len = ids.shape
-        n = b_num * k_num * u_num
-        out_ids = ids.repeat_interleave(k_num * u_num, dim=0)
-        weights = torch.zeros(n, s_len, dtype=torch.float32)
-        score = torch.zeros(n, s_len, dtype=torch.bool)
-        for b in range(b_num):
-            key, length = self.mask_key(batch, b), int(lengths[b])
-            pos = counted[b].nonzero().flatten()
-            offset = 0
-            if cfg.mask_scheme == "stratified":
-                g0 = mask_generator(self.seed, iteration, key, COMPLETION_STREAM, update)
-                offset = int(torch.randint(0, length, (1,), generator=g0))
-            strat = stratified_counts(length, k_num, offset)
-            for k in range(k_num):
-                gen = mask_generator(self.seed, iteration, key, k, update)
-                units = _sample_units(cfg, length, gen, strat[k])
-                for u, (mask, w) in enumerate(units):
-                    row = (b * k_num + k) * u_num + u
-                    sel = pos[mask]
-                    out_ids[row, sel] = self.mask_token_id
-                    score[row, sel] = True
-                    weights[row, sel] = float(w)
-                if cfg.mask_scheme == "one_step" and cfg.one_step_prompt_mask_prob > 0:
-                    pmask = prompt[b] & (torch.rand(s_len, generator=gen)
-                                         < cfg.one_step_prompt_mask_prob)
-                    out_ids[(b * k_num + k) * u_num, pmask] = self.mask_token_id
-        rows = torch.arange(n)
-        masked = MaskedBatch(
+        pos = counted_row.nonzero().flatten()
+        offset = 0
+        if cfg.mask_scheme == "stratified":
+            g0 = mask_generator(self.seed, iteration, key, COMPLETION_STREAM, update)
+            offset = int(torch.randint(0, length, (1,), generator=g0))
+        strat = stratified_counts(length, k_num, offset)
+        for k in range(k_num):
+            gen = mask_generator(self.seed, iteration, key, k, update)
+            units = _sample_units(cfg, length, gen, strat[k])
+            for u, (mask, w) in enumerate(units):
+                row = (b * k_num + k) * u_num + u
+                sel = pos[mask]
+                out_ids[row, sel] = self.mask_token_id
+                score[row, sel] = True
+                weights[row, sel] = float(w)
+            if cfg.mask_scheme == "one_step" and cfg.one_step_prompt_mask_prob > 0:
+                pmask = prompt_row & (torch.rand(out_ids.shape[1], generator=gen)
+                                      < cfg.one_step_prompt_mask_prob)
+                out_ids[(b * k_num + k) * u_num, pmask] = self.mask_token_id
+
+    def _masked_batch(
+        self,
+        ids: torch.Tensor,
+        attn: torch.Tensor,
+        out_ids: torch.Tensor,
+        weights: torch.Tensor,
+        score: torch.Tensor,
+        lengths: torch.Tensor,
+        counted: torch.Tensor,
+    ) -> MaskedBatch:
+        """The :class:`MaskedBatch` (on CPU) of the filled [B*K*U, S] planes; ``ids``, ``attn``
+        are the [B, S] originals, each repeated K*U times."""
+        k_num, u_num = self.cfg.mc_samples, units_per_sample(self.cfg.mask_scheme)
+        rows = torch.arange(out_ids.shape[0])
+        return MaskedBatch(
             input_ids=out_ids,
             attention_mask=attn.repeat_interleave(k_num * u_num, dim=0),
             labels=ids.repeat_interleave(k_num * u_num, dim=0),
@@ -226,4 +266,3 @@ class MaskSampler:
             num_mc=k_num,
             units_per_sample=u_num,
         )
-        return masked.to(device)

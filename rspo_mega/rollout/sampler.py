@@ -415,6 +415,23 @@ def _denoise_step(
     device-to-host copy); ``scores``: with ``score``, the rollout policy's log-prob of ``x0``
     and its entropy ``[b, m]`` (float64), else None.
     """
+    b, m, _ = logits.shape
+    flat, x0 = _sample_x0(logits, offsets, uids, step, s, shard, noise_fn)
+    scores = None
+    if score:
+        scores = tuple(t.view(b, m) for t in shard.log_prob_entropy(flat, x0.reshape(-1),
+                                                                     s.temperature))
+    conf = _confidence(flat, x0, offsets, valid, uids, step, s, shard)
+    commit, counts = _commit_top(conf, valid, k, remaining, s)
+    return commit, x0, conf, counts, scores
+
+
+def _sample_x0(
+    logits: torch.Tensor, offsets: torch.Tensor, uids: list[int], step: int, s: SamplerSettings,
+    shard: VocabShard, noise_fn: Optional[NoiseFn],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(flat logits [b*m, V_local], x0 [b, m])``: a Gumbel-max draw at every block position,
+    keyed by (uid, step) (``noise_fn`` replaces the keyed uniforms); EOS forbidden if set."""
     b, m, v_local = logits.shape
     if s.forbid_eos:
         shard.forbid(logits, s.eos_token_id)
@@ -425,20 +442,33 @@ def _denoise_step(
                  keyed_uniforms(s.seed, uid, step, ROLLOUT_NOISE_STREAM, (s.block_length, s.vocab_size))
                  for uid in uids]
         noise = shard.slice_noise(_block_draws(draws, offsets).reshape(b * m, -1))
-    x0 = gumbel_max(flat, noise, s.temperature, shard).view(b, m)
-    scores = None
-    if score:
-        scores = tuple(t.view(b, m) for t in shard.log_prob_entropy(flat, x0.reshape(-1),
-                                                                     s.temperature))
+    return flat, gumbel_max(flat, noise, s.temperature, shard).view(b, m)
+
+
+def _confidence(
+    flat: torch.Tensor, x0: torch.Tensor, offsets: torch.Tensor, valid: torch.Tensor,
+    uids: list[int], step: int, s: SamplerSettings, shard: VocabShard,
+) -> torch.Tensor:
+    """The remasking confidence ``[b, m]`` of ``x0`` (``-inf`` outside ``valid``): its
+    probability (``low_confidence``) or a keyed uniform (``random``)."""
     if s.remasking == "low_confidence":
-        conf = shard.chosen_prob(flat, x0.reshape(-1)).view(b, m)
+        conf = shard.chosen_prob(flat, x0.reshape(-1)).view(x0.shape)
     elif s.remasking == "random":
         draws = [keyed_uniforms(s.seed, uid, step, ROLLOUT_REMASK_STREAM, (s.block_length,))
                  for uid in uids]
         conf = _block_draws(draws, offsets)
     else:
         raise ValueError(f"rollout.remasking={s.remasking!r}: expected one of {choices(Remasking)}")
-    conf = torch.where(valid, conf, torch.full_like(conf, float("-inf")))
+    return torch.where(valid, conf, torch.full_like(conf, float("-inf")))
+
+
+def _commit_top(
+    conf: torch.Tensor, valid: torch.Tensor, k: list[int], remaining: list[int],
+    s: SamplerSettings,
+) -> tuple[torch.Tensor, list[int]]:
+    """``(commit [b, m] bool, counts)``: each row's ``counts[row]`` most confident positions;
+    ``counts`` is ``min(k, remaining)``, or in threshold mode at least ``k`` and every valid
+    position above the threshold (copied from the device)."""
     if s.threshold is None:
         counts = [min(kk, n) for kk, n in zip(k, remaining)]
     else:
@@ -449,4 +479,4 @@ def _denoise_step(
     for row, kk in enumerate(counts):  # per-row top-k, exactly as the reference sampler
         if kk > 0:
             commit[row, torch.topk(conf[row], kk).indices] = True
-    return commit, x0, conf, counts, scores
+    return commit, counts

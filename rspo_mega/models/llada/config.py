@@ -56,6 +56,7 @@ def _layout(parallel: Optional[ParallelConfig]) -> tuple[int, int, Optional[int]
 
 
 def _fp8_fields(cfg: ModelConfig, impl: str) -> dict[str, Any]:
+    """FP8 recipe fields (empty when ``model.fp8`` is off); FP8 needs the TE implementation."""
     if not cfg.fp8.enabled:
         return {}
     if impl != "transformer_engine":
@@ -69,25 +70,8 @@ def _fp8_fields(cfg: ModelConfig, impl: str) -> dict[str, Any]:
     }
 
 
-def transformer_config(
-    cfg: ModelConfig,
-    parallel: Optional[ParallelConfig] = None,
-    impl: str = "local",
-    **overrides: Any,
-) -> TransformerConfig:
-    """The megatron-core config of an LLaDA model.
-
-    ``parallel`` gives TP/PP/VPP (default: the initialised megatron parallel state). ``impl`` is the
-    resolved layer implementation (see :func:`spec.resolve_transformer_impl`): fusions are only
-    enabled with TE on a GPU; on CPU every fusion is off and weights are initialised on the CPU.
-    ``overrides`` are passed to ``TransformerConfig`` last (e.g. ``perform_initialization=False``).
-    """
-    tp, pp, vpp, sequence_parallel = _layout(parallel)
-    dtype = params_dtype(cfg)
-    on_gpu = torch.cuda.is_available()
-    fused = on_gpu and impl == "transformer_engine"
-    if sequence_parallel and not fused:
-        raise ValueError("sequence_parallel needs the transformer_engine implementation on a GPU")
+def _query_groups(cfg: ModelConfig) -> int:
+    """Number of KV groups (``num_query_groups`` or, unset, one per head), with the head checks."""
     if cfg.hidden_size % cfg.num_attention_heads:
         raise ValueError(
             f"hidden_size {cfg.hidden_size} is not divisible by num_attention_heads "
@@ -99,7 +83,12 @@ def transformer_config(
             f"num_attention_heads {cfg.num_attention_heads} is not divisible by "
             f"num_query_groups {groups}"
         )
-    kwargs: dict[str, Any] = dict(
+    return groups
+
+
+def _architecture_fields(cfg: ModelConfig, groups: int) -> dict[str, Any]:
+    """The LLaDA block: geometry, RMSNorm, SwiGLU, no biases, no dropout."""
+    return dict(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
         ffn_hidden_size=cfg.ffn_hidden_size,
@@ -115,6 +104,15 @@ def transformer_config(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=cfg.init_method_std,
+    )
+
+
+def _runtime_fields(
+    layout: tuple[int, int, Optional[int], bool], dtype: torch.dtype, on_gpu: bool, fused: bool
+) -> dict[str, Any]:
+    """Parallel layout, dtypes, initialisation device and fusion switches."""
+    tp, pp, vpp, sequence_parallel = layout
+    return dict(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
@@ -129,6 +127,32 @@ def transformer_config(
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
+    )
+
+
+def transformer_config(
+    cfg: ModelConfig,
+    parallel: Optional[ParallelConfig] = None,
+    impl: str = "local",
+    **overrides: Any,
+) -> TransformerConfig:
+    """The megatron-core config of an LLaDA model.
+
+    ``parallel`` gives TP/PP/VPP (default: the initialised megatron parallel state). ``impl`` is the
+    resolved layer implementation (see :func:`spec.resolve_transformer_impl`): fusions are only
+    enabled with TE on a GPU; on CPU every fusion is off and weights are initialised on the CPU.
+    ``overrides`` are passed to ``TransformerConfig`` last (e.g. ``perform_initialization=False``).
+    """
+    layout = _layout(parallel)
+    dtype = params_dtype(cfg)
+    on_gpu = torch.cuda.is_available()
+    fused = on_gpu and impl == "transformer_engine"
+    if layout[3] and not fused:
+        raise ValueError("sequence_parallel needs the transformer_engine implementation on a GPU")
+    groups = _query_groups(cfg)
+    kwargs: dict[str, Any] = dict(
+        **_architecture_fields(cfg, groups),
+        **_runtime_fields(layout, dtype, on_gpu, fused),
         **_fp8_fields(cfg, impl),
     )
     kwargs.update(overrides)

@@ -189,28 +189,40 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config: Optional[str] = 
     hf_shapes = A.hf_shapes(cfg)
     entries = [(k, out_dtype, hf_shapes[k]) for p, i in order for k in A.hf_keys(p, i)]
 
-    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        # one checkpoint read per layer (and one per global tensor): a layer is held at a time
-        groups: list[list[tuple[A.MCoreParam, Optional[int]]]] = []
-        for param, layer in order:
-            if groups and layer is not None and groups[-1][0][1] == layer:
-                groups[-1].append((param, layer))
-            else:
-                groups.append([(param, layer)])
-        for group in groups:
-            loaded = ckpt.read_global_tensors(
-                ckpt_dir, {prefix + p.key: layer for p, layer in group}, shapes)
-            for param, layer in group:
-                for hf_key, t in A.from_mcore(param, loaded.pop(prefix + param.key), cfg, layer):
-                    yield hf_key, t.to(out_dtype)
-
+    tensors = _hf_tensors(ckpt_dir, order, prefix, shapes, cfg, out_dtype)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         config = hf_config_dict(cfg, dtype, template=raw)
-        write_hf_checkpoint(tmp, entries, tensors(), parse_size(max_shard_size), config)
+        write_hf_checkpoint(tmp, entries, tensors, parse_size(max_shard_size), config)
         if template:
             copy_template_files(template, tmp, skip=_not_copied)
     log.info("converted %s -> %s", ckpt_dir, out_dir)
     return cfg
+
+
+def _layer_groups(
+    order: list[tuple[A.MCoreParam, Optional[int]]],
+) -> list[list[tuple[A.MCoreParam, Optional[int]]]]:
+    """``order`` cut into runs: the tensors of one layer together, each global tensor alone."""
+    groups: list[list[tuple[A.MCoreParam, Optional[int]]]] = []
+    for param, layer in order:
+        if groups and layer is not None and groups[-1][0][1] == layer:
+            groups[-1].append((param, layer))
+        else:
+            groups.append([(param, layer)])
+    return groups
+
+
+def _hf_tensors(ckpt_dir: str, order: list[tuple[A.MCoreParam, Optional[int]]], prefix: str,
+                shapes: dict, cfg: ModelConfig,
+                out_dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF key, tensor in ``out_dtype``) in HF file order, read lazily: one checkpoint read per
+    layer (and one per global tensor), so a layer is held at a time."""
+    for group in _layer_groups(order):
+        loaded = ckpt.read_global_tensors(
+            ckpt_dir, {prefix + p.key: layer for p, layer in group}, shapes)
+        for param, layer in group:
+            for hf_key, t in A.from_mcore(param, loaded.pop(prefix + param.key), cfg, layer):
+                yield hf_key, t.to(out_dtype)
 
 
 def _not_copied(name: str) -> bool:

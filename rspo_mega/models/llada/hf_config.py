@@ -142,15 +142,9 @@ def model_config_from_hf(path: str | os.PathLike, base: Optional[ModelConfig] = 
     return model_config_from_hf_dict(read_hf_config(path), _config_path(path), base)
 
 
-def hf_config_dict(cfg: ModelConfig, torch_dtype: str = "bfloat16",
-                   template: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """An HF LLaDA ``config.json`` dict for ``cfg`` (real LLaDA keys).
-
-    With ``template`` (e.g. the original config.json) its other keys are kept and only the
-    geometry, token ids and ``torch_dtype`` are overwritten.
-    """
-    groups = cfg.num_query_groups or cfg.num_attention_heads
-    out: dict[str, Any] = {
+def _llada_defaults() -> dict[str, Any]:
+    """A fresh dict of the fixed LLaDA ``config.json`` keys (architecture, remote code, switches)."""
+    return {
         "architectures": ["LLaDAModelLM"],
         "model_type": "llada",
         "auto_map": {
@@ -169,11 +163,14 @@ def hf_config_dict(cfg: ModelConfig, torch_dtype: str = "bfloat16",
         "residual_dropout": 0.0, "rope": True, "rope_full_precision": True,
         "scale_logits": False, "use_cache": False, "weight_tying": False,
     }
-    out.update(template or {})
-    out.update(
+
+
+def _model_keys(cfg: ModelConfig, torch_dtype: str) -> dict[str, Any]:
+    """The ``config.json`` keys ``cfg`` determines: geometry, token ids and ``torch_dtype``."""
+    return dict(
         d_model=cfg.hidden_size,
         n_heads=cfg.num_attention_heads,
-        n_kv_heads=groups,
+        n_kv_heads=cfg.num_query_groups or cfg.num_attention_heads,
         n_layers=cfg.num_layers,
         mlp_hidden_size=cfg.ffn_hidden_size,
         vocab_size=cfg.vocab_size,
@@ -187,6 +184,18 @@ def hf_config_dict(cfg: ModelConfig, torch_dtype: str = "bfloat16",
         pad_token_id=cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id,
         torch_dtype=torch_dtype,
     )
+
+
+def hf_config_dict(cfg: ModelConfig, torch_dtype: str = "bfloat16",
+                   template: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """An HF LLaDA ``config.json`` dict for ``cfg`` (real LLaDA keys).
+
+    With ``template`` (e.g. the original config.json) its other keys are kept and only the
+    geometry, token ids and ``torch_dtype`` are overwritten.
+    """
+    out = _llada_defaults()
+    out.update(template or {})
+    out.update(_model_keys(cfg, torch_dtype))
     if template and template.get("embedding_size") == cfg.vocab_size and template.get("vocab_size"):
         out["vocab_size"] = template["vocab_size"]  # true tokenizer vocab below the row count
     if cfg.bos_token_id is not None:

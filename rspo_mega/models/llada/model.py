@@ -46,11 +46,7 @@ def build_llada_model(
     """
     if not ps.model_parallel_is_initialized():
         raise RuntimeError("build_llada_model: initialise megatron parallel state first")
-    virtual = ps.get_virtual_pipeline_model_parallel_world_size() is not None
-    if pre_process is None:
-        pre_process = ps.is_pipeline_first_stage(ignore_virtual=not virtual, vp_stage=vp_stage)
-    if post_process is None:
-        post_process = ps.is_pipeline_last_stage(ignore_virtual=not virtual, vp_stage=vp_stage)
+    pre_process, post_process = _stage_ends(pre_process, post_process, vp_stage)
     impl = resolve_transformer_impl(cfg.transformer_impl)
     config = transformer_config(cfg, impl=impl, perform_initialization=init_weights)
     tp = ps.get_tensor_model_parallel_world_size()
@@ -70,6 +66,23 @@ def build_llada_model(
         rotary_base=cfg.rope_theta,
         vp_stage=vp_stage,
     )
+    return _placed(model, config)
+
+
+def _stage_ends(pre_process: Optional[bool], post_process: Optional[bool],
+                vp_stage: Optional[int]) -> tuple[bool, bool]:
+    """``(pre_process, post_process)``: the given flags, else whether this rank holds the first /
+    last pipeline stage (of ``vp_stage`` with virtual stages)."""
+    virtual = ps.get_virtual_pipeline_model_parallel_world_size() is not None
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=not virtual, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=not virtual, vp_stage=vp_stage)
+    return pre_process, post_process
+
+
+def _placed(model: torch.nn.Module, config: Any) -> torch.nn.Module:
+    """``model`` on the current GPU (if any), wrapped in ``Float16Module`` for bf16 ``config``."""
     if torch.cuda.is_available():  # the local spec's torch norms and RoPE buffers start on the CPU
         model.cuda(torch.cuda.current_device())
     if config.bf16:
@@ -163,23 +176,40 @@ def llada_forward(
             raise ValueError("llada_forward: a cached (rollout) forward returns logits; labels "
                              "need the full sequence without kv_cache")
         return _cached_forward(model, input_ids, attention_mask, positions, kv_cache)
+    _check_full_forward(b, s, labels, positions)
+    if attention_mask is not None and inner.transformer_impl == "transformer_engine":
+        input_ids, attention_mask, labels, positions = _real_tokens_first_rows(
+            input_ids, attention_mask, labels, positions)
+    position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
+    mask = None if attention_mask is None else padding_attention_mask(attention_mask)
+    return model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+                 labels=labels, positions=positions)
+
+
+def _check_full_forward(b: int, s: int, labels: Optional[torch.Tensor],
+                        positions: Optional[torch.Tensor]) -> None:
+    """``labels`` must be ``[b, s]``, ``positions`` ``[b, m]`` or flat ``[n]``."""
     if labels is not None and labels.shape != (b, s):
         raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {(b, s)}")
     if positions is not None and not (positions.dim() == 1 or
                                       (positions.dim() == 2 and positions.shape[0] == b)):
         raise ValueError(f"positions must be [b={b}, m] or [n], got shape {tuple(positions.shape)}")
-    shift = None
-    if attention_mask is not None and inner.transformer_impl == "transformer_engine":
-        shift = real_tokens_first(attention_mask)
-    if shift is not None:  # every stage sees the same rotated rows; the head reads caller order
-        input_ids, attention_mask = _rotate(input_ids, shift), _rotate(attention_mask, shift)
-        if labels is not None:
-            labels = _rotate(labels, shift)
-        positions = _rotated_positions(positions, shift, b, s)
-    position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
-    mask = None if attention_mask is None else padding_attention_mask(attention_mask)
-    return model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                 labels=labels, positions=positions)
+
+
+def _real_tokens_first_rows(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: Optional[torch.Tensor],
+    positions: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The inputs with each row rotated so its real tokens come first (Transformer Engine's
+    padding mask), ``positions`` mapped into the rotated rows; unchanged when no row needs it."""
+    shift = real_tokens_first(attention_mask)
+    if shift is None:
+        return input_ids, attention_mask, labels, positions
+    b, s = input_ids.shape  # every stage sees the same rotated rows; the head reads caller order
+    input_ids, attention_mask = _rotate(input_ids, shift), _rotate(attention_mask, shift)
+    if labels is not None:
+        labels = _rotate(labels, shift)
+    return input_ids, attention_mask, labels, _rotated_positions(positions, shift, b, s)
 
 
 def _cached_forward(model: torch.nn.Module, input_ids: torch.Tensor,
