@@ -44,6 +44,7 @@ import torch
 
 from rspo_mega.algorithms.base import LossInputs, PolicyLoss
 from rspo_mega.algorithms.diagnostics import Metrics
+from rspo_mega.algorithms.ppo import clipped_surrogate, with_k3
 from rspo_mega.config.schema import AlgorithmConfig, LikelihoodConfig
 from rspo_mega.likelihood.batch import TrajectoryBatch
 from rspo_mega.likelihood.trajectory import trajectory_sum
@@ -77,19 +78,11 @@ class AGRPOLoss(PolicyLoss):
         score, lp = masked.score_mask, inputs.logp
         zero = torch.zeros_like(lp)
         adv = inputs.advantages.to(lp.dtype)[masked.completion_index].unsqueeze(1)  # [N, 1]
-        ratio = torch.exp(torch.where(score, lp - masked.rollout_logp.to(lp.dtype), zero))
-        per_token = -torch.minimum(ratio * adv, ratio.clamp(1.0 - eps, 1.0 + eps) * adv)
-        clipped = ((ratio > 1.0 + eps) & (adv > 0)) | ((ratio < 1.0 - eps) & (adv < 0))
-        metrics.add_fraction("agrpo/clip_frac", clipped & score, score)
-        metrics.add_mean("agrpo/ratio_mean", ratio, score)
+        per_token = clipped_surrogate(lp - masked.rollout_logp.to(lp.dtype), adv, score, eps,
+                                      metrics, "agrpo")
         steps = masked.steps.to(lp.dtype)
         metrics.add_mean("agrpo/steps", steps)
         metrics.add_mean("agrpo/tokens_per_sampled_step", score.sum(1).to(lp.dtype))
         metrics.add_mean("policy/logp_per_step", trajectory_sum(lp.detach(), masked) / steps)
-        if inputs.ref_logp is not None:
-            log_r = torch.where(score, inputs.ref_logp.detach() - lp, zero)
-            k3 = torch.exp(log_r) - log_r - 1.0
-            if beta > 0:
-                per_token = per_token + beta * k3
-            metrics.add_mean("kl/k3_per_token", k3, score)
+        per_token = with_k3(per_token, lp, inputs.ref_logp, score, beta, metrics)
         return trajectory_sum(torch.where(score, per_token, zero), masked) / steps

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from rspo_mega.algorithms.base import LossInputs, PolicyLoss
+from rspo_mega.algorithms.ppo import clipped_surrogate, with_k3
 from rspo_mega.algorithms.diagnostics import (
     Metrics,
     add_elbo_diagnostics,
@@ -40,23 +41,14 @@ class DiffuGRPOLoss(PolicyLoss):
         eps, beta = float(self.algorithm.clip_eps), float(self.algorithm.kl_beta)
         masked = inputs.masked
         score = masked.score_mask
-        zero = torch.zeros_like(inputs.logp)
         lp = inputs.logp
         adv = inputs.advantages.to(lp.dtype)[masked.completion_index].unsqueeze(1)  # [N, 1]
-        ratio = torch.exp(torch.where(score, lp - inputs.old().detach(), zero))
-        surrogate = torch.minimum(ratio * adv, ratio.clamp(1.0 - eps, 1.0 + eps) * adv)
-        per_token = -surrogate
-        clipped = ((ratio > 1.0 + eps) & (adv > 0)) | ((ratio < 1.0 - eps) & (adv < 0))
-        metrics.add_fraction("diffu_grpo/clip_frac", clipped & score, score)
-        metrics.add_mean("diffu_grpo/ratio_mean", ratio, score)
+        per_token = clipped_surrogate(lp - inputs.old().detach(), adv, score, eps, metrics,
+                                      "diffu_grpo")
         est = estimate_elbo(lp, masked)
         add_elbo_diagnostics(metrics, "policy", est)
+        per_token = with_k3(per_token, lp, inputs.ref_logp, score, beta, metrics)
         if inputs.ref_logp is not None:
-            log_r = torch.where(score, inputs.ref_logp.detach() - lp, zero)
-            k3 = torch.exp(log_r) - log_r - 1.0
-            if beta > 0:
-                per_token = per_token + beta * k3
-            metrics.add_mean("kl/k3_per_token", k3, score)
             ref = estimate_elbo(inputs.ref_logp.detach(), masked)
             d = (est.elbo - ref.elbo) / est.lengths.to(est.elbo.dtype)
             dhat = d - global_mean(d.detach(), group=self.group)

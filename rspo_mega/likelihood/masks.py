@@ -130,6 +130,18 @@ def count_mask(batch: CompletionBatch, count_positions: str, eos_token_id: int) 
     return gen & (eos_before == 0)
 
 
+def restore_draw_state(state: dict[str, Any], mine: dict[str, Any], what: str) -> int:
+    """The seed of a saved ``<what>`` sampler state; a warning names every setting that differs
+    from ``mine`` (the resumed run's), since the draws then follow another stream."""
+    if state.get("hash") != "splitmix64-v1":
+        raise ValueError(f"{what} sampler state uses an unknown hash {state.get('hash')!r}")
+    changed = [f"likelihood.{k}: {state[k]!r} -> {mine[k]!r}" for k in mine
+               if k not in ("seed", "hash") and k in state and state[k] != mine[k]]
+    if changed:
+        log.warning("resumed with a different %s stream (%s)", what, ", ".join(changed))
+    return int(state["seed"])
+
+
 class MaskSampler:
     """Builds the :class:`MaskedBatch` of a rollout step; stateless apart from the run seed.
 
@@ -151,15 +163,7 @@ class MaskSampler:
                 "fresh_masks_per_update": self.cfg.fresh_masks_per_update, "hash": "splitmix64-v1"}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("hash") != "splitmix64-v1":
-            raise ValueError(f"mask sampler state uses an unknown hash {state.get('hash')!r}")
-        self.seed = int(state["seed"])
-        mine = self.state_dict()
-        keys = ("mask_scheme", "mask_sharing", "mc_samples", "fresh_masks_per_update")
-        changed = [f"likelihood.{k}: {state[k]!r} -> {mine[k]!r}"
-                   for k in keys if k in state and state[k] != mine[k]]
-        if changed:
-            log.warning("resumed with a different mask stream (%s)", ", ".join(changed))
+        self.seed = restore_draw_state(state, self.state_dict(), "mask")
 
     def mask_key(self, batch: CompletionBatch, row: int) -> int:
         """The key of completion ``row``'s masks: its uid, or its group's (``mask_sharing``)."""

@@ -33,7 +33,6 @@ The masked inputs of the K states run through the same :class:`ElboRunner` as th
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Optional
 
 import torch
@@ -41,10 +40,9 @@ import torch
 from rspo_mega.config.schema import LikelihoodConfig, TrainConfig
 from rspo_mega.likelihood.batch import CompletionBatch, TrajectoryBatch
 from rspo_mega.likelihood.elbo import sequence_estimates
-from rspo_mega.likelihood.masks import COMPLETION_STREAM, mask_generator
+from rspo_mega.likelihood.masks import COMPLETION_STREAM, mask_generator, restore_draw_state
 from rspo_mega.likelihood.parallel_elbo import ForwardFn
 
-log = logging.getLogger(__name__)
 
 STEP_SAMPLING = ("uniform", "entropy")
 ENTROPY_FLOOR = 1e-8  # nats added to every step's entropy (a step of certain tokens stays drawable)
@@ -137,14 +135,7 @@ class TrajectorySampler:
                 "fresh_masks_per_update": self.cfg.fresh_masks_per_update, "hash": "splitmix64-v1"}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("hash") != "splitmix64-v1":
-            raise ValueError(f"trajectory sampler state uses an unknown hash {state.get('hash')!r}")
-        self.seed = int(state["seed"])
-        mine = self.state_dict()
-        changed = [f"likelihood.{k}: {state[k]!r} -> {mine[k]!r}" for k in mine
-                   if k not in ("seed", "hash") and k in state and state[k] != mine[k]]
-        if changed:
-            log.warning("resumed with a different step stream (%s)", ", ".join(changed))
+        self.seed = restore_draw_state(state, self.state_dict(), "trajectory")
 
     def completion_steps(self, batch: CompletionBatch, row: int, iteration: int,
                          update: int) -> tuple[int, torch.Tensor, torch.Tensor]:
