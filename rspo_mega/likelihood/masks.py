@@ -34,6 +34,7 @@ positions after it from attention (the scored object is then the completion trun
 
 from __future__ import annotations
 
+import abc
 import logging
 from typing import Any
 
@@ -130,25 +131,13 @@ def count_mask(batch: CompletionBatch, count_positions: str, eos_token_id: int) 
     return gen & (eos_before == 0)
 
 
-def restore_draw_state(state: dict[str, Any], mine: dict[str, Any], what: str) -> int:
-    """The seed of a saved ``<what>`` sampler state; a warning names every setting that differs
-    from ``mine`` (the resumed run's), since the draws then follow another stream."""
-    if state.get("hash") != "splitmix64-v1":
-        raise ValueError(f"{what} sampler state uses an unknown hash {state.get('hash')!r}")
-    changed = [f"likelihood.{k}: {state[k]!r} -> {mine[k]!r}" for k in mine
-               if k not in ("seed", "hash") and k in state and state[k] != mine[k]]
-    if changed:
-        log.warning("resumed with a different %s stream (%s)", what, ", ".join(changed))
-    return int(state["seed"])
+class KeyedDrawSampler(abc.ABC):
+    """What the step samplers share: the run seed and token ids, draws keyed by (seed, iteration,
+    uid, ...), and a ``state_dict`` of the settings that shape the stream. A resume keeps the
+    seed and warns when one of them changed (the draws from then on differ from the original
+    run's)."""
 
-
-class MaskSampler:
-    """Builds the :class:`MaskedBatch` of a rollout step; stateless apart from the run seed.
-
-    ``sample(batch, iteration)`` is deterministic in (seed, iteration, uids, config). The
-    ``state_dict`` records the seed and the settings that shape the stream; a resume keeps the
-    seed and warns when a setting changed (the masks from then on differ from the original run's).
-    """
+    kind = "draw"  # names the stream in messages
 
     def __init__(self, cfg: LikelihoodConfig, seed: int, mask_token_id: int, eos_token_id: int):
         self.cfg = cfg
@@ -156,14 +145,37 @@ class MaskSampler:
         self.mask_token_id = int(mask_token_id)
         self.eos_token_id = int(eos_token_id)
 
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """The seed, the settings that shape the stream and the hash's name."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("hash") != "splitmix64-v1":
+            raise ValueError(f"{self.kind} sampler state uses an unknown hash "
+                             f"{state.get('hash')!r}")
+        mine = self.state_dict()
+        changed = [f"likelihood.{k}: {state[k]!r} -> {mine[k]!r}" for k in mine
+                   if k not in ("seed", "hash") and k in state and state[k] != mine[k]]
+        if changed:
+            log.warning("resumed with a different %s stream (%s)", self.kind, ", ".join(changed))
+        self.seed = int(state["seed"])
+
+
+class MaskSampler(KeyedDrawSampler):
+    """Builds the :class:`MaskedBatch` of a rollout step; stateless apart from the run seed.
+
+    ``sample(batch, iteration)`` is deterministic in (seed, iteration, uids, config). The
+    ``state_dict`` records the seed and the settings that shape the stream; a resume keeps the
+    seed and warns when a setting changed (the masks from then on differ from the original run's).
+    """
+
+    kind = "mask"
+
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "mask_scheme": self.cfg.mask_scheme,
                 "mask_sharing": self.cfg.mask_sharing,
                 "mc_samples": self.cfg.mc_samples,
                 "fresh_masks_per_update": self.cfg.fresh_masks_per_update, "hash": "splitmix64-v1"}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seed = restore_draw_state(state, self.state_dict(), "mask")
 
     def mask_key(self, batch: CompletionBatch, row: int) -> int:
         """The key of completion ``row``'s masks: its uid, or its group's (``mask_sharing``)."""

@@ -40,7 +40,7 @@ import torch
 from rspo_mega.config.schema import LikelihoodConfig, TrainConfig
 from rspo_mega.likelihood.batch import CompletionBatch, TrajectoryBatch
 from rspo_mega.likelihood.elbo import sequence_estimates
-from rspo_mega.likelihood.masks import COMPLETION_STREAM, mask_generator, restore_draw_state
+from rspo_mega.likelihood.masks import COMPLETION_STREAM, KeyedDrawSampler, mask_generator
 from rspo_mega.likelihood.parallel_elbo import ForwardFn
 
 
@@ -115,27 +115,23 @@ def step_states(batch: CompletionBatch, steps: torch.Tensor, weights: torch.Tens
     }
 
 
-class TrajectorySampler:
+class TrajectorySampler(KeyedDrawSampler):
     """Builds the :class:`TrajectoryBatch` of a rollout step; the trajectory counterpart of
     :class:`~rspo_mega.likelihood.masks.MaskSampler` (same ``sample`` / ``state_dict`` API)."""
+
+    kind = "trajectory"
 
     def __init__(self, cfg: LikelihoodConfig, seed: int, mask_token_id: int, eos_token_id: int):
         if cfg.mask_scheme != "trajectory":
             raise ValueError(f"TrajectorySampler needs likelihood.mask_scheme='trajectory', got "
                              f"{cfg.mask_scheme!r}")
-        self.cfg = cfg
-        self.seed = int(seed)
-        self.mask_token_id = int(mask_token_id)
-        self.eos_token_id = int(eos_token_id)
+        super().__init__(cfg, seed, mask_token_id, eos_token_id)
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "mask_scheme": self.cfg.mask_scheme,
                 "step_sampling": self.cfg.step_sampling, "mc_samples": self.cfg.mc_samples,
                 "stratified_steps": self.cfg.stratified_steps,
                 "fresh_masks_per_update": self.cfg.fresh_masks_per_update, "hash": "splitmix64-v1"}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seed = restore_draw_state(state, self.state_dict(), "trajectory")
 
     def completion_steps(self, batch: CompletionBatch, row: int, iteration: int,
                          update: int) -> tuple[int, torch.Tensor, torch.Tensor]:
