@@ -46,6 +46,7 @@ AlgorithmName = Literal["rspo", "espo", "diffu_grpo", "agrpo", "sft"]
 ElboMaskScheme = Literal["bernoulli", "stratified", "coupled"]  # unbiased ELBO estimators
 MaskedSequenceScheme = Literal[ElboMaskScheme, "one_step"]  # one_step: diffu-GRPO's biased one
 MaskScheme = Literal[MaskedSequenceScheme, "trajectory"]  # trajectory: AGRPO's rollout steps
+StepSampling = Literal["uniform", "entropy"]  # how AGRPO picks a completion's sampled steps
 Centering = Literal["batch", "group", "microbatch", "none"]
 Advantage = Literal["mean", "leave_one_out", "standardized"]
 TransformerImpl = Literal["auto", "local", "transformer_engine"]
@@ -149,7 +150,7 @@ class LikelihoodConfig:
     mask_scheme: MaskScheme = "coupled"
     mc_samples: PositiveInt = 2  # K per completion (coupled: K pairs; trajectory: K sampled steps)
     # trajectory: uniform | entropy (importance-weighted) choice of the sampled steps
-    step_sampling: Literal["uniform", "entropy"] = "entropy"
+    step_sampling: StepSampling = "entropy"
     stratified_steps: bool = True  # trajectory: the K step draws of a completion stratified
     # completion: each completion its own masks | group: the G of a prompt share them
     mask_sharing: Literal["completion", "group"] = "completion"

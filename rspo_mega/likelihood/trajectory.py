@@ -37,14 +37,13 @@ from typing import Any, Optional
 
 import torch
 
-from rspo_mega.config.schema import LikelihoodConfig, TrainConfig
+from rspo_mega.config.schema import LikelihoodConfig, StepSampling, TrainConfig, choices
 from rspo_mega.likelihood.batch import CompletionBatch, TrajectoryBatch
 from rspo_mega.likelihood.elbo import sequence_estimates
 from rspo_mega.likelihood.masks import COMPLETION_STREAM, KeyedDrawSampler, mask_generator
 from rspo_mega.likelihood.parallel_elbo import ForwardFn
 
 
-STEP_SAMPLING = ("uniform", "entropy")
 ENTROPY_FLOOR = 1e-8  # nats added to every step's entropy (a step of certain tokens stays drawable)
 
 
@@ -63,7 +62,8 @@ def step_probabilities(commit_step: torch.Tensor, entropy: Optional[torch.Tensor
     if scheme == "uniform":
         return torch.full((steps,), 1.0 / steps, dtype=torch.float64)
     if scheme != "entropy":
-        raise ValueError(f"likelihood.step_sampling={scheme!r}: expected one of {STEP_SAMPLING}")
+        raise ValueError(f"likelihood.step_sampling={scheme!r}: expected one of "
+                         f"{choices(StepSampling)}")
     if entropy is None:
         raise ValueError("likelihood.step_sampling='entropy' needs the rollout's entropies "
                          "(CompletionBatch.commit_entropy)")
@@ -184,9 +184,6 @@ def tempered_forward(temperature: float, forbid_token_id: Optional[int] = None) 
     """A :class:`ElboRunner` forward that scores labels under ``softmax(logits / T)`` with
     ``forbid_token_id`` excluded (``-inf``), vocab-parallel; at ``T = 1`` without a forbidden
     id it is ``llada_forward`` itself."""
-    from megatron.core import parallel_state as ps
-
-    from rspo_mega.models.llada.logits import vocab_parallel_log_probs
     from rspo_mega.models.llada.model import llada_forward, unwrap_model
 
     if temperature <= 0:
@@ -203,11 +200,7 @@ def tempered_forward(temperature: float, forbid_token_id: Optional[int] = None) 
         local = None if forbid_token_id is None else forbid_token_id - inner.vocab_start
         if local is not None and 0 <= local < logits.shape[-1]:
             logits[..., local] = float("-inf")
-        picked = labels.reshape(-1).index_select(0, positions) if positions.dim() == 1 \
-            else labels.gather(1, positions)
-        group = ps.get_tensor_model_parallel_group() \
-            if ps.get_tensor_model_parallel_world_size() > 1 else None
-        return vocab_parallel_log_probs(logits, picked, inner.vocab_start, group)
+        return inner.label_log_probs(logits, labels, positions)
 
     return forward
 

@@ -74,20 +74,27 @@ class VocabShard:
         lg = logits.to(torch.float64)
         gmax = self._all_reduce(local_row_max(lg)[0], dist.ReduceOp.MAX)
         sumexp = self._all_reduce(torch.exp(lg - gmax.unsqueeze(-1)).sum(-1), dist.ReduceOp.SUM)
+        picked = self._all_reduce(self._local_picked(lg, ids), dist.ReduceOp.SUM)
+        return torch.exp(picked - gmax) / sumexp
+
+    def _local_picked(self, values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``values[n, ids[n]]`` ``[n]`` where this shard holds the id, 0 elsewhere (a SUM over
+        the TP group gives every rank the value)."""
         local = ids - self.start
         mine = (local >= 0) & (local < self.size)
-        picked = lg.gather(-1, local.clamp(0, max(self.size - 1, 0)).unsqueeze(-1)).squeeze(-1) \
-            if self.size else torch.zeros_like(gmax)
-        picked = self._all_reduce(torch.where(mine, picked, torch.zeros_like(picked)), dist.ReduceOp.SUM)
-        return torch.exp(picked - gmax) / sumexp
+        if not self.size:
+            return torch.zeros(values.shape[0], dtype=values.dtype, device=values.device)
+        picked = values.gather(-1, local.clamp(0, self.size - 1).unsqueeze(-1)).squeeze(-1)
+        return torch.where(mine, picked, torch.zeros_like(picked))
 
     def log_prob_entropy(self, logits: torch.Tensor, ids: torch.Tensor,
                          temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``log softmax(logits / T)[ids]`` and the entropy of ``softmax(logits / T)``, float64 ``[n]``.
 
-        From local logits ``[n, size]`` with three all-reduces of ``[n]`` vectors (no vocab
-        gather); ``temperature == 0`` (argmax sampling) scores at ``T = 1``. Forbidden ids
-        (``-inf`` logits) have probability 0 and add nothing to the entropy.
+        From local logits ``[n, size]`` with two all-reduces (the row max, then the sum of exps,
+        the first moment and the picked logit in one ``[3, n]`` tensor; no vocab gather);
+        ``temperature == 0`` (argmax sampling) scores at ``T = 1``. Forbidden ids (``-inf``
+        logits) have probability 0 and add nothing to the entropy.
         """
         lg = logits.to(torch.float64)
         if temperature > 0:
@@ -95,15 +102,9 @@ class VocabShard:
         gmax = self._all_reduce(local_row_max(lg)[0], dist.ReduceOp.MAX)
         shifted = lg - gmax.unsqueeze(-1)
         weights = torch.exp(shifted)
-        sumexp = self._all_reduce(weights.sum(-1), dist.ReduceOp.SUM)
-        moment = self._all_reduce(torch.where(weights > 0, weights * shifted, 0.0).sum(-1),
-                                  dist.ReduceOp.SUM)
-        local = ids - self.start
-        mine = (local >= 0) & (local < self.size)
-        picked = shifted.gather(-1, local.clamp(0, max(self.size - 1, 0)).unsqueeze(-1)).squeeze(-1) \
-            if self.size else torch.zeros_like(gmax)
-        picked = self._all_reduce(torch.where(mine, picked, torch.zeros_like(picked)),
-                                  dist.ReduceOp.SUM)
+        moments = torch.where(weights > 0, weights * shifted, 0.0).sum(-1)
+        sums = torch.stack([weights.sum(-1), moments, self._local_picked(shifted, ids)])
+        sumexp, moment, picked = self._all_reduce(sums, dist.ReduceOp.SUM).unbind(0)
         log_z = torch.log(sumexp)
         return picked - log_z, log_z - moment / sumexp
 

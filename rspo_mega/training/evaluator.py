@@ -107,7 +107,7 @@ def build_evaluator(cfg: TrainConfig) -> tuple[Evaluator, Optional[int]]:
     :func:`_load_weights`, whose step it returns with the evaluator)."""
     setup_parallel(cfg)
     data = prepare_run_data(cfg)
-    chunks = build_chunks(cfg)
+    chunks = build_chunks(cfg, init_weights=False)  # every tensor is loaded next
     step = _load_weights(cfg, chunks)
     engine = RolloutEngine(chunks, cfg.model, cfg.rollout, seed=cfg.seed)
     return Evaluator(engine, data, cfg.rollout.eval_steps), step

@@ -275,17 +275,23 @@ class LLaDAModel(GPTModel):
             s, b = hidden.shape[:2]
             rows_in_hidden = (positions % s) * b + positions // s  # hidden is [s, b, h]
             x = hidden.reshape(s * b, -1).index_select(0, rows_in_hidden)
-            labels = None if labels is None else labels.reshape(-1).index_select(0, positions)
         else:
             x = hidden.transpose(0, 1)  # [b, s, h]
         if positions is not None and positions.dim() == 2:
             x = x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-            labels = None if labels is None else labels.gather(1, positions)
         if not self.config.sequence_parallel:  # identity forward, all-reduce of the input grad
             x = tensor_parallel.copy_to_tensor_model_parallel_region(x)
         logits = torch.matmul(x, self.output_layer.weight[: self.vocab_columns].t()).float()
         if labels is None:
             return logits
+        return self.label_log_probs(logits, labels, positions)
+
+    def label_log_probs(self, logits: Tensor, labels: Tensor, positions: Optional[Tensor]) -> Tensor:
+        """Log-probs ``[b, m]`` / ``[n]`` of ``labels [b, s]`` at ``positions`` (None: all) from
+        this rank's logit columns ``[b, m, v]`` / ``[n, v]`` (vocab-parallel, no gather)."""
+        if positions is not None:
+            labels = labels.reshape(-1).index_select(0, positions) if positions.dim() == 1 \
+                else labels.gather(1, positions)
         group = ps.get_tensor_model_parallel_group() \
             if ps.get_tensor_model_parallel_world_size() > 1 else None
         return vocab_parallel_log_probs(logits, labels, self.vocab_start, group)
