@@ -46,7 +46,7 @@ def _stage_forward(model, cfg, stage: int, pp: int, rows: int, seq: int, positio
     return lambda: llada_forward(model, ids, labels=ids, positions=positions)
 
 
-def _planned_saved(cfg, stage: int, rows: int, seq: int, positions: int) -> float:
+def _planned_saved(cfg, stage: int, rows: int, seq: int, positions: int, widest: int) -> float:
     """The plan's count for this rank (the plan itself takes the TP rank with the most real
     vocab columns; here it is told this rank's)."""
     from megatron.core import parallel_state as ps
@@ -58,7 +58,7 @@ def _planned_saved(cfg, stage: int, rows: int, seq: int, positions: int) -> floa
     m = model_shapes(cfg, "local")
     mine = true_vocab_columns(m.vocab, m.vocab_shard, ps.get_tensor_model_parallel_rank())
     m = dataclasses.replace(m, vocab_columns=mine)
-    return sum(graph_bytes(m, stage, rows, seq, positions).values())
+    return sum(graph_bytes(m, stage, rows, seq, positions, widest).values())
 
 
 def _body(rank: int, world: int) -> list:
@@ -82,8 +82,9 @@ def _body(rank: int, world: int) -> list:
         weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
         fn = _stage_forward(model, cfg, stage, pp, rows, seq, positions)
         saved = _saved_storages(fn, weights)
+        widest = int(torch.bincount(positions // seq).max())  # the last layer's query slots
         out.append((tp, pp, stage, built, planned, saved,
-                    _planned_saved(cfg, stage, rows, seq, positions.numel())))
+                    _planned_saved(cfg, stage, rows, seq, positions.numel(), widest)))
     return out
 
 

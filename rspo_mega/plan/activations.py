@@ -32,13 +32,32 @@ def saved_per_token(m: ModelShapes) -> float:
     """Bytes one layer saves for backward per token.
 
     local: norm input, normalised input and norm output (the next linear's input) of both norms;
-    fc1 output, SiLU output, the linear half plus its offset, their product (fc2 input).
+    fc1 output (both SwiGLU halves are views of it), SiLU output, the product (fc2 input).
     TE: norm input and norm output per LayerNorm+Linear; fc1 output (fused SwiGLU input) and the
     SwiGLU output. Both: the attention tensors of :func:`_attention`, the log-sum-exp (fp32 per
     head) and one fp32 rstd per norm.
     """
-    dense = (6 * _h(m) + 5 * m.ffn / m.tp) if m.impl == "local" else (4 * _h(m) + 3 * m.ffn / m.tp)
+    dense = (6 * _h(m) + 4 * m.ffn / m.tp) if m.impl == "local" else (4 * _h(m) + 3 * m.ffn / m.tp)
     return (dense + _attention(m)) * m.param_bytes + (m.heads / m.tp + 2) * F32
+
+
+def selected_layer_saved(m: ModelShapes, tokens: int, slots: int, outputs: int) -> float:
+    """Bytes the local spec's last layer saves for the ELBO's ``outputs`` flat positions: its
+    queries run at ``slots`` = rows x the widest row's positions, the rest of the layer at the
+    positions themselves (:mod:`rspo_mega.models.llada.layer`).
+
+    Every token: the first norm (input, normalised input, output, rstd), the mixed QKV and Q and
+    K after RoPE (the query gather keeps its input). Every slot: the gathered Q, the attention
+    output, the log-sum-exp and the slots' position index (int64). Every output row: the
+    projection's input, the second norm and the MLP as in :func:`saved_per_token`, and the int64
+    index of the residual rows (that of the attention-output rows is the head's row index,
+    counted by :func:`head_saved`).
+    """
+    hp = m.heads * m.head_dim / m.tp
+    kv_side = (3 * m.hidden + (2 * m.heads + 3 * m.groups) * m.head_dim / m.tp) * m.param_bytes
+    attention = 2 * hp * m.param_bytes + (m.heads / m.tp) * F32 + I64
+    rest = (hp + 3 * m.hidden + 4 * m.ffn / m.tp) * m.param_bytes + F32 + I64
+    return tokens * (kv_side + F32) + slots * attention + outputs * rest
 
 
 def saved_per_layer_fixed(m: ModelShapes, seq: int) -> float:
@@ -50,11 +69,12 @@ def saved_per_layer_fixed(m: ModelShapes, seq: int) -> float:
 def forward_peak_per_token(m: ModelShapes) -> float:
     """Bytes per token live at a no-grad layer's busiest moment (beyond the block's input).
 
-    MLP: residual, norm output, fc1 output and the SwiGLU temporaries (local: SiLU output, linear
-    half plus offset, product; TE: the fused output). Attention: residual, norm output, mixed QKV,
-    Q/K after RoPE with one RoPE temporary of Q, attention output. The larger of the two.
+    MLP: residual, norm output, fc1 output and the SwiGLU temporaries (local: none, SwiGLU runs
+    in place on fc1's output without grad; TE: the fused output). Attention: residual, norm
+    output, mixed QKV, Q/K after RoPE with one RoPE temporary of Q, attention output. The larger
+    of the two.
     """
-    swiglu = 3 if m.impl == "local" else 1
+    swiglu = 0 if m.impl == "local" else 1
     mlp = 2 * _h(m) + (2 + swiglu) * m.ffn / m.tp
     attn = 2 * _h(m) + _attention(m) + m.heads * m.head_dim / m.tp
     return (max(mlp, attn) + _h(m)) * m.param_bytes  # + the block's input, held by the caller
@@ -75,8 +95,9 @@ def largest_weight(m: ModelShapes, stage: int) -> int:
 
 def head_saved(m: ModelShapes, tokens: int, positions: int) -> float:
     """Bytes the ELBO head saves per micro-batch: the final norm's input (and, local, its
-    normalised input) with its rstd; the gathered hidden rows ``[n, h]``; the softmax ``[n, v]``
-    in fp32; the label index (int64, twice) and the shard mask (bool)."""
+    normalised input) with its rstd over the ``tokens`` the last layer output; the gathered
+    hidden rows ``[n, h]``; the softmax ``[n, v]`` in fp32; the label index (int64, twice) and
+    the shard mask (bool)."""
     norm = (2 if m.impl == "local" else 1) * m.hidden * m.param_bytes + F32
     per_position = m.hidden * m.param_bytes + m.vocab_columns * F32 + 2 * I64 + 1
     return tokens * norm + positions * per_position

@@ -134,23 +134,31 @@ def in_flight(m: ModelShapes, w: Workload, stage: int, vpp: int) -> float:
     return float(min(n, m.pp - stage))
 
 
-def graph_bytes(m: ModelShapes, stage: int, rows: int, seq: int,
-                positions: int) -> dict[str, float]:
+def graph_bytes(m: ModelShapes, stage: int, rows: int, seq: int, positions: int,
+                widest: int) -> dict[str, float]:
     """What autograd saves for one forward of ``rows`` x ``seq`` tokens on a rank of ``stage``:
     the layers' tensors, with the embedding's token ids (and, under TP, its out-of-shard mask)
-    on the first stage, and the head's at ``positions`` scored positions on the last."""
-    tokens = rows * seq
+    on the first stage, and the head's at ``positions`` (flat) scored positions on the last,
+    where the local spec's last layer runs its queries at ``rows x widest`` slots (``widest``:
+    the most positions of one row) and the rest at the ``positions`` when ``widest < seq``."""
+    tokens, last = rows * seq, stage == m.pp - 1
     layers = m.layers_per_stage * (tokens * act.saved_per_token(m)
                                    + act.saved_per_layer_fixed(m, seq))
+    head_tokens = tokens
+    if last and m.impl == "local" and not m.sequence_parallel and 0 < widest < seq:
+        head_tokens = positions  # the ELBO's flat positions: the layer's output rows
+        layers += act.selected_layer_saved(m, tokens, rows * widest, positions) \
+            - tokens * act.saved_per_token(m)
     if stage == 0:
         layers += tokens * (act.I64 + (1 if m.tp > 1 else 0))
-    head = act.head_saved(m, tokens, positions) if stage == m.pp - 1 else 0.0
+    head = act.head_saved(m, head_tokens, positions) if last else 0.0
     return {"layers": layers, "head": head}
 
 
 def saved_bytes(m: ModelShapes, w: Workload, stage: int, vpp: int) -> dict[str, float]:
     """Autograd's saved bytes for the policy's graphs alive at once on a rank of ``stage``."""
-    one = graph_bytes(m, stage, w.elbo_micro_batch, w.seq_len, w.scored_max)
+    widest = min(w.gen_length, w.scored_max)  # scored positions lie in the generated span
+    one = graph_bytes(m, stage, w.elbo_micro_batch, w.seq_len, w.scored_max, widest)
     graphs = in_flight(m, w, stage, vpp)
     return {"elbo activations": graphs * one["layers"],
             "head": min(graphs, w.elbo_micro_batches) * one["head"]}

@@ -26,6 +26,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from rspo_mega.models.llada.kv_cache import LayerSlot, cached_attention
+from rspo_mega.models.llada.layer import QuerySelection
 
 
 class BidirectionalSelfAttention(SelfAttention):
@@ -64,6 +65,7 @@ class SDPACoreAttention(MegatronModule):
                              f"{dropout})")
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.kv_slot: Optional[LayerSlot] = None  # bound by a cached rollout forward
+        self.query_selection: Optional[QuerySelection] = None  # bound by LLaDATransformerLayer
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: Optional[torch.Tensor], attn_mask_type: Any = None,
@@ -72,18 +74,29 @@ class SDPACoreAttention(MegatronModule):
 
         ``attention_mask``: None or bool ``[b, 1, 1, S]``, True = key masked out. With a bound
         cache slot the span's K/V are written to the cache and the queries attend to all ``S``
-        cached keys (:mod:`rspo_mega.models.llada.kv_cache`).
+        cached keys (:mod:`rspo_mega.models.llada.kv_cache`). With a query selection bound only
+        its queries run: context of the selected rows (:class:`QuerySelection`).
         """
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("SDPACoreAttention supports neither attention_bias nor packed sequences")
-        return cached_attention(self.kv_slot, query, key, value, attention_mask,
-                                self.softmax_scale)
+        return _selected_attention(self.kv_slot, self.query_selection, query, key, value,
+                                   attention_mask, self.softmax_scale)
+
+
+def _selected_attention(slot: Optional[LayerSlot], selection: Optional[QuerySelection],
+                        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """:func:`cached_attention` of the selection's queries (all without one)."""
+    if selection is None:
+        return cached_attention(slot, query, key, value, attention_mask, scale)
+    return selection.context(cached_attention(slot, query, key, value, attention_mask, scale,
+                                              selection.index))
 
 
 @functools.cache
 def te_cached_core_attention() -> type:
-    """TE's core attention (megatron's ``TEDotProductAttention``) that, with a bound cache slot,
-    runs the cached span through torch SDPA (queries and keys of different lengths, an explicit
+    """TE's core attention (megatron's ``TEDotProductAttention``) that, with a bound cache slot
+    or query index, runs the span through torch SDPA (queries and keys of different lengths, an explicit
     key-padding mask); without one it is TE's fused attention unchanged. Needs TE (GPU)."""
     from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
@@ -93,12 +106,13 @@ def te_cached_core_attention() -> type:
             scale = kwargs.get("softmax_scale") or config.softmax_scale
             self.cached_softmax_scale = scale or 1.0 / math.sqrt(config.kv_channels)
             self.kv_slot: Optional[LayerSlot] = None
+            self.query_selection: Optional[QuerySelection] = None
 
         def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: Optional[torch.Tensor], *args: Any, **kwargs: Any) -> Any:
-            if self.kv_slot is None:
+            if self.kv_slot is None and self.query_selection is None:
                 return super().forward(query, key, value, attention_mask, *args, **kwargs)
-            return cached_attention(self.kv_slot, query, key, value, attention_mask,
-                                    self.cached_softmax_scale)
+            return _selected_attention(self.kv_slot, self.query_selection, query, key, value,
+                                       attention_mask, self.cached_softmax_scale)
 
     return TECachedCoreAttention

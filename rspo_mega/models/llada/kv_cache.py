@@ -121,11 +121,14 @@ class LayerSlot:
 
 def cached_attention(slot: Optional[LayerSlot], query: torch.Tensor, key: torch.Tensor,
                      value: torch.Tensor, attention_mask: Optional[torch.Tensor],
-                     scale: float) -> torch.Tensor:
+                     scale: float, query_index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Bidirectional SDPA of ``query [L, b, np, hn]`` over the span's keys or, with a cache slot,
     over all cached keys; ``attention_mask`` None or bool ``[b, 1, 1, S_keys]`` (True = masked
-    out). Returns the context ``[L, b, np * hn]``."""
+    out). ``query_index [b, m]``: only these queries of each row (of the ``L``). Returns the
+    context ``[L, b, np * hn]`` (``[m, b, np * hn]`` with ``query_index``)."""
     q = query.permute(1, 2, 0, 3)  # [b, np, L, hn]
+    if query_index is not None:
+        q = q.gather(2, query_index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
     if slot is None:
         k, v = key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)
     else:
@@ -133,5 +136,5 @@ def cached_attention(slot: Optional[LayerSlot], query: torch.Tensor, key: torch.
     keep = None if attention_mask is None else ~attention_mask
     out = torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=keep, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
-    span, b = query.shape[0], query.shape[1]
+    b, _, span, _ = out.shape
     return out.permute(2, 0, 1, 3).reshape(span, b, -1)

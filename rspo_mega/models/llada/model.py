@@ -23,6 +23,7 @@ from torch import Tensor
 from rspo_mega.config.schema import ModelConfig
 from rspo_mega.models.llada.config import padded_vocab_size, transformer_config
 from rspo_mega.models.llada.kv_cache import CacheView
+from rspo_mega.models.llada.layer import QuerySelection
 from rspo_mega.models.llada.logits import true_vocab_columns, vocab_parallel_log_probs
 from rspo_mega.models.llada.spec import llada_layer_spec, resolve_transformer_impl
 
@@ -250,13 +251,21 @@ class LLaDAModel(GPTModel):
                 decoder_input: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 positions: Optional[Tensor] = None, kv_cache: Optional[CacheView] = None,
                 **unused: Any) -> Tensor:
-        """Embedding (first stage), decoder, head (last stage); see :func:`llada_forward`."""
+        """Embedding (first stage), decoder, head (last stage); see :func:`llada_forward`.
+
+        On the last stage of the local spec the last layer runs its queries only at
+        ``positions`` (:mod:`rspo_mega.models.llada.layer`)."""
         pre = self._preprocess(input_ids=input_ids, position_ids=position_ids,
                                decoder_input=decoder_input)
         rotary = pre[1]
         if kv_cache is not None:  # the span's true positions, lo .. lo + L - 1
             rotary = self.rotary_pos_emb(position_ids.shape[1], offset=kv_cache.lo)
-        with kv_cache.bound(self) if kv_cache is not None else contextlib.nullcontext():
+        selection = self._query_selection(positions, *position_ids.shape)
+        with contextlib.ExitStack() as bound:
+            if kv_cache is not None:
+                bound.enter_context(kv_cache.bound(self))
+            if selection is not None:
+                bound.enter_context(selection.bound(self.decoder.layers[-1]))
             hidden = self.decoder(
                 hidden_states=pre[0], attention_mask=attention_mask, rotary_pos_emb=rotary,
                 rotary_pos_cos=pre[2], rotary_pos_sin=pre[3],
@@ -264,21 +273,34 @@ class LLaDAModel(GPTModel):
             )
         if not self.post_process:
             return hidden
-        return self.head(hidden, labels, positions)
+        return self.head(hidden, labels, positions, selection)
 
-    def head(self, hidden: Tensor, labels: Optional[Tensor], positions: Optional[Tensor]) -> Tensor:
-        """``hidden [s, b, h]`` (final norm applied) -> logits ``[b, m, v]`` / ``[n, v]`` or log-probs
+    def _query_selection(self, positions: Optional[Tensor], b: int,
+                         s: int) -> Optional[QuerySelection]:
+        """The last layer's query positions: on the last stage of the local spec without
+        sequence parallelism, when ``positions`` select fewer than ``s`` per row; else None."""
+        if (positions is None or not self.post_process or self.transformer_impl != "local"
+                or self.config.sequence_parallel or not len(self.decoder.layers)):
+            return None
+        return QuerySelection.from_positions(positions, b, s)
+
+    def head(self, hidden: Tensor, labels: Optional[Tensor], positions: Optional[Tensor],
+             selection: Optional[QuerySelection] = None) -> Tensor:
+        """``hidden [s, b, h]`` (final norm applied; ``[m, b, h]`` of ``selection``'s positions
+        when the last layer ran only those) -> logits ``[b, m, v]`` / ``[n, v]`` or log-probs
         ``[b, m]`` / ``[n]`` (see :func:`llada_forward` for ``positions``)."""
         if self.config.sequence_parallel:  # all-gather here, reduce-scatter of the grads back
             hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden)
-        if positions is not None and positions.dim() == 1:  # flat row * s + position
+        if selection is not None:
+            x = selection.head_input(hidden)
+        elif positions is not None and positions.dim() == 1:  # flat row * s + position
             s, b = hidden.shape[:2]
             rows_in_hidden = (positions % s) * b + positions // s  # hidden is [s, b, h]
             x = hidden.reshape(s * b, -1).index_select(0, rows_in_hidden)
         else:
             x = hidden.transpose(0, 1)  # [b, s, h]
-        if positions is not None and positions.dim() == 2:
-            x = x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            if positions is not None:
+                x = x.gather(1, positions.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         if not self.config.sequence_parallel:  # identity forward, all-reduce of the input grad
             x = tensor_parallel.copy_to_tensor_model_parallel_region(x)
         logits = torch.matmul(x, self.output_layer.weight[: self.vocab_columns].t()).float()

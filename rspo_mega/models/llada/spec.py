@@ -3,12 +3,16 @@
 Two implementations share one checkpoint layout:
 
 * ``local``: megatron-core modules (torch RMSNorm, Column/RowParallelLinear) with torch's fused
-  SDPA as the core attention (:class:`~rspo_mega.models.llada.attention.SDPACoreAttention`).
+  SDPA as the core attention (:class:`~rspo_mega.models.llada.attention.SDPACoreAttention`) and
+  a SwiGLU MLP without megatron's extra elementwise pass
+  (:class:`~rspo_mega.models.llada.layer.SwiGLUMLP`).
   Used on CPU and whenever Transformer Engine is missing.
 * ``transformer_engine``: TE fused LayerNorm+Linear, TE attention, FP8 capable (GPU only).
 
 Both core attentions take a block-KV-cache slot during cached rollout forwards
-(:mod:`rspo_mega.models.llada.kv_cache`).
+(:mod:`rspo_mega.models.llada.kv_cache`). Both use
+:class:`~rspo_mega.models.llada.layer.LLaDATransformerLayer`, whose queries can be restricted to
+the positions a consumer reads (the local spec's last layer, see ``LLaDAModel``).
 
 The local spec carries ``sharded_state_dict_keys_map`` (``input_layernorm.`` ->
 ``self_attention.linear_qkv.layer_norm_``, ``pre_mlp_layernorm.`` -> ``mlp.linear_fc1.layer_norm_``),
@@ -31,6 +35,7 @@ from rspo_mega.models.llada.attention import (
     SDPACoreAttention,
     te_cached_core_attention,
 )
+from rspo_mega.models.llada.layer import LLaDATransformerLayer, SwiGLUMLP
 
 log = logging.getLogger(__name__)
 
@@ -89,4 +94,6 @@ def llada_layer_spec(impl: str) -> ModuleSpec:
         submodules=attn_submodules,
     )
     submodules = dataclasses.replace(base.submodules, self_attention=bidirectional)
-    return dataclasses.replace(base, submodules=submodules)
+    if impl == "local":  # the TE spec keeps TE's fused LayerNorm-MLP
+        submodules = dataclasses.replace(submodules, mlp=SwiGLUMLP)
+    return dataclasses.replace(base, module=LLaDATransformerLayer, submodules=submodules)
