@@ -286,7 +286,7 @@ def plot_runs(records: list[dict], out_png: Path) -> Path:
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
-    fig.suptitle("RSPO / ESPO / diffu-GRPO, one line per seed")
+    fig.suptitle(f"{' / '.join(colours)}, one line per seed")
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
