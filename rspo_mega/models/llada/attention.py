@@ -96,8 +96,9 @@ def _selected_attention(slot: Optional[LayerSlot], selection: Optional[QuerySele
 @functools.cache
 def te_cached_core_attention() -> type:
     """TE's core attention (megatron's ``TEDotProductAttention``) that, with a bound cache slot
-    or query index, runs the span through torch SDPA (queries and keys of different lengths, an explicit
-    key-padding mask); without one it is TE's fused attention unchanged. Needs TE (GPU)."""
+    or query selection, runs through torch SDPA (queries and keys of different lengths, an
+    explicit key-padding mask); without them it is TE's fused attention unchanged. Needs TE
+    (GPU)."""
     from megatron.core.extensions.transformer_engine import TEDotProductAttention
 
     class TECachedCoreAttention(TEDotProductAttention):

@@ -286,9 +286,9 @@ class LLaDAModel(GPTModel):
 
     def head(self, hidden: Tensor, labels: Optional[Tensor], positions: Optional[Tensor],
              selection: Optional[QuerySelection] = None) -> Tensor:
-        """``hidden [s, b, h]`` (final norm applied; ``[m, b, h]`` of ``selection``'s positions
-        when the last layer ran only those) -> logits ``[b, m, v]`` / ``[n, v]`` or log-probs
-        ``[b, m]`` / ``[n]`` (see :func:`llada_forward` for ``positions``)."""
+        """``hidden [s, b, h]`` (final norm applied; the selected rows when the last layer ran
+        ``selection``) -> logits ``[b, m, v]`` / ``[n, v]`` or log-probs ``[b, m]`` / ``[n]``
+        (see :func:`llada_forward` for ``positions``)."""
         if self.config.sequence_parallel:  # all-gather here, reduce-scatter of the grads back
             hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden)
         if selection is not None:
