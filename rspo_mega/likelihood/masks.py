@@ -146,6 +146,10 @@ class KeyedDrawSampler(abc.ABC):
         self.eos_token_id = int(eos_token_id)
 
     @abc.abstractmethod
+    def sample(self, batch: CompletionBatch, iteration: int, update: int = 0) -> MaskedBatch:
+        """The masked batch of ``batch`` for ``(iteration, update)``, a pure function of the key."""
+
+    @abc.abstractmethod
     def state_dict(self) -> dict[str, Any]:
         """The seed, the settings that shape the stream and the hash's name."""
 

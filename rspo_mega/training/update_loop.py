@@ -15,7 +15,8 @@ import torch
 
 from rspo_mega.algorithms import build_loss, loss_backward
 from rspo_mega.config import TrainConfig
-from rspo_mega.likelihood import ElboRunner, ForwardFn, MaskedBatch, MaskSampler, ReferenceModel
+from rspo_mega.likelihood import ElboRunner, ForwardFn, MaskedBatch, ReferenceModel
+from rspo_mega.likelihood.masks import KeyedDrawSampler
 from rspo_mega.training.metrics import Timers
 from rspo_mega.training.policy import Policy
 from rspo_mega.training.step_batches import StepBatch
@@ -32,7 +33,7 @@ class UpdateLoop:
         updates_per_step: optimizer updates per step (``algorithm.inner_updates``; 1 for SFT).
     """
 
-    def __init__(self, policy: Policy, cfg: TrainConfig, masks: MaskSampler,
+    def __init__(self, policy: Policy, cfg: TrainConfig, masks: KeyedDrawSampler,
                  forward: ForwardFn, updates_per_step: int) -> None:
         self.policy, self.masks, self.updates_per_step = policy, masks, updates_per_step
         self.fresh_masks = cfg.likelihood.fresh_masks_per_update

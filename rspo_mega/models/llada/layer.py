@@ -30,6 +30,12 @@ from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 
+def hidden_rows(positions: torch.Tensor, s: int, b: int) -> torch.Tensor:
+    """Flat caller positions ``[n]`` (``row * s + position``) -> their rows in a ``[s, b, h]``
+    activation flattened as ``[s * b, h]``."""
+    return (positions % s) * b + positions // s
+
+
 @dataclass(frozen=True)
 class QuerySelection:
     """The positions whose last-layer outputs are computed.
@@ -64,7 +70,7 @@ class QuerySelection:
         slot[order] = torch.arange(positions.numel(), device=positions.device) - starts[row[order]]
         index = torch.zeros(b, m, dtype=positions.dtype, device=positions.device)
         index[row, slot] = col
-        return QuerySelection(index, flat=col * b + row, take=slot * b + row)
+        return QuerySelection(index, flat=hidden_rows(positions, s, b), take=slot * b + row)
 
     @contextmanager
     def bound(self, layer: "LLaDATransformerLayer") -> Iterator[None]:

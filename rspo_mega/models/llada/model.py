@@ -23,7 +23,7 @@ from torch import Tensor
 from rspo_mega.config.schema import ModelConfig
 from rspo_mega.models.llada.config import padded_vocab_size, transformer_config
 from rspo_mega.models.llada.kv_cache import CacheView
-from rspo_mega.models.llada.layer import QuerySelection
+from rspo_mega.models.llada.layer import QuerySelection, hidden_rows
 from rspo_mega.models.llada.logits import true_vocab_columns, vocab_parallel_log_probs
 from rspo_mega.models.llada.spec import llada_layer_spec, resolve_transformer_impl
 
@@ -295,8 +295,7 @@ class LLaDAModel(GPTModel):
             x = selection.head_input(hidden)
         elif positions is not None and positions.dim() == 1:  # flat row * s + position
             s, b = hidden.shape[:2]
-            rows_in_hidden = (positions % s) * b + positions // s  # hidden is [s, b, h]
-            x = hidden.reshape(s * b, -1).index_select(0, rows_in_hidden)
+            x = hidden.reshape(s * b, -1).index_select(0, hidden_rows(positions, s, b))
         else:
             x = hidden.transpose(0, 1)  # [b, s, h]
             if positions is not None:
