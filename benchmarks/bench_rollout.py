@@ -18,6 +18,14 @@ sampler's figures stay under ``exact``.
 
 Confidence-threshold decoding only pays off on a trained model (a random one is never
 confident), so ``--run-dir`` loads a run's config, tokenizer, latest checkpoint and test prompts.
+
+On a GPU (the model is built on it when CUDA is present), ``--model llada8b`` times a randomly
+initialised model of LLaDA-8B's layer geometry (hidden 4096, 32 heads, FFN 12288, vocab 126464;
+``--layers`` of them) in ``--dtype`` with ``--impl``; LLaDA's reference sampler is not run there
+(it would need an HF checkpoint of that size), so only the ratios between our samplers print::
+
+    python benchmarks/bench_rollout.py --model llada8b --layers 4 --impl transformer_engine \
+        --dtype bfloat16 --batch 32 --prompt 64 --cache dual --threshold 0.9
 """
 
 from __future__ import annotations
@@ -69,10 +77,32 @@ def _trained(args):
     return cfg.model, torch.tensor(same)
 
 
+LLADA_8B = dict(hidden_size=4096, ffn_hidden_size=12288, num_attention_heads=32, vocab_size=126464)
+
+
+def _llada8b(args):
+    """Model config and random prompts [batch, P] for LLaDA-8B's layer geometry (random init)."""
+    from rspo_mega.config.schema import ModelConfig
+
+    vocab = LLADA_8B["vocab_size"]
+    mcfg = ModelConfig(num_layers=args.layers, **LLADA_8B, mask_token_id=vocab - 1,
+                       eos_token_id=vocab - 2, max_position_embeddings=args.prompt + args.gen,
+                       params_dtype=args.dtype, transformer_impl=args.impl)
+    prompts = torch.randint(0, vocab - 2, (args.batch, args.prompt),
+                            generator=torch.Generator().manual_seed(1))
+    return mcfg, prompts
+
+
 def _models(args, workdir: str):
-    """(baseline forward fn, our model, model config, prompts [batch, P])."""
+    """(baseline forward fn or None, our model, model config, prompts [batch, P])."""
     from rspo_mega.models.llada import build_llada_model, load_model
 
+    if args.model == "llada8b":  # no HF checkpoint of this size: no reference sampler
+        from rspo_mega.parallel import set_random_seed
+
+        mcfg, prompts = _llada8b(args)
+        set_random_seed(1234)
+        return None, build_llada_model(mcfg).eval(), mcfg, prompts
     if args.run_dir:  # a trained run: our model only, the baseline runs our forward's logits
         mcfg, prompts = _trained(args)
         model = build_llada_model(mcfg).eval()
@@ -89,8 +119,12 @@ def _models(args, workdir: str):
 
 
 def _timed(fn):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - t0, out
 
 
@@ -106,7 +140,7 @@ def _summary(rollout, seconds: float, tokens: int) -> dict:
             "model_calls": len(rollout.step_seconds)}
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--gen", type=int, default=256)
     p.add_argument("--block", type=int, default=32)
@@ -119,7 +153,22 @@ def main() -> None:
                    help="also time confidence-threshold decoding (with --cache, both)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--run-dir", default=None, help="trained run: config.yaml, tokenizer/, ckpt/")
+    p.add_argument("--model", choices=("small", "llada8b"), default="small",
+                   help="small: the converted GQA checkpoint, with the reference sampler; "
+                        "llada8b: LLaDA-8B's layer geometry, random init, no reference")
+    p.add_argument("--layers", type=int, default=4, help="layers of --model llada8b")
+    p.add_argument("--impl", choices=("local", "transformer_engine"), default="local",
+                   help="layer spec of --model llada8b")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="parameters of --model llada8b")
     args = p.parse_args()
+    if args.model == "llada8b" and args.run_dir:
+        p.error("--model llada8b builds a random model; it takes no --run-dir")
+    return args
+
+
+def main() -> None:
+    args = _args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     initialize_distributed()
@@ -135,48 +184,64 @@ def main() -> None:
                             cache=cache)
         return RolloutEngine(model, mcfg, cfg, seed=0)
 
-    full = torch.cat([prompts, torch.full((prompts.shape[0], args.gen), mcfg.mask_token_id)], 1)
     variant = args.cache != "none" or args.threshold is not None
     with torch.no_grad():  # warm-up of all (first calls of new shapes build kernels)
-        for _ in range(3):
-            ref(full)
         engine().generate(prompts.tolist(), uids, steps=args.gen // args.block)
         if variant:
             engine(args.cache, args.threshold).generate(prompts.tolist(), uids,
                                                         steps=2 * args.gen // args.block)
-        t_fwd = min(_timed(lambda: ref(full))[0] for _ in range(3))
-    t_ref, ref_out = _timed(lambda: hf_baseline.reference_generate(
-        ref, prompts, args.steps, args.gen, args.block, mcfg.mask_token_id))
-    ref_out = ref_out[:, prompts.shape[1]:]
-    t_exact, exact = _timed(lambda: engine().generate(prompts.tolist(), uids))
-    agreement = float((exact.completion_ids == ref_out).float().mean())
-    tokens = prompts.shape[0] * args.gen
     out = {
         "benchmark": "rollout", "threads": torch.get_num_threads(),
-        "model_params": sum(p.numel() for p in model.parameters()),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "model": args.model, "model_params": sum(p.numel() for p in model.parameters()),
         "batch": prompts.shape[0], "gen_length": args.gen, "block_length": args.block,
         "steps": args.steps, "run_dir": args.run_dir,
-        "reference": {"seconds": round(t_ref, 3), "tokens_per_s": round(tokens / t_ref, 1),
-                      "forward_ms": round(1e3 * t_fwd, 2)},
-        "exact": {**_summary(exact, t_exact, tokens), "token_agreement_vs_reference": agreement,
-                  "speedup_vs_reference": round(t_ref / t_exact, 3)},
-        "token_agreement": agreement,
-        "speedup_vs_reference": round(t_ref / t_exact, 3),
     }
+    if args.model == "llada8b":
+        out.update(layers=args.layers, impl=args.impl, dtype=args.dtype)
+    reference, t_ref, ref_out = (None, None, None) if ref is None else \
+        _reference(ref, prompts, mcfg, args)
+    if reference is not None:
+        out["reference"] = reference
+    tokens = prompts.shape[0] * args.gen
+    t_exact, exact = _timed(lambda: engine().generate(prompts.tolist(), uids))
+    out["exact"] = _summary(exact, t_exact, tokens)
+    if reference is not None:
+        agreement = float((exact.completion_ids == ref_out).float().mean())
+        out["exact"].update(token_agreement_vs_reference=agreement,
+                            speedup_vs_reference=round(t_ref / t_exact, 3))
+        out.update(token_agreement=agreement, speedup_vs_reference=round(t_ref / t_exact, 3))
     if variant:
         eng = engine(args.cache, args.threshold)
         t_var, var = _timed(lambda: eng.generate(prompts.tolist(), uids))
-        cache_bytes = 0 if args.cache == "none" else _cache_bytes(eng, prompts, args.gen)
         out.update({
             "variant": {"name": _variant_label(args), **_summary(var, t_var, tokens)},
             "speedup_vs_exact": round(t_exact / t_var, 3),
-            "speedup_vs_reference": round(t_ref / t_var, 3),
             # share of generated tokens equal to the exact sampler's (T=0)
             "token_agreement": float((var.completion_ids == exact.completion_ids).float().mean()),
-            "cache_bytes": cache_bytes,
+            "cache_bytes": 0 if args.cache == "none" else _cache_bytes(eng, prompts, args.gen),
         })
+        if reference is not None:
+            out["speedup_vs_reference"] = round(t_ref / t_var, 3)
     print(json.dumps(out, indent=1))
-    assert agreement == 1.0, f"exact sampler tokens differ from the reference: agreement {agreement}"
+    if reference is not None:
+        agreement = out["exact"]["token_agreement_vs_reference"]
+        assert agreement == 1.0, f"exact sampler tokens differ from the reference: {agreement}"
+
+
+def _reference(ref, prompts: torch.Tensor, mcfg, args) -> tuple[dict, float, torch.Tensor]:
+    """LLaDA's reference sampler on ``ref``: (its summary, seconds, generated tokens [b, gen])."""
+    full = torch.cat([prompts, torch.full((prompts.shape[0], args.gen), mcfg.mask_token_id)], 1)
+    with torch.no_grad():
+        for _ in range(3):
+            ref(full)
+        t_fwd = min(_timed(lambda: ref(full))[0] for _ in range(3))
+    seconds, tokens = _timed(lambda: hf_baseline.reference_generate(
+        ref, prompts, args.steps, args.gen, args.block, mcfg.mask_token_id))
+    summary = {"seconds": round(seconds, 3),
+               "tokens_per_s": round(prompts.shape[0] * args.gen / seconds, 1),
+               "forward_ms": round(1e3 * t_fwd, 2)}
+    return summary, seconds, tokens[:, prompts.shape[1]:]
 
 
 def _cache_bytes(eng: RolloutEngine, prompts: torch.Tensor, gen: int) -> int:

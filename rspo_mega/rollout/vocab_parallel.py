@@ -70,11 +70,17 @@ class VocabShard:
         return torch.stack(ids).gather(0, winner.unsqueeze(0)).squeeze(0)
 
     def chosen_prob(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """``softmax(logits)[ids]`` in float64 ``[n]``, from local logits ``[n, size]``."""
-        lg = logits.to(torch.float64)
-        gmax = self._all_reduce(local_row_max(lg)[0], dist.ReduceOp.MAX)
-        sumexp = self._all_reduce(torch.exp(lg - gmax.unsqueeze(-1)).sum(-1), dist.ReduceOp.SUM)
-        picked = self._all_reduce(self._local_picked(lg, ids), dist.ReduceOp.SUM)
+        """``softmax(logits)[ids]`` in float64 ``[n]``, from local logits ``[n, size]``.
+
+        The row max is taken on the logits as they are (a cast to float64 is exact and keeps
+        the order); the shifted logits are float64 by type promotion, so the logits are never
+        copied to float64 on their own.
+        """
+        gmax = self._all_reduce(local_row_max(logits)[0].to(torch.float64), dist.ReduceOp.MAX)
+        weights = (logits - gmax.unsqueeze(-1)).exp_()
+        sumexp = self._all_reduce(weights.sum(-1), dist.ReduceOp.SUM)
+        picked = self._all_reduce(self._local_picked(logits, ids).to(torch.float64),
+                                  dist.ReduceOp.SUM)
         return torch.exp(picked - gmax) / sumexp
 
     def _local_picked(self, values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -125,9 +131,8 @@ def gumbel_max(
     equals the reference's ``argmax(exp(l) / (-log u)^T)`` without overflowing ``exp``.
     ``temperature == 0`` is the plain argmax and needs no noise.
     """
-    scores = logits.to(torch.float64)
-    if temperature > 0:
-        if noise is None:
-            raise ValueError("gumbel_max: temperature > 0 needs noise")
-        scores = scores - temperature * torch.log(-torch.log(noise))
-    return shard.argmax(scores)
+    if temperature == 0:  # float64 would change no order: the argmax of the logits as they are
+        return shard.argmax(logits)
+    if noise is None:
+        raise ValueError("gumbel_max: temperature > 0 needs noise")
+    return shard.argmax(logits.to(torch.float64) - temperature * torch.log(-torch.log(noise)))
