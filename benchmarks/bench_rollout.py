@@ -12,6 +12,9 @@ sampler is timed too: ``speedup_vs_exact``, ``speedup_vs_reference`` and ``token
 of tokens equal to the exact sampler's at T=0) then describe it, with ``cache_bytes``; the exact
 sampler's figures stay under ``exact``.
 
+Each sampler runs ``--repeats`` times, in turn, so that a drift of the machine slows all of them
+alike; times and ratios are those of the fastest run of each (``seconds_runs`` lists every run).
+
     python benchmarks/bench_rollout.py [--gen 256 --block 32 --steps 128 --batch 4]
     python benchmarks/bench_rollout.py --cache dual --threshold 0.9 --batch 8
     python benchmarks/bench_rollout.py --run-dir runs/default   # a trained run's model + prompts
@@ -153,6 +156,8 @@ def _args() -> argparse.Namespace:
                    help="also time confidence-threshold decoding (with --cache, both)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--run-dir", default=None, help="trained run: config.yaml, tokenizer/, ckpt/")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs of each sampler, in turn; ratios use the fastest of each")
     p.add_argument("--model", choices=("small", "llada8b"), default="small",
                    help="small: the converted GQA checkpoint, with the reference sampler; "
                         "llada8b: LLaDA-8B's layer geometry, random init, no reference")
@@ -185,6 +190,9 @@ def main() -> None:
         return RolloutEngine(model, mcfg, cfg, seed=0)
 
     variant = args.cache != "none" or args.threshold is not None
+    runs = {"exact": lambda: engine().generate(prompts.tolist(), uids)}
+    if variant:
+        runs["variant"] = lambda: engine(args.cache, args.threshold).generate(prompts.tolist(), uids)
     with torch.no_grad():  # warm-up of all (first calls of new shapes build kernels)
         engine().generate(prompts.tolist(), uids, steps=args.gen // args.block)
         if variant:
@@ -195,53 +203,83 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "model": args.model, "model_params": sum(p.numel() for p in model.parameters()),
         "batch": prompts.shape[0], "gen_length": args.gen, "block_length": args.block,
-        "steps": args.steps, "run_dir": args.run_dir,
+        "steps": args.steps, "run_dir": args.run_dir, "repeats": args.repeats,
     }
     if args.model == "llada8b":
         out.update(layers=args.layers, impl=args.impl, dtype=args.dtype)
-    reference, t_ref, ref_out = (None, None, None) if ref is None else \
-        _reference(ref, prompts, mcfg, args)
-    if reference is not None:
-        out["reference"] = reference
-    tokens = prompts.shape[0] * args.gen
-    t_exact, exact = _timed(lambda: engine().generate(prompts.tolist(), uids))
-    out["exact"] = _summary(exact, t_exact, tokens)
-    if reference is not None:
-        agreement = float((exact.completion_ids == ref_out).float().mean())
-        out["exact"].update(token_agreement_vs_reference=agreement,
-                            speedup_vs_reference=round(t_ref / t_exact, 3))
-        out.update(token_agreement=agreement, speedup_vs_reference=round(t_ref / t_exact, 3))
-    if variant:
-        eng = engine(args.cache, args.threshold)
-        t_var, var = _timed(lambda: eng.generate(prompts.tolist(), uids))
-        out.update({
-            "variant": {"name": _variant_label(args), **_summary(var, t_var, tokens)},
-            "speedup_vs_exact": round(t_exact / t_var, 3),
-            # share of generated tokens equal to the exact sampler's (T=0)
-            "token_agreement": float((var.completion_ids == exact.completion_ids).float().mean()),
-            "cache_bytes": 0 if args.cache == "none" else _cache_bytes(eng, prompts, args.gen),
-        })
-        if reference is not None:
-            out["speedup_vs_reference"] = round(t_ref / t_var, 3)
+    if ref is not None:
+        forward_ms = _reference_forward_ms(ref, prompts, mcfg, args)
+        runs = {"reference": lambda: hf_baseline.reference_generate(
+            ref, prompts, args.steps, args.gen, args.block, mcfg.mask_token_id), **runs}
+    times, outs = _interleaved(runs, args.repeats)
+    out.update(_report(times, outs, prompts, args, engine))
+    if ref is not None:
+        out["reference"]["forward_ms"] = forward_ms
     print(json.dumps(out, indent=1))
-    if reference is not None:
+    if ref is not None:
         agreement = out["exact"]["token_agreement_vs_reference"]
         assert agreement == 1.0, f"exact sampler tokens differ from the reference: {agreement}"
 
 
-def _reference(ref, prompts: torch.Tensor, mcfg, args) -> tuple[dict, float, torch.Tensor]:
-    """LLaDA's reference sampler on ``ref``: (its summary, seconds, generated tokens [b, gen])."""
+def _interleaved(runs: dict, repeats: int) -> tuple[dict, dict]:
+    """Each run ``repeats`` times, in turn (drifts of the machine hit all of them alike):
+    (seconds of every repeat per run, the first output per run)."""
+    times: dict = {name: [] for name in runs}
+    outs: dict = {}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            seconds, result = _timed(fn)
+            times[name].append(seconds)
+            outs.setdefault(name, result)
+    return times, outs
+
+
+def _report(times: dict, outs: dict, prompts: torch.Tensor, args, engine) -> dict:
+    """The JSON fields of the timed runs; ratios from the fastest repeat of each."""
+    tokens = prompts.shape[0] * args.gen
+    best = {name: min(t) for name, t in times.items()}
+    exact = outs["exact"]
+    rep: dict = {}
+    if "reference" in outs:
+        rep["reference"] = {"seconds": round(best["reference"], 3),
+                            "tokens_per_s": round(tokens / best["reference"], 1),
+                            "seconds_runs": _rounded(times["reference"])}
+    rep["exact"] = {**_summary(exact, best["exact"], tokens),
+                    "seconds_runs": _rounded(times["exact"])}
+    if "reference" in outs:
+        ref_tokens = outs["reference"][:, prompts.shape[1]:]
+        agreement = float((exact.completion_ids == ref_tokens).float().mean())
+        rep["exact"].update(token_agreement_vs_reference=agreement,
+                            speedup_vs_reference=round(best["reference"] / best["exact"], 3))
+        rep.update(token_agreement=agreement,
+                   speedup_vs_reference=round(best["reference"] / best["exact"], 3))
+    if "variant" in outs:
+        var = outs["variant"]
+        rep.update({
+            "variant": {"name": _variant_label(args), **_summary(var, best["variant"], tokens),
+                        "seconds_runs": _rounded(times["variant"])},
+            "speedup_vs_exact": round(best["exact"] / best["variant"], 3),
+            # share of generated tokens equal to the exact sampler's (T=0)
+            "token_agreement": float((var.completion_ids == exact.completion_ids).float().mean()),
+            "cache_bytes": 0 if args.cache == "none" else _cache_bytes(
+                engine(args.cache, args.threshold), prompts, args.gen),
+        })
+        if "reference" in outs:
+            rep["speedup_vs_reference"] = round(best["reference"] / best["variant"], 3)
+    return rep
+
+
+def _rounded(values: list[float]) -> list[float]:
+    return [round(v, 3) for v in values]
+
+
+def _reference_forward_ms(ref, prompts: torch.Tensor, mcfg, args) -> float:
+    """Milliseconds of one forward of the reference model over the full sequence (best of 3)."""
     full = torch.cat([prompts, torch.full((prompts.shape[0], args.gen), mcfg.mask_token_id)], 1)
     with torch.no_grad():
         for _ in range(3):
             ref(full)
-        t_fwd = min(_timed(lambda: ref(full))[0] for _ in range(3))
-    seconds, tokens = _timed(lambda: hf_baseline.reference_generate(
-        ref, prompts, args.steps, args.gen, args.block, mcfg.mask_token_id))
-    summary = {"seconds": round(seconds, 3),
-               "tokens_per_s": round(prompts.shape[0] * args.gen / seconds, 1),
-               "forward_ms": round(1e3 * t_fwd, 2)}
-    return summary, seconds, tokens[:, prompts.shape[1]:]
+        return round(1e3 * min(_timed(lambda: ref(full))[0] for _ in range(3)), 2)
 
 
 def _cache_bytes(eng: RolloutEngine, prompts: torch.Tensor, gen: int) -> int:

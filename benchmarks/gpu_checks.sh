@@ -44,7 +44,7 @@ run() {
 
 IMPL=$("$PY" -c "import importlib.util as u; print('transformer_engine' if u.find_spec('transformer_engine') else 'local')")
 ROLLOUT=(benchmarks/bench_rollout.py --model llada8b --layers 4 --impl "$IMPL" --dtype bfloat16
-         --batch 32 --prompt 64 --gen 256 --block 32 --steps 128)
+         --batch 32 --prompt 64 --gen 256 --block 32 --steps 128 --repeats 2)
 
 run tests_gpu 150 "$PY" -m pytest -q tests/gpu
 run bench_gpu 90 "$PY" benchmarks/bench_gpu.py --variants local_bf16,te_bf16,te_fp8
