@@ -198,15 +198,7 @@ def main() -> None:
         if variant:
             engine(args.cache, args.threshold).generate(prompts.tolist(), uids,
                                                         steps=2 * args.gen // args.block)
-    out = {
-        "benchmark": "rollout", "threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "model": args.model, "model_params": sum(p.numel() for p in model.parameters()),
-        "batch": prompts.shape[0], "gen_length": args.gen, "block_length": args.block,
-        "steps": args.steps, "run_dir": args.run_dir, "repeats": args.repeats,
-    }
-    if args.model == "llada8b":
-        out.update(layers=args.layers, impl=args.impl, dtype=args.dtype)
+    out = _header(args, model, prompts)
     if ref is not None:
         forward_ms = _reference_forward_ms(ref, prompts, mcfg, args)
         runs = {"reference": lambda: hf_baseline.reference_generate(
@@ -219,6 +211,20 @@ def main() -> None:
     if ref is not None:
         agreement = out["exact"]["token_agreement_vs_reference"]
         assert agreement == 1.0, f"exact sampler tokens differ from the reference: {agreement}"
+
+
+def _header(args, model: torch.nn.Module, prompts: torch.Tensor) -> dict:
+    """The JSON fields that describe the run (machine, model, batch, schedule)."""
+    out = {
+        "benchmark": "rollout", "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "model": args.model, "model_params": sum(p.numel() for p in model.parameters()),
+        "batch": prompts.shape[0], "gen_length": args.gen, "block_length": args.block,
+        "steps": args.steps, "run_dir": args.run_dir, "repeats": args.repeats,
+    }
+    if args.model == "llada8b":
+        out.update(layers=args.layers, impl=args.impl, dtype=args.dtype)
+    return out
 
 
 def _interleaved(runs: dict, repeats: int) -> tuple[dict, dict]:
