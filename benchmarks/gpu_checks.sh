@@ -6,8 +6,8 @@
 # WHEEL_DIR (optional): wheels to install first with --no-index (megatron-core, Transformer
 # Engine and its torch extension built for the machine's torch, where the image lacks them).
 # Each check has its own time limit (520 s in all, inside one 600 s device command), so one that
-# hangs does not take the others' time. Every
-# check writes its output to $OUT/<name>.json or .log; the summary table prints last.
+# hangs does not take the others' time. Each writes its output to $OUT/<name>.out and .err; the
+# rollout summary and the table of exit codes and seconds print last.
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
