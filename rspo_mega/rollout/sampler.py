@@ -416,12 +416,12 @@ def _denoise_step(
     and its entropy ``[b, m]`` (float64), else None.
     """
     b, m, _ = logits.shape
-    flat, x0 = _sample_x0(logits, offsets, uids, step, s, shard, noise_fn)
+    flat, x0, top = _sample_x0(logits, offsets, uids, step, s, shard, noise_fn)
     scores = None
     if score:
         scores = tuple(t.view(b, m) for t in shard.log_prob_entropy(flat, x0.reshape(-1),
                                                                      s.temperature))
-    conf = _confidence(flat, x0, offsets, valid, uids, step, s, shard)
+    conf = _confidence(flat, x0, top, offsets, valid, uids, step, s, shard)
     commit, counts = _commit_top(conf, valid, k, remaining, s)
     return commit, x0, conf, counts, scores
 
@@ -429,30 +429,35 @@ def _denoise_step(
 def _sample_x0(
     logits: torch.Tensor, offsets: torch.Tensor, uids: list[int], step: int, s: SamplerSettings,
     shard: VocabShard, noise_fn: Optional[NoiseFn],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(flat logits [b*m, V_local], x0 [b, m])``: a Gumbel-max draw at every block position,
-    keyed by (uid, step) (``noise_fn`` replaces the keyed uniforms); EOS forbidden if set."""
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``(flat logits [b*m, V_local], x0 [b, m], top)``: a Gumbel-max draw at every block
+    position, keyed by (uid, step) (``noise_fn`` replaces the keyed uniforms); EOS forbidden if
+    set. At temperature 0, x0 is the argmax and ``top [b*m]`` its logit (the row max, which the
+    confidence reuses); else ``top`` is None."""
     b, m, v_local = logits.shape
     if s.forbid_eos:
         shard.forbid(logits, s.eos_token_id)
     flat = logits.reshape(b * m, v_local)
-    noise = None
-    if s.temperature > 0:
-        draws = [noise_fn(uid, step, s.block_length, s.vocab_size) if noise_fn else
-                 keyed_uniforms(s.seed, uid, step, ROLLOUT_NOISE_STREAM, (s.block_length, s.vocab_size))
-                 for uid in uids]
-        noise = shard.slice_noise(_block_draws(draws, offsets).reshape(b * m, -1))
-    return flat, gumbel_max(flat, noise, s.temperature, shard).view(b, m)
+    if s.temperature == 0:
+        top, x0 = shard.max_and_argmax(flat)
+        return flat, x0.view(b, m), top
+    draws = [noise_fn(uid, step, s.block_length, s.vocab_size) if noise_fn else
+             keyed_uniforms(s.seed, uid, step, ROLLOUT_NOISE_STREAM, (s.block_length, s.vocab_size))
+             for uid in uids]
+    noise = shard.slice_noise(_block_draws(draws, offsets).reshape(b * m, -1))
+    return flat, gumbel_max(flat, noise, s.temperature, shard).view(b, m), None
 
 
 def _confidence(
-    flat: torch.Tensor, x0: torch.Tensor, offsets: torch.Tensor, valid: torch.Tensor,
-    uids: list[int], step: int, s: SamplerSettings, shard: VocabShard,
+    flat: torch.Tensor, x0: torch.Tensor, top: Optional[torch.Tensor], offsets: torch.Tensor,
+    valid: torch.Tensor, uids: list[int], step: int, s: SamplerSettings, shard: VocabShard,
 ) -> torch.Tensor:
     """The remasking confidence ``[b, m]`` of ``x0`` (``-inf`` outside ``valid``): its
-    probability (``low_confidence``) or a keyed uniform (``random``)."""
+    probability (``low_confidence``; from the row max ``top`` when x0 is the argmax) or a keyed
+    uniform (``random``)."""
     if s.remasking == "low_confidence":
-        conf = shard.chosen_prob(flat, x0.reshape(-1)).view(x0.shape)
+        prob = shard.chosen_prob(flat, x0.reshape(-1)) if top is None else shard.top_prob(flat, top)
+        conf = prob.view(x0.shape)
     elif s.remasking == "random":
         draws = [keyed_uniforms(s.seed, uid, step, ROLLOUT_REMASK_STREAM, (s.block_length,))
                  for uid in uids]

@@ -59,15 +59,20 @@ class VocabShard:
 
     def argmax(self, scores: torch.Tensor) -> torch.Tensor:
         """Global argmax ids ``[n]`` of local scores ``[n, size]``; ties go to the lowest id."""
+        return self.max_and_argmax(scores)[1]
+
+    def max_and_argmax(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global row maxima ``[n]`` (``scores``' dtype) and their ids ``[n]`` (ties: lowest id)
+        of local scores ``[n, size]``."""
         local_val, local_idx = local_row_max(scores)
         if self.world == 1:
-            return local_idx + self.start
+            return local_val, local_idx + self.start
         vals = [torch.empty_like(local_val) for _ in range(self.world)]
         ids = [torch.empty_like(local_idx) for _ in range(self.world)]
         dist.all_gather(vals, local_val, group=self.group)
         dist.all_gather(ids, local_idx + self.start, group=self.group)
-        winner = torch.stack(vals).argmax(dim=0)  # first maximum = lowest shard = lowest id
-        return torch.stack(ids).gather(0, winner.unsqueeze(0)).squeeze(0)
+        best, winner = torch.stack(vals).max(dim=0)  # first maximum = lowest shard = lowest id
+        return best, torch.stack(ids).gather(0, winner.unsqueeze(0)).squeeze(0)
 
     def chosen_prob(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``softmax(logits)[ids]`` in float64 ``[n]``, from local logits ``[n, size]``.
@@ -77,11 +82,20 @@ class VocabShard:
         copied to float64 on their own.
         """
         gmax = self._all_reduce(local_row_max(logits)[0].to(torch.float64), dist.ReduceOp.MAX)
-        weights = (logits - gmax.unsqueeze(-1)).exp_()
-        sumexp = self._all_reduce(weights.sum(-1), dist.ReduceOp.SUM)
         picked = self._all_reduce(self._local_picked(logits, ids).to(torch.float64),
                                   dist.ReduceOp.SUM)
-        return torch.exp(picked - gmax) / sumexp
+        return torch.exp(picked - gmax) / self._sum_exp(logits, gmax)
+
+    def top_prob(self, logits: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        """``softmax(logits)`` at each row's maximum ``top [n]`` (global, from
+        :meth:`max_and_argmax`), float64 ``[n]``: :meth:`chosen_prob` of the argmax ids, whose
+        picked logit is ``top`` itself, with no gather and no collective for it."""
+        gmax = top.to(torch.float64)
+        return 1.0 / self._sum_exp(logits, gmax)
+
+    def _sum_exp(self, logits: torch.Tensor, gmax: torch.Tensor) -> torch.Tensor:
+        """``sum(exp(logits - gmax))`` over the whole vocabulary, float64 ``[n]`` (one SUM)."""
+        return self._all_reduce((logits - gmax.unsqueeze(-1)).exp_().sum(-1), dist.ReduceOp.SUM)
 
     def _local_picked(self, values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``values[n, ids[n]]`` ``[n]`` where this shard holds the id, 0 elsewhere (a SUM over

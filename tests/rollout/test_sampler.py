@@ -225,3 +225,22 @@ def test_empty_prompt_and_uid_mismatch():
         generate(at_positions(m), [[]], [0], _settings())
     with pytest.raises(ValueError, match="2 prompts but 1 uids"):
         generate(at_positions(m), [[1], [2]], [0], _settings())
+
+
+def test_argmax_confidence_from_the_row_max_equals_the_chosen_probability():
+    """At T=0 the sampler takes the confidence from the argmax's row max (no gather): it must
+    equal ``softmax[argmax]`` bitwise, ties must go to the lowest id, and -inf (forbidden) ids
+    must not count."""
+    from rspo_mega.rollout.vocab_parallel import VocabShard
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(9, V, generator=g) * 4
+    logits[0, [5, 7]] = logits[0].max() + 1.0  # a tie: id 5 wins
+    logits[1, EOS] = float("-inf")
+    shard = VocabShard(0, V, V)
+    top, ids = shard.max_and_argmax(logits)
+    assert int(ids[0]) == 5
+    assert torch.equal(ids, logits.argmax(-1)) and torch.equal(top, logits.max(-1).values)
+    expected = torch.softmax(logits.double(), -1).gather(1, ids[:, None]).squeeze(1)
+    assert torch.equal(shard.top_prob(logits, top), shard.chosen_prob(logits, ids))
+    assert torch.allclose(shard.top_prob(logits, top), expected, rtol=1e-12, atol=0)
