@@ -23,8 +23,8 @@ Confidence-threshold decoding only pays off on a trained model (a random one is 
 confident), so ``--run-dir`` loads a run's config, tokenizer, latest checkpoint and test prompts.
 
 On a GPU (the model is built on it when CUDA is present), ``--model llada8b`` times a randomly
-initialised model of LLaDA-8B's layer geometry (hidden 4096, 32 heads, FFN 12288, vocab 126464;
-``--layers`` of them) in ``--dtype`` with ``--impl``; LLaDA's reference sampler is not run there
+initialised model of LLaDA-8B's layer geometry (the shipped ``llada_8b.json``: hidden 4096, 32
+heads, FFN 12288, vocab 126464; ``--layers`` of them) in ``--dtype`` with ``--impl``; LLaDA's reference sampler is not run there
 (it would need an HF checkpoint of that size), so only the ratios between our samplers print::
 
     python benchmarks/bench_rollout.py --model llada8b --layers 4 --impl transformer_engine \
@@ -80,18 +80,19 @@ def _trained(args):
     return cfg.model, torch.tensor(same)
 
 
-LLADA_8B = dict(hidden_size=4096, ffn_hidden_size=12288, num_attention_heads=32, vocab_size=126464)
-
-
 def _llada8b(args):
-    """Model config and random prompts [batch, P] for LLaDA-8B's layer geometry (random init)."""
-    from rspo_mega.config.schema import ModelConfig
+    """Model config (the shipped LLaDA-8B geometry, ``--layers`` of its layers) and random
+    prompts [batch, P]; the weights are a random init."""
+    from dataclasses import replace
 
-    vocab = LLADA_8B["vocab_size"]
-    mcfg = ModelConfig(num_layers=args.layers, **LLADA_8B, mask_token_id=vocab - 1,
-                       eos_token_id=vocab - 2, max_position_embeddings=args.prompt + args.gen,
-                       params_dtype=args.dtype, transformer_impl=args.impl)
-    prompts = torch.randint(0, vocab - 2, (args.batch, args.prompt),
+    from rspo_mega.config.hf_start import shipped_hf_config
+    from rspo_mega.models.llada.hf_config import model_config_from_hf
+
+    mcfg = replace(model_config_from_hf(shipped_hf_config("shipped:llada_8b")),
+                   num_layers=args.layers, max_position_embeddings=args.prompt + args.gen,
+                   params_dtype=args.dtype, transformer_impl=args.impl)
+    special = {mcfg.mask_token_id, mcfg.eos_token_id, mcfg.bos_token_id, mcfg.pad_token_id}
+    prompts = torch.randint(0, min(i for i in special if i is not None), (args.batch, args.prompt),
                             generator=torch.Generator().manual_seed(1))
     return mcfg, prompts
 
