@@ -42,7 +42,7 @@ run() {
     printf '%-24s rc=%-4s %4ss\n' "$name" "$?" "$((SECONDS - t0))" | tee -a "$OUT/summary.txt"
 }
 
-IMPL=$("$PY" -c "import importlib.util as u; print('transformer_engine' if u.find_spec('transformer_engine') else 'local')")
+IMPL=$("$PY" -c "from rspo_mega.models.llada.spec import resolve_transformer_impl as r; print(r('auto'))")
 ROLLOUT=(benchmarks/bench_rollout.py --model llada8b --layers 4 --impl "$IMPL" --dtype bfloat16
          --batch 32 --prompt 64 --gen 256 --block 32 --steps 128 --repeats 2)
 
