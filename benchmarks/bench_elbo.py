@@ -31,6 +31,7 @@ import os
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -163,6 +164,115 @@ def vs_baseline(gen: int, repeats: int, batch: int = 4, prompt: int = 32) -> dic
     }
 
 
+@dataclass
+class RSPOSetup:
+    """One policy, its frozen reference and a batch of completions with advantages."""
+
+    cfg: ModelConfig
+    policy: list
+    ref: Any
+    batch: CompletionBatch
+    adv: torch.Tensor
+    groups: int
+    runner: Any
+    micro_batch: int
+
+    def likelihood(self, k: int) -> LikelihoodConfig:
+        return LikelihoodConfig(mask_scheme="coupled", mc_samples=k,
+                                micro_batch_size=self.micro_batch)
+
+    def masks(self, lik: LikelihoodConfig, iteration: int) -> Any:
+        from rspo_mega.likelihood import MaskSampler
+
+        return MaskSampler(lik, 7, self.cfg.mask_token_id,
+                           self.cfg.eos_token_id).sample(self.batch, iteration)
+
+
+def _setup(args: argparse.Namespace) -> RSPOSetup:
+    from rspo_mega.algorithms import compute_advantages
+    from rspo_mega.likelihood import ElboRunner, ReferenceModel
+    from rspo_mega.models.llada.model import build_llada_model, llada_forward
+
+    cfg = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn,
+                      num_attention_heads=8, vocab_size=args.vocab, make_vocab_size_divisible_by=128,
+                      max_position_embeddings=args.prompt + args.gen, mask_token_id=args.vocab - 1,
+                      eos_token_id=args.vocab - 2)
+    policy = [build_llada_model(cfg)]
+    ref = ReferenceModel.from_policy(policy, lambda: [build_llada_model(cfg)])
+    batch = _completions(args.completions, args.prompt, args.gen, cfg)
+    groups = args.completions // 2 + 1
+    rewards = torch.arange(args.completions, dtype=torch.float32)
+    adv = compute_advantages(rewards, batch.group_ids, groups, AlgorithmConfig(name="rspo"))
+    runner = ElboRunner(llada_forward, args.micro_batch, ddp_averages_gradients=True)
+    return RSPOSetup(cfg, policy, ref, batch, adv, groups, runner, args.micro_batch)
+
+
+def k_scaling(s: RSPOSetup, k: int, repeats: int) -> dict:
+    """One step with ``k`` MC samples against ``k`` steps with one: time and saved activations."""
+    from rspo_mega.algorithms import build_loss, loss_backward
+
+    algo = AlgorithmConfig(name="rspo")
+
+    def step(samples: int, iteration: int, tracker: SavedActivationPeak) -> None:
+        lik = s.likelihood(samples)
+        masked = s.masks(lik, iteration)
+        ref_lp = s.ref.logprobs(s.runner, masked)
+        with tracker.hooks():
+            loss_backward(build_loss(algo, lik), s.runner, s.policy, masked, s.adv,
+                          s.batch.group_ids, s.groups, ref_logp=ref_lp)
+
+    step(1, 0, SavedActivationPeak())  # warm-up
+    t_k, t_1 = [], []
+    mem_k, mem_1 = SavedActivationPeak(), SavedActivationPeak()
+    for r in range(repeats):
+        t_k.append(_timed(lambda: step(k, 100 + r, mem_k))[0])
+        t_1.append(_timed(lambda: [step(1, 200 + 10 * r + i, mem_1) for i in range(k)])[0])
+    return {
+        "k": k, "sequences_per_step_k": s.batch.size * k * 2,
+        "micro_batch_size": s.micro_batch,
+        "one_step_with_k_samples_s": min(t_k), "k_steps_with_one_sample_s": min(t_1),
+        "ratio": min(t_k) / min(t_1), "target_ratio": 1.05,
+        "peak_saved_activation_bytes_k": mem_k.peak, "peak_saved_activation_bytes_1": mem_1.peak,
+        "memory_ratio": mem_k.peak / max(mem_1.peak, 1),
+    }
+
+
+def step_split(s: RSPOSetup, repeats: int) -> dict:
+    """Milliseconds of each phase of a K=2 step (fastest of ``repeats``)."""
+    from rspo_mega.algorithms import build_loss
+    from rspo_mega.algorithms.base import LossInputs
+    from rspo_mega.algorithms.step import loss_coefficients
+
+    lik = s.likelihood(2)
+    loss_fn = build_loss(AlgorithmConfig(name="rspo"), lik)
+    phases = ("masks", "forward_reference", "forward_policy", "loss_and_reduction", "backward",
+              "total")
+    splits: dict[str, list[float]] = {k: [] for k in phases}
+
+    def reduce(masked: Any, lp: torch.Tensor, ref_lp: torch.Tensor) -> Any:
+        inputs = LossInputs(masked, lp, s.adv, s.batch.group_ids, s.groups, ref_lp)
+        out, coeff = loss_coefficients(loss_fn, inputs)
+        out.metrics.reduce(loss_fn.group)
+        return coeff
+
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        dt, masked = _timed(lambda: s.masks(lik, 300 + r))
+        splits["masks"].append(dt)
+        dt, ref_lp = _timed(lambda: s.ref.logprobs(s.runner, masked))
+        splits["forward_reference"].append(dt)
+        dt, lp = _timed(lambda: s.runner.logprobs(s.policy, masked))
+        splits["forward_policy"].append(dt)
+        dt, coeff = _timed(lambda: reduce(masked, lp, ref_lp))
+        splits["loss_and_reduction"].append(dt)
+        splits["backward"].append(_timed(lambda: s.runner.backward(s.policy, masked, coeff))[0])
+        splits["total"].append(time.perf_counter() - t0)
+    out = {f"{k}_ms": round(1000 * min(v), 2) for k, v in splits.items()}
+    out.update(sequences=masked.num_sequences, seq_length=masked.seq_length,
+               micro_batches=s.runner.num_microbatches(masked))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=512)
@@ -184,83 +294,13 @@ def main() -> None:
     if args.only_baseline:
         print(json.dumps({"threads": torch.get_num_threads(), "vs_baseline": baseline}, indent=1))
         return
-    from rspo_mega.algorithms import build_loss, compute_advantages, loss_backward
-    from rspo_mega.algorithms.step import loss_coefficients
-    from rspo_mega.algorithms.base import LossInputs
-    from rspo_mega.likelihood import ElboRunner, MaskSampler, ReferenceModel
-    from rspo_mega.models.llada.model import build_llada_model, llada_forward
-
-    cfg = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn,
-                      num_attention_heads=8, vocab_size=args.vocab, make_vocab_size_divisible_by=128,
-                      max_position_embeddings=args.prompt + args.gen, mask_token_id=args.vocab - 1,
-                      eos_token_id=args.vocab - 2)
-    policy = [build_llada_model(cfg)]
-    ref = ReferenceModel.from_policy(policy, lambda: [build_llada_model(cfg)])
-    n_params = sum(p.numel() for p in policy[0].parameters())
-    batch = _completions(args.completions, args.prompt, args.gen, cfg)
-    rewards = torch.arange(args.completions, dtype=torch.float32)
-    algo = AlgorithmConfig(name="rspo")
-    adv = compute_advantages(rewards, batch.group_ids, args.completions // 2 + 1, algo)
-    runner = ElboRunner(llada_forward, args.micro_batch, ddp_averages_gradients=True)
-    groups = args.completions // 2 + 1
-
-    def step(k: int, iteration: int, tracker: SavedActivationPeak) -> None:
-        lik = LikelihoodConfig(mask_scheme="coupled", mc_samples=k, micro_batch_size=args.micro_batch)
-        masked = MaskSampler(lik, 7, cfg.mask_token_id, cfg.eos_token_id).sample(batch, iteration)
-        ref_lp = ref.logprobs(runner, masked)
-        with tracker.hooks():
-            loss_backward(build_loss(algo, lik), runner, policy, masked, adv, batch.group_ids,
-                          groups, ref_logp=ref_lp)
-
-    step(1, 0, SavedActivationPeak())  # warm-up
-    t_k, t_1 = [], []
-    mem_k, mem_1 = SavedActivationPeak(), SavedActivationPeak()
-    for r in range(args.repeats):
-        t_k.append(_timed(lambda: step(args.k, 100 + r, mem_k))[0])
-        t_1.append(_timed(lambda: [step(1, 200 + 10 * r + i, mem_1) for i in range(args.k)])[0])
-    k_scaling = {
-        "k": args.k, "sequences_per_step_k": args.completions * args.k * 2,
-        "micro_batch_size": args.micro_batch,
-        "one_step_with_k_samples_s": min(t_k), "k_steps_with_one_sample_s": min(t_1),
-        "ratio": min(t_k) / min(t_1), "target_ratio": 1.05,
-        "peak_saved_activation_bytes_k": mem_k.peak, "peak_saved_activation_bytes_1": mem_1.peak,
-        "memory_ratio": mem_k.peak / max(mem_1.peak, 1),
-    }
-
-    lik = LikelihoodConfig(mask_scheme="coupled", mc_samples=2, micro_batch_size=args.micro_batch)
-    loss_fn = build_loss(algo, lik)
-    splits: dict[str, list[float]] = {k: [] for k in
-                                      ("masks", "forward_reference", "forward_policy",
-                                       "loss_and_reduction", "backward", "total")}
-    for r in range(args.repeats):
-        t0 = time.perf_counter()
-        dt, masked = _timed(lambda: MaskSampler(lik, 7, cfg.mask_token_id, cfg.eos_token_id)
-                            .sample(batch, 300 + r))
-        splits["masks"].append(dt)
-        dt, ref_lp = _timed(lambda: ref.logprobs(runner, masked))
-        splits["forward_reference"].append(dt)
-        dt, lp = _timed(lambda: runner.logprobs(policy, masked))
-        splits["forward_policy"].append(dt)
-
-        def reduce():
-            inputs = LossInputs(masked, lp, adv, batch.group_ids, groups, ref_lp)
-            out, coeff = loss_coefficients(loss_fn, inputs)
-            out.metrics.reduce(loss_fn.group)
-            return coeff
-
-        dt, coeff = _timed(reduce)
-        splits["loss_and_reduction"].append(dt)
-        dt, _ = _timed(lambda: runner.backward(policy, masked, coeff))
-        splits["backward"].append(dt)
-        splits["total"].append(time.perf_counter() - t0)
-    step_split = {f"{k}_ms": round(1000 * min(v), 2) for k, v in splits.items()}
-    step_split.update(sequences=masked.num_sequences, seq_length=masked.seq_length,
-                      micro_batches=runner.num_microbatches(masked))
-
+    setup = _setup(args)
     print(json.dumps({
         "model": "LLaDA (rspo_mega.models.llada), local spec, fp32, CPU",
-        "params": n_params, "threads": torch.get_num_threads(),
-        "vs_baseline": baseline, "k_scaling": k_scaling, "step_split": step_split,
+        "params": sum(p.numel() for p in setup.policy[0].parameters()),
+        "threads": torch.get_num_threads(), "vs_baseline": baseline,
+        "k_scaling": k_scaling(setup, args.k, args.repeats),
+        "step_split": step_split(setup, args.repeats),
         "notes": "single process: reductions are local; backward = pass-2 forward+backward",
     }, indent=1))
 

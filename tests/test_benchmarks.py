@@ -1,0 +1,79 @@
+"""The benchmarks in ``benchmarks/`` run end to end at tiny sizes and print the JSON they
+document: the issues' acceptance commands cannot rot unnoticed. Their own checks run too (the
+exact sampler's tokens equal the reference's, the baselines' gradients and logits equal ours);
+timings are not judged here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_ROLLOUT = ["--gen", "16", "--block", "8", "--steps", "8", "--batch", "2", "--prompt", "8",
+                "--repeats", "1"]
+
+
+def run_benchmark(name: str, *args: str, timeout: int = 240) -> dict:
+    """Run ``benchmarks/<name>.py`` with ``args``; its one JSON object from stdout."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    start = done.stdout.find("\n{") + 1 if not done.stdout.startswith("{") else 0
+    return json.loads(done.stdout[start:])
+
+
+def test_bench_rollout_exact_matches_reference() -> None:
+    out = run_benchmark("bench_rollout", *TINY_ROLLOUT)
+    assert out["exact"]["token_agreement_vs_reference"] == 1.0
+    assert out["exact"]["model_calls"] == 8
+    assert out["reference"]["forward_ms"] > 0 and out["speedup_vs_reference"] > 0
+
+
+@pytest.mark.parametrize("variant", [["--cache", "dual", "--threshold", "0.9"],
+                                     ["--cache", "prefix"]], ids=["dual_threshold", "prefix"])
+def test_bench_rollout_cached_variants(variant: list[str]) -> None:
+    out = run_benchmark("bench_rollout", *TINY_ROLLOUT, *variant)
+    assert 0.0 <= out["token_agreement"] <= 1.0 and out["speedup_vs_exact"] > 0
+    # the small geometry: 6 layers, 2 KV heads of 32, fp32; 2 rows of 8 + 16 tokens
+    assert out["cache_bytes"] == 6 * 2 * 2 * (8 + 16) * 2 * 32 * 4
+    assert out["variant"]["model_calls"] <= 8
+
+
+def test_bench_elbo_sections() -> None:
+    out = run_benchmark("bench_elbo", "--baseline-gen", "16", "--repeats", "1", "--hidden", "64",
+                        "--layers", "1", "--ffn", "128", "--vocab", "256", "--gen", "16",
+                        "--k", "2")
+    base = out["vs_baseline"]["gen16"]
+    assert base["output_grad_rel_diff"] < 1e-5  # ours and the ESPO-style baseline agree
+    assert base["likelihood_time_vs_one_pass_baseline"] > 0
+    assert out["k_scaling"]["k"] == 2 and out["k_scaling"]["memory_ratio"] > 0
+    split = out["step_split"]
+    assert split["micro_batches"] == 2 and split["total_ms"] >= split["backward_ms"] > 0
+
+
+def test_bench_model_reference_forward() -> None:
+    out = run_benchmark("bench_model", "--only-reference")
+    for case in out["vs_reference"].values():
+        assert case["max_abs_logit_diff"] < 1e-4
+        assert case["forward_time_vs_reference"] > 0
+
+
+def test_bench_train_step_fractions() -> None:
+    out = run_benchmark("bench_train_step", "--steps", "1", "--sizes", "tiny", "--cache",
+                        "none,dual")
+    assert [r["cache"] for r in out["results"]] == ["none", "dual"]
+    for r in out["results"]:
+        parts = sum(r[k] for k in ("rollout_s", "likelihood_s", "optimizer_s", "communication_s",
+                                   "other_s"))
+        assert abs(parts - r["step_seconds_s"]) < 0.05 * r["step_seconds_s"] + 1e-3
+        assert 0 < r["rollout_fraction"] < 1
+
+
+def test_bench_agrpo_tiny() -> None:
+    out = run_benchmark("bench_agrpo", "--hidden", "64", "--layers", "1", "--gen", "16",
+                        "--prompt", "8", "--steps", "8", "--repeats", "1")
+    assert out["agrpo_vs_rspo_total"] > 0 and out["agrpo_vs_rspo_policy_step"] > 0
