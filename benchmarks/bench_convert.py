@@ -80,6 +80,50 @@ def _run(mode: str, src: str, dst: str, warm_src: str, warm_dst: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _summary(r: dict, size_mb: float, largest_mib: float) -> dict:
+    """One direction's child figures: time, throughput and RSS against the 3x-tensor bound."""
+    extra = r["conversion_peak_rss_mib"] - r["rss_before_mib"]
+    return {"seconds": round(r["seconds"], 2),
+            "mb_per_s": round(size_mb / r["seconds"], 1),
+            "process_peak_rss_mib": round(r["peak_rss_mib"], 1),
+            "rss_before_conversion_mib": round(r["rss_before_mib"], 1),
+            "peak_rss_during_conversion_mib": round(r["conversion_peak_rss_mib"], 1),
+            "conversion_rss_increase_mib": round(extra, 1),
+            "increase_over_largest_tensor": round(extra / largest_mib, 2),
+            "within_baseline_plus_3x_largest":
+                r["conversion_peak_rss_mib"] <= r["rss_before_mib"] + 3 * largest_mib}
+
+
+def _bf16_mb(geometry: object) -> tuple[float, float]:
+    """Model size and largest tensor of an HF LLaDA ``geometry`` in bf16: (MB, MiB)."""
+    from tests.fixtures.hf_llada import tensor_shapes
+
+    numels = [torch_numel(s) for s in tensor_shapes(geometry).values()]
+    return 2 * sum(numels) / 1e6, 2 * max(numels) / 2**20
+
+
+def _round_trips(root: str, geometry: object, deep: object) -> dict[str, dict]:
+    """Child figures of the baseline, both directions, and both directions at twice the layers."""
+    from tests.fixtures.hf_llada import TinyLLaDA, write_hf_llada
+
+    path = {n: os.path.join(root, n) for n in ("hf", "mcore", "hf_back", "deep_hf", "deep_mcore",
+                                               "tiny_hf", "w1", "w2", "w3", "w4")}
+    write_hf_llada(path["hf"], geometry, seed=0)
+    write_hf_llada(path["tiny_hf"], TinyLLaDA(), seed=0)
+    runs = {"baseline": _run("baseline", path["hf"], path["mcore"], "", "")}
+    runs["hf_to_mcore"] = _run("hf_to_mcore", path["hf"], path["mcore"], path["tiny_hf"],
+                               path["w1"])
+    runs["mcore_to_hf"] = _run("mcore_to_hf", path["mcore"], path["hf_back"], path["w1"],
+                               path["w2"])
+    shutil.rmtree(path["hf_back"])
+    write_hf_llada(path["deep_hf"], deep, seed=0)  # twice the model, same tensors
+    runs["deep_hf_to_mcore"] = _run("hf_to_mcore", path["deep_hf"], path["deep_mcore"],
+                                    path["tiny_hf"], path["w3"])
+    runs["deep_mcore_to_hf"] = _run("mcore_to_hf", path["deep_mcore"], path["hf_back"],
+                                    path["w3"], path["w4"])
+    return runs
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=8)
@@ -93,61 +137,32 @@ def main() -> None:
         _child(*args.child)
         return
 
-    from tests.fixtures.hf_llada import TinyLLaDA, tensor_shapes, write_hf_llada
+    from tests.fixtures.hf_llada import TinyLLaDA
 
     def geometry(layers: int) -> TinyLLaDA:
         return TinyLLaDA(n_layers=layers, d_model=args.hidden, n_heads=args.heads,
                          n_kv_heads=args.heads, mlp_hidden_size=args.ffn, vocab_size=args.vocab,
                          mask_token_id=args.vocab - 1, eos_token_id=args.vocab - 2)
 
-    g = geometry(args.layers)
-    shapes = tensor_shapes(g)
-    numels = [int(torch_numel(s)) for s in shapes.values()]
-    model_mb = 2 * sum(numels) / 1e6  # bf16
-    largest_mib = 2 * max(numels) / 2**20
+    model_mb, largest_mib = _bf16_mb(geometry(args.layers))
+    deep_mb, _ = _bf16_mb(geometry(2 * args.layers))
     root = tempfile.mkdtemp(prefix="bench_convert_")
     try:
-        hf, mc, back, deep_hf, deep_mc, tiny_hf, tiny_mc = (os.path.join(root, n) for n in (
-            "hf", "mcore", "hf_back", "deep_hf", "deep_mcore", "tiny_hf", "tiny_mc"))
-        write_hf_llada(hf, g, seed=0)
-        write_hf_llada(tiny_hf, TinyLLaDA(), seed=0)
-        base = _run("baseline", hf, mc, "", "")
-        h2m = _run("hf_to_mcore", hf, mc, tiny_hf, os.path.join(root, "w1"))
-        m2h = _run("mcore_to_hf", mc, back, os.path.join(root, "w1"), os.path.join(root, "w2"))
-        shutil.rmtree(back)
-        write_hf_llada(deep_hf, geometry(2 * args.layers), seed=0)  # twice the model, same tensors
-        deep = _run("hf_to_mcore", deep_hf, deep_mc, tiny_hf, os.path.join(root, "w3"))
-        deep_back = _run("mcore_to_hf", deep_mc, back, os.path.join(root, "w3"),
-                         os.path.join(root, "w4"))
-
-        deep_mb = 2 * sum(torch_numel(x) for x in tensor_shapes(geometry(2 * args.layers)).values()) / 1e6
-
-        def summary(r: dict, size_mb: float = model_mb) -> dict:
-            extra = r["conversion_peak_rss_mib"] - r["rss_before_mib"]
-            return {"seconds": round(r["seconds"], 2),
-                    "mb_per_s": round(size_mb / r["seconds"], 1),
-                    "process_peak_rss_mib": round(r["peak_rss_mib"], 1),
-                    "rss_before_conversion_mib": round(r["rss_before_mib"], 1),
-                    "peak_rss_during_conversion_mib": round(r["conversion_peak_rss_mib"], 1),
-                    "conversion_rss_increase_mib": round(extra, 1),
-                    "increase_over_largest_tensor": round(extra / largest_mib, 2),
-                    "within_baseline_plus_3x_largest":
-                        r["conversion_peak_rss_mib"] <= r["rss_before_mib"] + 3 * largest_mib}
-
-        result = {
-            "model_params_m": round(sum(numels) / 1e6, 1),
-            "model_size_mb_bf16": round(model_mb, 1),
-            "largest_tensor_mib": round(largest_mib, 1),
-            "baseline_process_peak_rss_mib": round(base["peak_rss_mib"], 1),
-            "hf_to_mcore": summary(h2m),
-            "mcore_to_hf": summary(m2h),
-            "twice_the_layers": {"model_size_mb_bf16": round(deep_mb, 1),
-                                 "hf_to_mcore": summary(deep, deep_mb),
-                                 "mcore_to_hf": summary(deep_back, deep_mb)},
-        }
-        print(json.dumps(result, indent=2))
+        runs = _round_trips(root, geometry(args.layers), geometry(2 * args.layers))
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps({
+        "model_params_m": round(model_mb / 2, 1),
+        "model_size_mb_bf16": round(model_mb, 1),
+        "largest_tensor_mib": round(largest_mib, 1),
+        "baseline_process_peak_rss_mib": round(runs["baseline"]["peak_rss_mib"], 1),
+        "hf_to_mcore": _summary(runs["hf_to_mcore"], model_mb, largest_mib),
+        "mcore_to_hf": _summary(runs["mcore_to_hf"], model_mb, largest_mib),
+        "twice_the_layers": {
+            "model_size_mb_bf16": round(deep_mb, 1),
+            "hf_to_mcore": _summary(runs["deep_hf_to_mcore"], deep_mb, largest_mib),
+            "mcore_to_hf": _summary(runs["deep_mcore_to_hf"], deep_mb, largest_mib)},
+    }, indent=2))
 
 
 def torch_numel(shape: tuple[int, ...]) -> int:

@@ -99,8 +99,15 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
-def _flat_grads(named: list[tuple[str, torch.nn.Parameter]]) -> torch.Tensor:
-    return torch.cat([p.grad.flatten() for _, p in named])
+def _fastest_interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Seconds of the fastest of ``repeats`` runs of each function, run in turn after a warm-up."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn)[0])
+    return {k: min(v) for k, v in times.items()}
 
 
 def vs_baseline(gen: int, repeats: int, batch: int = 4, prompt: int = 32) -> dict:
@@ -140,19 +147,12 @@ def vs_baseline(gen: int, repeats: int, batch: int = 4, prompt: int = 32) -> dic
         loss_backward(loss_fn, runner, [ours], masked, adv, comps.group_ids, groups,
                       ref_logp=ref_logp)
 
-    fns = {"baseline": baseline, "ours_one_pass": lambda: ours_step(True),
-           "ours_two_pass": lambda: ours_step(False)}
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for name, fn in fns.items():
-        fn()  # warm-up
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(_timed(fn)[0])
+    best = _fastest_interleaved({"baseline": baseline, "ours_one_pass": lambda: ours_step(True),
+                                 "ours_two_pass": lambda: ours_step(False)}, repeats)
     ours_step(True)
     grad_ours = ours.output_layer.weight.grad[: cfg.vocab_size]
     baseline()
     grad_ref = ref.ff_out.weight.grad
-    best = {k: min(v) for k, v in times.items()}
     return {
         "sequences": n, "seq_length": masked.seq_length, "gen_length": gen,
         "baseline_s": round(best["baseline"], 3),

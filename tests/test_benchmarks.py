@@ -77,3 +77,13 @@ def test_bench_agrpo_tiny() -> None:
     out = run_benchmark("bench_agrpo", "--hidden", "64", "--layers", "1", "--gen", "16",
                         "--prompt", "8", "--steps", "8", "--repeats", "1")
     assert out["agrpo_vs_rspo_total"] > 0 and out["agrpo_vs_rspo_policy_step"] > 0
+
+
+def test_bench_convert_round_trip() -> None:
+    out = run_benchmark("bench_convert", "--layers", "1", "--hidden", "64", "--heads", "4",
+                        "--ffn", "128", "--vocab", "256")
+    deep = out["twice_the_layers"]
+    for direction in (out["hf_to_mcore"], out["mcore_to_hf"], deep["hf_to_mcore"],
+                      deep["mcore_to_hf"]):
+        assert direction["seconds"] >= 0 and direction["process_peak_rss_mib"] > 0
+    assert deep["model_size_mb_bf16"] > out["model_size_mb_bf16"]
