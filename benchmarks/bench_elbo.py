@@ -32,7 +32,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from rspo_mega.config.schema import AlgorithmConfig, LikelihoodConfig, ModelConfig  # noqa: E402
 from rspo_mega.likelihood.batch import CompletionBatch  # noqa: E402
+from timing import interleaved, timed  # noqa: E402
 
 
 class SavedActivationPeak:
@@ -93,23 +94,6 @@ def _completions(num: int, prompt: int, gen: int, cfg: ModelConfig) -> Completio
                            torch.arange(num) // 2)
 
 
-def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
-def _fastest_interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Seconds of the fastest of ``repeats`` runs of each function, run in turn after a warm-up."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(_timed(fn)[0])
-    return {k: min(v) for k, v in times.items()}
-
-
 def vs_baseline(gen: int, repeats: int, batch: int = 4, prompt: int = 32) -> dict:
     """Ours (both runner modes) vs the ESPO-style one-pass baseline on one batch; see module doc."""
     import tempfile
@@ -147,8 +131,11 @@ def vs_baseline(gen: int, repeats: int, batch: int = 4, prompt: int = 32) -> dic
         loss_backward(loss_fn, runner, [ours], masked, adv, comps.group_ids, groups,
                       ref_logp=ref_logp)
 
-    best = _fastest_interleaved({"baseline": baseline, "ours_one_pass": lambda: ours_step(True),
-                                 "ours_two_pass": lambda: ours_step(False)}, repeats)
+    runs = {"baseline": baseline, "ours_one_pass": lambda: ours_step(True),
+            "ours_two_pass": lambda: ours_step(False)}
+    for fn in runs.values():
+        fn()  # warm-up
+    best = {k: min(v) for k, v in interleaved(runs, repeats)[0].items()}
     ours_step(True)
     grad_ours = ours.output_layer.weight.grad[: cfg.vocab_size]
     baseline()
@@ -225,8 +212,8 @@ def k_scaling(s: RSPOSetup, k: int, repeats: int) -> dict:
     t_k, t_1 = [], []
     mem_k, mem_1 = SavedActivationPeak(), SavedActivationPeak()
     for r in range(repeats):
-        t_k.append(_timed(lambda: step(k, 100 + r, mem_k))[0])
-        t_1.append(_timed(lambda: [step(1, 200 + 10 * r + i, mem_1) for i in range(k)])[0])
+        t_k.append(timed(lambda: step(k, 100 + r, mem_k))[0])
+        t_1.append(timed(lambda: [step(1, 200 + 10 * r + i, mem_1) for i in range(k)])[0])
     return {
         "k": k, "sequences_per_step_k": s.batch.size * k * 2,
         "micro_batch_size": s.micro_batch,
@@ -257,15 +244,15 @@ def step_split(s: RSPOSetup, repeats: int) -> dict:
 
     for r in range(repeats):
         t0 = time.perf_counter()
-        dt, masked = _timed(lambda: s.masks(lik, 300 + r))
+        dt, masked = timed(lambda: s.masks(lik, 300 + r))
         splits["masks"].append(dt)
-        dt, ref_lp = _timed(lambda: s.ref.logprobs(s.runner, masked))
+        dt, ref_lp = timed(lambda: s.ref.logprobs(s.runner, masked))
         splits["forward_reference"].append(dt)
-        dt, lp = _timed(lambda: s.runner.logprobs(s.policy, masked))
+        dt, lp = timed(lambda: s.runner.logprobs(s.policy, masked))
         splits["forward_policy"].append(dt)
-        dt, coeff = _timed(lambda: reduce(masked, lp, ref_lp))
+        dt, coeff = timed(lambda: reduce(masked, lp, ref_lp))
         splits["loss_and_reduction"].append(dt)
-        splits["backward"].append(_timed(lambda: s.runner.backward(s.policy, masked, coeff))[0])
+        splits["backward"].append(timed(lambda: s.runner.backward(s.policy, masked, coeff))[0])
         splits["total"].append(time.perf_counter() - t0)
     out = {f"{k}_ms": round(1000 * min(v), 2) for k, v in splits.items()}
     out.update(sequences=masked.num_sequences, seq_length=masked.seq_length,

@@ -38,7 +38,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 import torch
 
@@ -50,6 +49,7 @@ from rspo_mega.parallel import initialize_distributed, initialize_model_parallel
 from rspo_mega.rollout.engine import RolloutEngine  # noqa: E402
 from rspo_mega.parallel.runtime import free_port  # noqa: E402
 import hf_baseline  # noqa: E402
+from timing import interleaved, timed  # noqa: E402
 
 
 def _latest_dist(run_dir: str) -> str:
@@ -120,16 +120,6 @@ def _models(args, workdir: str):
     prompts = torch.randint(0, mcfg.vocab_size - 2, (args.batch, args.prompt),
                             generator=torch.Generator().manual_seed(1))
     return ref, model, mcfg, prompts
-
-
-def _timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, out
 
 
 def _variant_label(args) -> str:
@@ -204,7 +194,7 @@ def main() -> None:
         forward_ms = _reference_forward_ms(ref, prompts, mcfg, args)
         runs = {"reference": lambda: hf_baseline.reference_generate(
             ref, prompts, args.steps, args.gen, args.block, mcfg.mask_token_id), **runs}
-    times, outs = _interleaved(runs, args.repeats)
+    times, outs = interleaved(runs, args.repeats)
     out.update(_report(times, outs, prompts, args, engine))
     if ref is not None:
         out["reference"]["forward_ms"] = forward_ms
@@ -226,19 +216,6 @@ def _header(args, model: torch.nn.Module, prompts: torch.Tensor) -> dict:
     if args.model == "llada8b":
         out.update(layers=args.layers, impl=args.impl, dtype=args.dtype)
     return out
-
-
-def _interleaved(runs: dict, repeats: int) -> tuple[dict, dict]:
-    """Each run ``repeats`` times, in turn (drifts of the machine hit all of them alike):
-    (seconds of every repeat per run, the first output per run)."""
-    times: dict = {name: [] for name in runs}
-    outs: dict = {}
-    for _ in range(repeats):
-        for name, fn in runs.items():
-            seconds, result = _timed(fn)
-            times[name].append(seconds)
-            outs.setdefault(name, result)
-    return times, outs
 
 
 def _report(times: dict, outs: dict, prompts: torch.Tensor, args, engine) -> dict:
@@ -286,7 +263,7 @@ def _reference_forward_ms(ref, prompts: torch.Tensor, mcfg, args) -> float:
     with torch.no_grad():
         for _ in range(3):
             ref(full)
-        return round(1e3 * min(_timed(lambda: ref(full))[0] for _ in range(3)), 2)
+        return round(1e3 * min(timed(lambda: ref(full))[0] for _ in range(3)), 2)
 
 
 def _cache_bytes(eng: RolloutEngine, prompts: torch.Tensor, gen: int) -> int:
