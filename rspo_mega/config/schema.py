@@ -214,6 +214,15 @@ class CountdownConfig:
 
 
 @dataclass
+class SudokuConfig:
+    """Response format of ``data.task=sudoku``."""
+
+    # SFT targets reason before they answer: one line r<row>c<col>=<digit> per forced cell, then
+    # the grid (68-110 tokens instead of 28; the multi-block recipe tiny_sudoku_steps)
+    worked_solution: bool = False
+
+
+@dataclass
 class DataConfig:
     """Prompts and batching."""
 
@@ -231,6 +240,7 @@ class DataConfig:
     num_test_examples: Annotated[int, Bounds(0)] = 200  # 0 = no held-out evaluation
     seed: int = 1234  # generated splits and shuffling
     countdown: CountdownConfig = field(default_factory=CountdownConfig)
+    sudoku: SudokuConfig = field(default_factory=SudokuConfig)
 
 
 @dataclass

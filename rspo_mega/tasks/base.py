@@ -11,6 +11,7 @@ from typing import Any
 from rspo_mega.data.example import Example, check_unique_uids, make_uid
 from rspo_mega.data.loader import DataFieldError, read_records
 from rspo_mega.errors import DataFileError
+from rspo_mega.tasks.answer_format import format_response
 
 __all__ = ["Task", "SPLITS"]
 
@@ -109,8 +110,13 @@ class Task(ABC):
         """User message text (instruction + problem + response format); no chat template."""
 
     def reference_answer(self, example: Example) -> str:
-        """The text a correct response puts inside the answer tags (SFT targets)."""
+        """The text a correct response puts inside the answer tags."""
         return str(example.answer)
+
+    def reference_response(self, example: Example) -> str:
+        """The whole response an SFT target holds: empty reasoning, then the reference answer
+        in the verifier's format (tasks with a worked solution fill the reasoning)."""
+        return format_response("", self.reference_answer(example))
 
     @abstractmethod
     def reward(self, completion: str, example: Example) -> float:

@@ -7,6 +7,11 @@ Uniqueness during carving is checked against all 288 grids at once with bitsets;
 independent backtracking `count_solutions`.
 
 Reward: the fraction of the puzzle's empty cells that the answer fills with the right digit.
+
+With ``worked_solution`` the reference response (SFT target) reasons before it answers: one line
+``r<row>c<col>=<digit>`` per empty cell, in the order a solver fills forced cells (the first cell,
+row by row, left with a single candidate), then the grid. At 6-12 empty cells that is 68-110
+tokens of the built-in tokenizer instead of 28: a completion that spans several 32-token blocks.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from functools import lru_cache
 from typing import Any
 
 from rspo_mega.data.example import Example, make_uid
-from rspo_mega.tasks.answer_format import RESPONSE_FORMAT, clip_completion, extract_answer_block
+from rspo_mega.tasks.answer_format import (
+    RESPONSE_FORMAT, clip_completion, extract_answer_block, format_response,
+)
 from rspo_mega.tasks.base import Task
 
 __all__ = [
@@ -29,6 +36,7 @@ __all__ = [
     "count_solutions",
     "generate_sudoku",
     "score_sudoku",
+    "worked_steps",
 ]
 
 SIZE = 4
@@ -182,6 +190,19 @@ def score_sudoku(completion: str, puzzle: str, solution: str) -> float:
     return sum(digits[i] == solution[i] for i in empty) / len(empty)
 
 
+def worked_steps(puzzle: str, solution: str) -> list[str]:
+    """Lines ``r<row>c<col>=<digit>`` (1-based) filling ``puzzle``'s empty cells: each time the
+    first empty cell, row by row, with one candidate left (else the one with the fewest)."""
+    grid, lines = list(puzzle), []
+    while "0" in grid:
+        empty = [i for i, d in enumerate(grid) if d == "0"]
+        forced = [i for i in empty if len(_candidates(grid, i)) == 1]
+        cell = forced[0] if forced else min(empty, key=lambda i: len(_candidates(grid, i)))
+        grid[cell] = solution[cell]
+        lines.append(f"r{cell // SIZE + 1}c{cell % SIZE + 1}={solution[cell]}")
+    return lines
+
+
 def _puzzle_text(puzzle: str) -> str:
     rows = "\n".join(" ".join(puzzle[r * SIZE : (r + 1) * SIZE]) for r in range(SIZE))
     return f"Puzzle: {puzzle}\n{rows}"
@@ -204,6 +225,9 @@ class SudokuTask(Task):
     default_fields = {"puzzle": "Puzzle", "solution": "Solution"}
     default_num_examples = {"train": 10_000, "test": 256}
 
+    def __init__(self, worked_solution: bool = False) -> None:
+        self.worked_solution = worked_solution
+
     def generate(self, split: str, *, seed: int, num_examples: int | None) -> list[Example]:
         return generate_sudoku(split, num_examples or self.default_num_examples[split], seed)
 
@@ -219,9 +243,22 @@ class SudokuTask(Task):
             "Solve this 4x4 Sudoku. Fill every 0 with a digit 1-4 so that each row, each column "
             "and each 2x2 box contains 1, 2, 3 and 4 exactly once. The puzzle is given as a "
             f"16-digit string read row by row and as a grid:\n{example.prompt}\n"
+            f"{self._reasoning_instruction()}"
             "Put the completed grid as a 16-digit string inside the answer tags.\n"
             f"{RESPONSE_FORMAT}"
         )
+
+    def _reasoning_instruction(self) -> str:
+        if not self.worked_solution:
+            return ""
+        return ("In the reasoning, fill one forced cell per line as r<row>c<column>=<digit>, "
+                "e.g. r1c2=3.\n")
+
+    def reference_response(self, example: Example) -> str:
+        if not self.worked_solution:
+            return super().reference_response(example)
+        steps = worked_steps(example.meta["puzzle"], str(example.answer))
+        return format_response("\n".join(steps), str(example.answer))
 
     def reward(self, completion: str, example: Example) -> float:
         return score_sudoku(completion, example.meta["puzzle"], str(example.answer))

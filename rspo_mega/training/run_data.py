@@ -23,7 +23,6 @@ from rspo_mega.data.tokenizer_training import (
     BUILTIN_VOCAB, task_corpus, train_sentencepiece_tokenizer,
 )
 from rspo_mega.tasks import get_task
-from rspo_mega.tasks.answer_format import format_response
 from rspo_mega.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -46,8 +45,8 @@ class RunData:
         return encode_prompt(self.task, self.template, self.tokenizer, example)
 
     def sft_target(self, example: Example) -> list[int]:
-        """Token ids of the reference response (answer only, in the verifier's format)."""
-        return self.tokenizer.encode(format_response("", self.task.reference_answer(example)))
+        """Token ids of the task's reference response (in the verifier's format)."""
+        return self.tokenizer.encode(self.task.reference_response(example))
 
 
 def _builtin_tokenizer(cfg: TrainConfig) -> Tokenizer:
@@ -74,10 +73,11 @@ def _agree(cfg: TrainConfig, tok: Tokenizer) -> None:
 
 
 def build_task(cfg: TrainConfig) -> Task:
-    """The configured task; generator options come from the task's own section."""
-    if cfg.data.task != "countdown":
-        return get_task(cfg.data.task)
-    return get_task("countdown", **dataclasses.asdict(cfg.data.countdown))  # checked by validate
+    """The configured task, with the options of its own section of ``data`` (``data.countdown``,
+    ``data.sudoku``) where it has one (checked by validate)."""
+    section = getattr(cfg.data, cfg.data.task, None)
+    options = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else {}
+    return get_task(cfg.data.task, **options)
 
 
 def prepare_run_data(cfg: TrainConfig) -> RunData:

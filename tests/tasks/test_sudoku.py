@@ -61,3 +61,33 @@ def test_task_interface() -> None:
     example = task.load("test", seed=0, num_examples=3)[1]
     assert example.meta["puzzle"] in task.prompt(example)
     assert task.reward(f"<answer>{example.answer}</answer>", example) == 1.0
+
+
+def test_worked_solution_fills_forced_cells_in_order() -> None:
+    from rspo_mega.tasks.sudoku import _candidates, worked_steps
+
+    for example in generate_sudoku("train", 200, seed=3):
+        puzzle, solution = example.meta["puzzle"], str(example.answer)
+        lines = worked_steps(puzzle, solution)
+        grid = list(puzzle)
+        assert len(lines) == puzzle.count("0")
+        for line in lines:
+            row, col, digit = int(line[1]), int(line[3]), line[5]
+            cell = (row - 1) * 4 + col - 1
+            assert line == f"r{row}c{col}={digit}" and grid[cell] == "0"
+            assert digit == solution[cell] and _candidates(grid, cell) == [digit]  # forced
+            grid[cell] = digit
+        assert "".join(grid) == solution
+
+
+def test_worked_solution_response_scores_and_prompt_says_so() -> None:
+    plain, worked = get_task("sudoku"), get_task("sudoku", worked_solution=True)
+    example = worked.load("test", seed=0, num_examples=2)[1]
+    response = worked.reference_response(example)
+    assert response.startswith("<reasoning>\nr") and response.count("=") == \
+        example.meta["puzzle"].count("0")
+    assert worked.reward(response, example) == 1.0
+    assert plain.reference_response(example) == \
+        f"<reasoning>\n\n</reasoning>\n<answer>\n{example.answer}\n</answer>"
+    assert "one forced cell per line" in worked.prompt(example)
+    assert "one forced cell per line" not in plain.prompt(example)

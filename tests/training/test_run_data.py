@@ -62,3 +62,15 @@ def test_countdown_options_and_sft_target(tmp_path):
         # the SFT target is the solution expression, not the bare target number
         target = data.tokenizer.decode(data.sft_target(ex))
         assert data.task.reward(target, ex) == 1.0, target
+
+
+def test_sudoku_worked_solution_reaches_the_sft_target(tmp_path):
+    cfg = _cfg(tmp_path, "data.sudoku.worked_solution=true", "data.num_train_examples=20",
+               "data.num_test_examples=2", "rollout.gen_length=128", "rollout.block_length=32",
+               "rollout.steps=64", "model.max_position_embeddings=256")
+    data = prepare_run_data(cfg)
+    ex = data.test[0]
+    target = data.tokenizer.decode(data.sft_target(ex))
+    assert target == data.task.reference_response(ex) and "<reasoning>\nr" in target
+    assert data.task.reward(target, ex) == 1.0
+    assert len(data.sft_target(ex)) > 64  # more than two 32-token blocks
