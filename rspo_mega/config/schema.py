@@ -116,6 +116,19 @@ class ParallelConfig:
 
 
 @dataclass
+class RolloutGuardConfig:
+    """Adaptive control of cached RL rollouts from their checked mismatch (docs/OPTIONS.md)."""
+
+    # after every RL step, from its checked cached steps (needs rollout.cache_check_rate > 0):
+    # halve the refresh interval while the checked mismatch exceeds mismatch_bound, double it back
+    # below half of it; with rollout.confidence_threshold, move the threshold halfway to 1 while
+    # the mismatch among the commits above it exceeds the bound, halfway back below half of it
+    enabled: bool = False
+    # share of the checked commits the cache may change (rollout/cache_token_mismatch)
+    mismatch_bound: Annotated[float, Bounds(0, 1, low_open=True)] = 0.1
+
+
+@dataclass
 class RolloutConfig:
     """Masked-diffusion sampler (LLaDA generate)."""
 
@@ -139,6 +152,7 @@ class RolloutConfig:
     cache_check_rate: Probability = 0.0  # share of cached steps re-run exactly (rollout/cache_*)
     # A full forward (cache refresh) every N steps of a block; 0: at its first step only.
     cache_refresh_interval: Annotated[int, Bounds(0)] = 0
+    guard: RolloutGuardConfig = field(default_factory=RolloutGuardConfig)
 
 
 @dataclass

@@ -100,6 +100,9 @@ def check_rollout(ro: RolloutConfig, par: ParallelConfig, context: int, prompt: 
                           "rollout.cache=prefix or dual")
     if ro.cache_refresh_interval and ro.cache == "none":
         raise ConfigError("rollout.cache_refresh_interval > 0 needs rollout.cache=prefix or dual")
+    if ro.guard.enabled and not ro.cache_check_rate:
+        raise ConfigError("rollout.guard.enabled acts on the checked mismatch of cached steps: it "
+                          "needs rollout.cache=prefix or dual and rollout.cache_check_rate > 0")
     if ro.cache != "none" and par.sequence_parallel and ro.block_length % par.tp:
         raise ConfigError(f"rollout.cache={ro.cache} with parallel.sequence_parallel runs spans of "
                           f"rollout.block_length={ro.block_length} tokens, which parallel.tp="

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -170,20 +170,16 @@ class RolloutEngine:
 
     # -- public API ----------------------------------------------------------------------------
 
-    def generate(
-        self, prompts: list[list[int]], uids: list[int], seed: Optional[int] = None,
-        temperature: Optional[float] = None, steps: Optional[int] = None,
-        cache: Optional[str] = None, trajectory: bool = False,
-    ) -> Rollout:
+    def generate(self, prompts: list[list[int]], uids: list[int], trajectory: bool = False,
+                 **overrides: Any) -> Rollout:
         """Completions for this rank's prompts (token lists), one per uid; see ``sampler.generate``.
 
-        ``seed`` (e.g. per training step), ``temperature``, ``steps`` and ``cache`` (e.g. greedy,
-        uncached decoding with ``rollout.eval_steps`` for evaluation) override the configured
-        ones for this call. ``trajectory`` records the rollout's :class:`Trajectory` (the same on
-        every pipeline stage).
+        ``overrides`` replace :class:`SamplerSettings` fields for this call: e.g. ``seed`` (per
+        training step), ``temperature``, ``steps``, ``cache`` and ``threshold`` (evaluation's
+        exact greedy decoding), ``cache_refresh_interval`` and ``threshold``
+        (:class:`~rspo_mega.rollout.guard.RolloutGuard`). ``trajectory`` records the rollout's
+        :class:`Trajectory` (the same on every pipeline stage).
         """
-        overrides = {k: v for k, v in (("seed", seed), ("temperature", temperature),
-                                       ("steps", steps), ("cache", cache)) if v is not None}
         settings = replace(self.settings, **overrides)
         if settings.cache == "none":
             settings = replace(settings, cache_check_rate=0.0, cache_refresh_interval=0)
@@ -227,10 +223,8 @@ class RolloutEngine:
             return rollout
         from megatron.core import parallel_state as ps
 
-        counts = torch.tensor([check.steps, check.committed, check.mismatched,
-                               check.confidence_diff], dtype=torch.float64, device=self.device)
+        counts = torch.tensor(check.counts(), dtype=torch.float64, device=self.device)
         dist.broadcast(counts, src=ps.get_pipeline_model_parallel_last_rank(),
                        group=ps.get_pipeline_model_parallel_group())
-        steps, committed, mismatched, diff = counts.tolist()
-        rollout.cache_check = CacheCheck(int(steps), int(committed), int(mismatched), diff)
+        rollout.cache_check = CacheCheck.from_counts(counts.tolist())
         return rollout

@@ -138,16 +138,36 @@ class CacheCheck:
     committed: int = 0  # tokens those steps committed
     mismatched: int = 0  # of them, tokens the exact step samples differently
     confidence_diff: float = 0.0  # sum over them of |confidence cached - confidence exact|
+    confident: int = 0  # of the committed tokens, those above the confidence threshold
+    confident_mismatched: int = 0  # of them, tokens the exact step samples differently
 
     def add(self, commit: torch.Tensor, x0: torch.Tensor, conf: torch.Tensor,
-            exact_x0: torch.Tensor, exact_conf: torch.Tensor) -> None:
-        """Count one checked step: ``commit [b, m]`` of the cached step and both steps' draws."""
-        stats = torch.stack([commit.sum(), (commit & (x0 != exact_x0)).sum(),
-                             torch.where(commit, (conf - exact_conf).abs(), 0.0).sum()]).tolist()
+            exact_x0: torch.Tensor, exact_conf: torch.Tensor, threshold: Optional[float]) -> None:
+        """Count one checked step: ``commit [b, m]`` of the cached step, both steps' draws and
+        the step's confidence threshold (None: no threshold decoding)."""
+        differ = commit & (x0 != exact_x0)
+        confident = commit & (conf > threshold) if threshold is not None else \
+            torch.zeros_like(commit)
+        stats = torch.stack([commit.sum(), differ.sum(),
+                             torch.where(commit, (conf - exact_conf).abs(), 0.0).sum(),
+                             confident.sum(), (confident & differ).sum()]).tolist()
         self.steps += 1
         self.committed += int(stats[0])
         self.mismatched += int(stats[1])
         self.confidence_diff += float(stats[2])
+        self.confident += int(stats[3])
+        self.confident_mismatched += int(stats[4])
+
+    def counts(self) -> list[float]:
+        """The counts in field order (for collectives)."""
+        return [self.steps, self.committed, self.mismatched, self.confidence_diff,
+                self.confident, self.confident_mismatched]
+
+    @classmethod
+    def from_counts(cls, counts: list[float]) -> "CacheCheck":
+        steps, committed, mismatched, diff, confident, confident_mismatched = counts
+        return cls(int(steps), int(committed), int(mismatched), diff, int(confident),
+                   int(confident_mismatched))
 
 
 def num_transfer_tokens(masked: torch.Tensor, steps: int) -> torch.Tensor:
@@ -333,7 +353,7 @@ class _State:
             self.record.draws(rows, lo - self.plen + offsets, commit, *scores)
         if exact is not None:
             _, exact_x0, exact_conf, _, _ = draw(exact, False)
-            self.check.add(commit, x0, conf, exact_x0, exact_conf)
+            self.check.add(commit, x0, conf, exact_x0, exact_conf, self.s.threshold)
         block = x[:, lo:lo + self.s.block_length]
         block.scatter_(1, offsets, torch.where(commit, x0, block.gather(1, offsets)))
         if rows is not None:

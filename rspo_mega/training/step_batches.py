@@ -22,10 +22,13 @@ from rspo_mega.likelihood import CompletionBatch
 from rspo_mega.parallel.reductions import data_parallel_group, global_mean, global_sum, global_sums
 from rspo_mega.rng import hash64
 from rspo_mega.rollout import RolloutEngine, completion_uid
+from rspo_mega.rollout.guard import RolloutGuard
 from rspo_mega.rollout.sampler import CacheCheck, Rollout
 from rspo_mega.training import batches
 from rspo_mega.training.metrics import Timers
 from rspo_mega.training.run_data import RunData
+
+GUARD_KEY = "rollout_guard"  # the guard's settings in the batches' checkpoint state
 
 
 @dataclass
@@ -65,6 +68,22 @@ class RLBatches(_Batches):
         super().__init__(cfg, data, layout.prompts_per_step, seed=cfg.data.seed)
         self.engine, self.num_groups = engine, layout.prompts_per_step
         self.trajectory = LOSSES[cfg.algorithm.name].needs_trajectory  # AGRPO's record
+        self.guard = RolloutGuard.from_config(cfg.rollout)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position and, with ``rollout.guard``, the guard's settings."""
+        state = super().state_dict()
+        if self.guard is not None:
+            state[GUARD_KEY] = self.guard.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore both; a checkpoint saved without the guard starts it from the config."""
+        state = dict(state)
+        guard = state.pop(GUARD_KEY, None)
+        super().load_state_dict(state)
+        if self.guard is not None and guard is not None:
+            self.guard.load_state_dict(guard)
 
     def next_batch(self, step: int, timers: Timers) -> StepBatch:
         """Rollouts of this rank's prompts of ``step``, their rewards and advantages."""
@@ -73,9 +92,10 @@ class RLBatches(_Batches):
         rows = [(i, completion_uid(ex.uid, j)) for i, ex in enumerate(examples) for j in range(G)]
         prompts = [list(self.encoded[examples[i].uid].prompt_ids) for i, _ in rows]
         uids = [u for _, u in rows]
+        guard = {} if self.guard is None else self.guard.overrides()
         with timers("rollout"):
             rollout = self.engine.generate(prompts, uids, seed=hash64(cfg.seed, step),
-                                           trajectory=self.trajectory)
+                                           trajectory=self.trajectory, **guard)
         texts = batches.decode_completions(rollout, self.data.tokenizer, cfg.model.eos_token_id)
         rewards = batches.score(self.data.task, texts, [examples[i] for i, _ in rows])
         base = self.dp_rank * len(examples)
@@ -86,28 +106,35 @@ class RLBatches(_Batches):
                          self._metrics(rewards, rollout))
 
     def _metrics(self, rewards: torch.Tensor, rollout: Rollout) -> dict[str, float]:
-        """Global reward, accuracy (reward == 1), completion tokens and denoising steps."""
+        """Global reward, accuracy (reward == 1), completion tokens, denoising steps and the
+        cache check; steers the guard (whose settings of this step are logged)."""
         group = data_parallel_group()
-        return {
+        out = {
             "reward": float(global_mean(rewards, group=group)),
             "accuracy": float(global_mean((rewards >= 1.0).float(), group=group)),
             "completion_tokens": float(global_sum(rollout.completion_lengths.float(), group)),
             "rollout_steps": float(rollout.steps_used.float().mean()),
-            **self._cache_check_metrics(rollout.cache_check),
         }
+        if self.cfg.rollout.cache_check_rate:
+            check = CacheCheck.from_counts(
+                global_sums(torch.tensor(rollout.cache_check.counts()), group).tolist())
+            out.update(_cache_check_metrics(check))
+            if self.guard is not None:
+                out.update(self.guard.metrics())
+                self.guard.update(check)
+        return out
 
-    def _cache_check_metrics(self, check: CacheCheck) -> dict[str, float]:
-        """``cache_token_mismatch`` / ``cache_confidence_diff`` of the cached steps re-run
-        exactly (none without ``rollout.cache_check_rate``)."""
-        if not self.cfg.rollout.cache_check_rate:
-            return {}
-        committed, mismatched, diff = global_sums(torch.tensor(
-            [check.committed, check.mismatched, check.confidence_diff]),
-            data_parallel_group()).tolist()
-        if not committed:
-            return {}
-        return {"cache_token_mismatch": mismatched / committed,
-                "cache_confidence_diff": diff / committed}
+
+def _cache_check_metrics(check: CacheCheck) -> dict[str, float]:
+    """Shares of the checked cached steps' commits the exact step samples differently (all, and
+    those above the confidence threshold) and their mean confidence difference."""
+    out = {}
+    if check.committed:
+        out.update(cache_token_mismatch=check.mismatched / check.committed,
+                   cache_confidence_diff=check.confidence_diff / check.committed)
+    if check.confident:
+        out["cache_confident_mismatch"] = check.confident_mismatched / check.confident
+    return out
 
 
 class SFTBatches(_Batches):

@@ -188,9 +188,14 @@ def test_the_check_counts():
     check = CacheCheck()
     commit = torch.tensor([[True, True, False]])
     check.add(commit, torch.tensor([[1, 2, 3]]), torch.tensor([[0.5, 0.9, 0.1]]),
-              torch.tensor([[1, 4, 4]]), torch.tensor([[0.25, 0.9, 0.7]]))
+              torch.tensor([[1, 4, 4]]), torch.tensor([[0.25, 0.9, 0.7]]), threshold=0.8)
     assert (check.steps, check.committed, check.mismatched) == (1, 2, 1)
     assert check.confidence_diff == pytest.approx(0.25)
+    assert (check.confident, check.confident_mismatched) == (1, 1)  # the 0.9 commit differs
+    assert CacheCheck.from_counts(check.counts()) == check
+    check.add(commit, torch.tensor([[1, 2, 3]]), torch.tensor([[0.5, 0.9, 0.1]]),
+              torch.tensor([[1, 4, 4]]), torch.tensor([[0.25, 0.9, 0.7]]), threshold=None)
+    assert (check.committed, check.confident) == (4, 1)  # no threshold: none counted confident
 
 
 @pytest.mark.parametrize("override, message", [

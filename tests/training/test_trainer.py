@@ -211,26 +211,34 @@ def test_evaluation_decodes_with_rollout_eval_steps(tmp_path, overrides, steps):
     assert used == steps
 
 
-def _cached_step(rank: int, world: int, out: str) -> tuple[dict, list[str]]:
-    """Metrics of one RL step with rollout.cache=dual and every cached step checked; the cache
-    modes the evaluation's decoding ran with."""
+def _cached_step(rank: int, world: int, out: str) -> tuple[dict, list[str], dict]:
+    """Metrics of one RL step with rollout.cache=dual, threshold decoding, every cached step
+    checked and the guard on; the cache modes the evaluation's decoding ran with; the batches'
+    checkpoint state."""
     from rspo_mega.training.trainer import Trainer
 
     cfg = load_config(None, TINY + [f"logging.output_dir={out}",
                                     "data.num_test_examples=4", "rollout.cache=dual",
                                     "rollout.cache_check_rate=1.0",
-                                    "rollout.cache_refresh_interval=2"])
+                                    "rollout.cache_refresh_interval=2",
+                                    "rollout.confidence_threshold=0.5", "model.init_method_std=0.5",
+                                    "rollout.guard.enabled=true"])
     trainer = Trainer(cfg, validate_config(cfg, world_size=world))
     trainer.start_rl()
     metrics = trainer.train_step()
-    return metrics, [kwargs.get("cache") for kwargs, _ in _evaluate_recorded(trainer)]
+    modes = [kwargs.get("cache") for kwargs, _ in _evaluate_recorded(trainer)]
+    return metrics, modes, trainer.batches.state_dict()
 
 
-def test_cached_rollouts_log_their_check_and_evaluation_stays_exact(tmp_path):
-    metrics, modes = run_distributed(_cached_step, 1, args=(str(tmp_path / "run"),),
-                                     timeout=300)[0]
+def test_cached_rollouts_log_their_check_and_the_guard_and_evaluation_stays_exact(tmp_path):
+    metrics, modes, state = run_distributed(_cached_step, 1, args=(str(tmp_path / "run"),),
+                                            timeout=300)[0]
     assert 0 <= metrics["cache_token_mismatch"] <= 1
     assert metrics["cache_confidence_diff"] >= 0
+    assert 0 <= metrics["cache_confident_mismatch"] <= 1
+    # the step ran with the configured settings; the guard's next ones are checkpointed
+    assert metrics["guard/refresh_interval"] == 2 and metrics["guard/threshold"] == 0.5
+    assert state["rollout_guard"]["refresh_interval"] in (1, 2, 4)
     assert modes and set(modes) == {"none"}
 
 
