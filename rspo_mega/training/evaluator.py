@@ -28,8 +28,10 @@ from rspo_mega.training.run_data import RunData, prepare_run_data
 class Evaluator:
     """Evaluates the policy behind ``engine`` on examples of ``data`` (default: its test set).
 
-    Decoding is uncached (exact) with ``steps`` denoising steps (``rollout.eval_steps``; the
-    engine's ``rollout.steps`` when None), ``engine.micro_batch_size`` prompts per call.
+    Decoding is exact, whatever the rollouts use: no KV cache, no confidence threshold, with
+    ``steps`` denoising steps (``rollout.eval_steps``; the engine's ``rollout.steps`` when None),
+    ``engine.micro_batch_size`` prompts per call. Runs that differ in their rollouts' fast path
+    are thus measured alike.
     """
 
     def __init__(self, engine: RolloutEngine, data: RunData, steps: Optional[int] = None) -> None:
@@ -62,10 +64,13 @@ class Evaluator:
                 "eval/examples": float(global_sum(torch.ones_like(r), group))}
 
     def _complete(self, examples: Sequence[Example], temperature: float) -> list[str]:
-        """One completion text per example (uncached decoding)."""
+        """One completion text per example (exact decoding)."""
         prompts = [list(self.data.encode_prompt(ex)) for ex in examples]
+        exact = dict(temperature=temperature, cache="none", threshold=None)
+        if self.steps is not None:
+            exact["steps"] = self.steps
         rollout = self.engine.generate(prompts, [completion_uid(ex.uid, 0) for ex in examples],
-                                       temperature=temperature, cache="none", steps=self.steps)
+                                       **exact)
         return batches.decode_completions(rollout, self.data.tokenizer,
                                           self.engine.model_cfg.eos_token_id)
 
