@@ -45,8 +45,9 @@ def _read_hf(key: str, path: str) -> dict[str, Any]:
 def _apply_hf(model: ModelConfig, key: str, path: str, given: set[str],
               where: str) -> ModelConfig:
     """``model`` with the fields of the config.json at ``path`` (config key ``key``), after
-    checking it agrees with ``model`` on the keys in ``given``; adds those fields to ``given``."""
-    from rspo_mega.models.llada.hf_config import hf_model_fields
+    checking it agrees with ``model`` on the keys in ``given`` (the run's own values of the
+    run-chosen fields stay); adds those fields to ``given``."""
+    from rspo_mega.models.llada.hf_config import RUN_CHOSEN_FIELDS, hf_model_fields
 
     raw = _read_hf(key, path)
     check_model_keys(model, raw, path, given, where, key)
@@ -55,6 +56,7 @@ def _apply_hf(model: ModelConfig, key: str, path: str, given: set[str],
         fields = hf_model_fields(raw, config_json)
     except ValueError as err:
         raise ConfigError(f"{key}: {err}") from None
+    fields = {k: v for k, v in fields.items() if not (k in RUN_CHOSEN_FIELDS and k in given)}
     given |= set(fields)
     return replace(model, **fields)
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -337,6 +338,27 @@ def test_model_keys_that_disagree_are_named_when_the_config_loads(hf_sp, hf_json
         (d / "config.json").write_text("{}")
         assert not looks_like_hf_checkpoint(d), megatron
     assert looks_like_hf_checkpoint(hf_sp) and looks_like_hf_checkpoint(tmp_path / "moe")
+
+
+def test_a_run_may_extend_the_context_of_its_start(hf_sp, tmp_path):
+    """model.max_position_embeddings is the run's (RoPE: no weights depend on it); the logits of
+    a sequence within both contexts are the start's."""
+    base = load_config(None, RUN + [f"checkpoint.init_from={hf_sp}"])
+    longer = load_config(None, RUN + [f"checkpoint.init_from={hf_sp}",
+                                      "model.max_position_embeddings=512"])
+    assert (base.model.max_position_embeddings, longer.model.max_position_embeddings) == (128, 512)
+    assert replace(longer.model, max_position_embeddings=128) == base.model
+    ids = torch.randint(0, base.model.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    got = run_distributed(_two_contexts, 1, args=(base, longer, ids, mask), timeout=300)[0]
+    assert torch.equal(got[0], got[1])
+
+
+def _two_contexts(rank: int, world: int, base, longer, ids, mask) -> tuple:
+    from rspo_mega.parallel import initialize_model_parallel
+
+    initialize_model_parallel(seed=1)
+    return _logits(base, ids, mask), _logits(longer, ids, mask)
 
 
 def test_unset_query_groups_and_pad_id_mean_their_defaults(tmp_path):

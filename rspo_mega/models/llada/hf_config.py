@@ -116,14 +116,21 @@ def model_config_from_hf_dict(raw: dict[str, Any], source: str = "config.json",
     return replace(base or ModelConfig(), **hf_model_fields(raw, source))
 
 
+# Fields a run may set apart from its start's config.json: the context length (RoPE has no
+# weights, so a run may decode longer sequences than the start was trained on).
+RUN_CHOSEN_FIELDS = ("max_position_embeddings",)
+
+
 def conflicting_fields(cfg: ModelConfig, raw: dict[str, Any], source: str = "config.json",
                        keys: Optional[Iterable[str]] = None) -> list[tuple[str, Any, Any]]:
     """``(field, value in cfg, value in raw)`` for every field :func:`hf_model_fields` reads
-    from ``raw`` (only those in ``keys`` when given) on which ``cfg`` differs. Unset query
-    groups mean one per head and an unset pad id means EOS, on either side."""
+    from ``raw`` (only those in ``keys`` when given; never :data:`RUN_CHOSEN_FIELDS`) on which
+    ``cfg`` differs. Unset query groups mean one per head and an unset pad id means EOS, on
+    either side."""
     fields = hf_model_fields(raw, source)
     theirs = replace(cfg, **fields)
-    chosen = fields if keys is None else [k for k in fields if k in set(keys)]
+    chosen = [k for k in fields if (keys is None or k in set(keys))
+              and k not in RUN_CHOSEN_FIELDS]
     return [(k, getattr(cfg, k), fields[k]) for k in chosen
             if _effective(cfg, k) != _effective(theirs, k)]
 
