@@ -56,6 +56,7 @@ CountPositions = Literal["generated", "until_eos"]
 NonFinitePolicy = Literal["skip", "abort"]
 TaskName = Literal["sudoku", "countdown", "gsm8k", "math500"]
 TemplateName = Literal["plain", "llada_chat"]
+SudokuReasoning = Literal["none", "rows_columns"]
 
 
 def choices(literal: object) -> tuple[str, ...]:
@@ -231,9 +232,9 @@ class CountdownConfig:
 class SudokuConfig:
     """Response format of ``data.task=sudoku``."""
 
-    # SFT targets reason before they answer: one line r<row>c<col>=<digit> per forced cell, then
-    # the grid (68-110 tokens instead of 28; the multi-block recipe tiny_sudoku_steps)
-    worked_solution: bool = False
+    # what the SFT target reasons before the 16-digit answer: nothing (28 tokens), or the solved
+    # grid by rows then by columns (99 tokens; the multi-block recipe tiny_sudoku_steps)
+    reasoning: SudokuReasoning = "none"
 
 
 @dataclass

@@ -8,10 +8,10 @@ independent backtracking `count_solutions`.
 
 Reward: the fraction of the puzzle's empty cells that the answer fills with the right digit.
 
-With ``worked_solution`` the reference response (SFT target) reasons before it answers: one line
-``r<row>c<col>=<digit>`` per empty cell, in the order a solver fills forced cells (the first cell,
-row by row, left with a single candidate), then the grid. At 6-12 empty cells that is 68-110
-tokens of the built-in tokenizer instead of 28: a completion that spans several 32-token blocks.
+With ``reasoning="rows_columns"`` the reference response (SFT target) writes the solved grid by
+rows, then by columns, in the reasoning, then the 16-digit answer: 99 tokens of the built-in
+tokenizer instead of 28, at fixed places, so a completion spans four 32-token blocks and states
+every cell three times.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
+from rspo_mega.config.schema import SudokuReasoning, choices
 from rspo_mega.data.example import Example, make_uid
 from rspo_mega.tasks.answer_format import (
     RESPONSE_FORMAT, clip_completion, extract_answer_block, format_response,
@@ -36,7 +37,7 @@ __all__ = [
     "count_solutions",
     "generate_sudoku",
     "score_sudoku",
-    "worked_steps",
+    "rows_columns",
 ]
 
 SIZE = 4
@@ -190,17 +191,11 @@ def score_sudoku(completion: str, puzzle: str, solution: str) -> float:
     return sum(digits[i] == solution[i] for i in empty) / len(empty)
 
 
-def worked_steps(puzzle: str, solution: str) -> list[str]:
-    """Lines ``r<row>c<col>=<digit>`` (1-based) filling ``puzzle``'s empty cells: each time the
-    first empty cell, row by row, with one candidate left (else the one with the fewest)."""
-    grid, lines = list(puzzle), []
-    while "0" in grid:
-        empty = [i for i, d in enumerate(grid) if d == "0"]
-        forced = [i for i in empty if len(_candidates(grid, i)) == 1]
-        cell = forced[0] if forced else min(empty, key=lambda i: len(_candidates(grid, i)))
-        grid[cell] = solution[cell]
-        lines.append(f"r{cell // SIZE + 1}c{cell % SIZE + 1}={solution[cell]}")
-    return lines
+def rows_columns(solution: str) -> str:
+    """The reasoning ``rows:`` (the grid's rows, digits spaced) then ``columns:`` (its columns)."""
+    rows = [" ".join(solution[r * SIZE:(r + 1) * SIZE]) for r in range(SIZE)]
+    columns = [" ".join(solution[c::SIZE]) for c in range(SIZE)]
+    return "rows:\n" + "\n".join(rows) + "\ncolumns:\n" + "\n".join(columns)
 
 
 def _puzzle_text(puzzle: str) -> str:
@@ -225,8 +220,11 @@ class SudokuTask(Task):
     default_fields = {"puzzle": "Puzzle", "solution": "Solution"}
     default_num_examples = {"train": 10_000, "test": 256}
 
-    def __init__(self, worked_solution: bool = False) -> None:
-        self.worked_solution = worked_solution
+    def __init__(self, reasoning: str = "none") -> None:
+        if reasoning not in choices(SudokuReasoning):
+            raise ValueError(f"sudoku reasoning {reasoning!r}: expected one of "
+                             f"{list(choices(SudokuReasoning))}")
+        self.reasoning = reasoning
 
     def generate(self, split: str, *, seed: int, num_examples: int | None) -> list[Example]:
         return generate_sudoku(split, num_examples or self.default_num_examples[split], seed)
@@ -249,16 +247,15 @@ class SudokuTask(Task):
         )
 
     def _reasoning_instruction(self) -> str:
-        if not self.worked_solution:
+        if self.reasoning == "none":
             return ""
-        return ("In the reasoning, fill one forced cell per line as r<row>c<column>=<digit>, "
-                "e.g. r1c2=3.\n")
+        return ("In the reasoning, write the completed grid by rows, then by columns, digits "
+                "separated by spaces.\n")
 
     def reference_response(self, example: Example) -> str:
-        if not self.worked_solution:
+        if self.reasoning == "none":
             return super().reference_response(example)
-        steps = worked_steps(example.meta["puzzle"], str(example.answer))
-        return format_response("\n".join(steps), str(example.answer))
+        return format_response(rows_columns(str(example.answer)), str(example.answer))
 
     def reward(self, completion: str, example: Example) -> float:
         return score_sudoku(completion, example.meta["puzzle"], str(example.answer))

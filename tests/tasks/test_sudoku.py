@@ -63,31 +63,24 @@ def test_task_interface() -> None:
     assert task.reward(f"<answer>{example.answer}</answer>", example) == 1.0
 
 
-def test_worked_solution_fills_forced_cells_in_order() -> None:
-    from rspo_mega.tasks.sudoku import _candidates, worked_steps
+def test_rows_columns_reasoning_states_the_solution_by_rows_and_columns() -> None:
+    from rspo_mega.tasks.sudoku import rows_columns
 
-    for example in generate_sudoku("train", 200, seed=3):
-        puzzle, solution = example.meta["puzzle"], str(example.answer)
-        lines = worked_steps(puzzle, solution)
-        grid = list(puzzle)
-        assert len(lines) == puzzle.count("0")
-        for line in lines:
-            row, col, digit = int(line[1]), int(line[3]), line[5]
-            cell = (row - 1) * 4 + col - 1
-            assert line == f"r{row}c{col}={digit}" and grid[cell] == "0"
-            assert digit == solution[cell] and _candidates(grid, cell) == [digit]  # forced
-            grid[cell] = digit
-        assert "".join(grid) == solution
+    text = rows_columns("1432321443212143")
+    lines = text.splitlines()
+    assert lines[0] == "rows:" and lines[5] == "columns:" and len(lines) == 10
+    assert lines[1:5] == ["1 4 3 2", "3 2 1 4", "4 3 2 1", "2 1 4 3"]
+    assert lines[6:] == ["1 3 4 2", "4 2 3 1", "3 1 2 4", "2 4 1 3"]
 
 
-def test_worked_solution_response_scores_and_prompt_says_so() -> None:
-    plain, worked = get_task("sudoku"), get_task("sudoku", worked_solution=True)
-    example = worked.load("test", seed=0, num_examples=2)[1]
-    response = worked.reference_response(example)
-    assert response.startswith("<reasoning>\nr") and response.count("=") == \
-        example.meta["puzzle"].count("0")
-    assert worked.reward(response, example) == 1.0
+def test_rows_columns_response_scores_and_prompt_says_so() -> None:
+    plain, long = get_task("sudoku"), get_task("sudoku", reasoning="rows_columns")
+    example = long.load("test", seed=0, num_examples=2)[1]
+    response = long.reference_response(example)
+    assert response.startswith("<reasoning>\nrows:\n") and long.reward(response, example) == 1.0
     assert plain.reference_response(example) == \
         f"<reasoning>\n\n</reasoning>\n<answer>\n{example.answer}\n</answer>"
-    assert "one forced cell per line" in worked.prompt(example)
-    assert "one forced cell per line" not in plain.prompt(example)
+    assert "by rows, then by columns" in long.prompt(example)
+    assert "by rows, then by columns" not in plain.prompt(example)
+    with pytest.raises(ValueError, match="sudoku reasoning 'steps': expected one of"):
+        get_task("sudoku", reasoning="steps")

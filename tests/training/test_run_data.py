@@ -64,13 +64,13 @@ def test_countdown_options_and_sft_target(tmp_path):
         assert data.task.reward(target, ex) == 1.0, target
 
 
-def test_sudoku_worked_solution_reaches_the_sft_target(tmp_path):
-    cfg = _cfg(tmp_path, "data.sudoku.worked_solution=true", "data.num_train_examples=20",
+def test_sudoku_reasoning_reaches_the_sft_target(tmp_path):
+    cfg = _cfg(tmp_path, "data.sudoku.reasoning=rows_columns", "data.num_train_examples=20",
                "data.num_test_examples=2", "rollout.gen_length=128", "rollout.block_length=32",
                "rollout.steps=64", "model.max_position_embeddings=256")
     data = prepare_run_data(cfg)
     ex = data.test[0]
     target = data.tokenizer.decode(data.sft_target(ex))
-    assert target == data.task.reference_response(ex) and "<reasoning>\nr" in target
+    assert target == data.task.reference_response(ex) and "<reasoning>\nrows:" in target
     assert data.task.reward(target, ex) == 1.0
-    assert len(data.sft_target(ex)) > 64  # more than two 32-token blocks
+    assert len(data.sft_target(ex)) > 96  # into the fourth 32-token block
