@@ -233,7 +233,7 @@ class SudokuConfig:
     """Response format of ``data.task=sudoku``."""
 
     # what the SFT target reasons before the 16-digit answer: nothing (28 tokens), or the solved
-    # grid by rows then by columns (99 tokens; the multi-block recipe tiny_sudoku_steps)
+    # grid by rows then by columns (99 tokens; the multi-block recipe tiny_sudoku_long)
     reasoning: SudokuReasoning = "none"
 
 
