@@ -120,14 +120,26 @@ class HFLLaDA(nn.Module):
         return self.ff_out(self.ln_f(x))
 
 
+def gumbel_argmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """LLaDA's sampling of every position: the argmax of ``exp(logits) / (-log u)^T`` with
+    ``u ~ U(0, 1)``, in float64 over the whole ``[b, s, V]`` logits (the argmax at T=0)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.to(torch.float64)
+    noise = torch.rand_like(logits)
+    return (logits.exp() / (-torch.log(noise)) ** temperature).argmax(-1)
+
+
 @torch.no_grad()
 def reference_generate(model: Callable[[torch.Tensor], torch.Tensor], prompt: torch.Tensor,
-                       steps: int, gen_length: int, block_length: int, mask_id: int) -> torch.Tensor:
-    """LLaDA's published sampler at temperature 0 with low-confidence remasking.
+                       steps: int, gen_length: int, block_length: int, mask_id: int,
+                       temperature: float = 0.0) -> torch.Tensor:
+    """LLaDA's published sampler with low-confidence remasking.
 
     ``prompt [b, P]`` (no padding) -> full sequences ``[b, P + gen_length]``. Every step runs the
-    whole sequence, takes the argmax and a full-vocabulary softmax of every position, and commits
-    the block's most confident masked positions (an even share of the block per step).
+    whole sequence, samples every position (:func:`gumbel_argmax`), takes a full-vocabulary
+    softmax of every position for the confidences, and commits the block's most confident masked
+    positions (an even share of the block per step).
     """
     b, plen = prompt.shape
     x = torch.full((b, plen + gen_length), mask_id, dtype=torch.long)
@@ -142,7 +154,7 @@ def reference_generate(model: Callable[[torch.Tensor], torch.Tensor], prompt: to
         for i in range(per_block):
             mask_index = x == mask_id
             logits = model(x)
-            x0 = logits.argmax(-1)
+            x0 = gumbel_argmax(logits, temperature)
             p = F.softmax(logits, dim=-1)
             conf = torch.gather(p, -1, x0.unsqueeze(-1)).squeeze(-1)
             conf[:, end:] = -float("inf")

@@ -87,3 +87,18 @@ def test_bench_convert_round_trip() -> None:
                       deep["mcore_to_hf"]):
         assert direction["seconds"] >= 0 and direction["process_peak_rss_mib"] > 0
     assert deep["model_size_mb_bf16"] > out["model_size_mb_bf16"]
+
+
+def test_bench_rl_step_parts_and_ratios() -> None:
+    """The RL step against the research scripts' step, on the shipped tiny start: every part
+    timed, the exact trainer's schedule and the fast path's fewer model calls."""
+    out = run_benchmark("bench_rl_step", "--config", "rspo_mega/configs/tiny_sudoku.yaml",
+                        "--repeats", "1", "global_batch_size=8", "data.num_train_examples=50",
+                        "rollout.cache=dual", "rollout.cache_check_rate=0.5",
+                        "rollout.guard.enabled=true", timeout=600)
+    for name in ("fast", "exact", "baseline"):
+        part = out[name]
+        assert part["step_s"] >= part["rollout_s"] + part["likelihood_s"] > 0, name
+        assert 0.0 <= part["reward"] <= 1.0
+    assert out["exact"]["rollout_steps"] == 16 and out["fast"]["rollout_steps"] <= 16
+    assert out["step_time_vs_baseline_step"] > 0 and out["exact_step_time_vs_baseline_step"] > 0

@@ -81,6 +81,27 @@ def accuracy_points(records: list[dict]) -> list[tuple[int, float]]:
     return sorted(points.items())
 
 
+def training_seconds(records: list[dict]) -> dict[int, float]:
+    """Training wall time (s, held-out evaluation excluded) by step: the running sum of the
+    logged ``step_seconds`` (exact with ``logging.log_interval=1``)."""
+    total, out = 0.0, {0: 0.0}
+    for r in records:
+        if r.get("step_seconds") is not None:
+            total += r["step_seconds"]
+            out[r["step"]] = total
+    return out
+
+
+def time_to_accuracy(records: list[dict], target: float) -> Optional[tuple[int, float]]:
+    """``(step, training seconds)`` at which held-out accuracy (%) first reaches ``target``;
+    None when it never does."""
+    seconds = training_seconds(records)
+    for step, accuracy in accuracy_points(records):
+        if accuracy >= target and step in seconds:
+            return step, seconds[step]
+    return None
+
+
 def smoothing_window(n: int) -> int:
     """Points in the trailing mean of a curve of ``n`` points: about a 25th of it."""
     return max(1, n // 25)
