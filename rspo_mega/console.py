@@ -7,7 +7,9 @@
   are hidden; ``logging.level=DEBUG`` shows them and the held warnings;
 * :func:`run_entry_point` prints a :class:`~rspo_mega.errors.UserError` as one line
   ``<prog>: <kind> error: <message>`` on one rank (global rank 0 when it has the error too) and
-  returns exit code 2; ``--debug`` adds the traceback on every rank. Other exceptions propagate.
+  returns exit code 2; ``--debug`` adds the traceback on every rank. A
+  :class:`~rspo_mega.errors.PeerTimeoutError` (ranks that did not reach a phase of the run) is
+  one line on the lowest rank that arrived, exit code 1. Other exceptions propagate.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import traceback
 import warnings
 from typing import Callable
 
-from rspo_mega.errors import UserError
+from rspo_mega.errors import PEER_TIMEOUT_EXIT_CODE, PeerTimeoutError, UserError
 
 USER_ERROR_EXIT_CODE = 2
 PEER_GRACE_S = 30.0  # a rank other than 0 waits this long before reporting (see report_user_error)
@@ -115,15 +117,27 @@ def report_user_error(prog: str, exc: UserError, debug: bool = False) -> int:
     return USER_ERROR_EXIT_CODE
 
 
+def report_peer_timeout(prog: str, exc: PeerTimeoutError, debug: bool = False) -> int:
+    """Print ``exc`` as one line on the rank it names (every rank with ``debug``, traceback
+    included); the exit code of a peer timeout."""
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    if debug or int(os.environ.get("RANK", "0")) == exc.reporting_rank:
+        print(f"{prog}: {exc}", file=sys.stderr, flush=True)
+    return PEER_TIMEOUT_EXIT_CODE
+
+
 def run_entry_point(prog: str, body: Callable[[], int], debug: bool = False) -> int:
-    """``body()``'s exit code, or 2 after printing a :class:`UserError` it raised (then the
-    process groups it set up are destroyed)."""
+    """``body()``'s exit code, or 2 after printing a :class:`UserError` it raised, or 1 after
+    printing a :class:`PeerTimeoutError` (then the process groups it set up are destroyed)."""
     try:
         return body()
     except UserError as exc:
         code = report_user_error(prog, exc, debug)
-        _tear_down_process_group()
-        return code
+    except PeerTimeoutError as exc:
+        code = report_peer_timeout(prog, exc, debug)
+    _tear_down_process_group()
+    return code
 
 
 def add_debug_flag(parser) -> None:

@@ -37,3 +37,19 @@ class HFDirectoryError(UserError, ValueError):
     config.json or the run (names the directory and the file or tensor)."""
 
     kind = "HF directory"
+
+
+class PeerTimeoutError(RuntimeError):
+    """Ranks did not reach a phase of the run within its bound: a fault of the job, not of the
+    input. The entry points print it as one line ``<prog>: <message>`` on the lowest rank that
+    arrived (``reporting_rank``) and exit with :data:`PEER_TIMEOUT_EXIT_CODE`."""
+
+    def __init__(self, phase: str, absent: list[int], timeout_s: float, reporting_rank: int,
+                 bound: str) -> None:
+        ranks = ", ".join(str(r) for r in absent)
+        super().__init__(f"{phase}: rank{'s' if len(absent) > 1 else ''} {ranks} did not arrive "
+                         f"within {timeout_s:g} s ({bound})")
+        self.phase, self.absent, self.reporting_rank = phase, absent, reporting_rank
+
+
+PEER_TIMEOUT_EXIT_CODE = 1
