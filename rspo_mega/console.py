@@ -1,7 +1,8 @@
 """The console of the command-line entry points (``rspo-train``, ``rspo-eval``, the tools).
 
 * :func:`hide_library_warnings` (called before megatron-core is imported) turns megatron-core's
-  "Transformer Engine / Apex not installed" and deprecation warnings into DEBUG log records;
+  "Transformer Engine / Apex not installed" and deprecation warnings (and, without CUDA, its
+  CUDA settings advice) into DEBUG log records;
 * :func:`setup_logging` applies ``logging.level``: at the default (INFO) megatron-core's own INFO
   records (the parameter list of every DDP bucket, the ``OptimizerConfig`` repr, the scheduler)
   are hidden; ``logging.level=DEBUG`` shows them and the held warnings;
@@ -31,6 +32,7 @@ PLOTTING_LOGGERS = ("matplotlib", "PIL")  # from WARNING up at any level (font-s
 LOG_FORMAT = "%(asctime)s %(name)s: %(message)s"
 _LIBRARY_DIRS = (f"{os.sep}megatron{os.sep}",)
 _NOISE = ("not installed", "deprecated")  # library warnings no run config can act on
+_CUDA_ONLY = "CUDA_DEVICE_MAX_CONNECTIONS"  # megatron's TP advice, noise where there is no GPU
 
 log = logging.getLogger(__name__)
 _held: list[str] = []  # library warnings seen before setup_logging, replayed at DEBUG
@@ -38,9 +40,12 @@ _configured = False
 
 
 def _is_library_noise(message: Warning | str, category: type, filename: str) -> bool:
-    """A megatron-core warning about its optional dependencies or its own API churn."""
+    """A megatron-core warning about its optional dependencies or its own API churn, or (on a
+    machine without CUDA) about CUDA settings."""
     if not any(d in filename for d in _LIBRARY_DIRS):
         return False
+    if _CUDA_ONLY in str(message) and "torch" in sys.modules:
+        return not sys.modules["torch"].cuda.is_available()
     return issubclass(category, (DeprecationWarning, FutureWarning)) or \
         any(word in str(message) for word in _NOISE)
 

@@ -53,3 +53,10 @@ class PeerTimeoutError(RuntimeError):
 
 
 PEER_TIMEOUT_EXIT_CODE = 1
+
+
+class OutputExistsError(UserError, FileExistsError):
+    """An output directory already exists and is not to be replaced (names it and the flag
+    that replaces it)."""
+
+    kind = "output"

@@ -143,6 +143,26 @@ def test_a_log_file_gets_one_plain_line_per_log_interval(tmp_path):
     assert steps[1].startswith("step 4/4 | ") and " s/step | " in steps[1], text
 
 
+def test_every_console_script_is_as_quiet_as_rspo_train(tmp_path):
+    """rspo-plan and the converters import megatron-core too: none of its warnings shows."""
+    shipped = str(SHIPPED_DIR / "tiny_sudoku_instruct")
+    mcore, hf = tmp_path / "mcore", tmp_path / "hf"
+    bin_dir = Path(sys.executable).parent
+    for args in ([str(bin_dir / "rspo-plan"), "--nodes", "1", "--gpus-per-node", "2"],
+                 [sys.executable, "tools/convert_hf_to_mcore.py", "--hf", shipped, "--out",
+                  str(mcore)],
+                 [sys.executable, "tools/convert_mcore_to_hf.py", "--ckpt", str(mcore), "--out",
+                  str(hf)]):
+        env, run = _env()
+        done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        processes.assert_none_left(lambda: processes.marked(processes.RUN_ENV, run), args[1])
+        text = done.stdout + done.stderr
+        assert done.returncode == 0, text[-3000:]
+        assert "Warning" not in text and "not installed" not in text, text[-3000:]
+        assert " megatron." not in text, text[-3000:]
+
+
 def test_library_warnings_and_info_wait_for_debug(monkeypatch, caplog):
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
     monkeypatch.setattr(console, "_held", [])

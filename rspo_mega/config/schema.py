@@ -117,6 +117,12 @@ class ParallelConfig:
     # phase before it fails naming the phase and the ranks that did not arrive
     end_of_run_timeout_minutes: Positive = 5.0
 
+    @property
+    def sequence_multiple(self) -> int:
+        """What a sequence's length must be a multiple of: TP under sequence parallelism (its
+        activations are split along the sequence between the TP ranks), else 1."""
+        return self.tp if self.sequence_parallel else 1
+
 
 @dataclass
 class RolloutGuardConfig:

@@ -124,6 +124,10 @@ def check_rollout(ro: RolloutConfig, par: ParallelConfig, context: int, prompt: 
     if ro.guard.enabled and not ro.cache_check_rate:
         raise ConfigError("rollout.guard.enabled acts on the checked mismatch of cached steps: it "
                           "needs rollout.cache=prefix or dual and rollout.cache_check_rate > 0")
+    if par.sequence_parallel and ro.gen_length % par.tp:
+        raise ConfigError(f"parallel.sequence_parallel splits each sequence over parallel.tp="
+                          f"{par.tp} ranks: rollout.gen_length={ro.gen_length} must be a "
+                          "multiple of it (prompts are padded to one)")
     if ro.cache != "none" and par.sequence_parallel and ro.block_length % par.tp:
         raise ConfigError(f"rollout.cache={ro.cache} with parallel.sequence_parallel runs spans of "
                           f"rollout.block_length={ro.block_length} tokens, which parallel.tp="

@@ -126,5 +126,6 @@ def build_evaluator(cfg: TrainConfig, start: bool = False) -> tuple[Evaluator, i
         step = int(load_extra_state(newest)["step"])
     else:
         load_init(chunks)
-    engine = RolloutEngine(chunks, cfg.model, cfg.rollout, seed=cfg.seed)
+    engine = RolloutEngine(chunks, cfg.model, cfg.rollout, seed=cfg.seed,
+                           sequence_multiple=cfg.parallel.sequence_multiple)
     return Evaluator(engine, data, cfg.rollout.eval_steps), step

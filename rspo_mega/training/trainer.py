@@ -68,7 +68,8 @@ class Trainer:
             load_init(chunks)
         updates_per_step = cfg.algorithm.inner_updates if self.is_rl else 1
         self.policy = Policy(cfg, chunks, cfg.train_steps * updates_per_step)
-        engine = RolloutEngine(self.policy.model, cfg.model, cfg.rollout, seed=cfg.seed)
+        engine = RolloutEngine(self.policy.model, cfg.model, cfg.rollout, seed=cfg.seed,
+                               sequence_multiple=cfg.parallel.sequence_multiple)
         self.batches = build_batches(cfg, layout, self.data, engine)
         masks, forward = run_estimator(cfg)  # ELBO masks, or sampled rollout steps (agrpo)
         self.updates = UpdateLoop(self.policy, cfg, masks, forward, updates_per_step)
