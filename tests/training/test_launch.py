@@ -99,6 +99,9 @@ def test_kill_9_then_resume_is_bitwise_identical(tmp_path):
     assert proc.returncode == 0, log[-3000:]
     assert "skipping invalid checkpoint" in log and newest.name in log
     resumed = _metrics(run)
+    steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5], steps  # what the killed attempt logged after step 3: redone
     for step in (4, 5):
         assert _comparable(resumed[step]) == _comparable(expected[step]), step
 
