@@ -32,6 +32,12 @@ class DataFileNotFoundError(DataFileError, FileNotFoundError):
     """A configured data file does not exist."""
 
 
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint is missing, incomplete or corrupted, or belongs to another run."""
+
+    kind = "checkpoint"
+
+
 class HFDirectoryError(UserError, ValueError):
     """An HF LLaDA directory lacks a file, holds a pickle, or its tensors disagree with its
     config.json or the run (names the directory and the file or tensor)."""

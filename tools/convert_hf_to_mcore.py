@@ -37,11 +37,12 @@ def convert(args: argparse.Namespace) -> int:
     """Check the arguments, convert, say what was written; a mistake in them (a missing --hf,
     an existing --out, a tensor that does not fit) is one line naming the path."""
     from rspo_mega.errors import HFDirectoryError, OutputExistsError
-    from rspo_mega.models.llada.convert import convert_hf_to_mcore
-    from rspo_mega.models.llada.fs import check_output_dir
 
     if not os.path.isdir(args.hf):
         raise HFDirectoryError(f"--hf {args.hf}: no such directory")
+    from rspo_mega.models.llada.convert import convert_hf_to_mcore
+    from rspo_mega.models.llada.fs import check_output_dir
+
     try:
         check_output_dir(args.out, args.overwrite)
         cfg = convert_hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,

@@ -41,15 +41,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def convert(args: argparse.Namespace) -> int:
     """Check the arguments, convert, say what was written; a mistake in them (a missing --ckpt
     or --template, an existing --out, a checkpoint of another model) is one line naming it."""
-    from rspo_mega.errors import HFDirectoryError, OutputExistsError
-    from rspo_mega.models.llada.convert import convert_mcore_to_hf
-    from rspo_mega.models.llada.fs import check_output_dir
-    from rspo_mega.training.checkpointing import CheckpointError
+    from rspo_mega.errors import CheckpointError, HFDirectoryError, OutputExistsError
 
     if not os.path.isdir(args.ckpt):
         raise CheckpointError(f"--ckpt {args.ckpt}: no such directory")
     if args.template and not os.path.isdir(args.template):
         raise HFDirectoryError(f"--template {args.template}: no such directory")
+    from rspo_mega.models.llada.convert import convert_mcore_to_hf
+    from rspo_mega.models.llada.fs import check_output_dir
+
     try:
         check_output_dir(args.out, args.overwrite)
         cfg = convert_mcore_to_hf(args.ckpt, args.out, hf_config=args.hf_config,

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from rspo_mega.errors import UserError
+from rspo_mega.errors import CheckpointError  # noqa: F401 - raised here, caught by callers
 from rspo_mega.training import save_failures
 from rspo_mega.training.checkpoint_files import (  # noqa: F401 - atomic_write_text is public here
     TMP_MARK as _TMP_MARK, atomic_write_text, fsync_dir, make_save_dirs, save_synced, sha256_file,
@@ -50,12 +50,6 @@ _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 METADATA = "metadata.json"
 SMALL_FILE_BYTES = 64 * 2**20  # files up to this size (bytes) get a SHA-256 in metadata.json
 FORMAT_VERSION = 1
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint is missing, incomplete or corrupted."""
-
-    kind = "checkpoint"
 
 
 # ------------------------------------------------------------------------------------------
