@@ -10,7 +10,9 @@
   ``<prog>: <kind> error: <message>`` on one rank (global rank 0 when it has the error too) and
   returns exit code 2; ``--debug`` adds the traceback on every rank. A
   :class:`~rspo_mega.errors.PeerTimeoutError` (ranks that did not reach a phase of the run) is
-  one line on the lowest rank that arrived, exit code 1. Other exceptions propagate.
+  one line on the lowest rank that arrived, exit code 1; Ctrl-C outside the training loop (which
+  saves first, :mod:`rspo_mega.training.signals`) one line ``<prog>: interrupted``, exit code
+  130. Other exceptions propagate.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Callable
 from rspo_mega.errors import PEER_TIMEOUT_EXIT_CODE, PeerTimeoutError, UserError
 
 USER_ERROR_EXIT_CODE = 2
+INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT: Ctrl-C
 PEER_GRACE_S = 30.0  # a rank other than 0 waits this long before reporting (see report_user_error)
 LIBRARY_LOGGERS = ("megatron",)  # their INFO records are hidden unless logging.level=DEBUG
 PLOTTING_LOGGERS = ("matplotlib", "PIL")  # from WARNING up at any level (font-search chatter)
@@ -141,6 +144,12 @@ def run_entry_point(prog: str, body: Callable[[], int], debug: bool = False) -> 
         code = report_user_error(prog, exc, debug)
     except PeerTimeoutError as exc:
         code = report_peer_timeout(prog, exc, debug)
+    except KeyboardInterrupt:  # Ctrl-C where no handler of its own saves first
+        if debug:
+            traceback.print_exc()
+        if reporting_rank():
+            print(f"\n{prog}: interrupted", file=sys.stderr, flush=True)
+        code = INTERRUPT_EXIT_CODE
     _tear_down_process_group()
     return code
 

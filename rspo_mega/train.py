@@ -26,7 +26,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from rspo_mega.console import add_debug_flag, hide_library_warnings, run_entry_point, setup_logging
+from rspo_mega.console import (
+    INTERRUPT_EXIT_CODE, add_debug_flag, hide_library_warnings, run_entry_point, setup_logging,
+)
 
 if TYPE_CHECKING:
     from rspo_mega.config import Layout, TrainConfig
@@ -126,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("config %s, layout %s", save_config(cfg, cfg.logging.output_dir), layout)
     summary = trainer.run()
     finish_run(trainer, summary)  # tears the process groups down; then HF export, curves, summary
-    from rspo_mega.training.signals import INTERRUPT_EXIT_CODE, PREEMPTION_EXIT_CODE
+    from rspo_mega.training.signals import PREEMPTION_EXIT_CODE
 
     # A preempted run saved a checkpoint; 143 tells the Slurm script to requeue it.
     if summary.get("interrupted"):

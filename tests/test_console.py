@@ -213,3 +213,16 @@ def test_a_rank_still_alive_after_the_grace_reports_its_own_error(monkeypatch, c
         "rspo-eval: data file error: dataset file not found: /node-local/train.jsonl\n"
     with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
         console.run_entry_point("rspo-eval", lambda: 1 // 0)
+
+
+def test_ctrl_c_before_the_training_loop_is_one_line(monkeypatch, capsys):
+    """Ctrl-C while a run starts or evaluates (the loop's own handler saves first)."""
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("RANK", "0")
+    assert console.run_entry_point("rspo-train", interrupted) == 130
+    assert capsys.readouterr().err == "\nrspo-train: interrupted\n"
+    monkeypatch.setenv("RANK", "1")
+    assert console.run_entry_point("rspo-train", interrupted) == 130
+    assert capsys.readouterr().err == ""

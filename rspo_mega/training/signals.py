@@ -14,7 +14,7 @@ for it in :meth:`PreemptionHandler.should_stop` (one ``stat`` per step).
 
 Ctrl-C (``SIGINT``, in :data:`INTERRUPT_SIGNALS`, which the trainer installs) stops a run the
 same way, after rank 0 says so on stderr; a second Ctrl-C ends the process at once
-(:data:`INTERRUPT_EXIT_CODE`), without saving. Under torchrun, Ctrl-C reaches torchrun, which
+(exit code 130), without saving. Under torchrun, Ctrl-C reaches torchrun, which
 forwards it once to each worker (they run in their own sessions); its second Ctrl-C ends them.
 
     with PreemptionHandler() as preempt:
@@ -37,13 +37,14 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from rspo_mega.console import INTERRUPT_EXIT_CODE
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)
 # A run also stops on Ctrl-C the same way; a second Ctrl-C exits at once, without saving.
 INTERRUPT_SIGNALS: tuple[int, ...] = DEFAULT_SIGNALS + (signal.SIGINT,)
 PREEMPTION_EXIT_CODE = 143  # 128 + SIGTERM: what the sbatch script treats as "requeue me"
-INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT: a run stopped (and saved) by Ctrl-C
 STOP_FILE_ENV = "RSPO_STOP_FILE"
 
 
