@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,9 @@ import pytest
 from rspo_mega.training.checkpointing import validate_checkpoint
 from rspo_mega.training.metrics import read_metrics
 from tests.distributed import free_port
-from tests.training.test_launch import _launch, _wait
+from tests import processes
+from tests.training.test_launch import _launch
+from tests.training.test_launch import _wait as _wait_launch
 
 SMALL = ["data.num_test_examples=8", "eval_interval=2", "global_batch_size=16",
          "rollout.micro_batch_size=16", "likelihood.micro_batch_size=16",
@@ -35,6 +38,22 @@ def _torchrun(ranks: int, out: Path, *overrides: str):
                     *SMALL, *overrides, f"logging.output_dir={out}"])
 
 
+def _fail(proc, why: str) -> None:
+    """Kill the launch (torchrun and every process it started) and fail the test."""
+    proc.kill()
+    processes.reap(lambda: processes.marked(processes.RUN_ENV, proc.run_id), grace_s=0)
+    out = proc.communicate()[0] or ""
+    pytest.fail(f"{why}:\n{out[-3000:]}")
+
+
+def _wait(proc, timeout: float = RUN_BOUND_S) -> str:
+    """The launch's output once it ended; past ``timeout`` the test fails: a run's time bound."""
+    try:
+        return _wait_launch(proc, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _fail(proc, f"the launch did not end within {timeout:.0f} s")
+
+
 def _newest_step(ckpt: Path) -> int:
     steps = [int(p.name[5:]) for p in ckpt.glob("iter_*") if ".tmp-" not in p.name]
     return max(steps, default=0)
@@ -44,7 +63,8 @@ def _stop_after_a_save(proc, ckpt: Path, after: int, sig: int) -> None:
     """Send ``sig`` to torchrun once a checkpoint of a step past ``after`` exists."""
     deadline = time.monotonic() + RUN_BOUND_S
     while _newest_step(ckpt) <= after:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _fail(proc, f"no checkpoint past step {after} in {ckpt} within {RUN_BOUND_S} s")
         time.sleep(0.05)
     proc.send_signal(sig)
 
@@ -64,7 +84,7 @@ def test_two_ranks_stop_on_sigterm_and_ctrl_c_resume_and_finish_with_the_export(
 
     proc = _torchrun(2, out, *run)
     _stop_after_a_save(proc, out / "ckpt", 0, signal.SIGTERM)
-    log = _wait(proc, timeout=RUN_BOUND_S)
+    log = _wait(proc)
     first = _newest_step(out / "ckpt")
     assert f"preempted at step {first}: the same command resumes" in log, log[-3000:]
     assert validate_checkpoint(out / "ckpt" / f"iter_{first:07d}") is None
@@ -73,7 +93,7 @@ def test_two_ranks_stop_on_sigterm_and_ctrl_c_resume_and_finish_with_the_export(
 
     proc = _torchrun(2, out, *run)
     _stop_after_a_save(proc, out / "ckpt", first, signal.SIGINT)
-    log = _wait(proc, timeout=RUN_BOUND_S)
+    log = _wait(proc)
     second = _newest_step(out / "ckpt")
     assert f"resumed from {out / 'ckpt' / f'iter_{first:07d}'} at step {first}" in log
     interrupted = [line for line in log.splitlines() if line.startswith("interrupted at step")]
@@ -84,7 +104,7 @@ def test_two_ranks_stop_on_sigterm_and_ctrl_c_resume_and_finish_with_the_export(
     _no_tracebacks(log)
 
     proc = _torchrun(2, out, *run)
-    log = _wait(proc, timeout=RUN_BOUND_S)
+    log = _wait(proc)
     assert proc.returncode == 0, log[-3000:]
     _no_tracebacks(log)
     assert log.count(f"saved step {steps} ") == 1, log[-3000:]  # the last step: saved once
@@ -107,7 +127,7 @@ def test_four_ranks_tp2_pp2_export_at_the_end(tmp_path):
     out = tmp_path / "run"
     start = time.monotonic()
     proc = _torchrun(4, out, "parallel.tp=2", "parallel.pp=2", "train_steps=2")
-    log = _wait(proc, timeout=RUN_BOUND_S)
+    log = _wait(proc)
     assert proc.returncode == 0, log[-3000:]
     _no_tracebacks(log)
     assert (out / "hf" / "config.json").is_file() and list((out / "hf").glob("*.safetensors"))
