@@ -1,13 +1,18 @@
 """The console of the command-line entry points (``rspo-train``, ``rspo-eval``, the tools).
 
 * :func:`hide_library_warnings` (called before megatron-core is imported) turns megatron-core's
-  "Transformer Engine / Apex not installed" and deprecation warnings into DEBUG log records;
+  "Transformer Engine / Apex not installed" and deprecation warnings (and, without CUDA, its
+  CUDA settings advice) into DEBUG log records;
 * :func:`setup_logging` applies ``logging.level``: at the default (INFO) megatron-core's own INFO
   records (the parameter list of every DDP bucket, the ``OptimizerConfig`` repr, the scheduler)
   are hidden; ``logging.level=DEBUG`` shows them and the held warnings;
 * :func:`run_entry_point` prints a :class:`~rspo_mega.errors.UserError` as one line
   ``<prog>: <kind> error: <message>`` on one rank (global rank 0 when it has the error too) and
-  returns exit code 2; ``--debug`` adds the traceback on every rank. Other exceptions propagate.
+  returns exit code 2; ``--debug`` adds the traceback on every rank. A
+  :class:`~rspo_mega.errors.PeerTimeoutError` (ranks that did not reach a phase of the run) is
+  one line on the lowest rank that arrived, exit code 1; Ctrl-C outside the training loop (which
+  saves first, :mod:`rspo_mega.training.signals`) one line ``<prog>: interrupted``, exit code
+  130. Other exceptions propagate.
 """
 
 from __future__ import annotations
@@ -20,15 +25,17 @@ import traceback
 import warnings
 from typing import Callable
 
-from rspo_mega.errors import UserError
+from rspo_mega.errors import PEER_TIMEOUT_EXIT_CODE, PeerTimeoutError, UserError
 
 USER_ERROR_EXIT_CODE = 2
+INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT: Ctrl-C
 PEER_GRACE_S = 30.0  # a rank other than 0 waits this long before reporting (see report_user_error)
 LIBRARY_LOGGERS = ("megatron",)  # their INFO records are hidden unless logging.level=DEBUG
 PLOTTING_LOGGERS = ("matplotlib", "PIL")  # from WARNING up at any level (font-search chatter)
 LOG_FORMAT = "%(asctime)s %(name)s: %(message)s"
 _LIBRARY_DIRS = (f"{os.sep}megatron{os.sep}",)
 _NOISE = ("not installed", "deprecated")  # library warnings no run config can act on
+_CUDA_ONLY = "CUDA_DEVICE_MAX_CONNECTIONS"  # megatron's TP advice, noise where there is no GPU
 
 log = logging.getLogger(__name__)
 _held: list[str] = []  # library warnings seen before setup_logging, replayed at DEBUG
@@ -36,9 +43,12 @@ _configured = False
 
 
 def _is_library_noise(message: Warning | str, category: type, filename: str) -> bool:
-    """A megatron-core warning about its optional dependencies or its own API churn."""
+    """A megatron-core warning about its optional dependencies or its own API churn, or (on a
+    machine without CUDA) about CUDA settings."""
     if not any(d in filename for d in _LIBRARY_DIRS):
         return False
+    if _CUDA_ONLY in str(message) and "torch" in sys.modules:
+        return not sys.modules["torch"].cuda.is_available()
     return issubclass(category, (DeprecationWarning, FutureWarning)) or \
         any(word in str(message) for word in _NOISE)
 
@@ -115,15 +125,33 @@ def report_user_error(prog: str, exc: UserError, debug: bool = False) -> int:
     return USER_ERROR_EXIT_CODE
 
 
+def report_peer_timeout(prog: str, exc: PeerTimeoutError, debug: bool = False) -> int:
+    """Print ``exc`` as one line on the rank it names (every rank with ``debug``, traceback
+    included); the exit code of a peer timeout."""
+    if debug:
+        traceback.print_exception(exc, file=sys.stderr)
+    if debug or int(os.environ.get("RANK", "0")) == exc.reporting_rank:
+        print(f"{prog}: {exc}", file=sys.stderr, flush=True)
+    return PEER_TIMEOUT_EXIT_CODE
+
+
 def run_entry_point(prog: str, body: Callable[[], int], debug: bool = False) -> int:
-    """``body()``'s exit code, or 2 after printing a :class:`UserError` it raised (then the
-    process groups it set up are destroyed)."""
+    """``body()``'s exit code, or 2 after printing a :class:`UserError` it raised, or 1 after
+    printing a :class:`PeerTimeoutError` (then the process groups it set up are destroyed)."""
     try:
         return body()
     except UserError as exc:
         code = report_user_error(prog, exc, debug)
-        _tear_down_process_group()
-        return code
+    except PeerTimeoutError as exc:
+        code = report_peer_timeout(prog, exc, debug)
+    except KeyboardInterrupt:  # Ctrl-C where no handler of its own saves first
+        if debug:
+            traceback.print_exc()
+        if reporting_rank():
+            print(f"\n{prog}: interrupted", file=sys.stderr, flush=True)
+        code = INTERRUPT_EXIT_CODE
+    _tear_down_process_group()
+    return code
 
 
 def add_debug_flag(parser) -> None:

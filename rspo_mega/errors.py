@@ -32,8 +32,37 @@ class DataFileNotFoundError(DataFileError, FileNotFoundError):
     """A configured data file does not exist."""
 
 
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint is missing, incomplete or corrupted, or belongs to another run."""
+
+    kind = "checkpoint"
+
+
 class HFDirectoryError(UserError, ValueError):
     """An HF LLaDA directory lacks a file, holds a pickle, or its tensors disagree with its
     config.json or the run (names the directory and the file or tensor)."""
 
     kind = "HF directory"
+
+
+class PeerTimeoutError(RuntimeError):
+    """Ranks did not reach a phase of the run within its bound: a fault of the job, not of the
+    input. The entry points print it as one line ``<prog>: <message>`` on the lowest rank that
+    arrived (``reporting_rank``) and exit with :data:`PEER_TIMEOUT_EXIT_CODE`."""
+
+    def __init__(self, phase: str, absent: list[int], timeout_s: float, reporting_rank: int,
+                 bound: str) -> None:
+        ranks = ", ".join(str(r) for r in absent)
+        super().__init__(f"{phase}: rank{'s' if len(absent) > 1 else ''} {ranks} did not arrive "
+                         f"within {timeout_s:g} s ({bound})")
+        self.phase, self.absent, self.reporting_rank = phase, absent, reporting_rank
+
+
+PEER_TIMEOUT_EXIT_CODE = 1
+
+
+class OutputExistsError(UserError, FileExistsError):
+    """An output directory already exists and is not to be replaced (names it and the flag
+    that replaces it)."""
+
+    kind = "output"

@@ -1,10 +1,11 @@
 """``rspo-eval`` / ``torchrun ... -m rspo_mega.evaluate``: held-out accuracy of a model.
 
     rspo-eval --config run.yaml checkpoint.save_dir=runs/x/ckpt [--temperature 0]
-              [--samples out.jsonl] [key=value ...]
+              [--samples out.jsonl] [--start] [key=value ...]
 
 Loads the policy's weights (no optimizer, no DDP) from the newest valid checkpoint of
-``checkpoint.save_dir`` (or from ``checkpoint.init_from``), generates one completion per test
+``checkpoint.save_dir`` (a ``save_dir`` without one is an error), or with ``--start`` (or
+``checkpoint.save_dir=null``) from ``checkpoint.init_from``, generates one completion per test
 example with the ``rollout`` settings (``rollout.eval_steps`` denoising steps when set,
 temperature from ``--temperature``), sharded over data-parallel ranks, and prints the task's
 mean reward and accuracy (reward == 1) as JSON on rank 0. ``--samples`` also writes every
@@ -31,6 +32,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature")
     parser.add_argument("--samples", default=None, metavar="PATH",
                         help="also write each test completion and its reward to this JSONL file")
+    parser.add_argument("--start", action="store_true",
+                        help="evaluate the start weights (checkpoint.init_from), not the newest "
+                             "checkpoint of checkpoint.save_dir")
     add_debug_flag(parser)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2")
     args = parser.parse_intermixed_args(argv)  # options may follow the overrides
@@ -42,6 +46,8 @@ def evaluate(args: argparse.Namespace) -> int:
     from rspo_mega.config import ConfigError, load_config, validate_config
     from rspo_mega.train import TINY_DEFAULT
 
+    from rspo_mega.config.paths import check_inputs
+
     cfg = load_config(args.config or TINY_DEFAULT, args.overrides)
     validate_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     if not (cfg.checkpoint.save_dir or cfg.checkpoint.init_from):
@@ -52,14 +58,11 @@ def evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--samples {args.samples}: directory "
                           f"{Path(args.samples).resolve().parent} does not exist")
     setup_logging(cfg.logging.level)
+    check_inputs(cfg)
     from rspo_mega.parallel import destroy_parallel
-    from rspo_mega.training.checkpointing import CheckpointError
     from rspo_mega.training.evaluator import build_evaluator
 
-    evaluator, step = build_evaluator(cfg)
-    if step is None:
-        raise CheckpointError(f"checkpoint.save_dir={cfg.checkpoint.save_dir}: no valid "
-                              "checkpoint in it")
+    evaluator, step = build_evaluator(cfg, start=args.start)
     samples: Optional[list] = [] if args.samples else None
     result = evaluator.evaluate(temperature=args.temperature, samples=samples)
     if int(os.environ.get("RANK", "0")) == 0:

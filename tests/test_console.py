@@ -4,6 +4,7 @@ the real CLI, in subprocesses, also under torchrun), hidden library chatter, the
 from __future__ import annotations
 
 import logging
+import shlex
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 from rspo_mega import console
 from rspo_mega.config.hf_start import SHIPPED_DIR
-from rspo_mega.training.metrics import StepPostfix
+from rspo_mega.training.step_report import StepPostfix
 from tests import processes
 from tests.distributed import free_port
 from tests.training.test_launch import OWN_MODEL, ROOT, TINY, _env
@@ -44,7 +45,7 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path):
     default = ["checkpoint.save_dir=null", "checkpoint.export_hf=null"]
     done = _cli([*TRAIN, "data.train_path=/missing.jsonl", *default], tmp_path / "a")
     assert _one_error_line(done, "rspo-train: ") == \
-        "rspo-train: data file error: dataset file not found: /missing.jsonl"
+        "rspo-train: config error: input path not found: data.train_path=/missing.jsonl"
 
     done = _cli([*TRAIN, "optimizer.lrr=1e-4"], tmp_path / "b")
     line = _one_error_line(done, "rspo-train: ")
@@ -93,7 +94,8 @@ def test_under_torchrun_one_rank_prints_the_error(tmp_path):
     text = done.stdout + done.stderr
     assert done.returncode != 0, text[-3000:]
     errors = [line for line in text.splitlines() if "rspo-train: " in line]
-    assert errors == ["rspo-train: data file error: dataset file not found: /missing.jsonl"], \
+    assert errors == ["rspo-train: config error: input path not found: "
+                      "data.train_path=/missing.jsonl"], \
         text[-3000:]
     assert "[rank0]:" not in text and "[rank1]:" not in text, text[-3000:]
 
@@ -106,7 +108,9 @@ def test_a_run_console_hides_megatron_info_and_names_its_outputs(tmp_path):
     assert done.returncode == 0, text[-3000:]
     assert " megatron." not in text and "not installed" not in text, text[-3000:]
     assert "Params for bucket" not in text and "OptimizerConfig" not in text, text[-3000:]
-    lines = done.stdout.strip().splitlines()
+    steps = [line for line in done.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split(" | ")[0] for line in steps] == ["step 1/2", "step 2/2"], done.stdout
+    lines = done.stdout.strip().splitlines()[len(steps):]
     assert lines[0].startswith("held-out accuracy on 4 examples: "), done.stdout
     names = {line.split()[0]: line.split()[-1] for line in lines[1:]}
     assert names == {"config": str(tmp_path / "config.yaml"),
@@ -115,6 +119,48 @@ def test_a_run_console_hides_megatron_info_and_names_its_outputs(tmp_path):
                      "curves": str(tmp_path / "curves.png"),
                      "summary": str(tmp_path / "summary.json")}, done.stdout
     assert all(Path(path).exists() for path in names.values())
+
+
+def test_a_log_file_gets_one_plain_line_per_log_interval(tmp_path):
+    """``rspo-train ... > log`` as a batch job writes it: the progress bar (on by default) gives
+    way to one line every logging.log_interval steps, without carriage returns."""
+    log = tmp_path / "train.log"
+    args = [*TRAIN, *TINY, *OWN_MODEL, "logging.progress_bar=true", "train_steps=4",
+            "logging.log_interval=2", "data.num_test_examples=4", "eval_interval=2",
+            f"logging.output_dir={tmp_path / 'run'}"]
+    env, run = _env()
+    command = " ".join(shlex.quote(a) for a in args) + f" > {shlex.quote(str(log))}"
+    done = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, stderr=subprocess.PIPE,
+                          text=True, timeout=300)
+    processes.assert_none_left(lambda: processes.marked(processes.RUN_ENV, run), "rspo-train")
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = log.read_text()
+    assert "\r" not in text and "\r" not in done.stderr, text
+    steps = [line for line in text.splitlines() if line.startswith("step ")]
+    assert len(steps) == 2, text
+    assert steps[0].startswith("step 2/4 | reward ") and " | loss " in steps[0], text
+    assert " | held-out " in steps[0] and steps[0].endswith(" tokens/s"), text
+    assert steps[1].startswith("step 4/4 | ") and " s/step | " in steps[1], text
+
+
+def test_every_console_script_is_as_quiet_as_rspo_train(tmp_path):
+    """rspo-plan and the converters import megatron-core too: none of its warnings shows."""
+    shipped = str(SHIPPED_DIR / "tiny_sudoku_instruct")
+    mcore, hf = tmp_path / "mcore", tmp_path / "hf"
+    bin_dir = Path(sys.executable).parent
+    for args in ([str(bin_dir / "rspo-plan"), "--nodes", "1", "--gpus-per-node", "2"],
+                 [sys.executable, "tools/convert_hf_to_mcore.py", "--hf", shipped, "--out",
+                  str(mcore)],
+                 [sys.executable, "tools/convert_mcore_to_hf.py", "--ckpt", str(mcore), "--out",
+                  str(hf)]):
+        env, run = _env()
+        done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        processes.assert_none_left(lambda: processes.marked(processes.RUN_ENV, run), args[1])
+        text = done.stdout + done.stderr
+        assert done.returncode == 0, text[-3000:]
+        assert "Warning" not in text and "not installed" not in text, text[-3000:]
+        assert " megatron." not in text, text[-3000:]
 
 
 def test_library_warnings_and_info_wait_for_debug(monkeypatch, caplog):
@@ -167,3 +213,16 @@ def test_a_rank_still_alive_after_the_grace_reports_its_own_error(monkeypatch, c
         "rspo-eval: data file error: dataset file not found: /node-local/train.jsonl\n"
     with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
         console.run_entry_point("rspo-eval", lambda: 1 // 0)
+
+
+def test_ctrl_c_before_the_training_loop_is_one_line(monkeypatch, capsys):
+    """Ctrl-C while a run starts or evaluates (the loop's own handler saves first)."""
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("RANK", "0")
+    assert console.run_entry_point("rspo-train", interrupted) == 130
+    assert capsys.readouterr().err == "\nrspo-train: interrupted\n"
+    monkeypatch.setenv("RANK", "1")
+    assert console.run_entry_point("rspo-train", interrupted) == 130
+    assert capsys.readouterr().err == ""

@@ -100,3 +100,35 @@ def test_torchrun_env_parsing(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "four")
     with pytest.raises(ValueError, match="WORLD_SIZE='four' is not an integer"):
         read_torchrun_env()
+
+
+def _phases(rank: int, world: int) -> tuple:
+    """Every rank reaches "final evaluation"; rank 2 never reaches "final save", where the
+    others give up after 1 s and the lowest of them prints the one line."""
+    import contextlib
+    import io
+    import time
+
+    from rspo_mega.console import run_entry_point
+    from rspo_mega.parallel.bounded_barrier import wait_for_ranks
+
+    start = time.monotonic()
+    wait_for_ranks("final evaluation", 30.0)
+    together = time.monotonic() - start
+    if rank == 2:
+        time.sleep(4.0)
+        return together, None, ""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = run_entry_point("rspo-train", lambda: wait_for_ranks(
+            "final save", 1.0, bound="parallel.end_of_run_timeout_minutes"))
+    return together, code, err.getvalue()
+
+
+def test_a_phase_names_the_ranks_that_did_not_arrive():
+    results = run_distributed(_phases, world_size=3, timeout=60)
+    assert all(together < 10 for together, _, _ in results)
+    assert [code for _, code, _ in results] == [1, 1, None]
+    assert results[0][2] == ("rspo-train: final save: rank 2 did not arrive within 1 s "
+                             "(parallel.end_of_run_timeout_minutes)\n")
+    assert results[1][2] == ""  # one line, from the lowest rank that arrived

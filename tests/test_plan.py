@@ -171,6 +171,15 @@ def test_cli_table_json_and_exit_codes(capsys):
     assert len(capsys.readouterr().out.strip().splitlines()) == 4  # header + 3 layouts
 
 
+def test_the_nodes_and_gpus_options_set_the_world_over_a_files_world_size(capsys):
+    """README step 3 as written: the recipe's file holds the 1-node layout (world_size 8)."""
+    from rspo_mega.plan.cli import main
+
+    assert main(["--config", EIGHT_B, "--nodes", "2", "--gpus-per-node", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("16 ranks = 2 node(s) x 8 gpu"), out[:200]
+
+
 def test_launch_refusal_names_stage_phase_parts_and_fixes():
     cfg = _eight_b("parallel.tp=1", "optimizer.use_distributed_optimizer=false")
     from rspo_mega.config import validate_config

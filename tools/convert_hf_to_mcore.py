@@ -11,9 +11,12 @@ at the given --tp, whose vocab padding it carries). Pickle checkpoints (.bin) ar
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from rspo_mega.console import hide_library_warnings, setup_logging
+from rspo_mega.console import (
+    add_debug_flag, hide_library_warnings, run_entry_point, setup_logging,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,20 +29,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stored dtype (default: the source dtype)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    hide_library_warnings()  # before megatron-core is first imported
-    setup_logging("INFO")
-    from rspo_mega.models.llada.convert import convert_hf_to_mcore
+def convert(args: argparse.Namespace) -> int:
+    """Check the arguments, convert, say what was written; a mistake in them (a missing --hf,
+    an existing --out, a tensor that does not fit) is one line naming the path."""
+    from rspo_mega.errors import HFDirectoryError, OutputExistsError
 
-    cfg = convert_hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                              overwrite=args.overwrite,
-                              make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+    if not os.path.isdir(args.hf):
+        raise HFDirectoryError(f"--hf {args.hf}: no such directory")
+    from rspo_mega.models.llada.convert import convert_hf_to_mcore
+    from rspo_mega.models.llada.fs import check_output_dir
+
+    try:
+        check_output_dir(args.out, args.overwrite)
+        cfg = convert_hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                                  overwrite=args.overwrite,
+                                  make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+    except FileExistsError as err:
+        raise OutputExistsError(f"--out {args.out}: {err}") from err
+    except (OSError, ValueError, KeyError) as err:
+        raise HFDirectoryError(f"--hf {args.hf}: {err.args[0] if err.args else err}") from err
     print(f"wrote {args.out}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    hide_library_warnings()  # before megatron-core is first imported
+    args = parse_args(argv)
+    setup_logging("INFO")
+    return run_entry_point("convert_hf_to_mcore", lambda: convert(args), debug=args.debug)
 
 
 if __name__ == "__main__":

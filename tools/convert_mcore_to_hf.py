@@ -4,6 +4,8 @@
     python tools/convert_mcore_to_hf.py --ckpt DIR --out DIR [--template HF_DIR]
         [--hf-config config.json] [--prefix model.] [--dtype bfloat16] [--max-shard-size 5GB]
 
+The HF tensors keep the checkpoint's dtype unless --dtype says otherwise.
+
 Geometry comes from --hf-config, else the checkpoint's own hf_config.json (written by
 convert_hf_to_mcore), else --template's config.json. Tokenizer and modeling files are copied
 from --template. Model keys nested under a prefix (trainer checkpoints) are found automatically
@@ -13,9 +15,12 @@ or given with --prefix.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from rspo_mega.console import hide_library_warnings, setup_logging
+from rspo_mega.console import (
+    add_debug_flag, hide_library_warnings, run_entry_point, setup_logging,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,23 +30,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--template", default=None, help="HF directory to copy tokenizer/modeling files from")
     p.add_argument("--hf-config", default=None, help="config.json giving the model geometry")
     p.add_argument("--prefix", default=None, help="key prefix of the model tensors (auto by default)")
-    p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16")
+    p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default=None,
+                   help="stored dtype of the HF tensors (default: the checkpoint's)")
     p.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB, 2GiB")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    hide_library_warnings()  # before megatron-core is first imported
-    setup_logging("INFO")
-    from rspo_mega.models.llada.convert import convert_mcore_to_hf
+def convert(args: argparse.Namespace) -> int:
+    """Check the arguments, convert, say what was written; a mistake in them (a missing --ckpt
+    or --template, an existing --out, a checkpoint of another model) is one line naming it."""
+    from rspo_mega.errors import CheckpointError, HFDirectoryError, OutputExistsError
 
-    cfg = convert_mcore_to_hf(args.ckpt, args.out, hf_config=args.hf_config, template=args.template,
-                              prefix=args.prefix, dtype=args.dtype,
-                              max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    if not os.path.isdir(args.ckpt):
+        raise CheckpointError(f"--ckpt {args.ckpt}: no such directory")
+    if args.template and not os.path.isdir(args.template):
+        raise HFDirectoryError(f"--template {args.template}: no such directory")
+    from rspo_mega.models.llada.convert import convert_mcore_to_hf
+    from rspo_mega.models.llada.fs import check_output_dir
+
+    try:
+        check_output_dir(args.out, args.overwrite)
+        cfg = convert_mcore_to_hf(args.ckpt, args.out, hf_config=args.hf_config,
+                                  template=args.template, prefix=args.prefix, dtype=args.dtype,
+                                  max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    except FileExistsError as err:
+        raise OutputExistsError(f"--out {args.out}: {err}") from err
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"--ckpt {args.ckpt}: {err.args[0] if err.args else err}") from err
     print(f"wrote {args.out}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    hide_library_warnings()  # before megatron-core is first imported
+    args = parse_args(argv)
+    setup_logging("INFO")
+    return run_entry_point("convert_mcore_to_hf", lambda: convert(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -231,17 +231,19 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
 def config_from_dict(data: Optional[dict], overrides: Iterable[str] = ()) -> TrainConfig:
     """Build a :class:`TrainConfig` from a nested dict plus dotted overrides.
 
-    The model section is then resolved once (:func:`rspo_mega.config.resolve.resolve_model`):
-    geometry and token ids from ``model.hf_config``, an HF ``checkpoint.init_from`` and the
-    tokenizer, where the run does not set them itself (keys it sets must agree).
+    The run's paths and model section are then resolved once (:mod:`rspo_mega.config.resolve`):
+    ``{output_dir}`` in the checkpoint paths, and the geometry and token ids from
+    ``model.hf_config``, an HF ``checkpoint.init_from`` and the tokenizer, where the run does not
+    set them itself (keys it sets must agree).
     """
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"the top level of a config must be a mapping, got {type(data).__name__}")
     merged = apply_overrides(data, overrides)
     cfg = _build(TrainConfig, merged)
-    from rspo_mega.config.resolve import resolve_model
+    from rspo_mega.config.resolve import resolve_model, resolve_run_paths
 
+    resolve_run_paths(cfg)
     resolve_model(cfg, given=set(merged.get("model") or ()))
     return cfg
 

@@ -16,6 +16,10 @@ Sources, each filling what the earlier ones leave unset and agreeing with what t
    :mod:`rspo_mega.training.run_data` checks it against the model section).
 
 A disagreement raises :class:`ConfigError` naming each key with both values.
+
+:func:`resolve_run_paths` puts the run's outputs into its directory: ``{output_dir}`` in
+``checkpoint.save_dir`` and ``checkpoint.export_hf`` (their defaults) becomes
+``logging.output_dir``.
 """
 
 from __future__ import annotations
@@ -98,3 +102,15 @@ def resolve_model(cfg: TrainConfig, given: Iterable[str] = ()) -> None:
     if not set(TOKEN_KEYS) <= given:
         tokens = _tokenizer_fields(cfg)
         cfg.model = replace(cfg.model, **{k: v for k, v in tokens.items() if k not in given})
+
+
+OUTPUT_DIR = "{output_dir}"  # in checkpoint.save_dir / export_hf: the run's logging.output_dir
+
+
+def resolve_run_paths(cfg: TrainConfig) -> None:
+    """Replace :data:`OUTPUT_DIR` in the checkpoint paths by ``logging.output_dir`` (in place)."""
+    ck, out = cfg.checkpoint, cfg.logging.output_dir.rstrip("/") or "/"
+    if ck.save_dir:
+        ck.save_dir = ck.save_dir.replace(OUTPUT_DIR, out)
+    if ck.export_hf:
+        ck.export_hf = ck.export_hf.replace(OUTPUT_DIR, out)

@@ -114,6 +114,15 @@ class ParallelConfig:
     world_size: Optional[PositiveInt] = None  # expected world size; checked against torchrun
     backend: Optional[Literal["nccl", "gloo"]] = None  # null = nccl with CUDA, gloo without
     timeout_minutes: Positive = 30.0  # every collective; a hung peer fails after this
+    # end of the run (final evaluation and save): how long a rank waits for the others at each
+    # phase before it fails naming the phase and the ranks that did not arrive
+    end_of_run_timeout_minutes: Positive = 5.0
+
+    @property
+    def sequence_multiple(self) -> int:
+        """What a sequence's length must be a multiple of: TP under sequence parallelism (its
+        activations are split along the sequence between the TP ranks), else 1."""
+        return self.tp if self.sequence_parallel else 1
 
 
 @dataclass
@@ -262,7 +271,9 @@ class DataConfig:
 class CheckpointConfig:
     """Saving, resuming (from ``save_dir``), the start weights and the HF export."""
 
-    save_dir: Optional[str] = None  # iter_*/ checkpoints; a restart resumes from the newest valid
+    # iter_*/ checkpoints ({output_dir}: logging.output_dir); a restart resumes from the newest
+    # valid one; null: no checkpoints
+    save_dir: Optional[str] = "{output_dir}/ckpt"
     save_interval: Annotated[int, Bounds(0)] = 0  # steps (0 = at the end and on preemption)
     keep_last: PositiveInt = 2  # complete checkpoints kept
     # weights to start from: a converted megatron checkpoint, a trainer iter_*/ or save_dir,
@@ -270,17 +281,22 @@ class CheckpointConfig:
     # shipped:<name> (a checkpoint shipped with the package)
     init_from: Optional[str] = None
     # at the end of the run, the final checkpoint converted into this HF LLaDA directory
-    export_hf: Optional[str] = None
+    # ({output_dir}: logging.output_dir); null: no export
+    export_hf: Optional[str] = "{output_dir}/hf"
 
 
 @dataclass
 class LoggingConfig:
     """Run directory, metrics and console."""
 
-    output_dir: str = "runs/default"  # metrics.jsonl, config.yaml, TensorBoard, built-in tokenizer
+    # the run's directory: config.yaml, metrics.jsonl, TensorBoard, summary, built-in tokenizer,
+    # and by default its checkpoints and HF export
+    output_dir: str = "runs/default"
     log_interval: PositiveInt = 1  # steps
     tensorboard: bool = True  # TensorBoard events in output_dir
-    progress_bar: bool = True  # a progress bar on the console (rank 0)
+    # a progress bar when stdout and stderr are terminals (rank 0); else, or when false, one plain
+    # line on stdout every log_interval steps
+    progress_bar: bool = True
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"  # DEBUG adds megatron-core's INFO and warnings
 
 

@@ -59,6 +59,27 @@ def check_model(m: ModelConfig, par: ParallelConfig) -> None:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
 
 
+TE_ONLY_KEYS = ("parallel.sequence_parallel", "model.fp8.enabled")  # the TE layer spec's alone
+
+
+def check_layer_spec(cfg: TrainConfig, impl: str, keys: tuple[str, ...] = TE_ONLY_KEYS) -> None:
+    """What only the Transformer Engine layer spec (GPUs) has (``keys``: sequence parallelism,
+    FP8), against the spec ``impl`` the run resolves to on its machine. The local spec (CPUs,
+    or ``model.transformer_impl=local``) has neither: a launch (and, for sequence parallelism,
+    a plan) for such a machine refuses them."""
+    if impl == "transformer_engine":
+        return
+    where = "model.transformer_impl=local" if cfg.model.transformer_impl == "local" else \
+        "a machine without Transformer Engine and a GPU"
+    values = {"parallel.sequence_parallel": cfg.parallel.sequence_parallel,
+              "model.fp8.enabled": cfg.model.fp8.enabled}
+    for key in keys:
+        if values[key]:
+            raise ConfigError(f"{key}=true needs the Transformer Engine layer spec on GPUs; with "
+                              f"{where} the run takes the local spec, which has none: set "
+                              f"{key}=false")
+
+
 def data_parallel_size(par: ParallelConfig, world_size: Optional[int]) -> tuple[int, int]:
     """``(world, dp)``: the launched world (or ``parallel.world_size``) over ``tp * pp``."""
     model_parallel = par.tp * par.pp
@@ -103,6 +124,10 @@ def check_rollout(ro: RolloutConfig, par: ParallelConfig, context: int, prompt: 
     if ro.guard.enabled and not ro.cache_check_rate:
         raise ConfigError("rollout.guard.enabled acts on the checked mismatch of cached steps: it "
                           "needs rollout.cache=prefix or dual and rollout.cache_check_rate > 0")
+    if par.sequence_parallel and ro.gen_length % par.tp:
+        raise ConfigError(f"parallel.sequence_parallel splits each sequence over parallel.tp="
+                          f"{par.tp} ranks: rollout.gen_length={ro.gen_length} must be a "
+                          "multiple of it (prompts are padded to one)")
     if ro.cache != "none" and par.sequence_parallel and ro.block_length % par.tp:
         raise ConfigError(f"rollout.cache={ro.cache} with parallel.sequence_parallel runs spans of "
                           f"rollout.block_length={ro.block_length} tokens, which parallel.tp="
@@ -196,7 +221,7 @@ def validate_config(cfg: TrainConfig, world_size: Optional[int] = None) -> Layou
     check_loss(cfg.algorithm, cfg.likelihood, per_rank)
     if cfg.checkpoint.export_hf and not cfg.checkpoint.save_dir:
         raise ConfigError("checkpoint.export_hf converts the run's final checkpoint: it needs "
-                          "checkpoint.save_dir")
+                          "checkpoint.save_dir (or set checkpoint.export_hf=null)")
     check_data(cfg)
     return Layout(world_size=world, dp=dp, prompts_per_step=cfg.global_batch_size // ro.group_size,
                   completions_per_rank=per_rank)

@@ -166,7 +166,10 @@ class SentencePieceTokenizer(Tokenizer):
         return self._processor.encode(text, out_type=int)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._processor.decode([int(i) for i in ids])
+        """Text of ``ids``; ids beyond the vocabulary (a model's padding rows) decode to nothing,
+        as in HF tokenizers."""
+        size = self.vocab_size
+        return self._processor.decode([int(i) for i in ids if 0 <= int(i) < size])
 
     @property
     def vocab_size(self) -> int:

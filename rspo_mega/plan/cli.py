@@ -3,7 +3,8 @@
     rspo-plan --config run.yaml [key=value ...] --gpus-per-node 8 --nodes 2 --gpu-memory-gib 80
               [--gemm-tflops 790] [--json] [--search [--top 10]]
 
-Prints, per pipeline stage, every rank's memory by part and phase, and per phase the FLOPs,
+The world is ``--nodes`` x ``--gpus-per-node`` ranks (a config's ``parallel.world_size`` gives
+way to it). Prints, per pipeline stage, every rank's memory by part and phase, and per phase the FLOPs,
 communication and estimated seconds of one RL step (``--json``: the same as one JSON object).
 ``--search`` lists the layouts and memory options that fit, by estimated throughput. Exit
 status: 0 when the plan fits (``--search``: when any layout fits), 1 when it does not, 2 for a
@@ -17,7 +18,8 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from rspo_mega.config import ConfigError, load_config
+from rspo_mega.config import load_config
+from rspo_mega.console import add_debug_flag, hide_library_warnings, run_entry_point, setup_logging
 from rspo_mega.plan import report
 from rspo_mega.plan.hardware import Hardware
 from rspo_mega.plan.launch import refusal
@@ -52,6 +54,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.add_argument("--search", action="store_true", help="list the layouts that fit")
     p.add_argument("--top", type=int, default=10, help="layouts --search lists")
+    add_debug_flag(p)
     return p.parse_intermixed_args(argv)  # overrides may come before or after the options
 
 
@@ -73,24 +76,31 @@ def _run_search(cfg, hw: Hardware, a: argparse.Namespace) -> int:
     return 0 if plans else 1
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def plan(a: argparse.Namespace) -> int:
+    """Plan (or search) the config on the hardware of the options; the exit status."""
+    from dataclasses import replace
+
     from rspo_mega.train import TINY_DEFAULT
 
-    a = parse_args(argv)
-    try:
-        cfg = load_config(a.config or TINY_DEFAULT, a.overrides)
-        hw = hardware_from_args(a)
-        if a.search:
-            return _run_search(cfg, hw, a)
-        plan = plan_run(cfg, hw, a.prompt_length)
-        why = refusal(plan, a.prompt_length)
-    except ConfigError as exc:
-        print(f"rspo-plan: config error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(report.to_json(plan), indent=1) if a.json else report.text(plan))
+    cfg = load_config(a.config or TINY_DEFAULT, a.overrides)
+    hw = hardware_from_args(a)
+    # the cluster of --nodes x --gpus-per-node is the world; a file's world_size gives way
+    cfg.parallel = replace(cfg.parallel, world_size=None)
+    if a.search:
+        return _run_search(cfg, hw, a)
+    result = plan_run(cfg, hw, a.prompt_length)
+    why = refusal(result, a.prompt_length)
+    print(json.dumps(report.to_json(result), indent=1) if a.json else report.text(result))
     if why:
         print(f"rspo-plan: does not fit: {why}", file=sys.stderr)
     return 1 if why else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    hide_library_warnings()  # before megatron-core is first imported (the config imports it)
+    a = parse_args(argv)
+    setup_logging("WARNING")
+    return run_entry_point("rspo-plan", lambda: plan(a), debug=a.debug)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 from rspo_mega.config import ConfigError, Layout, TrainConfig, validate_config
+from rspo_mega.config.validate import check_layer_spec
 from rspo_mega.plan.hardware import Hardware
 from rspo_mega.plan.memory import StageMemory, stage_memory
 from rspo_mega.plan.shapes import ModelShapes, Workload, model_shapes, planned_impl, workload
@@ -74,7 +75,9 @@ def plan_run(cfg: TrainConfig, hardware: Hardware, prompt_length: Optional[int] 
                           f"{world} ranks ({hardware.nodes} nodes x {hardware.gpus_per_node}); "
                           f"set parallel.world_size={world} (or null)")
     layout = validate_config(cfg, world_size=world)
-    shapes = model_shapes(cfg, planned_impl(cfg, hardware.kind))
+    impl = planned_impl(cfg, hardware.kind)
+    check_layer_spec(cfg, impl, keys=("parallel.sequence_parallel",))  # it changes the memory
+    shapes = model_shapes(cfg, impl)
     work = workload(cfg, layout, prompt_length)
     vpp = cfg.parallel.vpp or 1
     stages = [stage_memory(shapes, work, s, hardware.kind, vpp, hardware.allowance())

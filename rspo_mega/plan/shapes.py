@@ -88,8 +88,8 @@ def model_shapes(cfg: TrainConfig, impl: str) -> ModelShapes:
     from rspo_mega.models.llada.logits import true_vocab_columns
 
     model, par = cfg.model, cfg.parallel
-    # Sequence parallelism and FP8 are checked against the GPU at build time; the shapes do not
-    # depend on them (a CPU plan of a TE recipe keeps its geometry).
+    # The shapes do not depend on sequence parallelism or FP8 (a CPU plan of a TE recipe keeps
+    # its geometry); the activations do (sequence parallelism only with the TE spec).
     geometry = model if impl == "transformer_engine" else \
         replace(model, fp8=replace(model.fp8, enabled=False))
     tc = transformer_config(geometry, replace(par, sequence_parallel=False), impl=impl,

@@ -37,8 +37,10 @@ def completion_uid(prompt_uid: int, j: int) -> int:
     return hash64(int(prompt_uid), int(j)) >> 1
 
 
-def sampler_settings(model_cfg: ModelConfig, rollout_cfg: RolloutConfig, seed: int) -> SamplerSettings:
-    """Sampler settings from the ``model`` and ``rollout`` config sections."""
+def sampler_settings(model_cfg: ModelConfig, rollout_cfg: RolloutConfig, seed: int,
+                     prompt_multiple: int = 1) -> SamplerSettings:
+    """Sampler settings from the ``model`` and ``rollout`` config sections (and
+    ``parallel.sequence_multiple``)."""
     return SamplerSettings(
         gen_length=rollout_cfg.gen_length,
         block_length=rollout_cfg.block_length,
@@ -56,13 +58,15 @@ def sampler_settings(model_cfg: ModelConfig, rollout_cfg: RolloutConfig, seed: i
         cache=rollout_cfg.cache,
         cache_check_rate=rollout_cfg.cache_check_rate,
         cache_refresh_interval=rollout_cfg.cache_refresh_interval,
+        prompt_multiple=prompt_multiple,
     )
 
 
 class RolloutEngine:
     """Generates completions with an LLaDA model built by ``build_llada_model`` (any TP/PP).
 
-    ``model``: the model, or the list of its virtual-pipeline chunks.
+    ``model``: the model, or the list of its virtual-pipeline chunks; ``sequence_multiple``:
+    ``parallel.sequence_multiple`` of the layout it was built for.
     """
 
     def __init__(
@@ -71,12 +75,13 @@ class RolloutEngine:
         model_cfg: ModelConfig,
         rollout_cfg: RolloutConfig,
         seed: int,
+        sequence_multiple: int = 1,
     ) -> None:
         from megatron.core import parallel_state as ps
 
         self.chunks = model if isinstance(model, list) else [model]
         self.model_cfg = model_cfg
-        self.settings = sampler_settings(model_cfg, rollout_cfg, seed)
+        self.settings = sampler_settings(model_cfg, rollout_cfg, seed, sequence_multiple)
         self.micro_batch_size = rollout_cfg.micro_batch_size
         self.pp = ps.get_pipeline_model_parallel_world_size()
         self.is_last = ps.is_pipeline_last_stage(ignore_virtual=True)

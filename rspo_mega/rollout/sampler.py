@@ -103,6 +103,8 @@ class SamplerSettings:
     cache_check_rate: float = 0.0
     # A full forward (cache refresh) every this many steps of a block; 0: at its first step only.
     cache_refresh_interval: int = 0
+    # Prompt columns are padded to a multiple of this (parallel.sequence_multiple).
+    prompt_multiple: int = 1
 
     @property
     def num_blocks(self) -> int:
@@ -185,11 +187,13 @@ def keyed_uniforms(seed: int, uid: int, step: int, stream: int, shape: tuple[int
     return torch.rand(shape, generator=gen, dtype=torch.float64)
 
 
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (ids [b, P] left-padded, lengths [b])."""
+def left_pad(prompts: list[list[int]], pad_id: int,
+             multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids [b, P] left-padded, lengths [b]); ``P`` is the longest prompt rounded
+    up to a multiple of ``multiple`` (sequence parallelism splits the sequence over TP ranks)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt must hold at least one token")
-    width = max(len(p) for p in prompts)
+    width = -(-max(len(p) for p in prompts) // multiple) * multiple
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, width - len(p):] = torch.as_tensor(p, dtype=torch.long)
@@ -227,7 +231,7 @@ def generate(
     s = settings
     if len(uids) != len(prompts):
         raise ValueError(f"generate: {len(prompts)} prompts but {len(uids)} uids")
-    prompt_ids, prompt_lengths = left_pad(prompts, s.eos_token_id)
+    prompt_ids, prompt_lengths = left_pad(prompts, s.eos_token_id, s.prompt_multiple)
     check_schedule(s.gen_length, s.block_length, s.steps)
     state = _State.start(prompt_ids, prompt_lengths, s, shard, sync_fn, device)
     if record_trajectory:

@@ -47,9 +47,10 @@ def completion_batch(rollout: Rollout, uids: Sequence[int], group_ids: Sequence[
 
 def sft_batch(
     encoded: Sequence[EncodedExample], targets: Sequence[list[int]], uids: Sequence[int],
-    gen_length: int, eos_id: int,
+    gen_length: int, eos_id: int, prompt_multiple: int = 1,
 ) -> CompletionBatch:
-    """Prompts + reference completions right-padded with EOS to ``gen_length`` (LLaDA SFT)."""
+    """Prompts (columns padded to ``prompt_multiple``) + reference completions right-padded with
+    EOS to ``gen_length`` (LLaDA SFT)."""
     rows = []
     for tgt in targets:
         if len(tgt) > gen_length:
@@ -57,7 +58,7 @@ def sft_batch(
                 f"an SFT target has {len(tgt)} tokens, more than rollout.gen_length={gen_length}"
             )
         rows.append(list(tgt) + [eos_id] * (gen_length - len(tgt)))
-    prompt, lengths = left_pad([list(e.prompt_ids) for e in encoded], eos_id)
+    prompt, lengths = left_pad([list(e.prompt_ids) for e in encoded], eos_id, prompt_multiple)
     rollout = Rollout(prompt, lengths, torch.tensor(rows, dtype=torch.long),
                       torch.full((len(rows),), gen_length), torch.zeros(len(rows), dtype=torch.long))
     return completion_batch(rollout, uids, list(range(len(rows))))

@@ -8,7 +8,7 @@ Layout of one checkpoint (``save_dir/iter_0000010/``)::
 
 A save goes into ``iter_0000010.tmp-<nonce>/``; after every rank has written its part, rank 0
 records the file list (sizes for every file, SHA-256 for small ones) and renames the directory to
-its final name (atomic on POSIX). Only then are checkpoints
+its final name (atomic on POSIX). Only then are valid checkpoints
 beyond the newest ``keep_last`` deleted. A crash at any point leaves either the previous complete
 checkpoint or a ``*.tmp-*`` directory that :meth:`CheckpointManager.find_resumable` ignores.
 
@@ -32,13 +32,13 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from rspo_mega.errors import UserError
+from rspo_mega.errors import CheckpointError  # noqa: F401 - raised here, caught by callers
 from rspo_mega.training import save_failures
 from rspo_mega.training.checkpoint_files import (  # noqa: F401 - atomic_write_text is public here
     TMP_MARK as _TMP_MARK, atomic_write_text, fsync_dir, make_save_dirs, save_synced, sha256_file,
@@ -50,18 +50,6 @@ _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 METADATA = "metadata.json"
 SMALL_FILE_BYTES = 64 * 2**20  # files up to this size (bytes) get a SHA-256 in metadata.json
 FORMAT_VERSION = 1
-
-
-class CheckpointError(UserError, RuntimeError):
-    """A checkpoint is missing, incomplete or corrupted."""
-
-    kind = "checkpoint"
-
-
-class IncompatibleCheckpointError(UserError, ValueError):
-    """The saved run config differs from the current one in keys that must match."""
-
-    kind = "checkpoint"
 
 
 # ------------------------------------------------------------------------------------------
@@ -194,36 +182,6 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 def _rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        out.update(_flatten(v, key) if isinstance(v, dict) and v else {key: v})
-    return out
-
-
-def check_compatible(
-    saved_config: dict, current_config: dict, keys: Iterable[str] = ("model",)
-) -> None:
-    """Raise :class:`IncompatibleCheckpointError` listing ``key: old -> new`` for every dotted
-    key under the sections ``keys`` whose value differs between the saved and current config."""
-    diffs = []
-    for section in keys:
-        old = _flatten(saved_config.get(section, {}), section)
-        new = _flatten(current_config.get(section, {}), section)
-        for key in sorted(set(old) | set(new)):
-            a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
-            if a != b:
-                diffs.append(f"  {key}: {a!r} -> {b!r}")
-    if diffs:
-        raise IncompatibleCheckpointError(
-            "cannot resume: the checkpoint was saved with a different configuration in "
-            f"{list(keys)}:\n" + "\n".join(diffs)
-        )
 
 
 def _layout() -> dict[str, int]:
@@ -380,11 +338,14 @@ class CheckpointManager:
         fsync_dir(self.save_dir)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        self._prune()
+        self._prune(step)
 
-    def _prune(self) -> None:
-        """Delete all but the newest ``keep_last`` complete checkpoints (rank 0)."""
-        complete = [(s, p) for s, p in self.checkpoints() if (p / METADATA).is_file()]
+    def _prune(self, saved: int) -> None:
+        """Delete all but the newest ``keep_last`` valid checkpoints up to the one just saved
+        (step ``saved``; rank 0). Invalid ones never count, and those of later steps (left by an
+        attempt this run resumed before) are not touched, so the newest valid one stays."""
+        complete = [(s, p) for s, p in self.checkpoints()
+                    if s <= saved and validate_checkpoint(p, verify_checksums=False) is None]
         for step, path in complete[: max(0, len(complete) - self.keep_last)]:
             log.info("checkpoint: deleting old checkpoint %s (keep_last=%d)", path, self.keep_last)
             shutil.rmtree(path, ignore_errors=True)
@@ -470,4 +431,9 @@ def resolve_model_checkpoint(path: str | Path) -> str:
         if newest is None:
             raise CheckpointError(f"checkpoint.init_from={path}: no valid checkpoint in it")
         return str(newest / "dist")
+    if not (path / ".metadata").is_file():
+        raise CheckpointError(
+            f"checkpoint.init_from={path} is neither an HF LLaDA directory (config.json and "
+            "safetensors), a trainer checkpoint (iter_*/ or the save_dir holding them) nor a "
+            "converted megatron checkpoint (.metadata)")
     return str(path)

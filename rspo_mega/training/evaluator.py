@@ -7,6 +7,7 @@ the trainer evaluates through one, and ``rspo-eval`` builds one with :func:`buil
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -19,9 +20,10 @@ from rspo_mega.rollout import RolloutEngine, completion_uid
 from rspo_mega.training import batches
 from rspo_mega.training.builder import build_chunks, setup_parallel
 from rspo_mega.training.checkpointing import (
-    CheckpointManager, check_compatible, load_extra_state, read_metadata,
+    CheckpointError, CheckpointManager, load_extra_state, read_metadata,
 )
-from rspo_mega.training.init_weights import prepare_init
+from rspo_mega.training.init_weights import Loader, prepare_init
+from rspo_mega.training.resume_checks import check_compatible
 from rspo_mega.training.run_data import RunData, prepare_run_data
 
 
@@ -87,32 +89,43 @@ class Evaluator:
         return [by_uid[ex.uid] for ex in examples]
 
 
-def _load_weights(cfg: TrainConfig, chunks: list[torch.nn.Module]) -> Optional[int]:
-    """Fill ``chunks`` from the newest valid checkpoint of ``checkpoint.save_dir``, else from
-    ``checkpoint.init_from``; the step of the checkpoint (0 for ``init_from``, None: neither)."""
-    from rspo_mega.models.llada import load_model
-
-    load_init = prepare_init(cfg)  # checks checkpoint.init_from before it is needed
-    newest = CheckpointManager(cfg.checkpoint.save_dir).find_resumable() \
-        if cfg.checkpoint.save_dir else None
-    if newest is not None:
+def _weights(cfg: TrainConfig, start: bool) -> tuple[Optional[Path], Optional[Loader]]:
+    """What to evaluate: the newest valid checkpoint of ``checkpoint.save_dir``, or with
+    ``start`` (or without a ``save_dir``) the weights of ``checkpoint.init_from`` (its loader,
+    checked here). A ``save_dir`` without a checkpoint is refused unless ``start``."""
+    save_dir = cfg.checkpoint.save_dir
+    if save_dir and not start:
+        newest = CheckpointManager(save_dir).find_resumable()
+        if newest is None:
+            hint = " (--start evaluates checkpoint.init_from, the start weights)" \
+                if cfg.checkpoint.init_from else ""
+            raise CheckpointError(f"checkpoint.save_dir={save_dir}: no valid checkpoint in "
+                                  f"it{hint}")
         check_compatible(read_metadata(newest).get("config") or {}, config_to_dict(cfg),
                          keys=("model",))  # layouts may change: dist checkpoints reshard
-        for chunk in chunks:  # the policy's tensors; the optimizer's and reference's stay
-            load_model(chunk, str(newest / "dist"))
-        return int(load_extra_state(newest)["step"])
+        return newest, None
+    load_init = prepare_init(cfg)
     if load_init is None:
-        return None
-    load_init(chunks)
-    return 0
+        raise CheckpointError("--start evaluates checkpoint.init_from, which is not set")
+    return None, load_init
 
 
-def build_evaluator(cfg: TrainConfig) -> tuple[Evaluator, Optional[int]]:
+def build_evaluator(cfg: TrainConfig, start: bool = False) -> tuple[Evaluator, int]:
     """For ``rspo-eval``: the parallel state, the run's data and the policy's weights (see
-    :func:`_load_weights`, whose step it returns with the evaluator)."""
+    :func:`_weights`); returns the evaluator and the step of those weights (0: the start)."""
+    from rspo_mega.models.llada import load_model
+
     setup_parallel(cfg)
+    newest, load_init = _weights(cfg, start)
     data = prepare_run_data(cfg)
     chunks = build_chunks(cfg, init_weights=False)  # every tensor is loaded next
-    step = _load_weights(cfg, chunks)
-    engine = RolloutEngine(chunks, cfg.model, cfg.rollout, seed=cfg.seed)
+    step = 0
+    if newest is not None:
+        for chunk in chunks:  # the policy's tensors; the optimizer's and reference's stay
+            load_model(chunk, str(newest / "dist"))
+        step = int(load_extra_state(newest)["step"])
+    else:
+        load_init(chunks)
+    engine = RolloutEngine(chunks, cfg.model, cfg.rollout, seed=cfg.seed,
+                           sequence_multiple=cfg.parallel.sequence_multiple)
     return Evaluator(engine, data, cfg.rollout.eval_steps), step

@@ -11,12 +11,15 @@ fly into each rank's chunks (:func:`hf_load.load_hf_weights`); nothing is writte
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import asdict
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
-from rspo_mega.config import TrainConfig
+from rspo_mega.config import ConfigError, TrainConfig
 from rspo_mega.config.hf_start import check_model_keys, is_hf_start
 from rspo_mega.errors import HFDirectoryError
 from rspo_mega.models.llada import load_model
@@ -29,6 +32,48 @@ log = logging.getLogger(__name__)
 Loader = Callable[[list[torch.nn.Module]], None]  # fills a rank's model chunks in place
 
 
+GEOMETRY = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+            "num_query_groups", "vocab_size")  # model keys that give every tensor its shape
+
+
+def _stored_model(dist_dir: Path) -> Optional[dict]:
+    """The model section a megatron checkpoint records: a trainer checkpoint's in its
+    metadata.json, a converted one's in its conversion record; None when it has neither."""
+    from rspo_mega.models.llada.convert import CONVERSION_INFO
+    from rspo_mega.training.checkpointing import METADATA
+
+    for record, read in ((dist_dir.parent / METADATA, lambda d: (d.get("config") or {})
+                          .get("model")), (dist_dir / CONVERSION_INFO, lambda d: d.get("model"))):
+        if record.is_file():
+            try:
+                return read(json.loads(record.read_text()))
+            except (OSError, ValueError, AttributeError):
+                return None
+    return None
+
+
+def _geometry(model: dict) -> dict:
+    """The :data:`GEOMETRY` keys of a model section, query groups unset meaning one per head."""
+    out = {k: model[k] for k in GEOMETRY if k in model}
+    if "num_query_groups" in out and out["num_query_groups"] is None:
+        out["num_query_groups"] = model.get("num_attention_heads")
+    return out
+
+
+def check_stored_model(dist_dir: str, cfg: TrainConfig) -> None:
+    """Raise :class:`ConfigError` when the megatron checkpoint ``dist_dir`` records a model of
+    another shape than the run's (naming each key)."""
+    saved = _stored_model(Path(dist_dir))
+    if not saved:
+        return
+    saved, mine = _geometry(saved), _geometry(asdict(cfg.model))
+    diffs = [f"model.{k}={mine[k]!r} (checkpoint: {saved[k]!r})" for k in GEOMETRY
+             if k in saved and saved[k] != mine[k]]
+    if diffs:
+        raise ConfigError(f"checkpoint.init_from={cfg.checkpoint.init_from} holds another model "
+                          f"than the run's: {', '.join(diffs)}")
+
+
 def prepare_init(cfg: TrainConfig) -> Optional[Loader]:
     """Check ``checkpoint.init_from`` and return the function that loads it into a rank's
     chunks (None without ``init_from``). Raises :class:`HFDirectoryError` (the converter's
@@ -39,6 +84,7 @@ def prepare_init(cfg: TrainConfig) -> Optional[Loader]:
         return None
     if not is_hf_start(cfg):
         init_dir = resolve_model_checkpoint(source)
+        check_stored_model(init_dir, cfg)
 
         def load_megatron(chunks: list[torch.nn.Module]) -> None:
             for chunk in chunks:

@@ -8,7 +8,9 @@
 
 Every rank may call every method; ranks other than 0 do nothing. ``metrics.jsonl`` holds one JSON
 object per logged step (``step``, wall ``time`` in seconds since the epoch, float metrics) and is
-appended to, so a resumed run continues the same file.
+appended to, so a resumed run continues the same file; :meth:`MetricsLogger.rewind` first drops
+what was logged after the step the run resumes from (and everything for a fresh start), so no
+step appears twice.
 """
 
 from __future__ import annotations
@@ -39,54 +41,8 @@ def _to_float(value: Any) -> float:
     return float(value)
 
 
-class _NullBar:
-    """Progress-bar stand-in for ranks other than 0 (and for disabled bars)."""
-
-    total: int = 0
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def refresh(self) -> None:
-        pass
-
-    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-# Progress-bar fields of a step, by run kind: label -> (metric, format). RL shows what the
-# rollouts earned (its loss is a centred surrogate near 0), SFT its loss.
-STEP_FIELDS: dict[str, dict[str, tuple[str, str]]] = {
-    "rl": {"reward": ("reward", ".3f"), "solved": ("accuracy", ".0%")},
-    "sft": {"loss": ("loss", ".4f")},
-}
-HELD_OUT_FIELD = ("held-out", "eval/accuracy", ".1%")  # kept from the latest evaluation
-
-
-class StepPostfix:
-    """The progress-bar postfix of each step of a run of ``kind`` (``"rl"`` or ``"sft"``): its
-    :data:`STEP_FIELDS` the step logged and the latest held-out accuracy."""
-
-    def __init__(self, kind: str) -> None:
-        self.fields = STEP_FIELDS[kind]
-        self.held_out: Optional[str] = None
-
-    def __call__(self, metrics: Mapping[str, float]) -> dict[str, str]:
-        out = {label: f"{metrics[key]:{fmt}}" for label, (key, fmt) in self.fields.items()
-               if key in metrics}
-        label, key, fmt = HELD_OUT_FIELD
-        if metrics.get(key) is not None:
-            self.held_out = f"{metrics[key]:{fmt}}"
-        if self.held_out is not None:
-            out[label] = self.held_out
-        return out
-
-
 class MetricsLogger:
-    """Rank-0 metrics sink: JSON lines, optional TensorBoard scalars, optional tqdm bar.
+    """Rank-0 metrics sink: JSON lines and optional TensorBoard scalars.
 
     Args:
         output_dir: run directory; ``metrics.jsonl`` and ``tensorboard/`` go there.
@@ -100,16 +56,34 @@ class MetricsLogger:
         self.enabled = self.rank == 0
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / METRICS_FILE
+        self.tensorboard = tensorboard
         self._file = None
         self._writer = None
         if not self.enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._open()
+
+    def _open(self, purge_step: Optional[int] = None) -> None:
         self._file = open(self.path, "a", buffering=1)
-        if tensorboard:
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+            self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"),
+                                         purge_step=purge_step)
+
+    def rewind(self, step: int) -> None:
+        """Start logging at ``step``: keep the records of steps up to it (none when it is 0, a
+        fresh start) and hide later TensorBoard events (``purge_step``)."""
+        if not self.enabled:
+            return
+        self.close()
+        kept = [r for r in read_metrics(self.path) if step and r["step"] <= step] \
+            if self.path.is_file() else []
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path)
+        self._open(purge_step=step + 1 if step else 0)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """Record ``metrics`` (numbers or 0-d tensors) for ``step``; non-finite values are kept
@@ -123,14 +97,6 @@ class MetricsLogger:
         if self._writer is not None:
             for k, v in values.items():
                 self._writer.add_scalar(k, v, global_step=int(step))
-
-    def progress(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "train"):
-        """A tqdm bar over ``total`` steps on rank 0 (a no-op object elsewhere)."""
-        if not (self.enabled and enabled):
-            return _NullBar()
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
 
     def flush(self) -> None:
         if self._file is not None:

@@ -1,5 +1,8 @@
 """The end of a run, on rank 0: the final policy as an HF LLaDA directory, the curves, a summary.
 
+:func:`finish_run` first takes the process groups down on every rank, so nothing after the last
+collective (the final save) can wait for a peer; rank 0 then works alone.
+
 * :func:`export_hf` converts a trainer checkpoint (its ``dist/`` torch_dist tensors, any TP/PP)
   with the project's converter into ``checkpoint.export_hf``: ``config.json`` from the run's
   resolved model config, safetensors shards, and the tokenizer the run used (the start's HF files
@@ -13,7 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -67,7 +72,7 @@ def export_hf(cfg: TrainConfig, iter_dir: str | Path, out_dir: str | Path) -> Pa
 
 def accuracy_points(records: list[dict]) -> list[tuple[int, float]]:
     """Held-out accuracy (%) by step: the first ``before/``, the periodic ones, the last
-    ``after/`` (the final summary record repeats ``before/`` at the last step)."""
+    ``after/``."""
     points: dict[int, float] = {}
     before = [r for r in records if r.get("before/eval/accuracy") is not None]
     if before:
@@ -148,13 +153,30 @@ def plot_curves(run_dir: str | Path, title: str = "") -> Optional[Path]:
     return out
 
 
+def resume_command(argv: Optional[list[str]] = None) -> str:
+    """The command that continues this run: this process's arguments after ``rspo-train`` (or
+    ``python -m rspo_mega.train``), or after the torchrun that launched it."""
+    argv = sys.argv if argv is None else argv
+    args = " ".join(shlex.quote(a) for a in argv[1:])
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        nodes = os.environ.get("GROUP_WORLD_SIZE", "1")
+        head = "torchrun " + (f"--nnodes {nodes} " if nodes != "1" else "") + \
+            f"--nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', '1')} -m rspo_mega.train"
+    else:
+        head = "rspo-train" if Path(argv[0]).name == "rspo-train" else "python -m rspo_mega.train"
+    return f"{head} {args}".strip()
+
+
 def summary_lines(summary: dict[str, float], files: dict[str, Optional[Path]]) -> list[str]:
-    """Before / after / gain of held-out accuracy (or where a preempted run stopped) and the
-    run's files, as printable lines."""
+    """Before / after / gain of held-out accuracy (or where a stopped run stopped and how it
+    resumes) and the run's files, as printable lines."""
     lines = []
     before, after = summary.get("before/eval/accuracy"), summary.get("after/eval/accuracy")
     examples = int(summary.get("after/eval/examples", summary.get("before/eval/examples", 0)))
-    if summary.get("preempted"):
+    if summary.get("interrupted"):
+        lines.append(f"interrupted at step {int(summary['step'])}, checkpoint saved; resume "
+                     f"with: {resume_command()}")
+    elif summary.get("preempted"):
         lines.append(f"preempted at step {int(summary['step'])}: the same command resumes from "
                      "the checkpoint below")
     elif before is not None and after is not None:
@@ -175,27 +197,26 @@ def _output_files(cfg: TrainConfig) -> dict[str, Optional[Path]]:
 
 
 def finish_run(trainer: "Trainer", summary: dict[str, float]) -> None:
-    """On every rank after ``trainer.run()``: export, plot and print the summary on rank 0.
+    """On every rank after ``trainer.run()``: tear down the process groups (the final save was
+    the run's last collective); then rank 0 exports the checkpoint the run saved last into
+    ``checkpoint.export_hf`` (reading it in a process group of its own), plots the curves and
+    prints the summary.
 
-    A preempted run (it resumes later) is neither exported nor plotted. ``summary.json`` in the
+    A stopped run (it resumes later) is neither exported nor plotted. ``summary.json`` in the
     run directory holds the summary; the printed lines name it and every other output.
     """
-    import torch.distributed as dist
+    from rspo_mega.parallel import destroy_parallel
 
-    cfg, rank = trainer.cfg, dist.get_rank()
-    run_dir = Path(cfg.logging.output_dir)
-    files = _output_files(cfg)
-    final = trainer.ckpt.find_resumable() if trainer.ckpt is not None else None
-    if rank == 0:
-        files["checkpoint"] = final
-    if not summary.get("preempted"):
-        if rank == 0:
-            if cfg.checkpoint.export_hf and final is not None:
-                files["policy (HF)"] = export_hf(cfg, final, cfg.checkpoint.export_hf)
-            files["curves"] = plot_curves(run_dir, f"{cfg.algorithm.name}: {run_dir.name}")
-        dist.barrier()
+    cfg, rank, final = trainer.cfg, trainer.rank, trainer.saved
+    destroy_parallel()
     if rank != 0:
         return
+    run_dir = Path(cfg.logging.output_dir)
+    files = {**_output_files(cfg), "checkpoint": final}
+    if not summary.get("preempted"):
+        if cfg.checkpoint.export_hf and final is not None:
+            files["policy (HF)"] = export_hf(cfg, final, cfg.checkpoint.export_hf)
+        files["curves"] = plot_curves(run_dir, f"{cfg.algorithm.name}: {run_dir.name}")
     (run_dir / "summary.json").write_text(json.dumps({"final": summary}, indent=1) + "\n")
     files["summary"] = run_dir / "summary.json"
     print("\n".join(summary_lines(summary, files)), flush=True)

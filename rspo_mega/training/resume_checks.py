@@ -1,21 +1,81 @@
 """Whether a checkpoint can continue this run (``checkpoint.save_dir`` resumes the same run).
 
-A run is either masked-diffusion SFT (``algorithm.name=sft``) or RL; each saves its own data
-position and mask-sampler state, so a checkpoint of the other kind is refused, and
-``checkpoint.init_from`` (its weights only) is named as the way to start from it. A checkpoint
-whose per-rank state records ``warmup_steps`` > 0 in an RL run comes from a run that began with
-SFT steps inside it: its step count mixes SFT and RL steps, so it is refused as well, with the
-runs that replace it.
+A checkpoint continues a run of the same kind (masked-diffusion SFT or RL), algorithm, task and
+model (:func:`check_same_run`); any other is refused, naming what differs and the ways out (a
+new run directory, or ``checkpoint.init_from`` for its weights only). A run whose checkpoint is
+already at ``train_steps`` is finished (:func:`check_unfinished`). :func:`check_run_dir` applies
+these to the newest complete checkpoint before a launch builds anything, from its
+``metadata.json`` alone.
+
+A checkpoint whose per-rank state records ``warmup_steps`` > 0 in an RL run comes from a run that
+began with SFT steps inside it: its step count mixes SFT and RL steps, so it is refused as well,
+with the runs that replace it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterable, Optional
 
-from rspo_mega.training.checkpointing import CheckpointError
+from rspo_mega.config import TrainConfig, config_to_dict
+from rspo_mega.errors import UserError
+from rspo_mega.training.checkpointing import (
+    CheckpointError, CheckpointManager, read_metadata, validate_checkpoint,
+)
 
 SFT_RECIPE = "rspo_mega/configs/tiny_sudoku_sft.yaml"
+RUN_KEYS = ("algorithm.name", "data.task", "model")  # what makes a checkpoint another run's
+DIFFS_SHOWN = 4  # differing keys a message names
+
+
+class IncompatibleCheckpointError(UserError, ValueError):
+    """The saved run config differs from the current one in keys that must match."""
+
+    kind = "checkpoint"
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(_flatten(v, key) if isinstance(v, dict) and v else {key: v})
+    return out
+
+
+def _entries(config: dict, dotted: str) -> dict[str, Any]:
+    """The flattened entries of ``config`` under the dotted key ``dotted`` (none if absent)."""
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return {}
+        node = node[part]
+    return _flatten(node, dotted)
+
+
+def config_diffs(saved_config: dict, current_config: dict, keys: Iterable[str]) -> list[str]:
+    """``key: old -> new`` for every dotted key under ``keys`` (sections or single keys) whose
+    value differs between the saved and the current config."""
+    diffs = []
+    for section in keys:
+        old, new = _entries(saved_config, section), _entries(current_config, section)
+        for key in sorted(set(old) | set(new)):
+            a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+            if a != b:
+                diffs.append(f"{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+def check_compatible(saved_config: dict, current_config: dict,
+                     keys: Iterable[str] = ("model",)) -> None:
+    """Raise :class:`IncompatibleCheckpointError` listing ``key: old -> new`` for every dotted
+    key under the sections ``keys`` whose value differs between the saved and current config."""
+    diffs = config_diffs(saved_config, current_config, keys)
+    if diffs:
+        raise IncompatibleCheckpointError(
+            "cannot resume: the checkpoint was saved with a different configuration in "
+            f"{list(keys)}: " + "; ".join(diffs))
 
 
 def _kind(is_rl: bool) -> str:
@@ -52,3 +112,47 @@ def check_resumable(path: str | Path, saved_config: Optional[dict], extra: dict,
                               f"{_kind(is_rl)} run; checkpoint.save_dir resumes the same run: "
                               f"start from its weights with checkpoint.init_from={path} and "
                               "another checkpoint.save_dir")
+
+
+def check_same_run(path: str | Path, saved_config: Optional[dict], cfg: TrainConfig) -> None:
+    """Raise :class:`CheckpointError` when the checkpoint at ``path`` was written by a run of
+    another algorithm, task or model than ``cfg`` (naming the keys that differ)."""
+    diffs = config_diffs(saved_config or {}, config_to_dict(cfg), RUN_KEYS)
+    if not diffs:
+        return
+    more = f"; and {len(diffs) - DIFFS_SHOWN} more" if len(diffs) > DIFFS_SHOWN else ""
+    raise CheckpointError(
+        f"checkpoint {path} was written by another run ({'; '.join(diffs[:DIFFS_SHOWN])}{more}); "
+        "checkpoint.save_dir resumes the same run: give this run its own logging.output_dir, or "
+        f"start from those weights with checkpoint.init_from={path}")
+
+
+def check_unfinished(path: str | Path, step: int, cfg: TrainConfig) -> None:
+    """Raise :class:`CheckpointError` when the checkpoint at ``path`` (of ``step``) already
+    ends the run (``train_steps``)."""
+    if step >= cfg.train_steps:
+        raise CheckpointError(
+            f"the run in {cfg.logging.output_dir} is finished: its checkpoint {path} is at step "
+            f"{step} of train_steps={cfg.train_steps}; to train it further raise train_steps, "
+            "for a new run give it its own logging.output_dir")
+
+
+def newest_complete(save_dir: str | Path) -> Optional[Path]:
+    """The newest checkpoint of ``save_dir`` whose files are all there (sizes checked, contents
+    not read), or None. No collective; every rank may call it."""
+    for _, path in reversed(CheckpointManager(save_dir).checkpoints()):
+        if validate_checkpoint(path, verify_checksums=False) is None:
+            return path
+    return None
+
+
+def check_run_dir(cfg: TrainConfig) -> None:
+    """Before a launch: refuse to resume the newest complete checkpoint of
+    ``checkpoint.save_dir`` when it belongs to another run or ends this one."""
+    path = newest_complete(cfg.checkpoint.save_dir) if cfg.checkpoint.save_dir else None
+    if path is None:
+        return
+    meta = read_metadata(path)
+    check_resumable(path, meta.get("config"), {}, cfg.algorithm.name != "sft")
+    check_same_run(path, meta.get("config"), cfg)
+    check_unfinished(path, int(meta["step"]), cfg)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from rspo_mega.config import ConfigError, TrainConfig
+from rspo_mega.config.hf_start import is_hf_start
 from rspo_mega.data import EncodedExample, Example, encode_prompt, encode_prompts, prompt_message
 from rspo_mega.data.templates import PromptTemplate, get_template
 from rspo_mega.data.tokenizer import Tokenizer, load_tokenizer
@@ -62,14 +63,41 @@ def _builtin_tokenizer(cfg: TrainConfig) -> Tokenizer:
     return load_tokenizer(model)
 
 
+PADDING_ROWS = 128  # model ids beyond the tokenizer's that may be padding (LLaDA-8B has 115)
+
+
 def _agree(cfg: TrainConfig, tok: Tokenizer) -> None:
+    """The tokenizer against the model section: its size (the model may carry fewer than
+    :data:`PADDING_ROWS` padding ids beyond it, which decode to nothing) and special ids."""
     m, name = cfg.model, cfg.data.tokenizer or f"built-in ({tok.path})"
     if tok.vocab_size > m.vocab_size:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
                           f"vocabulary ({tok.vocab_size}, {name})")
+    if m.vocab_size - tok.vocab_size >= PADDING_ROWS:
+        raise ConfigError(f"data.tokenizer={name} has {tok.vocab_size} ids but model.vocab_size="
+                          f"{m.vocab_size}: the model's ids {tok.vocab_size}..{m.vocab_size - 1} "
+                          "have no token; use the tokenizer the model was trained with")
     for key, value in (("mask_token_id", tok.mask_id), ("eos_token_id", tok.eos_id)):
         if getattr(m, key) != value:
             raise ConfigError(f"model.{key}={getattr(m, key)} but the tokenizer {name} says {value}")
+
+
+def _same_as_start(cfg: TrainConfig, tok: Tokenizer) -> None:
+    """An HF start's own tokenizer and the run's (``data.tokenizer`` set to another file) must
+    map every id to the same token: the model learned those ids."""
+    start = cfg.checkpoint.init_from
+    if not is_hf_start(cfg) or Path(tok.path).resolve().parent == Path(start).resolve():
+        return
+    own = load_tokenizer(start)
+    ids = range(max(own.vocab_size, tok.vocab_size))
+    differ = [i for i in ids if own.id_to_token(i) != tok.id_to_token(i)]
+    if differ:
+        i = differ[0]
+        raise ConfigError(
+            f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer of checkpoint.init_from="
+            f"{start}: {len(differ)} of {len(ids)} ids map to other tokens (id {i}: "
+            f"{tok.id_to_token(i)!r}, the checkpoint's {own.id_to_token(i)!r}); leave "
+            "data.tokenizer unset to use the checkpoint's")
 
 
 def build_task(cfg: TrainConfig) -> Task:
@@ -90,6 +118,7 @@ def prepare_run_data(cfg: TrainConfig) -> RunData:
         log.info("built-in tokenizer: vocab %d, mask %d, eos %d", tokenizer.vocab_size,
                  tokenizer.mask_id, tokenizer.eos_id)
     _agree(cfg, tokenizer)
+    _same_as_start(cfg, tokenizer)
     d = cfg.data
     template = get_template(d.template)
     files = dict(fields=d.fields or None, json_field=d.json_field)

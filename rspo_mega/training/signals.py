@@ -1,4 +1,5 @@
-"""Preemption: turn SIGTERM / SIGUSR1 into a stop that every rank takes at the same step.
+"""Preemption: turn SIGTERM / SIGUSR1 (and Ctrl-C) into a stop that every rank takes at the same
+step.
 
 SLURM sends ``SIGUSR1`` ahead of a time limit or preemption (``--signal=B:USR1@300``) and
 ``SIGTERM`` when it cancels or requeues a job; torchrun forwards ``SIGTERM`` to its workers. The
@@ -10,6 +11,11 @@ A *stop file* is the launcher-independent variant: SLURM's ``--signal=B:USR1@300
 the batch shell, and torchrun's agent does not forward ``SIGUSR1``, so the sbatch script traps it
 and creates the file named by ``$RSPO_STOP_FILE`` on the shared filesystem; every rank checks
 for it in :meth:`PreemptionHandler.should_stop` (one ``stat`` per step).
+
+Ctrl-C (``SIGINT``, in :data:`INTERRUPT_SIGNALS`, which the trainer installs) stops a run the
+same way, after rank 0 says so on stderr; a second Ctrl-C ends the process at once
+(exit code 130), without saving. Under torchrun, Ctrl-C reaches torchrun, which
+forwards it once to each worker (they run in their own sessions); its second Ctrl-C ends them.
 
     with PreemptionHandler() as preempt:
         for step in range(start, cfg.train_steps):
@@ -31,9 +37,13 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from rspo_mega.console import INTERRUPT_EXIT_CODE
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)
+# A run also stops on Ctrl-C the same way; a second Ctrl-C exits at once, without saving.
+INTERRUPT_SIGNALS: tuple[int, ...] = DEFAULT_SIGNALS + (signal.SIGINT,)
 PREEMPTION_EXIT_CODE = 143  # 128 + SIGTERM: what the sbatch script treats as "requeue me"
 STOP_FILE_ENV = "RSPO_STOP_FILE"
 
@@ -61,7 +71,17 @@ class PreemptionHandler:
 
     # -- installation ----------------------------------------------------------------------
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
-        """Signal handler: records the signal and returns (no I/O, no collectives)."""
+        """Signal handler: records the signal and returns (no collectives). Ctrl-C says what
+        happens next; a second Ctrl-C ends the process at once."""
+        if signum == signal.SIGINT:
+            rank0 = os.environ.get("RANK", "0") == "0"
+            if self._received == signal.SIGINT:
+                if rank0:
+                    os.write(2, b"\ninterrupted again: exiting without saving\n")
+                os._exit(INTERRUPT_EXIT_CODE)
+            if rank0:
+                os.write(2, b"\ninterrupt: saving a checkpoint after this step "
+                            b"(Ctrl-C again exits at once, without saving)\n")
         if self._received is None:
             self._received = signum
 
@@ -101,6 +121,11 @@ class PreemptionHandler:
             return None
         return "stop file" if self._received == 0 else signal.Signals(self._received).name
 
+    @property
+    def interrupted(self) -> bool:
+        """Whether this rank's stop request is a Ctrl-C (SIGINT)."""
+        return self._received == signal.SIGINT
+
     def should_stop(self) -> bool:
         """Collective: ``True`` on every rank if any rank of ``group`` received a signal."""
         flag = 1 if self.received else 0
@@ -110,6 +135,6 @@ class PreemptionHandler:
             t = torch.tensor([flag], dtype=torch.int32, device=current_device())
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
             flag = int(t.item())
-        if flag and self.received:
+        if flag and self.received and os.environ.get("RANK", "0") == "0":
             log.warning("preemption: %s received, stopping after this step", self.signal_name)
         return bool(flag)

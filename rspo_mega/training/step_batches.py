@@ -149,7 +149,8 @@ class SFTBatches(_Batches):
         targets = [self.data.sft_target(ex) for ex in examples]
         uids = [completion_uid(ex.uid, 0) for ex in examples]
         completions = batches.sft_batch([self.encoded[ex.uid] for ex in examples], targets, uids,
-                                        self.cfg.rollout.gen_length, self.cfg.model.eos_token_id)
+                                        self.cfg.rollout.gen_length, self.cfg.model.eos_token_id,
+                                        self.cfg.parallel.sequence_multiple)
         completions.group_ids += self.dp_rank * len(examples)
         return StepBatch(completions, torch.zeros(len(examples)), self.cfg.global_batch_size)
 

@@ -20,25 +20,28 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
 
 from rspo_mega.config import Layout, TrainConfig, config_to_dict
 from rspo_mega.likelihood import run_estimator
+from rspo_mega.parallel.bounded_barrier import wait_for_ranks
 from rspo_mega.rollout import RolloutEngine
 from rspo_mega.training.builder import build_chunks, setup_parallel
 from rspo_mega.training.checkpointing import (
-    CheckpointManager, check_compatible, load_extra_state, read_metadata, restore_rng_state,
+    CheckpointManager, load_extra_state, read_metadata, restore_rng_state,
 )
 from rspo_mega.training.evaluator import Evaluator
 from rspo_mega.training.init_weights import prepare_init
-from rspo_mega.training.metrics import MetricsLogger, StepPostfix, Timers, memory_stats
+from rspo_mega.training.metrics import MetricsLogger, Timers, memory_stats, read_metrics
 from rspo_mega.training.policy import Policy
-from rspo_mega.training.resume_checks import check_resumable
+from rspo_mega.training.resume_checks import check_resumable, check_same_run, check_unfinished
 from rspo_mega.training.run_data import RunData, prepare_run_data
-from rspo_mega.training.signals import PreemptionHandler
+from rspo_mega.training.signals import INTERRUPT_SIGNALS, PreemptionHandler
 from rspo_mega.training.step_batches import build_batches
+from rspo_mega.training.step_report import step_reporter
 from rspo_mega.training.update_loop import UpdateLoop
 
 log = logging.getLogger(__name__)
@@ -65,7 +68,8 @@ class Trainer:
             load_init(chunks)
         updates_per_step = cfg.algorithm.inner_updates if self.is_rl else 1
         self.policy = Policy(cfg, chunks, cfg.train_steps * updates_per_step)
-        engine = RolloutEngine(self.policy.model, cfg.model, cfg.rollout, seed=cfg.seed)
+        engine = RolloutEngine(self.policy.model, cfg.model, cfg.rollout, seed=cfg.seed,
+                               sequence_multiple=cfg.parallel.sequence_multiple)
         self.batches = build_batches(cfg, layout, self.data, engine)
         masks, forward = run_estimator(cfg)  # ELBO masks, or sampled rollout steps (agrpo)
         self.updates = UpdateLoop(self.policy, cfg, masks, forward, updates_per_step)
@@ -75,6 +79,7 @@ class Trainer:
         self.ckpt = CheckpointManager(cfg.checkpoint.save_dir, cfg.checkpoint.keep_last) \
             if cfg.checkpoint.save_dir else None
         self.step = 0
+        self.saved: Optional[Path] = None  # the checkpoint the run saved last
 
     @property
     def is_rl(self) -> bool:
@@ -118,15 +123,18 @@ class Trainer:
             return
         extra = {key: part.state_dict() for key, part in self.components().items()}
         extra.update(step=self.step, has_reference=self.policy.reference is not None)
-        self.ckpt.save(self.step, self.policy.sharded_state_dict(), extra=extra,
-                       config=config_to_dict(self.cfg))
+        self.saved = self.ckpt.save(self.step, self.policy.sharded_state_dict(), extra=extra,
+                                    config=config_to_dict(self.cfg))
 
-    def _save_on_interval(self, preemption: PreemptionHandler) -> bool:
-        """Save if ``checkpoint.save_interval`` divides the step; whether it saved. A stop signal
-        arriving during the save is named: the save completes, then the run stops."""
+    def _save_if_due(self, preemption: PreemptionHandler, last: bool) -> bool:
+        """Save at the last step and where ``checkpoint.save_interval`` divides the step; whether
+        it saved. A stop signal arriving during the save is named: the save completes, then the
+        run stops."""
         interval = self.cfg.checkpoint.save_interval
-        if self.ckpt is None or not interval or self.step % interval:
+        if self.ckpt is None or not (last or interval and self.step % interval == 0):
             return False
+        if last:
+            self._arrive("final save")
         pending = preemption.received
         self.save()
         if preemption.received and not pending:
@@ -142,8 +150,8 @@ class Trainer:
             return False
         saved_config, saved = read_metadata(path).get("config"), load_extra_state(path)
         check_resumable(path, saved_config, saved, self.is_rl)
-        check_compatible(saved_config or {}, config_to_dict(self.cfg),
-                         keys=("model",))  # layouts may change: dist checkpoints reshard
+        check_same_run(path, saved_config, self.cfg)  # layouts may change: checkpoints reshard
+        check_unfinished(path, int(saved["step"]), self.cfg)
         if saved.get("has_reference"):
             self.start_rl()  # same layout as the policy; its weights come from the checkpoint
         state, extra = self.ckpt.load(path, self.policy.sharded_state_dict(is_loading=True))
@@ -160,51 +168,87 @@ class Trainer:
 
     def run(self) -> dict[str, float]:
         """``train_steps`` steps (RL, or SFT with ``algorithm.name=sft``) with held-out
-        evaluation after them (and before, for RL not resumed); returns the summary."""
+        evaluation before them (RL), every ``eval_interval`` steps and at the last step, and a
+        checkpoint at the last step; returns the summary (``before/`` and ``after/`` figures,
+        or where a stop signal ended the run)."""
         cfg = self.cfg
-        summary = self._evaluate_before(resumed=self.resume())
-        bar = self.metrics.progress(cfg.train_steps, initial=self.step,
-                                    enabled=cfg.logging.progress_bar, desc=cfg.algorithm.name)
-        postfix = StepPostfix("rl" if self.is_rl else "sft")
-        with PreemptionHandler() as preemption:
+        resumed = self.resume()
+        self.metrics.rewind(self.step)  # drop what an earlier attempt logged after this step
+        summary = self._evaluate_before(resumed)
+        report = step_reporter(self.rank, cfg.train_steps, self.step, self.kind,
+                               cfg.algorithm.name, cfg.logging.log_interval,
+                               cfg.logging.progress_bar)
+        with PreemptionHandler(signals=INTERRUPT_SIGNALS) as preemption:
             while self.step < cfg.train_steps:
                 metrics = self.train_step()
-                if cfg.eval_interval > 0 and self.step % cfg.eval_interval == 0 and self.data.test:
-                    metrics.update(self.evaluator.evaluate())
-                if self.step % cfg.logging.log_interval == 0 or self.step == cfg.train_steps:
+                last = self.step == cfg.train_steps
+                if self.data.test and (last or cfg.eval_interval > 0
+                                       and self.step % cfg.eval_interval == 0):
+                    metrics.update(self._evaluate(summary if last else None))
+                if self.step % cfg.logging.log_interval == 0 or last:
                     self.metrics.log(self.step, metrics)
-                bar.update(1)
-                bar.set_postfix(postfix(metrics))
-                if self._stopped(preemption, saved=self._save_on_interval(preemption)):
-                    bar.close()
-                    return {"preempted": 1.0, "step": float(self.step)}
-        bar.close()
-        if self.data.test:
-            summary.update({f"after/{k}": v for k, v in self.evaluator.evaluate().items()})
-            self.metrics.log(self.step, summary)
-        self.save()
+                report.step(self.step, metrics)
+                saved = self._save_if_due(preemption, last)
+                if not last and self._stopped(preemption, saved):
+                    report.close()
+                    return self._stop_summary(preemption)
+        report.close()
         self.metrics.close()
         return summary
 
+    @property
+    def kind(self) -> str:
+        return "rl" if self.is_rl else "sft"
+
+    def _arrive(self, phase: str) -> None:
+        """Wait for every rank at an end-of-run ``phase``, at most
+        ``parallel.end_of_run_timeout_minutes``."""
+        wait_for_ranks(phase, 60 * self.cfg.parallel.end_of_run_timeout_minutes,
+                       bound="parallel.end_of_run_timeout_minutes")
+
+    def _evaluate(self, summary: Optional[dict[str, float]]) -> dict[str, float]:
+        """Held-out figures of the current policy; at the last step (``summary`` given) also
+        as ``after/`` figures, added to the summary."""
+        if summary is None:
+            return self.evaluator.evaluate()
+        self._arrive("final evaluation")
+        held_out = self.evaluator.evaluate()
+        after = {f"after/{k}": v for k, v in held_out.items()}
+        summary.update(after)
+        return {**held_out, **after}
+
     def _evaluate_before(self, resumed: bool) -> dict[str, float]:
-        """RL: freeze the reference; unless resumed, evaluate the start policy (``before/``)."""
+        """RL: freeze the reference; evaluate the start policy (``before/``), or after a resume
+        read those figures back from ``metrics.jsonl`` (rank 0)."""
         if not self.is_rl:
             return {}
         self.start_rl()
-        if not self.data.test or resumed:
+        if not self.data.test:
             return {}
+        if resumed:
+            return {k: v for r in read_metrics(self.metrics.path) if self.rank == 0
+                    for k, v in r.items() if k.startswith("before/")}
         summary = {f"before/{k}": v for k, v in self.evaluator.evaluate().items()}
         self.metrics.log(self.step, summary)
         return summary
 
     def _stopped(self, preemption: PreemptionHandler, saved: bool) -> bool:
-        """After a preemption signal: save (unless this step's checkpoint was just written),
-        close the metrics and say so; else False."""
+        """After a stop signal: save (unless this step's checkpoint was just written), close
+        the metrics and say so; else False."""
         if not preemption.should_stop():
             return False
-        log.warning("preemption signal: %s step %d and exiting",
-                    "saved" if saved else "saving", self.step)
+        if self.rank == 0:
+            log.warning("%s: %s step %d and exiting", preemption.signal_name or "stop requested",
+                        "saved" if saved else "saving", self.step)
         if not saved:
             self.save()
         self.metrics.close()
         return True
+
+    def _stop_summary(self, preemption: PreemptionHandler) -> dict[str, float]:
+        """The summary of a run a stop signal ended: ``preempted``, the step, and
+        ``interrupted`` when this rank got Ctrl-C (SIGINT)."""
+        summary = {"preempted": 1.0, "step": float(self.step)}
+        if preemption.interrupted:
+            summary["interrupted"] = 1.0
+        return summary

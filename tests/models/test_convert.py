@@ -62,14 +62,43 @@ def test_clis_with_template_overwrite_and_dtype(hf_gqa, tmp_path):
     _cli("convert_hf_to_mcore.py", "--hf", hf_gqa, "--out", mc, "--tp", "1", "--dtype", "float32")
     os.remove(os.path.join(mc, "hf_config.json"))  # geometry must then come from --template
     _cli("convert_mcore_to_hf.py", "--ckpt", mc, "--out", hf, "--template", hf_gqa)
-    _assert_identical(hf_gqa, hf)  # bf16 -> fp32 -> bf16 is exact
+    source, fp32 = _tensors(hf_gqa), _tensors(hf)  # the checkpoint's dtype is kept: float32
+    assert all(t.dtype == torch.float32 and torch.equal(t, source[k].float())
+               for k, t in fp32.items()) and fp32.keys() == source.keys()
+    assert json.load(open(os.path.join(hf, "config.json")))["torch_dtype"] == "float32"
     assert os.path.isfile(os.path.join(hf, "tokenizer_config.json"))
     assert os.path.isfile(os.path.join(hf, "modeling_llada.py"))
     with pytest.raises(FileExistsError, match="already holds a checkpoint"):
         convert_mcore_to_hf(mc, hf, template=hf_gqa)
     _cli("convert_mcore_to_hf.py", "--ckpt", mc, "--out", hf, "--template", hf_gqa,
-         "--dtype", "float32", "--overwrite")
-    assert all(t.dtype == torch.float32 for t in _tensors(hf).values())
+         "--dtype", "bfloat16", "--overwrite")
+    _assert_identical(hf_gqa, hf)  # bf16 -> fp32 -> bf16 is exact
+
+
+def _one_line(name: str, *argv: str) -> str:
+    """The single line a converter prints for a mistake in its arguments (exit code 2)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, os.path.join(TOOLS, name), *argv],
+                          capture_output=True, text=True, timeout=120)
+    text = done.stdout + done.stderr
+    assert done.returncode == 2 and "Traceback" not in text, text[-3000:]
+    assert len(text.strip().splitlines()) == 1, text[-3000:]
+    return text.strip()
+
+
+def test_cli_mistakes_are_one_line(hf_gqa, converted, tmp_path):
+    missing = str(tmp_path / "missing")
+    assert _one_line("convert_hf_to_mcore.py", "--hf", missing, "--out", str(tmp_path / "o")) \
+        == f"convert_hf_to_mcore: HF directory error: --hf {missing}: no such directory"
+    line = _one_line("convert_hf_to_mcore.py", "--hf", hf_gqa, "--out", converted["gqa"])
+    assert line.startswith(f"convert_hf_to_mcore: output error: --out {converted['gqa']}: ") \
+        and "--overwrite" in line, line
+    assert _one_line("convert_mcore_to_hf.py", "--ckpt", missing, "--out", str(tmp_path / "o")) \
+        == f"convert_mcore_to_hf: checkpoint error: --ckpt {missing}: no such directory"
+    line = _one_line("convert_mcore_to_hf.py", "--ckpt", converted["gqa"], "--out", hf_gqa)
+    assert line.startswith(f"convert_mcore_to_hf: output error: --out {hf_gqa}: "), line
 
 
 def _rewrite(src: str, dst: str, edit) -> str:

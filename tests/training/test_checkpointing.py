@@ -10,11 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from rspo_mega.training.checkpointing import (
-    IncompatibleCheckpointError,
-    check_compatible,
-    validate_checkpoint,
-)
+from rspo_mega.training.checkpointing import validate_checkpoint
+from rspo_mega.training.resume_checks import IncompatibleCheckpointError, check_compatible
 from tests.distributed import run_distributed
 
 

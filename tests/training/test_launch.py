@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from rspo_mega.training.checkpointing import validate_checkpoint
+from rspo_mega.training.metrics import read_metrics
 from tests import processes
 from tests.distributed import free_port
 from tests.training.test_trainer import TINY
@@ -56,8 +57,7 @@ def _nothing_left(run: str, what: str) -> None:
 
 
 def _metrics(out: Path) -> dict[int, dict]:
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return {r["step"]: r for r in rows if "loss" in r}
+    return {r["step"]: r for r in read_metrics(out / "metrics.jsonl") if "loss" in r}
 
 
 def _comparable(row: dict) -> dict:
@@ -99,6 +99,9 @@ def test_kill_9_then_resume_is_bitwise_identical(tmp_path):
     assert proc.returncode == 0, log[-3000:]
     assert "skipping invalid checkpoint" in log and newest.name in log
     resumed = _metrics(run)
+    steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5], steps  # what the killed attempt logged after step 3: redone
     for step in (4, 5):
         assert _comparable(resumed[step]) == _comparable(expected[step]), step
 
@@ -178,3 +181,37 @@ def test_two_nodes_rendezvous_on_localhost(tmp_path):
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
     assert sorted(_metrics(tmp_path)) == [1, 2]  # DP=2 across the two "nodes"
+
+
+def _wait_for_a_step(proc: subprocess.Popen, out: Path, after: int = 0) -> None:
+    """Until ``metrics.jsonl`` holds a training step past ``after``."""
+    deadline = time.monotonic() + 300
+    while not ((out / "metrics.jsonl").is_file() and max(_metrics(out), default=0) > after):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+        time.sleep(0.05)
+
+
+def test_ctrl_c_saves_and_a_second_ctrl_c_exits_at_once(tmp_path):
+    """The default save_interval (0: no periodic saves): Ctrl-C saves the step it stopped after,
+    prints one line with the command that resumes, exits with 130; twice, it exits at once."""
+    args = ["train_steps=200", "checkpoint.save_interval=0"]
+    proc = _train(tmp_path, *args)
+    _wait_for_a_step(proc, tmp_path)
+    proc.send_signal(signal.SIGINT)
+    log = _wait(proc, timeout=120)
+    assert proc.returncode == 130, log[-3000:]
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+    step = max(_metrics(tmp_path))
+    assert validate_checkpoint(tmp_path / "ckpt" / f"iter_{step:07d}") is None
+    lines = [line for line in log.splitlines() if line.startswith("interrupted at step")]
+    assert lines == [f"interrupted at step {step}, checkpoint saved; resume with: python -m "
+                     f"rspo_mega.train {' '.join(proc.args[3:])}"], log[-3000:]
+
+    proc = _train(tmp_path, *args)
+    _wait_for_a_step(proc, tmp_path, after=step)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    log = _wait(proc, timeout=60)
+    assert proc.returncode == 130 and "interrupted again: exiting without saving" in log, log
+    assert "Traceback" not in log, log[-3000:]

@@ -23,6 +23,7 @@ TINY = [
     "likelihood.mc_samples=1", "likelihood.micro_batch_size=4",
     "data.num_train_examples=64", "data.num_test_examples=0", "optimizer.lr=1e-3",
     "logging.tensorboard=false", "logging.progress_bar=false",
+    "checkpoint.save_dir=null", "checkpoint.export_hf=null",  # tests that save set their own
 ]
 SFT = ["algorithm.name=sft"]  # TINY's likelihood (coupled, own masks) is an SFT run's
 

@@ -39,19 +39,21 @@ def padded_vocab_size(cfg: ModelConfig, tp: int) -> int:
     return -(-cfg.vocab_size // multiple) * multiple
 
 
-def _layout(parallel: Optional[ParallelConfig]) -> tuple[int, int, Optional[int], bool]:
-    """(tp, pp, vpp, sequence_parallel): from ``parallel`` or megatron's live parallel state."""
+def _layout(parallel: Optional[ParallelConfig],
+            sequence_parallel: bool) -> tuple[int, int, Optional[int], bool]:
+    """(tp, pp, vpp, sequence_parallel): from ``parallel``, or megatron's live parallel state
+    and ``sequence_parallel``."""
     if parallel is not None:
         return parallel.tp, parallel.pp, parallel.vpp, parallel.sequence_parallel
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
-        return 1, 1, None, False
+        return 1, 1, None, sequence_parallel
     return (
         ps.get_tensor_model_parallel_world_size(),
         ps.get_pipeline_model_parallel_world_size(),
         ps.get_virtual_pipeline_model_parallel_world_size(),
-        False,
+        sequence_parallel,
     )
 
 
@@ -134,16 +136,18 @@ def transformer_config(
     cfg: ModelConfig,
     parallel: Optional[ParallelConfig] = None,
     impl: str = "local",
+    sequence_parallel: bool = False,
     **overrides: Any,
 ) -> TransformerConfig:
     """The megatron-core config of an LLaDA model.
 
-    ``parallel`` gives TP/PP/VPP (default: the initialised megatron parallel state). ``impl`` is the
+    ``parallel`` gives TP/PP/VPP and sequence parallelism (default: the initialised megatron
+    parallel state, with ``sequence_parallel``; TE on a GPU only). ``impl`` is the
     resolved layer implementation (see :func:`spec.resolve_transformer_impl`): fusions are only
     enabled with TE on a GPU; on CPU every fusion is off and weights are initialised on the CPU.
     ``overrides`` are passed to ``TransformerConfig`` last (e.g. ``perform_initialization=False``).
     """
-    layout = _layout(parallel)
+    layout = _layout(parallel, sequence_parallel)
     dtype = params_dtype(cfg)
     on_gpu = torch.cuda.is_available()
     fused = on_gpu and impl == "transformer_engine"

@@ -168,23 +168,24 @@ def _hf_order(cfg: ModelConfig) -> list[tuple[A.MCoreParam, Optional[int]]]:
 
 def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config: Optional[str] = None,
                         template: Optional[str] = None, prefix: Optional[str] = None,
-                        dtype: str = "bfloat16", max_shard_size: str | int = "5GB",
+                        dtype: Optional[str] = None, max_shard_size: str | int = "5GB",
                         overwrite: bool = False) -> ModelConfig:
     """Convert a torch_dist checkpoint (saved at any TP/PP) into an HF LLaDA directory.
 
     ``prefix`` is the key prefix of the model tensors (auto-detected when None, e.g. ``model.``
     in a trainer checkpoint). Geometry comes from ``hf_config``, the checkpoint's own
     ``hf_config.json``, or ``template``'s config.json; tokenizer/modeling files are copied from
-    ``template``.
+    ``template``. ``dtype`` (bfloat16 | float32 | float16) defaults to the checkpoint's.
     """
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"megatron checkpoint directory {ckpt_dir} does not exist")
-    out_dtype = _dtype(dtype)
     raw = _source_config(ckpt_dir, hf_config, template)
     cfg = model_config_from_hf_dict(raw, "source config.json")
     shapes = ckpt.stored_tensor_shapes(ckpt_dir)
     prefix = _detect_prefix(set(shapes)) if prefix is None else prefix
     _check_stored(cfg, shapes, prefix, ckpt_dir)
+    out_dtype = _dtype(dtype) or shapes[prefix + A.PARAMS[0].key][1]
+    dtype = str(out_dtype).replace("torch.", "")
     order = _hf_order(cfg)
     hf_shapes = A.hf_shapes(cfg)
     entries = [(k, out_dtype, hf_shapes[k]) for p, i in order for k in A.hf_keys(p, i)]

@@ -20,6 +20,17 @@ def holds_checkpoint(path: str) -> bool:
     return any(n in CHECKPOINT_MARKERS or n.endswith((".safetensors", ".distcp")) for n in names)
 
 
+def check_output_dir(target: str, overwrite: bool = False) -> None:
+    """Raise ``FileExistsError`` when ``target`` is a file, or a non-empty directory and not
+    ``overwrite``."""
+    target = os.path.abspath(target)
+    if os.path.isfile(target):
+        raise FileExistsError(f"output path {target} is a file")
+    if os.path.isdir(target) and os.listdir(target) and not overwrite:
+        what = "a checkpoint" if holds_checkpoint(target) else "files"
+        raise FileExistsError(f"output directory {target} already holds {what}; pass --overwrite")
+
+
 @contextlib.contextmanager
 def atomic_output_dir(target: str, overwrite: bool = False) -> Iterator[str]:
     """Yield a fresh temp directory next to ``target``; on success it replaces ``target``.
@@ -29,11 +40,7 @@ def atomic_output_dir(target: str, overwrite: bool = False) -> Iterator[str]:
     failed conversion leaves neither partial output nor a changed ``target``.
     """
     target = os.path.abspath(target)
-    if os.path.isfile(target):
-        raise FileExistsError(f"output path {target} is a file")
-    if os.path.isdir(target) and os.listdir(target) and not overwrite:
-        what = "a checkpoint" if holds_checkpoint(target) else "files"
-        raise FileExistsError(f"output directory {target} already holds {what}; pass --overwrite")
+    check_output_dir(target, overwrite)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)

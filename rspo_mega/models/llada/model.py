@@ -37,19 +37,23 @@ def build_llada_model(
     post_process: Optional[bool] = None,
     vp_stage: Optional[int] = None,
     init_weights: bool = True,
+    sequence_parallel: bool = False,
 ) -> torch.nn.Module:
     """This rank's part of an LLaDA model under the current megatron parallel state.
 
     ``pre_process``/``post_process`` default to first/last pipeline stage (of ``vp_stage`` with
     virtual stages). bf16 models come wrapped in ``Float16Module`` (fp32 logits out).
-    ``init_weights=False`` skips random initialisation (the weights will be loaded). ``cfg``
-    is read as it is (``load_config`` resolved ``model.hf_config`` into it).
+    ``init_weights=False`` skips random initialisation (the weights will be loaded).
+    ``sequence_parallel`` splits the activations between the TP ranks along the sequence
+    (``parallel.sequence_parallel``; the TE spec on a GPU only). ``cfg`` is read as it is
+    (``load_config`` resolved ``model.hf_config`` into it).
     """
     if not ps.model_parallel_is_initialized():
         raise RuntimeError("build_llada_model: initialise megatron parallel state first")
     pre_process, post_process = _stage_ends(pre_process, post_process, vp_stage)
     impl = resolve_transformer_impl(cfg.transformer_impl)
-    config = transformer_config(cfg, impl=impl, perform_initialization=init_weights)
+    config = transformer_config(cfg, impl=impl, sequence_parallel=sequence_parallel,
+                                perform_initialization=init_weights)
     tp = ps.get_tensor_model_parallel_world_size()
     model = LLaDAModel(
         true_vocab_size=cfg.vocab_size,

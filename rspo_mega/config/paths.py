@@ -1,0 +1,82 @@
+"""The files a run reads and the directories it writes, checked before anything is built.
+
+* :func:`check_inputs`: every input path the config names exists (the data files, the
+  tokenizer, ``checkpoint.init_from``, ``model.hf_config``); one :class:`ConfigError` names each
+  missing one. ``rspo-train --dry-run`` runs it too, so a login node finds a recipe's
+  placeholders before the job queues.
+* :func:`check_outputs`: the run directory (``logging.output_dir``), ``checkpoint.save_dir`` and
+  the parent of ``checkpoint.export_hf`` exist or can be created, and a file can be written in
+  each (so a read-only or misspelled path fails at the start, not at the first save or after
+  training). It creates those directories.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Optional
+
+from rspo_mega.config.hf_start import SHIPPED_PREFIX
+from rspo_mega.config.loader import ConfigError
+from rspo_mega.config.schema import TrainConfig
+
+
+def input_paths(cfg: TrainConfig) -> dict[str, Optional[str]]:
+    """The config keys naming files or directories the run reads, with their values."""
+    hf_config = cfg.model.hf_config
+    return {
+        "data.train_path": cfg.data.train_path,
+        "data.test_path": cfg.data.test_path,
+        "data.tokenizer": cfg.data.tokenizer,
+        "checkpoint.init_from": cfg.checkpoint.init_from,
+        "model.hf_config": None if hf_config and hf_config.startswith(SHIPPED_PREFIX) else hf_config,
+    }
+
+
+def missing_inputs(cfg: TrainConfig) -> list[str]:
+    """``key=path`` of every configured input path that does not exist."""
+    return [f"{key}={path}" for key, path in input_paths(cfg).items()
+            if path and not os.path.exists(path)]
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Raise :class:`ConfigError` naming every input path that does not exist."""
+    missing = missing_inputs(cfg)
+    if missing:
+        raise ConfigError(f"input path{'s' if len(missing) > 1 else ''} not found: "
+                          f"{', '.join(missing)}")
+
+
+def _unwritable(path: Path) -> Optional[str]:
+    """Why ``path`` cannot be a directory the run writes into, or None after creating it (and
+    its parents) and writing and removing a file in it."""
+    if path.exists() and not path.is_dir():
+        return "it is a file, not a directory"
+    probe = path / f".rspo_mega_write_check.{socket.gethostname()}.{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        return f"cannot create or write this directory: {err.strerror or err}"
+    return None
+
+
+def check_outputs(cfg: TrainConfig) -> None:
+    """Raise :class:`ConfigError` naming the first output location the run cannot write."""
+    dirs = {"logging.output_dir": cfg.logging.output_dir, "checkpoint.save_dir":
+            cfg.checkpoint.save_dir}
+    for key, path in dirs.items():
+        why = _unwritable(Path(path)) if path else None
+        if why:
+            raise ConfigError(f"{key}={path}: {why}")
+    export = cfg.checkpoint.export_hf
+    if not export:
+        return
+    if Path(export).exists() and not Path(export).is_dir():
+        raise ConfigError(f"checkpoint.export_hf={export}: it is a file, not a directory")
+    parent = Path(export).absolute().parent
+    why = _unwritable(parent)
+    if why:
+        raise ConfigError(f"checkpoint.export_hf={export}: its parent {parent}: {why}")
