@@ -92,11 +92,12 @@ def run(args: argparse.Namespace) -> int:
     summary = trainer.run()
     finish_run(trainer, summary)  # HF export, curves, summary (rank 0)
     from rspo_mega.parallel import destroy_parallel
-    from rspo_mega.training.signals import PREEMPTION_EXIT_CODE
+    from rspo_mega.training.signals import preemption_exit_code
 
     destroy_parallel()
-    # A preempted run saved a checkpoint; 143 tells the Slurm script to requeue it.
-    return PREEMPTION_EXIT_CODE if summary.get("preempted") else 0
+    if summary.get("preempted"):  # saved: 143, or 0 and a marker file for the launcher
+        return preemption_exit_code(int(summary["step"]), rank)
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -202,8 +202,9 @@ class Trainer:
         close the metrics and say so; else False."""
         if not preemption.should_stop():
             return False
-        log.warning("preemption signal: %s step %d and exiting",
-                    "saved" if saved else "saving", self.step)
+        log.warning("preemption (%s): %s step %d and exiting",
+                    preemption.signal_name or "another rank", "saved" if saved else "saving",
+                    self.step)
         if not saved:
             self.save()
         self.metrics.close()
