@@ -116,7 +116,7 @@ def _tail(log: Path) -> str:
 
 
 def _wait(what: str | Callable[[], str], ready: Callable[[], bool], log: Path,
-          timeout: float = 300) -> None:
+          timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         if time.monotonic() > deadline:
