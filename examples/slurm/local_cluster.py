@@ -97,11 +97,15 @@ def _run(args: list[str], root: Path, env: dict) -> None:
 
 
 def _pid(root: Path, daemon: str) -> int | None:
+    """The pid in ``daemon``'s pid file under ``root``, if that process is alive and is it."""
     path = root / ("munge/munged.pid" if daemon == "munged" else f"{daemon}.pid")
     try:
-        return int(path.read_text().split()[0])
+        pid = int(path.read_text().split()[0])
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            name = os.path.basename(f.read().split(b"\0")[0].decode(errors="replace"))
     except (OSError, ValueError, IndexError):
         return None
+    return pid if name == daemon and _alive(pid) else None
 
 
 def _alive(pid: int) -> bool:
@@ -127,9 +131,8 @@ def _node_idle(env: dict) -> bool:
     return out == ["idle"]
 
 
-def start(root: Path, cpus: int, gpus: int) -> dict:
-    """Write the configuration and start the three daemons; the environment that uses them."""
-    root = root.resolve()
+def _write_config(root: Path, cpus: int, gpus: int) -> Path:
+    """slurm.conf, an empty plugstack.conf, the GPU devices and gres.conf; slurm.conf's path."""
     for sub in ("munge", "state", "spool"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     (root / "munge").chmod(0o700)
@@ -142,16 +145,23 @@ def start(root: Path, cpus: int, gpus: int) -> dict:
             if not (root / "dev" / f"gpu{i}").exists():
                 os.mknod(root / "dev" / f"gpu{i}", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
         (root / "gres.conf").write_text(f"Name=gpu File={root}/dev/gpu[0-{gpus - 1}]\n")
+    return conf
+
+
+def start(root: Path, cpus: int, gpus: int) -> dict:
+    """Write the configuration and start the three daemons; the environment that uses them.
+    A daemon that fails to start stops the ones already started."""
+    root = root.resolve()
+    conf = _write_config(root, cpus, gpus)
     env = dict(os.environ, SLURM_CONF=str(conf))
-    key = root / "munge" / "munge.key"
-    if not key.exists():
-        _run(["mungekey", "--create", f"--keyfile={key}"], root, env)
     munge = root / "munge"
-    _run(["munged", f"--socket={munge}/munge.socket", f"--key-file={key}",
-          f"--pid-file={munge}/munged.pid", f"--log-file={munge}/munged.log",
-          f"--seed-file={munge}/munged.seed", "--force"], root, env)
-    _wait_for("munged", lambda: (munge / "munge.socket").exists(), root)
+    if not (munge / "munge.key").exists():
+        _run(["mungekey", "--create", f"--keyfile={munge}/munge.key"], root, env)
     try:
+        _run(["munged", f"--socket={munge}/munge.socket", f"--key-file={munge}/munge.key",
+              f"--pid-file={munge}/munged.pid", f"--log-file={munge}/munged.log",
+              f"--seed-file={munge}/munged.seed", "--force"], root, env)
+        _wait_for("munged", lambda: (munge / "munge.socket").exists(), root)
         _run(["slurmctld", "-f", str(conf)], root, env)
         _run(["slurmd", "-f", str(conf)], root, env)
         _wait_for("the node", lambda: _node_idle(env), root)
@@ -161,12 +171,30 @@ def start(root: Path, cpus: int, gpus: int) -> dict:
     return env
 
 
+def _cancel_jobs(root: Path) -> None:
+    """Cancel the cluster's jobs and wait (up to KillWait and a bit) until none is left."""
+    env = dict(os.environ, SLURM_CONF=str(root / "slurm.conf"))
+
+    def jobs() -> list[str]:
+        return subprocess.run(["squeue", "--noheader", "--format=%i"], env=env,
+                              capture_output=True, text=True, timeout=30).stdout.split()
+
+    if jobs():
+        subprocess.run(["scancel", *jobs()], env=env, capture_output=True, timeout=30)
+        deadline = time.monotonic() + 40
+        while jobs() and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
 def stop(root: Path, timeout: float = 30.0) -> list[str]:
-    """SIGTERM each daemon by its pid file's pid, then SIGKILL any left; what had to be killed."""
+    """Cancel the jobs, then SIGTERM each daemon by its pid file's pid (a process of that name
+    only) and SIGKILL any left after ``timeout``; the daemons that had to be killed."""
     root, killed = root.resolve(), []
+    if _pid(root, "slurmctld") is not None:
+        _cancel_jobs(root)
     for daemon in DAEMONS:
         pid = _pid(root, daemon)
-        if pid is None or not _alive(pid):
+        if pid is None:
             continue
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout

@@ -78,8 +78,8 @@ def _job(env: dict, job: str) -> dict[str, str]:
 
 @contextmanager
 def local_cluster(root: Path) -> Iterator[dict]:
-    """The cluster's environment (``SLURM_CONF``, launch marker); afterwards the jobs are
-    cancelled, the daemons stopped by pid, and no marked process may be left."""
+    """The cluster's environment (``SLURM_CONF``, launch marker). Afterwards ``stop`` cancels
+    the jobs and stops the daemons by pid; none of them, and no marked process, may be left."""
     env, run = processes.marked_env()
     env.pop("SLURM_CONF", None)
     started = subprocess.run([sys.executable, str(CLUSTER), "start", str(root)], env=env,
@@ -90,20 +90,16 @@ def local_cluster(root: Path) -> Iterator[dict]:
         assert started.stdout.strip() == f"export SLURM_CONF={env['SLURM_CONF']}"
         yield env
     finally:
-        pids = {d: (root / f"{d}.pid") for d in ("slurmctld", "slurmd")}
-        pids["munged"] = root / "munge" / "munged.pid"
-        daemons = {d: int(p.read_text().split()[0]) for d, p in pids.items() if p.exists()}
-        if (root / "slurm.conf").exists() and "slurmctld" in daemons:
-            left = subprocess.run(["squeue", "--noheader", "--format=%i"], env=env,
-                                  capture_output=True, text=True).stdout.split()
-            if left:
-                subprocess.run(["scancel", *left], env=env)
-                time.sleep(5)
+        files = {"slurmctld": "slurmctld.pid", "slurmd": "slurmd.pid", "munged": "munge/munged.pid"}
+        daemons = {d: int((root / f).read_text().split()[0])
+                   for d, f in files.items() if (root / f).exists()}
         stopped = subprocess.run([sys.executable, str(CLUSTER), "stop", str(root)], env=env,
-                                 capture_output=True, text=True, timeout=120)
+                                 capture_output=True, text=True, timeout=180)
         assert stopped.returncode == 0 and not stopped.stderr, stopped.stderr
-        alive = [f"{d} (pid {pid})" for d, pid in daemons.items() if processes._read(pid)]
+        live = {p.pid for p in processes.processes()}
+        alive = [f"{d} (pid {pid})" for d, pid in daemons.items() if pid in live]
         assert not alive, f"daemons still running after stop: {alive}"
+        assert started.returncode != 0 or set(daemons) == set(files), sorted(daemons)
         processes.assert_none_left(lambda: processes.marked(processes.RUN_ENV, run),
                                    "the local Slurm cluster and its jobs")
 
