@@ -128,12 +128,13 @@ def run(args: argparse.Namespace) -> int:
         log.info("config %s, layout %s", save_config(cfg, cfg.logging.output_dir), layout)
     summary = trainer.run()
     finish_run(trainer, summary)  # tears the process groups down; then HF export, curves, summary
-    from rspo_mega.training.signals import PREEMPTION_EXIT_CODE
+    from rspo_mega.training.signals import preemption_exit_code
 
-    # A preempted run saved a checkpoint; 143 tells the Slurm script to requeue it.
     if summary.get("interrupted"):
         return INTERRUPT_EXIT_CODE
-    return PREEMPTION_EXIT_CODE if summary.get("preempted") else 0
+    if summary.get("preempted"):  # saved: 143, or 0 and a marker file for the launcher
+        return preemption_exit_code(int(summary["step"]), rank)
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

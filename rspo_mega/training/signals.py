@@ -17,6 +17,11 @@ same way, after rank 0 says so on stderr; a second Ctrl-C ends the process at on
 (exit code 130), without saving. Under torchrun, Ctrl-C reaches torchrun, which
 forwards it once to each worker (they run in their own sessions); its second Ctrl-C ends them.
 
+The exit code of a stopped run (:func:`preemption_exit_code`): 143 (128 + SIGTERM) by itself; 0
+where the launcher named a *preempted file* (``$RSPO_PREEMPTED_FILE``, set by the sbatch script),
+into which rank 0 writes ``preempted at step N``. The script requeues on that file, whatever
+exit code the launcher passes on, and a planned stop is a clean exit for srun and torchrun.
+
     with PreemptionHandler() as preempt:
         for step in range(start, cfg.train_steps):
             train_step()
@@ -44,8 +49,9 @@ log = logging.getLogger(__name__)
 DEFAULT_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)
 # A run also stops on Ctrl-C the same way; a second Ctrl-C exits at once, without saving.
 INTERRUPT_SIGNALS: tuple[int, ...] = DEFAULT_SIGNALS + (signal.SIGINT,)
-PREEMPTION_EXIT_CODE = 143  # 128 + SIGTERM: what the sbatch script treats as "requeue me"
+PREEMPTION_EXIT_CODE = 143  # 128 + SIGTERM: stopped on request after saving; a rerun resumes
 STOP_FILE_ENV = "RSPO_STOP_FILE"
+PREEMPTED_FILE_ENV = "RSPO_PREEMPTED_FILE"
 
 
 class PreemptionHandler:
@@ -138,3 +144,25 @@ class PreemptionHandler:
         if flag and self.received and os.environ.get("RANK", "0") == "0":
             log.warning("preemption: %s received, stopping after this step", self.signal_name)
         return bool(flag)
+
+
+def preemption_exit_code(step: int, rank: int) -> int:
+    """The exit code of a run that stopped on request after saving ``step``.
+
+    With ``$RSPO_PREEMPTED_FILE`` set, rank 0 writes ``preempted at step N`` into that file
+    (atomically, by rename) and every rank returns 0; without it, 143. A marker that cannot be
+    written is logged and rank 0 returns 143, so the launcher sees a failure instead.
+    """
+    path = os.environ.get(PREEMPTED_FILE_ENV)
+    if not path:
+        return PREEMPTION_EXIT_CODE
+    if rank == 0:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                f.write(f"preempted at step {step}\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.error("preemption: cannot write %s=%s: %s", PREEMPTED_FILE_ENV, path, exc)
+            return PREEMPTION_EXIT_CODE
+    return 0

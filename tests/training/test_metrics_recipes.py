@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import time
@@ -78,35 +77,42 @@ def test_plot_metrics_writes_png(tmp_path: Path) -> None:
     assert (tmp_path / "cli.png").stat().st_size > 0
 
 
-def _layouts() -> dict[int, list[str]]:
-    text = SBATCH.read_text()
-    found = re.findall(r'^\s*(\d+)\) DEFAULT_LAYOUT="([^"]+)"', text, flags=re.M)
-    return {int(n): overrides.split() for n, overrides in found}
+NODES = (1, 2, 4, 8)
 
 
 def test_sbatch_directives() -> None:
+    """What the GPU cluster gets by default; tests/training/test_slurm.py runs the script."""
     text = SBATCH.read_text()
-    for directive in ("--nodes", "--gpus-per-node=8", "--requeue", "--signal=B:USR1@300",
-                      "--output=logs/%x-%j.out"):
-        assert f"#SBATCH {directive}" in text
-    for arg in ("--rdzv-backend c10d", '--rdzv-id "$SLURM_JOB_ID"', "--container-image",
-                "-m rspo_mega.train --config", "scontrol requeue"):
-        assert arg in text
-    assert sorted(_layouts()) == [1, 2, 8]
+    for directive in ("--nodes=1", "--gpus-per-node=8", "--exclusive", "--requeue",
+                      "--signal=B:USR1@300", "--open-mode=append", "--output=%x-%j.out"):
+        assert f"#SBATCH {directive}\n" in text
+    for default in ("NPROC_PER_NODE=${NPROC_PER_NODE:-8}",
+                    "IMAGE=${IMAGE:-/shared/images/rspo_mega.sqsh}",
+                    "LAYOUT=${LAYOUT:-parallel.world_size=$WORLD}",
+                    "WORLD=$((SLURM_NNODES * NPROC_PER_NODE))", "--container-image=\"$IMAGE\"",
+                    "exec python -m rspo_mega.train", "scontrol requeue"):
+        assert default in text, default
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_valid_for_every_layout(recipe: Path) -> None:
-    expected_dp = {1: 4, 2: 4, 8: 8}
-    for nodes, overrides in _layouts().items():
-        cfg = load_config(recipe, overrides)  # the geometry: model.hf_config=shipped:llada_8b
+    """The script's default layout on N nodes of 8 GPUs (world_size=8N, the file's TP and PP)
+    validates and fits 80 GiB."""
+    from rspo_mega.plan import plan_run
+    from rspo_mega.plan.hardware import Hardware
+    from rspo_mega.plan.launch import refusal
+
+    for nodes in NODES:
+        cfg = load_config(recipe, [f"parallel.world_size={8 * nodes}"])  # shipped:llada_8b
         m = cfg.model
         assert (m.hidden_size, m.num_attention_heads, m.num_layers, m.vocab_size, m.mask_token_id,
                 m.eos_token_id, m.max_position_embeddings) == tuple(LLADA_8B[k] for k in (
                     "d_model", "n_heads", "n_layers", "vocab_size", "mask_token_id",
                     "eos_token_id", "max_sequence_length"))
         layout = validate_config(cfg, world_size=8 * nodes)
-        assert layout.dp == expected_dp[nodes]
+        assert (cfg.parallel.tp, cfg.parallel.pp, layout.dp) == (2, 1, 4 * nodes)
+        plan = plan_run(cfg, Hardware(gpus_per_node=8, nodes=nodes, memory_gib=80))
+        assert refusal(plan) is None, (nodes, refusal(plan))
         assert cfg.model.fp8.enabled and cfg.model.transformer_impl == "transformer_engine"
         ro = cfg.rollout
         assert (ro.gen_length, ro.block_length, ro.steps) == (256, 32, 128)

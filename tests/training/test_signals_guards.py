@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from rspo_mega.training.guards import NonFiniteError, check_finite, grad_tensors
-from rspo_mega.training.signals import PreemptionHandler
+from rspo_mega.training.signals import (PREEMPTED_FILE_ENV, PREEMPTION_EXIT_CODE,
+                                         PreemptionHandler, preemption_exit_code)
 from tests.distributed import run_distributed
 
 
@@ -87,3 +88,17 @@ def test_preemption_stop_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         assert not handler.should_stop()
         stop.touch()
         assert handler.should_stop() and handler.signal_name == "stop file"
+
+
+def test_preemption_exit_code_and_marker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a marker file the stopped run exits 143; with one, rank 0 writes the step into
+    it and every rank exits 0; a marker that cannot be written makes rank 0 exit 143."""
+    monkeypatch.delenv(PREEMPTED_FILE_ENV, raising=False)
+    assert preemption_exit_code(7, rank=0) == PREEMPTION_EXIT_CODE == 143
+    marker = tmp_path / "job.preempted"
+    monkeypatch.setenv(PREEMPTED_FILE_ENV, str(marker))
+    assert preemption_exit_code(7, rank=1) == 0 and not marker.exists()
+    assert preemption_exit_code(7, rank=0) == 0
+    assert marker.read_text() == "preempted at step 7\n" and list(tmp_path.iterdir()) == [marker]
+    monkeypatch.setenv(PREEMPTED_FILE_ENV, str(tmp_path / "missing" / "job.preempted"))
+    assert preemption_exit_code(7, rank=0) == PREEMPTION_EXIT_CODE
