@@ -123,7 +123,7 @@ def _model_prefixes(keys: set[str]) -> list[str]:
 
 def _detect_prefix(keys: set[str]) -> str:
     anchor = "embedding.word_embeddings.weight"
-    found = _model_prefixes(keys)
+    found = [p for p in _model_prefixes(keys) if not p.startswith("optimizer.")]
     if len(found) != 1:
         raise KeyError(f"cannot find a unique '*{anchor}' in the checkpoint (found {found}); "
                        "pass --prefix")
@@ -175,10 +175,13 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config: Optional[str] = 
     ``prefix`` is the key prefix of the model tensors (auto-detected when None, e.g. ``model.``
     in a trainer checkpoint). Geometry comes from ``hf_config``, the checkpoint's own
     ``hf_config.json``, or ``template``'s config.json; tokenizer/modeling files are copied from
-    ``template``. ``dtype`` (bfloat16 | float32 | float16) defaults to the checkpoint's.
+    ``template``. ``dtype`` (bfloat16 | float32 | float16) defaults to the checkpoint's. A
+    trainer's iteration directory (``iter_N``) stands for its ``dist/`` checkpoint.
     """
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"megatron checkpoint directory {ckpt_dir} does not exist")
+    if os.path.isdir(os.path.join(ckpt_dir, "dist")):
+        ckpt_dir = os.path.join(ckpt_dir, "dist")
     raw = _source_config(ckpt_dir, hf_config, template)
     cfg = model_config_from_hf_dict(raw, "source config.json")
     shapes = ckpt.stored_tensor_shapes(ckpt_dir)
