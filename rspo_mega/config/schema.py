@@ -168,7 +168,7 @@ class LikelihoodConfig:
     stratified_steps: bool = True  # trajectory: the K step draws of a completion stratified
     # completion: each completion its own masks | group: the G of a prompt share them
     mask_sharing: Literal["completion", "group"] = "completion"
-    fresh_masks_per_update: bool = False  # inner updates > 1 draw new masks (RSPO; ref re-scored)
+    fresh_masks_per_update: bool = False  # new masks per inner update (ref, old policy re-score)
     count_positions: CountPositions = "generated"  # generated: whole span | until_eos
     bernoulli_eps: Annotated[float, Bounds(0, 1, high_open=True)] = 1e-3  # t ~ U(eps, 1)
     one_step_prompt_mask_prob: Probability = 0.15  # one_step: share of prompt tokens masked
