@@ -243,6 +243,7 @@ class DataConfig:
     task: TaskName = "sudoku"  # prompts, reward and answer format (docs/DATA.md)
     train_path: Optional[str] = None  # local file (JSONL/JSON/parquet/CSV); null for generators
     test_path: Optional[str] = None  # held-out file; null: generated (generator tasks) or none
+    validation_path: Optional[str] = None  # validation file (model selection, evaluated as val/)
     # the task's logical field -> column of the files, e.g. {prompt: question}; unset fields
     # keep the task's default columns (docs/DATA.md)
     fields: dict[str, str] = field(default_factory=dict)
@@ -252,6 +253,9 @@ class DataConfig:
     max_prompt_length: PositiveInt = 64  # tokens
     num_train_examples: PositiveInt = 2000  # for generated tasks
     num_test_examples: Annotated[int, Bounds(0)] = 200  # 0 = no held-out evaluation
+    # generated tasks: validation examples from problems held out of train (sudoku: 10% of the
+    # grids, next to the test grids), evaluated like the test set as val/; 0 = none
+    num_validation_examples: Annotated[int, Bounds(0)] = 0
     seed: int = 1234  # generated splits and shuffling
     countdown: CountdownConfig = field(default_factory=CountdownConfig)
     sudoku: SudokuConfig = field(default_factory=SudokuConfig)

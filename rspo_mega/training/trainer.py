@@ -169,8 +169,9 @@ class Trainer:
         with PreemptionHandler() as preemption:
             while self.step < cfg.train_steps:
                 metrics = self.train_step()
-                if cfg.eval_interval > 0 and self.step % cfg.eval_interval == 0 and self.data.test:
-                    metrics.update(self.evaluator.evaluate())
+                if cfg.eval_interval > 0 and self.step % cfg.eval_interval == 0 and \
+                        self.data.held_out:
+                    metrics.update(self.evaluator.evaluate_held_out())
                 if self.step % cfg.logging.log_interval == 0 or self.step == cfg.train_steps:
                     self.metrics.log(self.step, metrics)
                 bar.update(1)
@@ -179,8 +180,9 @@ class Trainer:
                     bar.close()
                     return {"preempted": 1.0, "step": float(self.step)}
         bar.close()
-        if self.data.test:
-            summary.update({f"after/{k}": v for k, v in self.evaluator.evaluate().items()})
+        if self.data.held_out:
+            summary.update({f"after/{k}": v
+                            for k, v in self.evaluator.evaluate_held_out().items()})
             self.metrics.log(self.step, summary)
         self.save()
         self.metrics.close()
@@ -191,9 +193,9 @@ class Trainer:
         if not self.is_rl:
             return {}
         self.start_rl()
-        if not self.data.test or resumed:
+        if not self.data.held_out or resumed:
             return {}
-        summary = {f"before/{k}": v for k, v in self.evaluator.evaluate().items()}
+        summary = {f"before/{k}": v for k, v in self.evaluator.evaluate_held_out().items()}
         self.metrics.log(self.step, summary)
         return summary
 
