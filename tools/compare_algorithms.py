@@ -330,15 +330,15 @@ def with_time_to_target(record: dict, gain_points: float) -> dict:
     return {**record, "target": target, "to_target": hit}
 
 
-def _spread(values: list[float]) -> str:
-    """``mean ± sd [min, max]`` (the sd and range only with more than one value)."""
+def _spread(values: list[float], digits: int = 1) -> str:
+    """``mean ± sd [min, max]`` (only the value when all are equal, ``-`` without any)."""
     if not values:
         return "-"
     mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.1f}"
-    return (f"{mean:.1f} ± {statistics.stdev(values):.1f} "
-            f"[{min(values):.1f}, {max(values):.1f}]")
+    if min(values) == max(values):
+        return f"{mean:.{digits}f}"
+    return (f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f} "
+            f"[{min(values):.{digits}f}, {max(values):.{digits}f}]")
 
 
 ROW_KEYS = ("solved_before", "solved_after", "gain", "cells_after", "cells_gain", "wall_s",
@@ -368,11 +368,12 @@ def summarize(records: list[dict]) -> dict[str, dict]:
     return out
 
 
-COLUMNS = (("solved before %", "solved_before"), ("solved after %", "solved_after"),
-           ("gain (points)", "gain"), ("cells after %", "cells_after"),
-           ("cells gain", "cells_gain"), ("wall s", "wall_s"), ("rollouts", "rollouts"),
-           ("steps to target", "steps_to_target"), ("rollouts to target", "rollouts_to_target"),
-           ("train s to target", "train_s_to_target"))
+COLUMNS = (("solved before %", "solved_before", 1), ("solved after %", "solved_after", 1),
+           ("gain (points)", "gain", 1), ("cells after %", "cells_after", 1),
+           ("cells gain", "cells_gain", 1), ("wall s", "wall_s", 0), ("rollouts", "rollouts", 0),
+           ("steps to target", "steps_to_target", 0),
+           ("rollouts to target", "rollouts_to_target", 0),
+           ("train s to target", "train_s_to_target", 0))
 
 
 def _aligned(rows: list[list[str]]) -> str:
@@ -383,12 +384,12 @@ def _aligned(rows: list[list[str]]) -> str:
 def format_table(summary: dict[str, dict]) -> str:
     """The comparison table: one row per algorithm, mean ± sd [min, max] over its seeds; the
     target columns over the seeds that reached it (``reached``: how many)."""
-    rows = [["algorithm", "lr", "seeds", "reached", *(title for title, _ in COLUMNS)]]
+    rows = [["algorithm", "lr", "seeds", "reached", *(title for title, _, _ in COLUMNS)]]
     for algorithm, row in summary.items():
         lr = "config" if row["lr"] is None else f"{row['lr']:g}"
         reached = f"{int(sum(row['reached']))}/{len(row['reached'])}"
         rows.append([algorithm, lr, str(len(row["gain"])), reached,
-                     *(_spread(row[key]) for _, key in COLUMNS)])
+                     *(_spread(row[key], digits) for _, key, digits in COLUMNS)])
     return _aligned(rows)
 
 
