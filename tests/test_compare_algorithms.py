@@ -63,17 +63,29 @@ def _finish(proc: subprocess.Popen, run: str, timeout: float = 360) -> tuple[str
     return out, err
 
 
-@pytest.mark.timeout(480)
-def test_every_algorithm_runs_from_one_start_with_its_settings(start, tmp_path):
+@pytest.mark.timeout(600)
+def test_every_algorithm_searches_its_rate_on_validation_then_runs_at_it(start, tmp_path):
     out = tmp_path / "cmp"
     args = ["--out", str(out), "--seeds", "1", "--steps", "2", "--eval-interval", "1",
-            "--init-from", start, *SMALL]
+            "--lr-grid", "1e-3,1e-4", "--validation", "8", "--init-from", start, *SMALL]
     stdout, stderr = _finish(*_launch(args))
     assert "Traceback" not in stderr, stderr[-3000:]
     result = json.loads((out / "comparison.json").read_text())
+    algorithms = ["rspo", "espo", "diffu_grpo", "agrpo"]
+    assert [(r["algorithm"], r["lr"]) for r in result["grid"]] == [
+        (a, lr) for a in algorithms for lr in (1e-4, 1e-3)], stdout
+    for r in result["grid"]:
+        cfg = yaml.safe_load((Path(r["dir"]) / "config.yaml").read_text())
+        assert cfg["optimizer"]["lr"] == r["lr"] and cfg["data"]["num_validation_examples"] == 8
+        assert r["after/val/accuracy"] is not None and r["before/val/reward"] is not None
+    for a in algorithms:  # the rate with the most validation solved, then cells, then smaller
+        mine = [r for r in result["grid"] if r["algorithm"] == a]
+        best = max(mine, key=lambda r: (r["after/val/accuracy"], r["after/val/reward"], -r["lr"]))
+        assert result["chosen_lr"][a] == best["lr"]
     runs = result["runs"]
-    assert [(r["algorithm"], r["seed"]) for r in runs] == [
-        ("rspo", 1234), ("espo", 1234), ("diffu_grpo", 1234), ("agrpo", 1234)], stdout
+    assert [(r["algorithm"], r["seed"], r["lr"]) for r in runs] == [
+        (a, 1234, result["chosen_lr"][a]) for a in algorithms]
+    assert stdout.count("(reused)") == 4  # the first seed's run at the chosen rate is the grid's
     for r in runs:
         cfg = yaml.safe_load((Path(r["dir"]) / "config.yaml").read_text())
         assert (cfg["algorithm"]["name"], cfg["seed"]) == (r["algorithm"], 1234)
@@ -82,29 +94,34 @@ def test_every_algorithm_runs_from_one_start_with_its_settings(start, tmp_path):
         rows = read_metrics(Path(r["dir"]) / "metrics.jsonl")
         assert [x["step"] for x in rows if "loss" in x] == [1, 2]
         assert [x["step"] for x in rows if "eval/accuracy" in x] == [1, 2]
+        assert [x["step"] for x in rows if "val/accuracy" in x] == [1, 2]
         after = [x for x in rows if "after/eval/accuracy" in x][0]
         assert r["after/eval/accuracy"] == after["after/eval/accuracy"]
         assert r["after/eval/reward"] == after["after/eval/reward"]
+        assert (r["completions_per_step"], r["train_steps"]) == (8, 2)
         r["cfg"] = cfg
     espo, diffu, agrpo = runs[1]["cfg"], runs[2]["cfg"], runs[3]["cfg"]
     assert (espo["likelihood"]["mask_scheme"], espo["likelihood"]["mc_samples"]) == ("coupled", 2)
     assert (espo["algorithm"]["inner_updates"], espo["algorithm"]["kl_beta"],
-            espo["algorithm"]["advantage"]) == (8, 0.01, "mean")
+            espo["algorithm"]["advantage"]) == (8, 0.01, "leave_one_out")
     assert diffu["likelihood"]["mask_scheme"] == "one_step"
     assert (diffu["algorithm"]["inner_updates"], diffu["algorithm"]["clip_eps"],
             diffu["algorithm"]["kl_beta"]) == (12, 0.5, 0.04)
+    assert espo["likelihood"]["fresh_masks_per_update"] and \
+        diffu["likelihood"]["fresh_masks_per_update"]  # a mask draw per inner update
     assert (agrpo["likelihood"]["mask_scheme"], agrpo["likelihood"]["step_sampling"],
             agrpo["likelihood"]["mc_samples"], agrpo["algorithm"]["advantage"]) == (
         "trajectory", "entropy", 3, "mean")
     assert runs[0]["cfg"]["likelihood"]["mask_scheme"] == "bernoulli"  # RSPO: the config's
     lines = stdout.splitlines()
-    table = lines[[line.split()[:2] for line in lines].index(["algorithm", "seeds"]):]
-    assert [line.split()[0] for line in table[1:5]] == ["rspo", "espo", "diffu_grpo", "agrpo"], \
-        stdout
+    table = lines[[line.split()[:3] for line in lines].index(["algorithm", "lr", "seeds"]):]
+    assert [line.split()[:2] for line in table[1:5]] == [
+        [a, f"{result['chosen_lr'][a]:g}"] for a in algorithms], stdout
+    assert "val solved after %" in stdout  # the grid's table
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     again, _ = _finish(*_launch(args))  # the same command: every finished run is reused
-    assert again.count("(reused)") == 4, again
+    assert again.count("(reused)") == 12, again
 
 
 @pytest.mark.timeout(200)
@@ -138,13 +155,69 @@ def test_a_config_without_a_start_is_refused(tmp_path):
 
 def test_table_gives_mean_spread_and_range_per_algorithm():
     tool = _tool()
-    records = [{"algorithm": "espo", "seed": s, "wall_s": w, "before/eval/accuracy": 0.1,
-                "before/eval/reward": 0.5, "after/eval/accuracy": a, "after/eval/reward": 0.7}
-               for s, a, w in ((1, 0.2, 10.0), (2, 0.3, 20.0), (3, 0.25, 30.0))]
+    records = [{"algorithm": "espo", "seed": s, "lr": 3e-4, "wall_s": w,
+                "before/eval/accuracy": 0.1, "before/eval/reward": 0.5, "after/eval/accuracy": a,
+                "after/eval/reward": 0.7, "train_steps": 100, "completions_per_step": 64,
+                "to_target": hit}
+               for s, a, w, hit in ((1, 0.2, 10.0, {"step": 40, "rollouts": 2560, "train_s": 50.0}),
+                                    (2, 0.3, 20.0, {"step": 20, "rollouts": 1280, "train_s": 30.0}),
+                                    (3, 0.25, 30.0, None))]
     summary = tool.summarize(records)
     assert summary["espo"]["gain"] == pytest.approx([10.0, 20.0, 15.0])
+    assert summary["espo"]["rollouts"] == [6400] * 3
     row = tool.format_table(summary).splitlines()[1]
-    assert row.startswith("espo") and "15.0 ± 5.0 [10.0, 20.0]" in row  # gain, points
-    assert "25.0 ± 5.0 [20.0, 30.0]" in row and "20.0 ± 10.0 [10.0, 30.0]" in row
-    single = tool.format_table(tool.summarize(records[:1])).splitlines()[1].split()
-    assert single[:4] == ["espo", "1", "10.0", "20.0"]
+    assert row.split()[:4] == ["espo", "0.0003", "3", "2/3"]  # rate, seeds, reached the target
+    assert "15.0 ± 5.0 [10.0, 20.0]" in row  # gain, points
+    assert "25.0 ± 5.0 [20.0, 30.0]" in row  # solved after
+    assert "20 ± 10 [10, 30]" in row  # wall seconds
+    assert "30 ± 14 [20, 40]" in row and "40 ± 14 [30, 50]" in row  # steps and seconds to target
+    assert " 6400 " in row  # rollouts per run, the same for all
+    single = tool.format_table(tool.summarize(records[2:])).splitlines()[1].split()
+    assert single[:6] == ["espo", "0.0003", "1", "0/1", "10.0", "25.0"]
+    assert single[-3:] == ["-", "-", "-"]  # never reached the target
+
+
+def test_the_rate_is_chosen_on_validation_and_every_seed_runs_at_it(tmp_path):
+    tool = _tool()
+
+    def grid(algorithm, lr, solved, cells):
+        return {"algorithm": algorithm, "lr": lr, "after/val/accuracy": solved,
+                "after/val/reward": cells, "after/eval/accuracy": 1.0 - solved}
+
+    records = [grid("rspo", 1e-4, 0.30, 0.7), grid("rspo", 3e-4, 0.35, 0.6),
+               grid("rspo", 1e-3, 0.35, 0.8), grid("espo", 1e-5, 0.2, 0.5),
+               grid("espo", 1e-4, 0.2, 0.5)]
+    assert tool.choose_rates(records) == {"rspo": 1e-3, "espo": 1e-5}  # test figures unused
+    config = tmp_path / "run.yaml"
+    config.write_text("seed: 7\ncheckpoint: {init_from: somewhere}\n")
+    planner = tool.Planner(tool.parse_args([
+        "--config", str(config), "--out", str(tmp_path / "o"), "--algorithms", "rspo,espo",
+        "--seeds", "2", "--lr-grid", "1e-3,1e-4", "--validation", "64", "rollout.steps=8"]))
+    assert [(r["algorithm"], r["lr"], r["seed"]) for r in planner.grid()] == [
+        ("rspo", 1e-4, 7), ("rspo", 1e-3, 7), ("espo", 1e-4, 7), ("espo", 1e-3, 7)]
+    seeded = planner.seeded({"rspo": 1e-3, "espo": 1e-4})
+    assert [(r["algorithm"], r["lr"], r["seed"]) for r in seeded] == [
+        ("rspo", 1e-3, 7), ("rspo", 1e-3, 8), ("espo", 1e-4, 7), ("espo", 1e-4, 8)]
+    assert seeded[0] == planner.grid()[1]  # the first seed's run is the grid's: reused
+    cmd = seeded[3]["cmd"]
+    assert "optimizer.lr=0.0001" in cmd and "data.num_validation_examples=64" in cmd
+    assert cmd.index("rollout.steps=8") < cmd.index("optimizer.lr=0.0001")
+    assert seeded[3]["dir"].name == "espo_lr0.0001_seed8"
+    for bad, message in ((["--lr-grid", "1e-3,x"], "expected comma-separated numbers"),
+                         (["--lr-grid", "0,1e-3"], "expected learning rates > 0"),
+                         (["--lr-grid", "1e-3", "optimizer.lr=1e-4"], "drop the override")):
+        with pytest.raises(tool.CompareError, match=message):
+            tool.Planner(tool.parse_args(["--config", str(config), *bad]))
+
+
+def test_time_to_target_is_the_first_evaluation_reaching_it():
+    tool = _tool()
+    records = [{"step": 0, "before/eval/accuracy": 0.20}]
+    for step in range(1, 7):
+        records.append({"step": step, "loss": 0.0, "step_seconds": float(step)})
+        if step % 2 == 0:
+            records.append({"step": step, "eval/accuracy": {2: 0.22, 4: 0.26, 6: 0.24}[step]})
+    records.append({"step": 6, "after/eval/accuracy": 0.24})
+    assert tool.time_to_target(records, 0.25) == {"step": 4, "train_s": 1.0 + 2 + 3 + 4}
+    assert tool.time_to_target(records, 0.22) == {"step": 2, "train_s": 3.0}
+    assert tool.time_to_target(records, 0.30) is None

@@ -184,8 +184,6 @@ def test_unknown_key_in_yaml_file(tmp_path):
         (["likelihood.bernoulli_eps=1"], 1, "'likelihood.bernoulli_eps' must be in [0, 1), got 1.0"),
         (["algorithm.name=diffu_grpo"], 1,
          "likelihood.mask_scheme='coupled' does not suit algorithm.name='diffu_grpo'"),
-        (["algorithm.name=espo", "algorithm.inner_updates=2", "likelihood.fresh_masks_per_update=true"],
-         1, "likelihood.fresh_masks_per_update=true does not work with algorithm.name='espo'"),
         (["data.max_prompt_length=1000"], 1, "exceeds model.max_position_embeddings"),
         (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel=true needs parallel.tp > 1"),
         (["model.hidden_size=130"], 1, "model.hidden_size=130 is not divisible by"),

@@ -8,7 +8,7 @@ step committed. For every token j committed at a sampled step (``C_{t_k}``)::
 
     rho_j  = exp(logp_theta(y_j | x_{t_k}) - logp_rollout(y_j | x_{t_k}))
     k3_j   = exp(logp_ref - logp_theta) - (logp_ref - logp_theta) - 1
-    ell_j  = - min(rho_j A_i, clip(rho_j, 1 - eps, 1 + eps) A_i) + beta * k3_j
+    ell_j  = - min(rho_j A_i, clip(rho_j, 1 - eps, 1 + eps) A_i) + beta * rho_j * k3_j
 
     ell_i  = (1 / T_i) * (1/K) sum_k w_k sum_{j in C_{t_k}} ell_j
     loss   = (1 / N) sum_i ell_i                       (N: completions of the global batch)
@@ -28,8 +28,9 @@ sample ``sum_tokens(loss * iw) / (mc_samples * num_generations)`` with importanc
 here: its uniform branch draws ``floor(u * last_step)``, i.e. steps ``0 .. last_step - 1``, while
 its entropy branch (and this loss, in both modes) covers ``0 .. last_step``; and its
 low-discrepancy draws are stratified over a rank's batch, here per completion (layout-free).
-The paper's text could not be read here beyond its abstract. The k3 term is the plain per-token
-k3 (the public code also multiplies it by ``rho``, DeepSeek-V3.2's correction; not done here).
+The paper's text could not be read here beyond its abstract. The k3 term is weighted by
+``rho`` as in the public code (DeepSeek-V3.2's importance-sampling correction of the k3
+estimate: the tokens come from the rollout policy, not the current one).
 
 The ratio is against the *recorded* rollout log-probs (``TrajectoryBatch.rollout_logp``), not the
 first inner update's: ``LossInputs.old_logp`` is ignored, so inner updates may draw fresh steps
@@ -78,11 +79,12 @@ class AGRPOLoss(PolicyLoss):
         score, lp = masked.score_mask, inputs.logp
         zero = torch.zeros_like(lp)
         adv = inputs.advantages.to(lp.dtype)[masked.completion_index].unsqueeze(1)  # [N, 1]
-        per_token = clipped_surrogate(lp - masked.rollout_logp.to(lp.dtype), adv, score, eps,
-                                      metrics, "agrpo")
+        log_ratio = torch.where(score, lp - masked.rollout_logp.to(lp.dtype), zero)
+        per_token = clipped_surrogate(log_ratio, adv, score, eps, metrics, "agrpo")
         steps = masked.steps.to(lp.dtype)
         metrics.add_mean("agrpo/steps", steps)
         metrics.add_mean("agrpo/tokens_per_sampled_step", score.sum(1).to(lp.dtype))
         metrics.add_mean("policy/logp_per_step", trajectory_sum(lp.detach(), masked) / steps)
-        per_token = with_k3(per_token, lp, inputs.ref_logp, score, beta, metrics)
+        per_token = with_k3(per_token, lp, inputs.ref_logp, score, beta, metrics,
+                            weight=torch.exp(log_ratio))
         return trajectory_sum(torch.where(score, per_token, zero), masked) / steps

@@ -7,7 +7,8 @@ of the frozen reference and of the old (rollout) policy, and returns per-complet
     loss_rank = sum_{i on this rank} ell_i / N_global,
 
 where ``N_global`` is the declared :attr:`PolicyLoss.normalizer` (``"completions"``: the number of
-completions of the *global* batch, one all-reduce). Hence ``sum over DP ranks of loss_rank`` is the
+completions of the *global* batch; ``"tokens"``: its scored tokens over all masked sequences;
+one all-reduce either way). Hence ``sum over DP ranks of loss_rank`` is the
 exact global mean for any layout or micro-batch split, and so is its gradient, provided the DP
 gradient reduction is a *sum* (see :func:`rspo_mega.likelihood.backward_loss_scale` for the
 factors that undo megatron's averaging). Statistics that enter the terms (centering means, group
@@ -71,8 +72,9 @@ class PolicyLoss(abc.ABC):
     name: ClassVar[str]
     normalizer: ClassVar[str] = "completions"
     needs_reference: ClassVar[bool] = False
-    # Ratio losses compare with the rollout policy's log-probs on the *same* masks (``old_logp``
-    # from the first inner update), so they cannot draw fresh masks per inner update.
+    # Ratio losses compare with the rollout policy's log-probs on the *same* masks: from the
+    # first inner update's pass, or, with fresh masks per update, scored on each update's masks
+    # before the first update (see rspo_mega.training.update_loop).
     needs_old_policy: ClassVar[bool] = False
     # the likelihood.mask_scheme values whose estimate the loss is defined on
     mask_schemes: ClassVar[tuple[str, ...]] = choices(MaskedSequenceScheme)
@@ -91,10 +93,13 @@ class PolicyLoss(abc.ABC):
         return self._group if self._group is not None else data_parallel_group()
 
     def global_normalizer(self, inputs: LossInputs) -> float:
-        """``N_global``: completions in the global batch (one all-reduce)."""
-        n = global_count(inputs.masked.num_completions, self.group)
+        """``N_global``: completions, or scored tokens, in the global batch (one all-reduce)."""
+        if self.normalizer == "tokens":
+            n = global_count(int(inputs.masked.score_mask.sum()), self.group)
+        else:
+            n = global_count(inputs.masked.num_completions, self.group)
         if n <= 0:
-            raise ValueError("the global batch has no completions")
+            raise ValueError(f"the global batch has no {self.normalizer}")
         return float(n)
 
     @abc.abstractmethod

@@ -7,8 +7,12 @@ For every scored token t of MC sample k of completion i::
     k3    = exp(logp_ref - logp_theta) - (logp_ref - logp_theta) - 1
     ell_t = - [ min(rho A_i, clip(rho, 1 - eps, 1 + eps) A_i) - beta * k3 ]
 
-``ell_i`` is the mean over the completion's scored tokens and MC samples (GRPO's per-sequence
-token mean), then the mean over the global batch. d1 uses ``eps = 0.5``, ``beta = 0.04``, mu = 12.
+The loss is the mean of ``ell_t`` over every scored token of the global batch (all MC samples).
+d1's trainer takes this token mean over a device's batch; here it is global, so that it does not
+depend on the layout.
+With ``likelihood.count_positions=generated`` every completion has the same scored length and
+this equals the mean over completions of their token means. d1 uses ``eps = 0.5``,
+``beta = 0.04``, mu = 12, one mask draw per inner update (``likelihood.fresh_masks_per_update``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from rspo_mega.algorithms.diagnostics import (
     add_elbo_diagnostics,
     add_relative_score_diagnostics,
 )
-from rspo_mega.likelihood.elbo import estimate_elbo, token_average
+from rspo_mega.likelihood.elbo import estimate_elbo, token_sum
 from rspo_mega.parallel.reductions import global_mean
 
 
@@ -30,6 +34,7 @@ class DiffuGRPOLoss(PolicyLoss):
     """Token-level clipped policy gradient on one-step log-probs with a per-token k3 penalty."""
 
     name = "diffu_grpo"
+    normalizer = "tokens"
     needs_old_policy = True
     mask_schemes = ("one_step",)
 
@@ -53,4 +58,4 @@ class DiffuGRPOLoss(PolicyLoss):
             d = (est.elbo - ref.elbo) / est.lengths.to(est.elbo.dtype)
             dhat = d - global_mean(d.detach(), group=self.group)
             add_relative_score_diagnostics(metrics, d, dhat, inputs.advantages.to(lp.dtype))
-        return token_average(per_token, masked)
+        return token_sum(per_token, masked)

@@ -26,14 +26,16 @@ def clipped_surrogate(log_ratio: torch.Tensor, adv: torch.Tensor, score: torch.T
 
 
 def with_k3(per_token: torch.Tensor, logp: torch.Tensor, ref_logp: Optional[torch.Tensor],
-            score: torch.Tensor, beta: float, metrics: Metrics) -> torch.Tensor:
-    """``per_token + beta * k3`` with ``k3 = exp(ref - logp) - (ref - logp) - 1`` per scored token
-    (logged as ``kl/k3_per_token``); ``per_token`` unchanged without a reference."""
+            score: torch.Tensor, beta: float, metrics: Metrics,
+            weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``per_token + beta * weight * k3`` with ``k3 = exp(ref - logp) - (ref - logp) - 1`` per
+    scored token (logged unweighted as ``kl/k3_per_token``; ``weight [N, L]`` default 1);
+    ``per_token`` unchanged without a reference."""
     if ref_logp is None:
         return per_token
     log_r = torch.where(score, ref_logp.detach() - logp, torch.zeros_like(logp))
     k3 = torch.exp(log_r) - log_r - 1.0
     if beta > 0:
-        per_token = per_token + beta * k3
+        per_token = per_token + beta * (k3 if weight is None else weight * k3)
     metrics.add_mean("kl/k3_per_token", k3, score)
     return per_token

@@ -178,7 +178,7 @@ class LikelihoodConfig:
     stratified_steps: bool = True  # trajectory: the K step draws of a completion stratified
     # completion: each completion its own masks | group: the G of a prompt share them
     mask_sharing: Literal["completion", "group"] = "completion"
-    fresh_masks_per_update: bool = False  # inner updates > 1 draw new masks (RSPO; ref re-scored)
+    fresh_masks_per_update: bool = False  # new masks per inner update (ref, old policy re-score)
     count_positions: CountPositions = "generated"  # generated: whole span | until_eos
     bernoulli_eps: Annotated[float, Bounds(0, 1, high_open=True)] = 1e-3  # t ~ U(eps, 1)
     one_step_prompt_mask_prob: Probability = 0.15  # one_step: share of prompt tokens masked
@@ -253,6 +253,7 @@ class DataConfig:
     task: TaskName = "sudoku"  # prompts, reward and answer format (docs/DATA.md)
     train_path: Optional[str] = None  # local file (JSONL/JSON/parquet/CSV); null for generators
     test_path: Optional[str] = None  # held-out file; null: generated (generator tasks) or none
+    validation_path: Optional[str] = None  # validation file (model selection, evaluated as val/)
     # the task's logical field -> column of the files, e.g. {prompt: question}; unset fields
     # keep the task's default columns (docs/DATA.md)
     fields: dict[str, str] = field(default_factory=dict)
@@ -262,6 +263,9 @@ class DataConfig:
     max_prompt_length: PositiveInt = 64  # tokens
     num_train_examples: PositiveInt = 2000  # for generated tasks
     num_test_examples: Annotated[int, Bounds(0)] = 200  # 0 = no held-out evaluation
+    # generated tasks: validation examples from problems held out of train (sudoku: 10% of the
+    # grids, next to the test grids), evaluated like the test set as val/; 0 = none
+    num_validation_examples: Annotated[int, Bounds(0)] = 0
     seed: int = 1234  # generated splits and shuffling
     countdown: CountdownConfig = field(default_factory=CountdownConfig)
     sudoku: SudokuConfig = field(default_factory=SudokuConfig)

@@ -143,11 +143,6 @@ def check_loss(alg: AlgorithmConfig, lik: LikelihoodConfig, completions_per_rank
         why = " (it maximises the ELBO itself)" if alg.name == "sft" else ""
         raise ConfigError(f"likelihood.mask_scheme={lik.mask_scheme!r} does not suit algorithm.name"
                           f"={alg.name!r}{why}: use one of {list(loss.mask_schemes)}")
-    if loss.needs_old_policy and lik.fresh_masks_per_update and alg.inner_updates > 1:
-        raise ConfigError(f"likelihood.fresh_masks_per_update=true does not work with "
-                          f"algorithm.name={alg.name!r} and algorithm.inner_updates="
-                          f"{alg.inner_updates}: its ratio needs the rollout policy's log-probs "
-                          "on the same masks")
     if alg.name == "sft" and lik.mask_sharing != "completion":
         raise ConfigError(f"likelihood.mask_sharing={lik.mask_sharing!r} shares masks among the "
                           "completions of a prompt; an SFT run (algorithm.name=sft) has one target "

@@ -2,7 +2,7 @@
 rollout steps), the micro-batched parallel runner and the frozen reference model."""
 
 from rspo_mega.likelihood.batch import CompletionBatch, MaskedBatch, TrajectoryBatch
-from rspo_mega.likelihood.elbo import ElboEstimate, estimate_elbo, sequence_estimates, token_average
+from rspo_mega.likelihood.elbo import ElboEstimate, estimate_elbo, sequence_estimates, token_sum
 from rspo_mega.likelihood.masks import MaskSampler, count_mask, hash64, mask_generator
 from rspo_mega.likelihood.parallel_elbo import ElboRunner, ForwardFn, backward_loss_scale
 from rspo_mega.likelihood.reference import ReferenceModel
@@ -31,6 +31,6 @@ __all__ = [
     "sequence_estimates",
     "run_estimator",
     "tempered_forward",
-    "token_average",
+    "token_sum",
     "trajectory_sum",
 ]

@@ -56,11 +56,9 @@ def estimate_elbo(logp: torch.Tensor, masked: MaskedBatch) -> ElboEstimate:
     )
 
 
-def token_average(values: torch.Tensor, masked: MaskedBatch) -> torch.Tensor:
-    """Per completion, the mean of a per-token quantity ``[N, S]`` over its scored positions and
-    MC samples: ``(1/K) sum_k (1/|scored_k|) sum_t values``, shape ``[B]`` (diffu-GRPO style)."""
-    b, k, u = masked.num_completions, masked.num_mc, masked.units_per_sample
-    mask = masked.score_mask
-    v = torch.where(mask, values, torch.zeros_like(values)).sum(dim=-1).view(b, k, u).sum(-1)
-    n = mask.sum(dim=-1).view(b, k, u).sum(-1).clamp(min=1).to(values.dtype)
-    return (v / n).mean(dim=1)
+def token_sum(values: torch.Tensor, masked: MaskedBatch) -> torch.Tensor:
+    """Per completion, the sum of a per-token quantity ``[N, S]`` over the scored positions of
+    all its masked sequences: ``[B]`` (with the global count of scored tokens as the normaliser,
+    a token mean over the batch, as diffu-GRPO's)."""
+    scored = torch.where(masked.score_mask, values, torch.zeros_like(values)).sum(dim=-1)
+    return scored.view(masked.num_completions, -1).sum(dim=1)

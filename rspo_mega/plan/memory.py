@@ -176,6 +176,9 @@ def policy_parts(m: ModelShapes, w: Workload, stage: int, vpp: int) -> dict[str,
     parts = {"elbo activations": saved["elbo activations"], "logits": saved["head"] + head_fwd,
              "backward temporaries": max(backward - head_fwd, 0),
              "elbo inputs and log-probs": _elbo_io(w)}
+    if w.old_policy_passes:  # fresh masks of a ratio loss: each later update's draw, scored
+        parts["old-policy draws"] = w.old_policy_passes * w.sequences * w.seq_len * (
+            2 * act.I64 + act.F32 + 2 + (act.F32 if last else 0))  # ids, labels, weights, masks
     if not last:
         parts["pipeline outputs"] = in_flight(m, w, stage, vpp) * tokens * m.hidden * m.param_bytes
     return {k: int(v) for k, v in parts.items()}

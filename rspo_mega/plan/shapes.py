@@ -127,6 +127,7 @@ class Workload:
     one_pass: bool  # graphs of all local micro-batches kept, one backward
     inner_updates: int
     reference_passes: int  # reference scorings per step (0: the loss needs no reference)
+    old_policy_passes: int  # extra no-grad policy scorings per step (ratio losses, fresh masks)
     offload_reference: bool
     distributed_optimizer: bool
     dp: int
@@ -175,6 +176,17 @@ def reference_passes(cfg: TrainConfig) -> int:
     return cfg.algorithm.inner_updates if cfg.likelihood.fresh_masks_per_update else 1
 
 
+def old_policy_passes(cfg: TrainConfig) -> int:
+    """No-grad policy scorings a step adds: with fresh masks, a ratio loss scores the masks of
+    inner updates 1 .. mu-1 under the rollout policy before the first update."""
+    from rspo_mega.algorithms import build_loss
+
+    if cfg.algorithm.name == "sft" or not cfg.likelihood.fresh_masks_per_update:
+        return 0
+    needs_old = build_loss(cfg.algorithm, cfg.likelihood).needs_old_policy
+    return cfg.algorithm.inner_updates - 1 if needs_old else 0
+
+
 def workload(cfg: TrainConfig, layout: Layout, prompt_length: Optional[int] = None) -> Workload:
     """The per-rank sizes of one RL step (``prompt_length`` default: ``data.max_prompt_length``)."""
     ro, lik = cfg.rollout, cfg.likelihood
@@ -195,6 +207,7 @@ def workload(cfg: TrainConfig, layout: Layout, prompt_length: Optional[int] = No
         sequences=sequences, elbo_micro_batch=mbs,
         scored_max=scored_max, scored_mean=scored_mean, one_pass=lik.one_pass and not pipelined,
         inner_updates=cfg.algorithm.inner_updates, reference_passes=reference_passes(cfg),
+        old_policy_passes=old_policy_passes(cfg),
         offload_reference=lik.offload_reference,
         distributed_optimizer=cfg.optimizer.use_distributed_optimizer, dp=layout.dp,
     )

@@ -150,11 +150,12 @@ def elbo_time(m: ModelShapes, w: Workload, r: Rates, backward: bool) -> PhaseTim
 
 def policy_time(m: ModelShapes, w: Workload, r: Rates) -> PhaseTime:
     """Every inner update: one pass with graphs (one_pass), or a scoring pass then forward +
-    backward (two passes)."""
+    backward (two passes); plus the old policy's scorings of fresh masks (ratio losses)."""
     out = PhaseTime()
     _add(out, elbo_time(m, w, r, backward=True), w.inner_updates)
-    if not w.one_pass:
-        _add(out, elbo_time(m, w, r, backward=False), w.inner_updates)
+    scorings = w.old_policy_passes + (0 if w.one_pass else w.inner_updates)
+    if scorings:
+        _add(out, elbo_time(m, w, r, backward=False), scorings)
     return out
 
 

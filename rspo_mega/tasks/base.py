@@ -15,7 +15,7 @@ from rspo_mega.tasks.answer_format import format_response
 
 __all__ = ["Task", "SPLITS"]
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")
 
 
 class Task(ABC):
@@ -39,23 +39,27 @@ class Task(ABC):
         num_examples: int | None = None,
         json_field: str | None = None,
         cache_dir: str | None = None,
+        hold_out_validation: bool = False,
     ) -> list[Example]:
         """Examples of `split`, in source order (the batch iterator shuffles).
 
         Args:
-            split: "train" or "test"; part of every uid.
+            split: "train", "validation" or "test"; part of every uid.
             path: local data file; None uses the task's generator (if it has one).
             fields: overrides of `default_fields`, e.g. {"prompt": "question"}.
             seed: generator seed (ignored for files).
             num_examples: keep the first N file rows / generate N examples (None: all / default).
             json_field, cache_dir: passed to `read_records`.
+            hold_out_validation: generators only: a fixed share of the problems forms the
+                validation split and leaves train (without it there is no validation split).
         """
         if split not in SPLITS:
             raise ValueError(f"task {self.name!r}: unknown split {split!r}; expected one of {SPLITS}")
         if num_examples is not None and num_examples < 1:
             raise ValueError(f"task {self.name!r}: num_examples must be >= 1, got {num_examples}")
         if path is None:
-            examples = self.generate(split, seed=seed, num_examples=num_examples)
+            examples = self.generate(split, seed=seed, num_examples=num_examples,
+                                     hold_out_validation=hold_out_validation)
         else:
             examples = self._load_file(split, Path(path), fields, num_examples, json_field, cache_dir)
         check_unique_uids(examples)
@@ -91,7 +95,8 @@ class Task(ABC):
                 raise DataFieldError(f"dataset file {path}, row {row}: {err}") from err
         return examples
 
-    def generate(self, split: str, *, seed: int, num_examples: int | None) -> list[Example]:
+    def generate(self, split: str, *, seed: int, num_examples: int | None,
+                 hold_out_validation: bool = False) -> list[Example]:
         """Generate examples without files; tasks that only read files refuse with an error."""
         raise DataFileError(
             f"task {self.name!r} has no built-in generator: set a local data file path for "

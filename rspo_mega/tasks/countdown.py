@@ -3,7 +3,8 @@
 Generator: problems are built from a random expression over the numbers, so each one is
 solvable by construction (intermediate values stay positive integers). The train/test split
 is a fixed hash of the canonical problem (sorted numbers, target), independent of the seed,
-so no test problem can ever be generated for train.
+so no test problem can ever be generated for train. With ``hold_out_validation`` the next hash
+bucket (``VALIDATION_FRACTION`` of the problems) forms a validation split and leaves train.
 
 Verifier: the answer block's equation is parsed with `ast` and evaluated by walking the tree
 over a whitelist (integer literals, binary + - * /, parentheses) in exact Fraction arithmetic,
@@ -37,6 +38,7 @@ CORRECT, WELL_FORMED, NO_ANSWER = 1.0, 0.1, 0.0
 MAX_EQUATION_CHARS = 128
 MAX_DEPTH = 16
 MAX_VALUE_BITS = 128  # numerator/denominator size limit for intermediate results
+VALIDATION_FRACTION = 0.05  # hash bucket of the validation problems, right after the test bucket
 _EQUATION_CHARS = re.compile(r"[0-9+\-*/() ]+")
 _OPERATORS = {
     ast.Add: lambda a, b: a + b,
@@ -50,11 +52,15 @@ class InvalidEquation(ValueError):
     """The equation is outside the whitelisted grammar or beyond a size limit."""
 
 
-def countdown_split(numbers: Sequence[int], target: int, test_fraction: float = 0.1) -> str:
-    """"train" or "test" for a problem; a fixed function of (sorted numbers, target)."""
+def countdown_split(numbers: Sequence[int], target: int, test_fraction: float = 0.1,
+                    validation_fraction: float = 0.0) -> str:
+    """"train", "validation" or "test" for a problem; a fixed function of (sorted numbers,
+    target) (no validation problems with ``validation_fraction=0``)."""
     key = f"{sorted(int(n) for n in numbers)}|{int(target)}".encode()
     bucket = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") / 2**64
-    return "test" if bucket < test_fraction else "train"
+    if bucket < test_fraction:
+        return "test"
+    return "validation" if bucket < test_fraction + validation_fraction else "train"
 
 
 def _random_problem(
@@ -89,6 +95,7 @@ def generate_countdown(
     max_target: int = 100,
     counts: Sequence[int] = (3, 4),
     test_fraction: float = 0.1,
+    hold_out_validation: bool = False,
 ) -> list[Example]:
     """`num_examples` distinct solvable problems of `split`, reproducible from `seed`.
 
@@ -96,6 +103,10 @@ def generate_countdown(
     [min_target, max_target]. Example.answer is the target (int); meta holds "numbers"
     (list[int]) and a reference "solution" expression.
     """
+    if split == "validation" and not hold_out_validation:
+        raise ValueError("the countdown validation split exists only with hold_out_validation="
+                         "True (its problems then leave train)")
+    share = VALIDATION_FRACTION if hold_out_validation else 0.0
     rng = random.Random(f"countdown|{split}|{seed}")
     seen: set[tuple[tuple[int, ...], int]] = set()
     examples: list[Example] = []
@@ -112,7 +123,7 @@ def generate_countdown(
         key = (tuple(sorted(numbers)), target)
         if not min_target <= target <= max_target or key in seen:
             continue
-        if countdown_split(numbers, target, test_fraction) != split:
+        if countdown_split(numbers, target, test_fraction, share) != split:
             continue
         seen.add(key)
         uid = make_uid("countdown", split, f"seed={seed}", len(examples))
@@ -231,7 +242,7 @@ class CountdownTask(Task):
 
     name = "countdown"
     default_fields = {"numbers": "nums", "target": "target"}
-    default_num_examples = {"train": 20_000, "test": 512}
+    default_num_examples = {"train": 20_000, "validation": 512, "test": 512}
 
     def __init__(
         self,
@@ -253,10 +264,12 @@ class CountdownTask(Task):
         self.max_number, self.min_target, self.max_target = max_number, min_target, max_target
         self.counts = tuple(range(min_numbers, max_numbers + 1))
 
-    def generate(self, split: str, *, seed: int, num_examples: int | None) -> list[Example]:
+    def generate(self, split: str, *, seed: int, num_examples: int | None,
+                 hold_out_validation: bool = False) -> list[Example]:
         return generate_countdown(
             split, num_examples or self.default_num_examples[split], seed, max_number=self.max_number,
             min_target=self.min_target, max_target=self.max_target, counts=self.counts,
+            hold_out_validation=hold_out_validation,
         )
 
     def reference_answer(self, example: Example) -> str:

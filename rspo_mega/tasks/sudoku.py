@@ -3,6 +3,9 @@
 Grids are 16-character strings read row by row, digits 1-4; puzzles use "0" for empty cells.
 Only 288 complete grids exist. Each grid is assigned to train or test by a fixed hash, and
 puzzles are carved from their split's grids only, so no test solution is ever seen in train.
+With ``hold_out_validation`` the next hash bucket (``VALIDATION_FRACTION`` of the grids, 23 of
+288, next to the 49 test grids) forms a validation split and leaves train; without it those grids
+are train grids (the default split, which the shipped checkpoint was fine-tuned on).
 Uniqueness during carving is checked against all 288 grids at once with bitsets; tests use the
 independent backtracking `count_solutions`.
 
@@ -49,6 +52,7 @@ _UNITS = (
 )
 _PEERS = [sorted({p for unit in _UNITS if i in unit for p in unit} - {i}) for i in range(CELLS)]
 _GRID_RE = re.compile(r"[0-4]{16}")
+VALIDATION_FRACTION = 0.1  # hash bucket of the validation grids, right after the test bucket
 
 
 def _candidates(grid: list[str], cell: int) -> list[str]:
@@ -100,10 +104,13 @@ def all_grids() -> tuple[str, ...]:
     return tuple(sorted(grids))
 
 
-def grid_split(solution: str, test_fraction: float = 0.2) -> str:
-    """"train" or "test" for a solution grid; a fixed hash, independent of any seed."""
+def grid_split(solution: str, test_fraction: float = 0.2, validation_fraction: float = 0.0) -> str:
+    """"train", "validation" or "test" for a solution grid; a fixed hash, independent of any
+    seed (no validation grids with ``validation_fraction=0``)."""
     bucket = int.from_bytes(hashlib.blake2b(solution.encode(), digest_size=8).digest(), "little") / 2**64
-    return "test" if bucket < test_fraction else "train"
+    if bucket < test_fraction:
+        return "test"
+    return "validation" if bucket < test_fraction + validation_fraction else "train"
 
 
 @lru_cache(maxsize=1)
@@ -145,12 +152,17 @@ def generate_sudoku(
     min_empty: int = 6,
     max_empty: int = 12,
     test_fraction: float = 0.2,
+    hold_out_validation: bool = False,
 ) -> list[Example]:
     """`num_examples` distinct uniquely-solvable puzzles carved from `split`'s grids.
 
     Example.answer is the 16-char solution; meta["puzzle"] the 16-char puzzle ("0" = empty).
     """
-    grids = [g for g in all_grids() if grid_split(g, test_fraction) == split]
+    if split == "validation" and not hold_out_validation:
+        raise ValueError("the sudoku validation split exists only with hold_out_validation=True "
+                         "(its grids then leave train)")
+    share = VALIDATION_FRACTION if hold_out_validation else 0.0
+    grids = [g for g in all_grids() if grid_split(g, test_fraction, share) == split]
     if not grids:
         raise ValueError(f"no sudoku grids fall in split {split!r} with test_fraction={test_fraction}")
     rng = random.Random(f"sudoku|{split}|{seed}")
@@ -218,7 +230,7 @@ class SudokuTask(Task):
 
     name = "sudoku"
     default_fields = {"puzzle": "Puzzle", "solution": "Solution"}
-    default_num_examples = {"train": 10_000, "test": 256}
+    default_num_examples = {"train": 10_000, "validation": 256, "test": 256}
 
     def __init__(self, reasoning: str = "none") -> None:
         if reasoning not in choices(SudokuReasoning):
@@ -226,8 +238,10 @@ class SudokuTask(Task):
                              f"{list(choices(SudokuReasoning))}")
         self.reasoning = reasoning
 
-    def generate(self, split: str, *, seed: int, num_examples: int | None) -> list[Example]:
-        return generate_sudoku(split, num_examples or self.default_num_examples[split], seed)
+    def generate(self, split: str, *, seed: int, num_examples: int | None,
+                 hold_out_validation: bool = False) -> list[Example]:
+        return generate_sudoku(split, num_examples or self.default_num_examples[split], seed,
+                               hold_out_validation=hold_out_validation)
 
     def example_from_record(self, record: Mapping[str, Any], uid: int) -> Example:
         puzzle = _parse_grid(record["puzzle"], "puzzle", allow_empty=True)

@@ -65,6 +65,15 @@ class Evaluator:
                 "eval/accuracy": float(global_mean((r >= 1.0).float(), group=group)),
                 "eval/examples": float(global_sum(torch.ones_like(r), group))}
 
+    def evaluate_held_out(self) -> dict[str, float]:
+        """The test set's ``eval/*`` and, when the run has one, the validation set's figures as
+        ``val/*`` (``val/reward``, ``val/accuracy``, ``val/examples``)."""
+        out = self.evaluate() if self.data.test else {}
+        if self.data.validation:
+            out.update({f"val/{k.split('/', 1)[1]}": v
+                        for k, v in self.evaluate(self.data.validation).items()})
+        return out
+
     def _complete(self, examples: Sequence[Example], temperature: float) -> list[str]:
         """One completion text per example (exact decoding)."""
         prompts = [list(self.data.encode_prompt(ex)) for ex in examples]

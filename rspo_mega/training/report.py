@@ -98,12 +98,12 @@ def training_seconds(records: list[dict]) -> dict[int, float]:
 
 
 def time_to_accuracy(records: list[dict], target: float) -> Optional[tuple[int, float]]:
-    """``(step, training seconds)`` at which held-out accuracy (%) first reaches ``target``;
-    None when it never does."""
+    """``(step, training seconds)`` of the first held-out evaluation whose accuracy (%) reaches
+    ``target``: the summed ``step_seconds`` of the logged steps up to it; None when none does."""
     seconds = training_seconds(records)
     for step, accuracy in accuracy_points(records):
-        if accuracy >= target and step in seconds:
-            return step, seconds[step]
+        if accuracy >= target - 1e-9:
+            return step, seconds[max(s for s in seconds if s <= step)]
     return None
 
 

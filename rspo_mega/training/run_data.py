@@ -36,6 +36,12 @@ class RunData:
     template: PromptTemplate
     train: list[EncodedExample]
     test: list[Example]
+    validation: list[Example] = dataclasses.field(default_factory=list)
+
+    @property
+    def held_out(self) -> bool:
+        """Whether the run has a test or a validation set to evaluate."""
+        return bool(self.test or self.validation)
 
     def prompt_message(self, example: Example) -> str:
         """The user message of ``example`` (the prompt as the model sees it, before the template)."""
@@ -121,15 +127,21 @@ def prepare_run_data(cfg: TrainConfig) -> RunData:
     _same_as_start(cfg, tokenizer)
     d = cfg.data
     template = get_template(d.template)
-    files = dict(fields=d.fields or None, json_field=d.json_field)
+    generated = d.train_path is None
+    files = dict(fields=d.fields or None, json_field=d.json_field,
+                 hold_out_validation=generated and d.num_validation_examples > 0)
     train = task.load("train", path=d.train_path, seed=d.seed, num_examples=d.num_train_examples,
                       **files)
     if not train:
         raise ConfigError(f"data.train_path: the {task.name} training set "
                           f"'{d.train_path or 'generated'}' is empty")
-    has_test = d.test_path or (d.train_path is None and d.num_test_examples)
+    has_test = d.test_path or (generated and d.num_test_examples)
     test = task.load("test", path=d.test_path, seed=d.seed, num_examples=d.num_test_examples,
                      **files) if has_test else []
+    has_validation = d.validation_path or (generated and d.num_validation_examples)
+    validation = task.load("validation", path=d.validation_path, seed=d.seed,
+                           num_examples=d.num_validation_examples or None,
+                           **files) if has_validation else []
     encoded = encode_prompts(train, task, template, tokenizer, d.max_prompt_length)
-    return RunData(task, tokenizer, template, encoded, test)
+    return RunData(task, tokenizer, template, encoded, test, validation)
 

@@ -182,7 +182,7 @@ class Trainer:
             while self.step < cfg.train_steps:
                 metrics = self.train_step()
                 last = self.step == cfg.train_steps
-                if self.data.test and (last or cfg.eval_interval > 0
+                if self.data.held_out and (last or cfg.eval_interval > 0
                                        and self.step % cfg.eval_interval == 0):
                     metrics.update(self._evaluate(summary if last else None))
                 if self.step % cfg.logging.log_interval == 0 or last:
@@ -210,9 +210,9 @@ class Trainer:
         """Held-out figures of the current policy; at the last step (``summary`` given) also
         as ``after/`` figures, added to the summary."""
         if summary is None:
-            return self.evaluator.evaluate()
+            return self.evaluator.evaluate_held_out()
         self._arrive("final evaluation")
-        held_out = self.evaluator.evaluate()
+        held_out = self.evaluator.evaluate_held_out()
         after = {f"after/{k}": v for k, v in held_out.items()}
         summary.update(after)
         return {**held_out, **after}
@@ -223,12 +223,12 @@ class Trainer:
         if not self.is_rl:
             return {}
         self.start_rl()
-        if not self.data.test:
+        if not self.data.held_out:
             return {}
         if resumed:
             return {k: v for r in read_metrics(self.metrics.path) if self.rank == 0
                     for k, v in r.items() if k.startswith("before/")}
-        summary = {f"before/{k}": v for k, v in self.evaluator.evaluate().items()}
+        summary = {f"before/{k}": v for k, v in self.evaluator.evaluate_held_out().items()}
         self.metrics.log(self.step, summary)
         return summary
 

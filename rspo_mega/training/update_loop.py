@@ -2,8 +2,13 @@
 
 K shared masks per completion (keyed by seed, step, uid, k) and the reference's log-probs on
 them once; then ``mu`` optimizer updates of the configured loss (old log-probs from the first
-one; with ``likelihood.fresh_masks_per_update``, new masks and reference log-probs for each).
-SFT is one update with zero advantages and no reference.
+one). With ``likelihood.fresh_masks_per_update``, inner update ``j`` draws its own masks (keyed
+by seed, step, j, uid, k) and the reference re-scores them; for the ratio losses (ESPO,
+diffu-GRPO: ``PolicyLoss.needs_old_policy``) the rollout ("old") policy scores the masks of
+every update ``j >= 1`` before the first update changes the weights, one extra no-grad forward
+per update, as the ESPO and d1 trainers do (``mask_seeds[this_itr_idx]``). Update 0 needs no
+extra pass: its own pass-1 log-probs are the old policy's. SFT is one update with zero
+advantages and no reference.
 """
 
 from __future__ import annotations
@@ -46,10 +51,14 @@ class UpdateLoop:
         """All updates of ``step`` on ``batch``; the metrics of the last one (loss terms,
         ``grad_norm``, ``update_applied``, ``lr``)."""
         masked = self.masks.sample(batch.completions, iteration=step)
+        old_draws = self._old_policy_draws(batch, step, timers)
         ref_logp, old_logp = self._reference_logprobs(reference, masked, timers), None
         for inner in range(self.updates_per_step):
-            if inner and self.fresh_masks:  # new masks, reference re-scored
-                masked = self.masks.sample(batch.completions, iteration=step, update=inner)
+            if inner and self.fresh_masks:  # this update's masks, reference re-scored
+                if old_draws:
+                    masked, old_logp = old_draws[inner - 1]
+                else:
+                    masked = self.masks.sample(batch.completions, iteration=step, update=inner)
                 ref_logp = self._reference_logprobs(reference, masked, timers)
             backward = functools.partial(loss_backward, self.loss, self.runner, self.policy.model,
                                          masked, batch.advantages, batch.completions.group_ids,
@@ -59,6 +68,20 @@ class UpdateLoop:
                 old_logp = result.logp
         return {**result.metrics, "grad_norm": grad_norm, "update_applied": float(applied),
                 "lr": self.policy.lr}
+
+    def _old_policy_draws(self, batch: StepBatch, step: int,
+                          timers: Timers) -> list[tuple[MaskedBatch, Optional[torch.Tensor]]]:
+        """For a ratio loss with fresh masks: the masks of inner updates ``1 .. mu-1`` and the
+        rollout policy's log-probs ``[N, S]`` on each (last stage; ``None`` elsewhere), scored
+        before any update; otherwise empty."""
+        if not (self.fresh_masks and self.loss.needs_old_policy):
+            return []
+        draws = []
+        with timers("likelihood"):
+            for inner in range(1, self.updates_per_step):
+                masked = self.masks.sample(batch.completions, iteration=step, update=inner)
+                draws.append((masked, self.runner.logprobs(self.policy.model, masked)))
+        return draws
 
     def _reference_logprobs(self, reference: Optional[ReferenceModel], masked: MaskedBatch,
                             timers: Timers) -> Optional[torch.Tensor]:

@@ -46,6 +46,19 @@ def test_train_test_disjoint() -> None:
     assert all(countdown_split(list(n), t) == "test" for n, t in test)
 
 
+def test_validation_split_is_held_out_of_train_only_when_asked() -> None:
+    def keys(split, hold, n=300):
+        return {_key(e) for e in generate_countdown(split, n, seed=0, hold_out_validation=hold)}
+
+    validation, held_train = keys("validation", True), keys("train", True, 3000)
+    assert len(validation) == 300 and not validation & held_train
+    assert not validation & keys("test", True)
+    assert all(countdown_split(list(n), t, 0.1, 0.05) == "validation" for n, t in validation)
+    assert all(countdown_split(list(n), t) == "train" for n, t in validation)  # by default
+    with pytest.raises(ValueError, match="hold_out_validation"):
+        generate_countdown("validation", 10, seed=0)
+
+
 def test_solver_reports_unsolvable() -> None:
     assert solve_countdown([1, 1, 1], 100) is None
     assert solve_countdown([4, 6, 2], 5) is not None  # (4 + 6) / 2

@@ -44,6 +44,24 @@ def test_train_test_disjoint_by_solution() -> None:
     assert 30 <= sum(s == "test" for s in split_of.values()) <= 90
 
 
+def test_validation_split_is_held_out_of_train_only_when_asked() -> None:
+    def grids(split, hold):
+        return {e.answer for e in generate_sudoku(split, 1500 if split == "train" else 200, seed=0,
+                                                  hold_out_validation=hold)}
+
+    validation, test = grids("validation", True), grids("test", True)
+    held_train, default_train = grids("train", True), grids("train", False)
+    assert not validation & test and not validation & held_train and not test & held_train
+    assert validation <= default_train  # without the hold-out, its grids are train grids
+    assert {grid_split(g, 0.2, 0.1) for g in validation} == {"validation"}
+    assert sum(grid_split(g, 0.2, 0.1) == "validation" for g in all_grids()) == 23
+    assert grids("test", False) == test  # the test split does not depend on it
+    with pytest.raises(ValueError, match="hold_out_validation"):
+        generate_sudoku("validation", 10, seed=0)
+    task = get_task("sudoku")
+    assert len(task.load("validation", seed=3, num_examples=40, hold_out_validation=True)) == 40
+
+
 def test_scores() -> None:
     solution = "1234" "3412" "2143" "4321"
     puzzle = "1030" "0402" "2100" "4001"  # 8 empty cells

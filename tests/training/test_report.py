@@ -34,11 +34,11 @@ def _run_body(rank: int, world: int, hf: str, out: str) -> dict:
                                    f"checkpoint.export_hf={out}/hf"])
     trainer = Trainer(cfg, validate_config(cfg, world_size=world))
     summary = trainer.run()
+    with torch.no_grad():  # before finish_run, which takes the process groups down
+        logits = llada_forward(trainer.policy.model[0].eval(), IDS)
     printed = io.StringIO()  # the rank's stdout is the forkserver's, not the test's
     with contextlib.redirect_stdout(printed):
         finish_run(trainer, summary)
-    with torch.no_grad():
-        logits = llada_forward(trainer.policy.model[0].eval(), IDS)
     return {"summary": summary, "logits": logits, "printed": printed.getvalue()}
 
 
@@ -73,7 +73,7 @@ def test_summary_lines_say_before_after_and_gain():
 
 
 def test_export_needs_a_checkpoint_directory():
-    cfg = load_config(None, ["checkpoint.export_hf=/tmp/x"])
+    cfg = load_config(None, ["checkpoint.export_hf=/tmp/x", "checkpoint.save_dir=null"])
     with pytest.raises(ConfigError, match="checkpoint.export_hf .* needs checkpoint.save_dir"):
         validate_config(cfg, world_size=1)
 

@@ -74,3 +74,28 @@ def test_sudoku_reasoning_reaches_the_sft_target(tmp_path):
     assert target == data.task.reference_response(ex) and "<reasoning>\nrows:" in target
     assert data.task.reward(target, ex) == 1.0
     assert len(data.sft_target(ex)) > 96  # into the fourth 32-token block
+
+
+def test_a_validation_split_leaves_train_and_is_disjoint_from_test(tmp_path):
+    cfg = _cfg(tmp_path, "data.num_train_examples=400", "data.num_test_examples=60",
+               "data.num_validation_examples=50")
+    data = prepare_run_data(cfg)
+    train = {e.example.answer for e in data.train}
+    validation, test = {e.answer for e in data.validation}, {e.answer for e in data.test}
+    assert len(data.validation) == 50 and data.held_out
+    assert not validation & train and not validation & test and not train & test
+    without = prepare_run_data(_cfg(tmp_path, "data.num_train_examples=400",
+                                    "data.num_test_examples=60"))
+    assert without.validation == [] and [e.answer for e in without.test] == \
+        [e.answer for e in data.test]
+
+
+def test_a_validation_file_is_read(tmp_path):
+    rows = [{"question": f"What is {i} + {i}?", "answer": f"#### {2 * i}"} for i in range(1, 4)]
+    for name in ("train", "val"):
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = _cfg(tmp_path, "data.task=gsm8k", f"data.train_path={tmp_path / 'train.jsonl'}",
+               f"data.validation_path={tmp_path / 'val.jsonl'}", "data.max_prompt_length=128",
+               "model.max_position_embeddings=256")
+    data = prepare_run_data(cfg)
+    assert [e.answer for e in data.validation] == ["2", "4", "6"] and data.test == []
