@@ -37,7 +37,8 @@ def build_chunks(cfg: TrainConfig, init_weights: bool = True) -> list[torch.nn.M
     """This rank's model chunks (one per virtual pipeline stage), on the compute device."""
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     stages = [None] if vpp is None else list(range(vpp))
-    chunks = [build_llada_model(cfg.model, vp_stage=v, init_weights=init_weights) for v in stages]
+    chunks = [build_llada_model(cfg.model, vp_stage=v, init_weights=init_weights, seed=cfg.seed)
+              for v in stages]
     if torch.cuda.is_available():
         chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
     return chunks

@@ -21,6 +21,7 @@ from megatron.core.transformer.module import Float16Module
 from torch import Tensor
 
 from rspo_mega.config.schema import ModelConfig
+from rspo_mega.models.llada import lora
 from rspo_mega.models.llada.config import padded_vocab_size, transformer_config
 from rspo_mega.models.llada.kv_cache import CacheView
 from rspo_mega.models.llada.layer import QuerySelection, hidden_rows
@@ -37,13 +38,16 @@ def build_llada_model(
     post_process: Optional[bool] = None,
     vp_stage: Optional[int] = None,
     init_weights: bool = True,
+    seed: int = 0,
 ) -> torch.nn.Module:
     """This rank's part of an LLaDA model under the current megatron parallel state.
 
     ``pre_process``/``post_process`` default to first/last pipeline stage (of ``vp_stage`` with
     virtual stages). bf16 models come wrapped in ``Float16Module`` (fp32 logits out).
     ``init_weights=False`` skips random initialisation (the weights will be loaded). ``cfg``
-    is read as it is (``load_config`` resolved ``model.hf_config`` into it).
+    is read as it is (``load_config`` resolved ``model.hf_config`` into it). With
+    ``cfg.lora.enabled`` the targeted linears carry adapters (initialised from ``seed``, the same
+    at any layout) and every other parameter is frozen.
     """
     if not ps.model_parallel_is_initialized():
         raise RuntimeError("build_llada_model: initialise megatron parallel state first")
@@ -55,7 +59,7 @@ def build_llada_model(
         true_vocab_size=cfg.vocab_size,
         transformer_impl=impl,
         config=config,
-        transformer_layer_spec=llada_layer_spec(impl),
+        transformer_layer_spec=llada_layer_spec(impl, cfg.lora),
         vocab_size=padded_vocab_size(cfg, tp),
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=pre_process,
@@ -67,6 +71,10 @@ def build_llada_model(
         rotary_base=cfg.rope_theta,
         vp_stage=vp_stage,
     )
+    if cfg.lora.enabled:
+        if init_weights:
+            lora.init_adapters(model, seed)
+        lora.freeze_base(model)
     return _placed(model, config)
 
 
@@ -155,6 +163,7 @@ def llada_forward(
     labels: Optional[torch.Tensor] = None,
     positions: Optional[torch.Tensor] = None,
     kv_cache: Optional[CacheView] = None,
+    adapters: bool = True,
 ) -> torch.Tensor:
     """One bidirectional forward of an LLaDA model built by :func:`build_llada_model`.
 
@@ -169,6 +178,9 @@ def llada_forward(
     ``input_ids [b, L]`` are the columns ``[lo, lo + L)`` of the cached sequences, their K/V are
     written to the cache, their queries attend to all ``S`` cached keys, and ``attention_mask``
     covers those keys: ``[b, S]``. ``positions`` index the ``L`` columns given.
+
+    ``adapters=False``: a model with LoRA adapters runs as its base model for this forward (the
+    RL reference); no effect without adapters.
     """
     inner = unwrap_model(model)
     b, s = input_ids.shape
@@ -176,7 +188,7 @@ def llada_forward(
         if labels is not None:
             raise ValueError("llada_forward: a cached (rollout) forward returns logits; labels "
                              "need the full sequence without kv_cache")
-        return _cached_forward(model, input_ids, attention_mask, positions, kv_cache)
+        return _cached_forward(model, input_ids, attention_mask, positions, kv_cache, adapters)
     _check_full_forward(b, s, labels, positions)
     if attention_mask is not None and inner.transformer_impl == "transformer_engine":
         input_ids, attention_mask, labels, positions = _real_tokens_first_rows(
@@ -184,7 +196,7 @@ def llada_forward(
     position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
     mask = None if attention_mask is None else padding_attention_mask(attention_mask)
     return model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                 labels=labels, positions=positions)
+                 labels=labels, positions=positions, adapters=adapters)
 
 
 def _check_full_forward(b: int, s: int, labels: Optional[torch.Tensor],
@@ -215,7 +227,7 @@ def _real_tokens_first_rows(
 
 def _cached_forward(model: torch.nn.Module, input_ids: torch.Tensor,
                     attention_mask: Optional[torch.Tensor], positions: Optional[torch.Tensor],
-                    kv_cache: CacheView) -> torch.Tensor:
+                    kv_cache: CacheView, adapters: bool = True) -> torch.Tensor:
     """:func:`llada_forward` of the columns ``[lo, lo + L)`` through the block KV cache."""
     b, span = input_ids.shape
     seq = kv_cache.cache.kv.shape[3]
@@ -228,7 +240,7 @@ def _cached_forward(model: torch.nn.Module, input_ids: torch.Tensor,
     position_ids = (torch.arange(span, device=input_ids.device) + kv_cache.lo).expand(b, span)
     mask = None if attention_mask is None else padding_attention_mask(attention_mask)
     return model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                 positions=positions, kv_cache=kv_cache)
+                 positions=positions, kv_cache=kv_cache, adapters=adapters)
 
 
 class LLaDAModel(GPTModel):
@@ -250,7 +262,7 @@ class LLaDAModel(GPTModel):
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Optional[Tensor],
                 decoder_input: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 positions: Optional[Tensor] = None, kv_cache: Optional[CacheView] = None,
-                **unused: Any) -> Tensor:
+                adapters: bool = True, **unused: Any) -> Tensor:
         """Embedding (first stage), decoder, head (last stage); see :func:`llada_forward`.
 
         On the last stage of the local spec the last layer runs its queries only at
@@ -262,6 +274,7 @@ class LLaDAModel(GPTModel):
             rotary = self.rotary_pos_emb(position_ids.shape[1], offset=kv_cache.lo)
         selection = self._query_selection(positions, *position_ids.shape)
         with contextlib.ExitStack() as bound:
+            bound.enter_context(lora.adapter_scope(adapters))
             if kv_cache is not None:
                 bound.enter_context(kv_cache.bound(self))
             if selection is not None:
