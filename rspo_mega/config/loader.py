@@ -103,6 +103,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}' must be a mapping of strings to strings, "
                               f"got {value!r}")
         return dict(value)
+    if origin is list:  # list[T]: each item checked as T, e.g. model.lora.target_modules
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     return _coerce_scalar(value, tp, key)
 
 
@@ -161,6 +166,8 @@ def type_name(tp: Any) -> str:
         name = " | ".join(repr(v) for v in typing.get_args(tp))
     elif origin is dict:
         name = "mapping of str to str"
+    elif origin is list:
+        name = f"list of {type_name(typing.get_args(tp)[0])}"
     else:
         name = getattr(tp, "__name__", str(tp))
     return f"{name} or null" if optional else name

@@ -57,6 +57,7 @@ NonFinitePolicy = Literal["skip", "abort"]
 TaskName = Literal["sudoku", "countdown", "gsm8k", "math500"]
 TemplateName = Literal["plain", "llada_chat"]
 SudokuReasoning = Literal["none", "rows_columns"]
+LoRATarget = Literal["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]  # megatron's names
 
 
 def choices(literal: object) -> tuple[str, ...]:
@@ -74,6 +75,22 @@ class FP8Config:
     margin: int = 0  # scaling margin (powers of 2)
     amax_history_len: PositiveInt = 1024  # steps of amax history (delayed recipe)
     amax_compute_algo: Literal["max", "most_recent"] = "max"  # amax from the history
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters on the tensor-parallel linears; the base weights stay frozen and are the RL
+    reference (docs/OPTIONS.md)."""
+
+    enabled: bool = False  # train adapters only (the start's weights are the base)
+    rank: PositiveInt = 16  # r: inner width of each adapter
+    alpha: Positive = 32.0  # the update is scaled by alpha / rank
+    dropout: Annotated[float, Bounds(0, 1, high_open=True)] = 0.0  # on the adapter's input
+    # which linears get adapters: the attention's fused QKV and output projection, the MLP's
+    # fused gate/up projection and down projection (HF: q/k/v_proj, attn_out, ff_proj/up_proj,
+    # ff_out)
+    target_modules: list[LoRATarget] = field(
+        default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
 
 
 @dataclass
@@ -101,6 +118,7 @@ class ModelConfig:
     params_dtype: Literal["float32", "bfloat16"] = "float32"  # parameter dtype
     transformer_impl: TransformerImpl = "auto"  # auto: transformer_engine with TE and a GPU
     fp8: FP8Config = field(default_factory=FP8Config)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass

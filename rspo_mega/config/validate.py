@@ -181,6 +181,21 @@ def check_trajectory(cfg: TrainConfig) -> None:
                           "'generated'")
 
 
+def check_lora(cfg: TrainConfig) -> None:
+    """``model.lora``: distinct targets; adapter dropout only where one forward gives both the
+    log-probs and the gradient (one pass, no pipeline), so the loss sees the graph it scores."""
+    lora = cfg.model.lora
+    if not lora.enabled:
+        return
+    targets = lora.target_modules
+    if not targets or len(set(targets)) != len(targets):
+        raise ConfigError(f"model.lora.target_modules={targets} must name each linear once, "
+                          "at least one")
+    if lora.dropout > 0 and (cfg.parallel.pp > 1 or not cfg.likelihood.one_pass):
+        raise ConfigError(f"model.lora.dropout={lora.dropout} needs likelihood.one_pass=true and "
+                          "parallel.pp=1 (a second forward would draw other dropout masks)")
+
+
 def check_data(cfg: TrainConfig) -> None:
     """The generated-Countdown section (checked by the task's own constructor, whatever the
     task, so a bad section in a shared YAML is found at once) and ``data.fields``."""
@@ -214,6 +229,7 @@ def validate_config(cfg: TrainConfig, world_size: Optional[int] = None) -> Layou
     check_rollout(ro, par, cfg.model.max_position_embeddings, cfg.data.max_prompt_length)
     check_trajectory(cfg)
     check_loss(cfg.algorithm, cfg.likelihood, per_rank)
+    check_lora(cfg)
     if cfg.checkpoint.export_hf and not cfg.checkpoint.save_dir:
         raise ConfigError("checkpoint.export_hf converts the run's final checkpoint: it needs "
                           "checkpoint.save_dir (or set checkpoint.export_hf=null)")

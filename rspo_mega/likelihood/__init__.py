@@ -5,7 +5,7 @@ from rspo_mega.likelihood.batch import CompletionBatch, MaskedBatch, TrajectoryB
 from rspo_mega.likelihood.elbo import ElboEstimate, estimate_elbo, sequence_estimates, token_sum
 from rspo_mega.likelihood.masks import MaskSampler, count_mask, hash64, mask_generator
 from rspo_mega.likelihood.parallel_elbo import ElboRunner, ForwardFn, backward_loss_scale
-from rspo_mega.likelihood.reference import ReferenceModel
+from rspo_mega.likelihood.reference import BaseReference, ReferenceModel
 from rspo_mega.likelihood.trajectory import (
     TrajectorySampler,
     run_estimator,
@@ -20,6 +20,7 @@ __all__ = [
     "ForwardFn",
     "MaskSampler",
     "MaskedBatch",
+    "BaseReference",
     "ReferenceModel",
     "TrajectoryBatch",
     "TrajectorySampler",

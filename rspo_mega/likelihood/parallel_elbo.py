@@ -139,7 +139,8 @@ class ElboRunner:
             ))
         return out
 
-    def _run(self, model: Chunks, mbs: list[_MicroBatch], loss_fn, forward_only: bool) -> None:
+    def _run(self, model: Chunks, mbs: list[_MicroBatch], loss_fn, forward_only: bool,
+             adapters: bool = True) -> None:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from megatron.core.utils import get_model_config
@@ -155,10 +156,12 @@ class ElboRunner:
             raise ValueError("interleaved pipeline with PP=2 needs batch_p2p_comm=False (or "
                              "overlap_p2p_comm=True) in the model's TransformerConfig")
 
+        switch = {} if adapters else {"adapters": False}  # LoRA's base: the adapters off
+
         def step(data_iterator, chunk):
             mb = next(data_iterator)
             out = self.forward_fn(chunk, mb.input_ids, mb.attention_mask, mb.labels,
-                                  positions=mb.positions)
+                                  positions=mb.positions, **switch)
             return out, (lambda output: loss_fn(mb, output))
 
         seq_len = mbs[0].input_ids.shape[1]
@@ -175,9 +178,11 @@ class ElboRunner:
 
     # --- the two passes ---------------------------------------------------------------------------
 
-    def logprobs(self, model: Chunks, masked: MaskedBatch) -> Optional[torch.Tensor]:
+    def logprobs(self, model: Chunks, masked: MaskedBatch,
+                 adapters: bool = True) -> Optional[torch.Tensor]:
         """Per-token log-probs ``[N, S]`` fp32 (no grad; 0 off ``score_mask``) on the last stage;
-        ``None`` elsewhere.
+        ``None`` elsewhere. ``adapters=False``: those of a LoRA model's base (the forward
+        function is called with ``adapters=False``).
 
         They come back on the device of ``masked`` (the loss math stays where the masks live).
         """
@@ -190,7 +195,7 @@ class ElboRunner:
             return output.detach().sum() * 0.0, {}
 
         with torch.no_grad():
-            self._run(model, mbs, collect, forward_only=True)
+            self._run(model, mbs, collect, forward_only=True, adapters=adapters)
         if not last:
             return None
         return torch.cat(outputs, dim=0).to(masked.input_ids.device)

@@ -1,4 +1,6 @@
-"""The frozen reference model: a copy of the policy's initial weights in the same parallel layout.
+"""The frozen RL reference: a copy of the policy's initial weights in the same parallel layout
+(:class:`ReferenceModel`) or, for a LoRA policy, the policy's own base weights with its adapters
+switched off for the reference's forwards (:class:`BaseReference`: no second copy).
 
 The copy is built by the caller's ``build_fn`` (the same builder, hence the same TP/PP/VPP
 sharding, as the policy) and filled from the policy parameter by parameter, matching names after
@@ -95,3 +97,19 @@ class ReferenceModel:
 
     def parameters(self) -> Sequence[torch.Tensor]:
         return [p for c in self.chunks for p in c.parameters()]
+
+
+class BaseReference:
+    """The reference of a LoRA policy: its frozen base, i.e. the policy's chunks run with
+    ``adapters=False`` (no weights of its own, nothing to checkpoint)."""
+
+    def __init__(self, chunks: Chunks):
+        self.chunks = _as_list(chunks)
+
+    def logprobs(self, runner: ElboRunner, masked: MaskedBatch) -> Optional[torch.Tensor]:
+        """The base model's per-token log-probs ``[N, S]`` on the last stage (``None`` elsewhere)."""
+        with torch.no_grad():
+            return runner.logprobs(self.chunks, masked, adapters=False)
+
+    def parameters(self) -> Sequence[torch.Tensor]:
+        return []

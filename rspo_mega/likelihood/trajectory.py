@@ -191,8 +191,10 @@ def tempered_forward(temperature: float, forbid_token_id: Optional[int] = None) 
     if temperature == 1.0 and forbid_token_id is None:
         return llada_forward
 
-    def forward(chunk, input_ids, attention_mask=None, labels=None, positions=None):
-        out = llada_forward(chunk, input_ids, attention_mask, None, positions=positions)
+    def forward(chunk, input_ids, attention_mask=None, labels=None, positions=None,
+                adapters=True):
+        out = llada_forward(chunk, input_ids, attention_mask, None, positions=positions,
+                            adapters=adapters)
         inner = unwrap_model(chunk)
         if not inner.post_process or labels is None:
             return out

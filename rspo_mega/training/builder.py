@@ -38,7 +38,8 @@ def build_chunks(cfg: TrainConfig, init_weights: bool = True) -> list[torch.nn.M
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     stages = [None] if vpp is None else list(range(vpp))
     chunks = [build_llada_model(cfg.model, vp_stage=v, init_weights=init_weights,
-                                sequence_parallel=cfg.parallel.sequence_parallel) for v in stages]
+                                sequence_parallel=cfg.parallel.sequence_parallel, seed=cfg.seed)
+              for v in stages]
     if torch.cuda.is_available():
         chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
     return chunks

@@ -13,8 +13,9 @@ import torch
 
 from rspo_mega.algorithms import StepResult
 from rspo_mega.config import TrainConfig
-from rspo_mega.likelihood import ReferenceModel
+from rspo_mega.likelihood import BaseReference, ReferenceModel
 from rspo_mega.models.llada import unwrap_model
+from rspo_mega.models.llada.lora import is_adapter_name
 from rspo_mega.training import distrib_optimizer_fixes
 from rspo_mega.training.builder import (
     build_optimizer, build_reference_fn, build_scheduler, finish_grad_sync, optimizer_step,
@@ -43,11 +44,14 @@ class Policy:
         self.model = wrap_ddp(chunks, cfg)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, total_updates)
-        self.reference: Optional[ReferenceModel] = None
+        self.reference: Optional[ReferenceModel | BaseReference] = None
 
     def freeze_reference(self) -> None:
-        """Copy the current weights into the frozen reference (same layout), once."""
-        if self.reference is None:
+        """Copy the current weights into the frozen reference (same layout), once; with LoRA the
+        reference is the policy's frozen base (adapters off), no copy."""
+        if self.reference is None and self.cfg.model.lora.enabled:
+            self.reference = BaseReference(self.model)
+        elif self.reference is None:
             self.reference = ReferenceModel.from_policy(
                 self.model, build_reference_fn(self.cfg),
                 offload=self.cfg.likelihood.offload_reference)
@@ -80,18 +84,25 @@ class Policy:
     def sharded_state_dict(self, is_loading: bool = False) -> dict:
         """Model (+ reference) and optimizer state as sharded tensors. ``is_loading`` first
         creates the optimizer's state (torch Adam has none before its first step), else a
-        resume would silently start from empty Adam moments."""
+        resume would silently start from empty Adam moments. With LoRA the model's part is the
+        adapters only (the base is ``checkpoint.init_from``'s)."""
         n = len(self.model)
-        state = {model_key(i, n): unwrap_model(chunk).sharded_state_dict()  # no DDP "module."
-                 for i, chunk in enumerate(self.model)}
+        state = {model_key(i, n): self._model_state(chunk) for i, chunk in enumerate(self.model)}
         if is_loading:
             distrib_optimizer_fixes.prepare_for_load(self.optimizer)
         state["optimizer"] = self.optimizer.sharded_state_dict(
             dict(state), is_loading=is_loading,
             metadata=distrib_optimizer_fixes.OPTIMIZER_CHECKPOINT_METADATA)
-        if self.reference is not None:
+        if isinstance(self.reference, ReferenceModel):
             for i, chunk in enumerate(self.reference.chunks):
                 state[f"reference{i}"] = chunk.sharded_state_dict(prefix=f"reference{i}.")
+        return state
+
+    def _model_state(self, chunk: torch.nn.Module) -> dict:
+        """A chunk's sharded tensors (no DDP ``module.``): with LoRA, its adapters'."""
+        state = unwrap_model(chunk).sharded_state_dict()
+        if self.cfg.model.lora.enabled:
+            state = {k: v for k, v in state.items() if is_adapter_name(k)}
         return state
 
     def load_sharded_state_dict(self, state: dict) -> None:
@@ -99,11 +110,12 @@ class Policy:
         from rspo_mega.models.llada.checkpoint import trusted_te_extra_state
 
         with trusted_te_extra_state():  # FP8 delayed-scaling metadata of this run's checkpoint
-            if self.reference is not None:
+            if isinstance(self.reference, ReferenceModel):
                 for i, chunk in enumerate(self.reference.chunks):
                     chunk.load_state_dict({k[len(f"reference{i}."):]: v for k, v in
                                            state[f"reference{i}"].items()})
             for i, chunk in enumerate(self.model):  # keys are the inner GPTModel's, not DDP's
-                unwrap_model(chunk).load_state_dict(state[model_key(i, len(self.model))])
+                unwrap_model(chunk).load_state_dict(state[model_key(i, len(self.model))],
+                                                    strict=not self.cfg.model.lora.enabled)
         self.optimizer.load_state_dict(state["optimizer"])
         distrib_optimizer_fixes.finish_load(self.optimizer)

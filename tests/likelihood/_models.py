@@ -60,7 +60,8 @@ def _tp() -> tuple[int, int, object]:
 
 
 def _is_glu(name: str) -> bool:
-    return name.endswith("mlp.linear_fc1.weight")
+    """fc1's output rows (its weight, a LoRA adapter's B): ``[gate_r; up_r]`` on TP rank r."""
+    return name.endswith(("mlp.linear_fc1.weight", "mlp.linear_fc1.adapter.lora_b"))
 
 
 def canonical_init(chunks: list[torch.nn.Module], seed: int, scale: float = 0.08,

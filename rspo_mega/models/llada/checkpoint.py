@@ -34,6 +34,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from torch.distributed.checkpoint.planner import WriteItemType
 
 from rspo_mega.parallel import apply_cpu_compat, bind_children_to_owner
+from rspo_mega.models.llada.lora import is_adapter_name
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +107,13 @@ def load_model(model: torch.nn.Module, ckpt_dir: str, prefix: str = "") -> None:
     """Load ``ckpt_dir`` into ``model`` at its current TP/PP layout (collective).
 
     ``prefix`` is prepended to every checkpoint key (e.g. ``"model."`` for a trainer checkpoint).
+    LoRA adapters are not read: they keep their values (the checkpoint is their base).
     """
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"checkpoint directory {ckpt_dir} does not exist")
     inner = _unwrapped(model)
-    sharded = inner.sharded_state_dict(prefix=prefix)
+    sharded = {k: v for k, v in inner.sharded_state_dict(prefix=prefix).items()
+               if not is_adapter_name(k)}
     stored = checkpoint_keys(ckpt_dir)
     skipped = []
     for name in list(sharded):
@@ -129,7 +132,8 @@ def load_model(model: torch.nn.Module, ckpt_dir: str, prefix: str = "") -> None:
         loaded = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in loaded.items()}
     with trusted_te_extra_state():
         result = inner.load_state_dict(loaded, strict=False)
-    bad_missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    bad_missing = [k for k in result.missing_keys
+                   if not k.endswith("_extra_state") and not is_adapter_name(k)]
     if bad_missing or result.unexpected_keys:
         raise KeyError(
             f"{ckpt_dir}: state dict mismatch: missing {bad_missing[:5]}, "

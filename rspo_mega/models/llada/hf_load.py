@@ -25,6 +25,7 @@ from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
 from rspo_mega.config.schema import ModelConfig
 from rspo_mega.models.llada import hf_adapter as A
 from rspo_mega.models.llada.hf_io import HFCheckpointReader
+from rspo_mega.models.llada.lora import is_adapter_name
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ def _local_shards(inner: torch.nn.Module) -> dict[Target, list[ShardedTensor]]:
     values, as :func:`checkpoint.load_model` does for a converted checkpoint that lacks them.
     """
     by_key = {p.key: p for p in A.PARAMS}
-    sharded, _, _ = load_preprocess(inner.sharded_state_dict())  # splits fc1 into gate and up
+    base = {k: v for k, v in inner.sharded_state_dict().items() if not is_adapter_name(k)}
+    sharded, _, _ = load_preprocess(base)  # splits fc1 into gate and up
     out: dict[Target, list[ShardedTensor]] = {}
     for item in nested_values(sharded):
         if isinstance(item, ShardedObject):
@@ -86,7 +88,8 @@ def load_hf_weights(model: torch.nn.Module, reader: HFCheckpointReader, cfg: Mod
     from rspo_mega.models.llada.model import unwrap_model
 
     inner = unwrap_model(model)
-    params = {p.untyped_storage().data_ptr(): n for n, p in inner.named_parameters()}
+    params = {p.untyped_storage().data_ptr(): n for n, p in inner.named_parameters()
+              if not is_adapter_name(n)}  # LoRA adapters keep their initial values
     shards = _local_shards(inner)
     written: set[str] = set()
     reads = 0

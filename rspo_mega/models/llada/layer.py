@@ -146,13 +146,15 @@ class SwiGLUMLP(MLP):
     place on fc1's output ``[s, b, 2f]`` without grad. Any other activation setting runs
     megatron's forward unchanged."""
 
+    default_submodules = MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                       linear_fc2=RowParallelLinear)
+
     def __init__(self, config: Any, submodules: Optional[MLPSubmodules] = None,
                  **kwargs: Any) -> None:
         """``submodules`` default to the local spec's (Column/RowParallelLinear); the layer spec
         names this class itself, not a ``ModuleSpec``, so megatron builds it with ``config``
         only and the MLP takes the default tensor-parallel group."""
-        super().__init__(config, submodules or MLPSubmodules(
-            linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear), **kwargs)
+        super().__init__(config, submodules or self.default_submodules, **kwargs)
         self.plain_swiglu = (
             config.gated_linear_unit and self.activation_func is F.silu
             and not config.add_bias_linear and not config.bias_activation_fusion

@@ -21,6 +21,7 @@ from megatron.core.transformer.module import Float16Module
 from torch import Tensor
 
 from rspo_mega.config.schema import ModelConfig
+from rspo_mega.models.llada import lora
 from rspo_mega.models.llada.config import padded_vocab_size, transformer_config
 from rspo_mega.models.llada.kv_cache import CacheView
 from rspo_mega.models.llada.layer import QuerySelection, hidden_rows
@@ -38,6 +39,7 @@ def build_llada_model(
     vp_stage: Optional[int] = None,
     init_weights: bool = True,
     sequence_parallel: bool = False,
+    seed: int = 0,
 ) -> torch.nn.Module:
     """This rank's part of an LLaDA model under the current megatron parallel state.
 
@@ -47,6 +49,8 @@ def build_llada_model(
     ``sequence_parallel`` splits the activations between the TP ranks along the sequence
     (``parallel.sequence_parallel``; the TE spec on a GPU only). ``cfg`` is read as it is
     (``load_config`` resolved ``model.hf_config`` into it).
+    With ``cfg.lora.enabled`` the targeted linears carry adapters (initialised from ``seed``, the
+    same at any layout) and every other parameter is frozen.
     """
     if not ps.model_parallel_is_initialized():
         raise RuntimeError("build_llada_model: initialise megatron parallel state first")
@@ -59,7 +63,7 @@ def build_llada_model(
         true_vocab_size=cfg.vocab_size,
         transformer_impl=impl,
         config=config,
-        transformer_layer_spec=llada_layer_spec(impl),
+        transformer_layer_spec=llada_layer_spec(impl, cfg.lora),
         vocab_size=padded_vocab_size(cfg, tp),
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=pre_process,
@@ -71,6 +75,10 @@ def build_llada_model(
         rotary_base=cfg.rope_theta,
         vp_stage=vp_stage,
     )
+    if cfg.lora.enabled:
+        if init_weights:
+            lora.init_adapters(model, seed)
+        lora.freeze_base(model)
     return _placed(model, config)
 
 
@@ -159,6 +167,7 @@ def llada_forward(
     labels: Optional[torch.Tensor] = None,
     positions: Optional[torch.Tensor] = None,
     kv_cache: Optional[CacheView] = None,
+    adapters: bool = True,
 ) -> torch.Tensor:
     """One bidirectional forward of an LLaDA model built by :func:`build_llada_model`.
 
@@ -173,6 +182,9 @@ def llada_forward(
     ``input_ids [b, L]`` are the columns ``[lo, lo + L)`` of the cached sequences, their K/V are
     written to the cache, their queries attend to all ``S`` cached keys, and ``attention_mask``
     covers those keys: ``[b, S]``. ``positions`` index the ``L`` columns given.
+
+    ``adapters=False``: a model with LoRA adapters runs as its base model for this forward (the
+    RL reference); no effect without adapters.
     """
     inner = unwrap_model(model)
     b, s = input_ids.shape
@@ -180,7 +192,7 @@ def llada_forward(
         if labels is not None:
             raise ValueError("llada_forward: a cached (rollout) forward returns logits; labels "
                              "need the full sequence without kv_cache")
-        return _cached_forward(model, input_ids, attention_mask, positions, kv_cache)
+        return _cached_forward(model, input_ids, attention_mask, positions, kv_cache, adapters)
     _check_full_forward(b, s, labels, positions)
     if attention_mask is not None and inner.transformer_impl == "transformer_engine":
         input_ids, attention_mask, labels, positions = _real_tokens_first_rows(
@@ -188,7 +200,7 @@ def llada_forward(
     position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
     mask = None if attention_mask is None else padding_attention_mask(attention_mask)
     return model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                 labels=labels, positions=positions)
+                 labels=labels, positions=positions, adapters=adapters)
 
 
 def _check_full_forward(b: int, s: int, labels: Optional[torch.Tensor],
@@ -219,7 +231,7 @@ def _real_tokens_first_rows(
 
 def _cached_forward(model: torch.nn.Module, input_ids: torch.Tensor,
                     attention_mask: Optional[torch.Tensor], positions: Optional[torch.Tensor],
-                    kv_cache: CacheView) -> torch.Tensor:
+                    kv_cache: CacheView, adapters: bool = True) -> torch.Tensor:
     """:func:`llada_forward` of the columns ``[lo, lo + L)`` through the block KV cache."""
     b, span = input_ids.shape
     seq = kv_cache.cache.kv.shape[3]
@@ -232,7 +244,7 @@ def _cached_forward(model: torch.nn.Module, input_ids: torch.Tensor,
     position_ids = (torch.arange(span, device=input_ids.device) + kv_cache.lo).expand(b, span)
     mask = None if attention_mask is None else padding_attention_mask(attention_mask)
     return model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-                 positions=positions, kv_cache=kv_cache)
+                 positions=positions, kv_cache=kv_cache, adapters=adapters)
 
 
 class LLaDAModel(GPTModel):
@@ -254,7 +266,7 @@ class LLaDAModel(GPTModel):
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Optional[Tensor],
                 decoder_input: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 positions: Optional[Tensor] = None, kv_cache: Optional[CacheView] = None,
-                **unused: Any) -> Tensor:
+                adapters: bool = True, **unused: Any) -> Tensor:
         """Embedding (first stage), decoder, head (last stage); see :func:`llada_forward`.
 
         On the last stage of the local spec the last layer runs its queries only at
@@ -266,6 +278,7 @@ class LLaDAModel(GPTModel):
             rotary = self.rotary_pos_emb(position_ids.shape[1], offset=kv_cache.lo)
         selection = self._query_selection(positions, *position_ids.shape)
         with contextlib.ExitStack() as bound:
+            bound.enter_context(lora.adapter_scope(adapters))
             if kv_cache is not None:
                 bound.enter_context(kv_cache.bound(self))
             if selection is not None:

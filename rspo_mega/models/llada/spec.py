@@ -24,12 +24,15 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+from typing import Any, Optional
 
 import torch
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from rspo_mega.config.schema import TransformerImpl, choices
+from rspo_mega.config.schema import LoRAConfig, TransformerImpl, choices
 from rspo_mega.models.llada.attention import (
     BidirectionalSelfAttention,
     SDPACoreAttention,
@@ -73,8 +76,10 @@ def resolve_transformer_impl(requested: str) -> str:
     return requested
 
 
-def llada_layer_spec(impl: str) -> ModuleSpec:
-    """The transformer-layer spec for ``impl`` (``local`` | ``transformer_engine``), bidirectional."""
+def llada_layer_spec(impl: str, lora: Optional[LoRAConfig] = None) -> ModuleSpec:
+    """The transformer-layer spec for ``impl`` (``local`` | ``transformer_engine``), bidirectional;
+    with ``lora`` enabled its ``target_modules`` carry adapters
+    (:mod:`rspo_mega.models.llada.lora`)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if impl == "local":
@@ -93,7 +98,27 @@ def llada_layer_spec(impl: str) -> ModuleSpec:
         params={**(attn.params or {}), "attn_mask_type": AttnMaskType.no_mask},
         submodules=attn_submodules,
     )
-    submodules = dataclasses.replace(base.submodules, self_attention=bidirectional)
-    if impl == "local":  # the TE spec keeps TE's fused LayerNorm-MLP
-        submodules = dataclasses.replace(submodules, mlp=SwiGLUMLP)
+    mlp = SwiGLUMLP if impl == "local" else base.submodules.mlp  # TE: fused LayerNorm-MLP
+    if lora is not None and lora.enabled:
+        bidirectional, mlp = _with_adapters(bidirectional, mlp, lora)
+    submodules = dataclasses.replace(base.submodules, self_attention=bidirectional, mlp=mlp)
     return dataclasses.replace(base, module=LLaDATransformerLayer, submodules=submodules)
+
+
+def _with_adapters(attention: ModuleSpec, mlp: Any,
+                   lora: LoRAConfig) -> tuple[ModuleSpec, Any]:
+    """The attention and MLP specs with LoRA linears at ``lora.target_modules`` (the local MLP:
+    a :class:`SwiGLUMLP` whose default linears are those, so megatron builds it as before)."""
+    from rspo_mega.models.llada.lora import lora_linear_spec
+
+    def adapted(sub: Any) -> Any:
+        return dataclasses.replace(sub, **{t: lora_linear_spec(getattr(sub, t), lora, t)
+                                           for t in lora.target_modules if hasattr(sub, t)})
+
+    attention = dataclasses.replace(attention, submodules=adapted(attention.submodules))
+    if mlp is SwiGLUMLP:
+        linears = adapted(MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                        linear_fc2=RowParallelLinear))
+        return attention, type("LoRASwiGLUMLP", (SwiGLUMLP,), {"default_submodules": linears})
+    return attention, dataclasses.replace(mlp, submodules=adapted(mlp.submodules))
+
