@@ -61,7 +61,7 @@ EXPECTED = [
     Expected("rspo-plan --nodes", "runs"),
     Expected("python tools/plot_metrics.py", "runs"),
     Expected("python tools/compare_algorithms.py", "runs",
-             f"--seeds 1 --algorithms rspo --steps 1 {SHORT_RUN}"),
+             f"--lr-grid 1e-3 --seeds 1 --algorithms rspo --steps 1 {SHORT_RUN}"),
     Expected("python3 -m venv .venv", "skip", "installs the environment this test runs in"),
     Expected("pip install", "skip", "installs the environment this test runs in"),
 ]

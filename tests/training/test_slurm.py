@@ -223,7 +223,7 @@ def test_sbatch_preemption_requeue_resume(tmp_path):
         assert f"preempted at step {step}, checkpoint saved: requeueing job {job}" in text, text
         assert f"resumed from runs/tiny_sudoku/ckpt/iter_{step:07d} at step {step}" in text, text
         lines = [x for x in text.splitlines() if f"step {step} and exiting" in x]
-        assert 1 <= len(lines) <= 2 and any(f"({cause})" in x for x in lines), lines
+        assert 1 <= len(lines) <= 2 and any(f"{cause}: " in x for x in lines), lines
     assert first < second < STEPS
     assert not list(submit.glob("*.stop")) + list(submit.glob("*.preempted"))
     assert _metrics(submit) == expected  # bitwise: the same floats in the same JSON
