@@ -144,3 +144,18 @@ def test_bad_lora_settings_are_named(overrides, named):
         validate_config(load_config(None, ["model.lora.enabled=true", "checkpoint.init_from=null",
                                            *overrides]), 1)
     assert named in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_unwritable_peft_export_is_named(tmp_path):
+    from rspo_mega.config import load_config
+    from rspo_mega.config.loader import ConfigError
+    from rspo_mega.config.paths import check_outputs
+
+    taken = tmp_path / "a_file"
+    taken.write_text("x")
+    cfg = load_config(None, ["model.lora.enabled=true", f"logging.output_dir={tmp_path}/run",
+                             f"checkpoint.export_peft={taken}"])
+    with pytest.raises(ConfigError, match=f"checkpoint.export_peft={taken}: it is a file"):
+        check_outputs(cfg)
+    cfg.model.lora.enabled = False  # without LoRA nothing is written there
+    check_outputs(cfg)
