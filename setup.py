@@ -34,7 +34,10 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # peft: the LoRA export's PEFT directory is loaded by peft itself in
+        # tests/training/test_lora_run.py (0.21.2 with transformers 5.25 tested; 0.17 does not
+        # import with transformers 5)
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "peft==0.21.2"],
         # GPU images only: never install this on a CPU machine (it breaks import megatron.core).
         "gpu": ["transformer-engine[pytorch]>=2.0"],
     },

@@ -218,3 +218,34 @@ def test_rspo_train_refuses_before_any_process_group(monkeypatch, capsys, tmp_pa
     monkeypatch.setattr(trainer_module, "Trainer", trainer)
     with pytest.raises(Built):  # --no-plan-check goes on to build the trainer
         train.main(args + ["--no-plan-check"])
+
+
+# LoRA r=4 on all four linears of SMALL at TP2, per layer and TP rank: QKV A 4*64 + B 64*4,
+# proj A 4*32 + B 64*4, fc1 A 4*64 + B 192*4, fc2 A 4*96 + B 64*4 = 3200.
+ADAPTERS = 2 * (4 * 64 + 64 * 4 + 4 * 32 + 64 * 4 + 4 * 64 + 192 * 4 + 4 * 96 + 64 * 4)
+
+
+def test_lora_counts_adapters_and_no_reference_by_hand():
+    plan = plan_run(_cfg("model.lora.enabled=true", "model.lora.rank=4",
+                         "checkpoint.init_from=/base"), TWO_GPUS)  # a path, not read
+    assert plan.shapes.stage_trainable(0) == ADAPTERS
+    assert plan.stages[0].resident == {
+        "policy weights": PARAMS * 2, "gradients": ADAPTERS * 4,
+        "optimizer states": ADAPTERS * 12, "adapters": ADAPTERS * 2, "framework": 2**30}
+    assert "reference model" not in plan.stages[0].phases["reference"]
+    # each of a layer's 4 adapters saves its A x (r = 4 bf16 values) per token: 2 layers x 128
+    # tokens per micro-batch graph, 8 graphs alive (one pass over 8 local micro-batches)
+    base = plan_run(_cfg(), TWO_GPUS).stages[0].phases["policy"]["elbo activations"]
+    assert plan.stages[0].phases["policy"]["elbo activations"] - base == 8 * 2 * 128 * 4 * 4 * 2
+
+
+def test_the_8b_lora_recipe_plans_no_reference_and_a_small_optimizer_state():
+    full = plan_run(load_config(EIGHT_B, []), Hardware())
+    lora = plan_run(load_config("examples/configs/llada8b_rspo_countdown_lora.yaml", []),
+                    Hardware())
+    assert lora.fits and lora.layout == full.layout
+    full_parts, parts = full.stages[0].resident, lora.stages[0].resident
+    assert "reference model" not in parts and full_parts["reference model"] > 7 * 2**30
+    assert parts["optimizer states"] < full_parts["optimizer states"] / 30
+    assert parts["gradients"] < full_parts["gradients"] / 30
+    assert parts["policy weights"] == full_parts["policy weights"]  # the frozen base stays

@@ -5,7 +5,8 @@
   missing one. ``rspo-train --dry-run`` runs it too, so a login node finds a recipe's
   placeholders before the job queues.
 * :func:`check_outputs`: the run directory (``logging.output_dir``), ``checkpoint.save_dir`` and
-  the parent of ``checkpoint.export_hf`` exist or can be created, and a file can be written in
+  the parent of ``checkpoint.export_hf`` (and of ``checkpoint.export_peft`` with LoRA) exist or
+  can be created, and a file can be written in
   each (so a read-only or misspelled path fails at the start, not at the first save or after
   training). It creates those directories.
 """
@@ -71,12 +72,15 @@ def check_outputs(cfg: TrainConfig) -> None:
         why = _unwritable(Path(path)) if path else None
         if why:
             raise ConfigError(f"{key}={path}: {why}")
-    export = cfg.checkpoint.export_hf
-    if not export:
-        return
-    if Path(export).exists() and not Path(export).is_dir():
-        raise ConfigError(f"checkpoint.export_hf={export}: it is a file, not a directory")
-    parent = Path(export).absolute().parent
-    why = _unwritable(parent)
-    if why:
-        raise ConfigError(f"checkpoint.export_hf={export}: its parent {parent}: {why}")
+    exports = {"checkpoint.export_hf": cfg.checkpoint.export_hf}
+    if cfg.model.lora.enabled and cfg.checkpoint.export_hf:
+        exports["checkpoint.export_peft"] = cfg.checkpoint.export_peft
+    for key, export in exports.items():
+        if not export:
+            continue
+        if Path(export).exists() and not Path(export).is_dir():
+            raise ConfigError(f"{key}={export}: it is a file, not a directory")
+        parent = Path(export).absolute().parent
+        why = _unwritable(parent)
+        if why:
+            raise ConfigError(f"{key}={export}: its parent {parent}: {why}")

@@ -114,3 +114,5 @@ def resolve_run_paths(cfg: TrainConfig) -> None:
         ck.save_dir = ck.save_dir.replace(OUTPUT_DIR, out)
     if ck.export_hf:
         ck.export_hf = ck.export_hf.replace(OUTPUT_DIR, out)
+    if ck.export_peft:
+        ck.export_peft = ck.export_peft.replace(OUTPUT_DIR, out)

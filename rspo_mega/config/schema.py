@@ -305,6 +305,10 @@ class CheckpointConfig:
     # at the end of the run, the final checkpoint converted into this HF LLaDA directory
     # ({output_dir}: logging.output_dir); null: no export
     export_hf: Optional[str] = "{output_dir}/hf"
+    # a LoRA run's export also writes its adapters alone here in the PEFT format
+    # (adapter_config.json, adapter_model.safetensors; {output_dir}: logging.output_dir);
+    # export_hf holds them merged into the base. null: none; unused without model.lora
+    export_peft: Optional[str] = "{output_dir}/hf_adapter"
 
 
 @dataclass

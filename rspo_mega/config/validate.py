@@ -183,7 +183,8 @@ def check_trajectory(cfg: TrainConfig) -> None:
 
 def check_lora(cfg: TrainConfig) -> None:
     """``model.lora``: distinct targets; adapter dropout only where one forward gives both the
-    log-probs and the gradient (one pass, no pipeline), so the loss sees the graph it scores."""
+    log-probs and the gradient (one pass, no pipeline), so the loss sees the graph it scores;
+    a base to train on (``checkpoint.init_from``: resume checks it, the export merges into it)."""
     lora = cfg.model.lora
     if not lora.enabled:
         return
@@ -194,6 +195,9 @@ def check_lora(cfg: TrainConfig) -> None:
     if lora.dropout > 0 and (cfg.parallel.pp > 1 or not cfg.likelihood.one_pass):
         raise ConfigError(f"model.lora.dropout={lora.dropout} needs likelihood.one_pass=true and "
                           "parallel.pp=1 (a second forward would draw other dropout masks)")
+    if not cfg.checkpoint.init_from:
+        raise ConfigError("model.lora.enabled=true trains adapters on the weights of "
+                          "checkpoint.init_from: set it (an HF directory or a checkpoint)")
 
 
 def check_data(cfg: TrainConfig) -> None:

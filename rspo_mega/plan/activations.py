@@ -35,10 +35,12 @@ def saved_per_token(m: ModelShapes) -> float:
     fc1 output (both SwiGLU halves are views of it), SiLU output, the product (fc2 input).
     TE: norm input and norm output per LayerNorm+Linear; fc1 output (fused SwiGLU input) and the
     SwiGLU output. Both: the attention tensors of :func:`_attention`, the log-sum-exp (fp32 per
-    head) and one fp32 rstd per norm.
+    head) and one fp32 rstd per norm. LoRA: each adapter's ``A x`` (``r`` values, the input of
+    ``B``; ``x`` is the base linear's saved input).
     """
     dense = (6 * _h(m) + 4 * m.ffn / m.tp) if m.impl == "local" else (4 * _h(m) + 3 * m.ffn / m.tp)
-    return (dense + _attention(m)) * m.param_bytes + (m.heads / m.tp + 2) * F32
+    adapters = len(m.lora_targets) * m.lora_rank
+    return (dense + adapters + _attention(m)) * m.param_bytes + (m.heads / m.tp + 2) * F32
 
 
 def selected_layer_saved(m: ModelShapes, tokens: int, slots: int, outputs: int) -> float:

@@ -14,7 +14,10 @@ A phase's peak is the resident parts plus the parts alive at that phase's busies
 
 Resident: policy weights, fp32 gradient buffer (megatron DDP, ``grad_reduce_in_fp32``), Adam
 states (two fp32 moments, plus fp32 main weights for bf16; divided by dp with the distributed
-optimizer), the reference weights unless offloaded, and the framework allowance.
+optimizer), the reference weights unless offloaded, and the framework allowance. With LoRA
+(``model.lora``) the gradients and Adam states are the adapters' only, the adapters are resident
+beside the frozen weights, and there is no reference copy (the reference is the base: the same
+weights with the adapters off).
 """
 
 from __future__ import annotations
@@ -67,10 +70,12 @@ def optimizer_state_bytes(params: int, m: ModelShapes, w: Workload) -> int:
 def resident_parts(m: ModelShapes, w: Workload, stage: int, kind: str,
                    allowance: Allowance) -> dict[str, int]:
     """The parts held through the whole step on a rank of ``stage``."""
-    params = m.stage_params(stage)
-    parts = {"policy weights": params * m.param_bytes, "gradients": params * act.F32,
-             "optimizer states": optimizer_state_bytes(params, m, w)}
-    if w.reference_passes:
+    params, trained = m.stage_params(stage), m.stage_trainable(stage)
+    parts = {"policy weights": params * m.param_bytes, "gradients": trained * act.F32,
+             "optimizer states": optimizer_state_bytes(trained, m, w)}
+    if m.lora_rank:
+        parts["adapters"] = trained * m.param_bytes
+    elif w.reference_passes:
         offloaded = w.offload_reference and kind == "gpu"  # offload is a no-op on a CPU
         parts["reference model"] = 0 if offloaded else params * m.param_bytes
     parts["framework"] = allowance.fixed_bytes
@@ -116,7 +121,7 @@ def reference_parts(m: ModelShapes, w: Workload, stage: int, kind: str) -> dict[
     if head > parts["activations"]:
         parts = {"activations": 0.0, "logits": head}
     parts["elbo inputs and log-probs"] = _elbo_io(w)
-    if w.offload_reference and kind == "gpu":
+    if w.offload_reference and kind == "gpu" and not m.lora_rank:
         parts["reference model"] = m.stage_params(stage) * m.param_bytes
     return {k: int(v) for k, v in parts.items()}
 
@@ -185,8 +190,10 @@ def policy_parts(m: ModelShapes, w: Workload, stage: int, vpp: int) -> dict[str,
 
 
 def _weights_in_order(m: ModelShapes, stage: int) -> list[int]:
-    """Element counts of a stage's weight matrices in megatron's parameter-group order
-    (embedding; per layer proj, QKV, fc1, fc2; output layer)."""
+    """Element counts of a stage's trained matrices in megatron's parameter-group order
+    (embedding; per layer proj, QKV, fc1, fc2; output layer; with LoRA the adapters' only)."""
+    if m.lora_rank:
+        return m.adapter_matrices() * m.layers_per_stage
     h, hn = m.hidden, m.head_dim
     layer = [m.heads * hn * h // m.tp, (m.heads + 2 * m.groups) * hn * h // m.tp,
              2 * m.ffn * h // m.tp, m.ffn * h // m.tp]

@@ -39,6 +39,8 @@ class ModelShapes:
     impl: str  # local | transformer_engine
     sequence_parallel: bool
     fp8: bool
+    lora_rank: int = 0  # model.lora.rank with LoRA on, else 0 (every weight trains)
+    lora_targets: tuple[str, ...] = ()  # model.lora.target_modules
 
     @property
     def layers_per_stage(self) -> int:
@@ -68,6 +70,24 @@ class ModelShapes:
         if stage == self.pp - 1:
             n += self.vocab_shard * self.hidden + self.hidden  # output layer + final norm
         return n
+
+    def adapter_matrices(self) -> list[int]:
+        """Element counts of one layer's LoRA factors on one TP rank, in megatron's parameter
+        order (proj, QKV, fc1, fc2; ``A`` then ``B``): a column-parallel base (QKV, fc1) has
+        ``A [r, h]`` replicated and ``B [out / tp, r]``, a row-parallel one (proj, fc2)
+        ``A [r, in / tp]`` and ``B [h, r]``."""
+        r, h, hn = self.lora_rank, self.hidden, self.head_dim
+        factors = {"linear_proj": (r * self.heads * hn // self.tp, h * r),
+                   "linear_qkv": (r * h, (self.heads + 2 * self.groups) * hn * r // self.tp),
+                   "linear_fc1": (r * h, 2 * self.ffn * r // self.tp),
+                   "linear_fc2": (r * self.ffn // self.tp, h * r)}
+        return [n for t in factors if t in self.lora_targets for n in factors[t]]
+
+    def stage_trainable(self, stage: int) -> int:
+        """Trained parameters on one rank of ``stage``: the adapters with LoRA, else all."""
+        if not self.lora_rank:
+            return self.stage_params(stage)
+        return self.layers_per_stage * sum(self.adapter_matrices())
 
     def total_params(self) -> int:
         """Parameters of the whole model (all ranks of one data-parallel replica, no duplicates)."""
@@ -103,6 +123,8 @@ def model_shapes(cfg: TrainConfig, impl: str) -> ModelShapes:
         param_bytes=_BYTES[model.params_dtype], impl=impl,
         sequence_parallel=par.sequence_parallel and impl == "transformer_engine",
         fp8=model.fp8.enabled and impl == "transformer_engine",
+        lora_rank=model.lora.rank if model.lora.enabled else 0,
+        lora_targets=tuple(model.lora.target_modules) if model.lora.enabled else (),
     )
 
 

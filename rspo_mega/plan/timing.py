@@ -69,8 +69,10 @@ def _ring(n: int, kind: str) -> float:
 
 def _pass(m: ModelShapes, r: Rates, rows: float, queries: float, keys: int, positions: float,
           backward: bool) -> PhaseTime:
-    """One forward (and backward) of a micro-batch on the slowest stage (the first or last)."""
-    mult = 3.0 if backward else 1.0
+    """One forward (and backward) of a micro-batch on the slowest stage (the first or last).
+    A backward costs two forwards (input and weight gradients), one with LoRA (the frozen base
+    computes no weight gradients; the adapters' are negligible)."""
+    mult = (2.0 if m.lora_rank else 3.0) if backward else 1.0
     body = m.layers_per_stage * layer_flops(m, rows * queries, keys)
     t = PhaseTime(flops=mult * (body + head_flops(m, positions)))  # the last stage is busiest
     act = rows * queries * m.hidden * m.param_bytes
@@ -182,8 +184,9 @@ def optimizer_time(w: Workload, r: Rates, params: int) -> PhaseTime:
 
 
 def step_times(m: ModelShapes, w: Workload, r: Rates) -> dict[str, PhaseTime]:
-    """Every phase of one RL step on the busiest rank."""
-    params = max(m.stage_params(s) for s in range(m.pp))
+    """Every phase of one RL step on the busiest rank (gradients and Adam: the trained
+    parameters, with LoRA the adapters')."""
+    params = max(m.stage_trainable(s) for s in range(m.pp))
     ref = PhaseTime()
     if w.reference_passes:
         _add(ref, elbo_time(m, w, r, backward=False), w.reference_passes)

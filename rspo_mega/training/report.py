@@ -55,6 +55,8 @@ def export_hf(cfg: TrainConfig, iter_dir: str | Path, out_dir: str | Path) -> Pa
 
     start = cfg.checkpoint.init_from
     template = start if start and looks_like_hf_checkpoint(start) else None
+    if cfg.model.lora.enabled:
+        return _export_lora(cfg, iter_dir, out_dir, template)
     with tempfile.TemporaryDirectory() as tmp:
         config_json = os.path.join(tmp, "config.json")
         Path(config_json).write_text(json.dumps(
@@ -67,6 +69,40 @@ def export_hf(cfg: TrainConfig, iter_dir: str | Path, out_dir: str | Path) -> Pa
     if template is None:
         for path in _run_tokenizer_files(cfg):
             shutil.copy2(path, Path(out_dir) / path.name)
+    return Path(out_dir)
+
+
+def _export_lora(cfg: TrainConfig, iter_dir: str | Path, out_dir: str | Path,
+                 hf_start: Optional[str]) -> Path:
+    """A LoRA run's export: its adapters merged into the base (``checkpoint.init_from``, an HF
+    directory ``hf_start`` or a megatron checkpoint) in ``out_dir``, and the adapters alone in
+    the PEFT format in ``checkpoint.export_peft``."""
+    from rspo_mega.models.llada.convert import convert_mcore_to_hf
+    from rspo_mega.models.llada.hf_config import hf_config_dict
+    from rspo_mega.models.llada.lora_export import (
+        merge_hf_directory, read_adapters, write_peft_adapter,
+    )
+    from rspo_mega.training.checkpointing import resolve_model_checkpoint
+
+    import torch
+
+    adapters = read_adapters(str(iter_dir), cfg.model, cfg.model.lora)
+    dtype = getattr(torch, cfg.model.params_dtype)
+    config = hf_config_dict(cfg.model, torch_dtype=cfg.model.params_dtype)
+    if hf_start is not None:
+        merge_hf_directory(hf_start, out_dir, adapters, dtype, config)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            config_json = os.path.join(tmp, "config.json")
+            Path(config_json).write_text(json.dumps(config, indent=1))
+            convert_mcore_to_hf(resolve_model_checkpoint(cfg.checkpoint.init_from), str(out_dir),
+                                hf_config=config_json, dtype=cfg.model.params_dtype,
+                                overwrite=True, update=adapters.merge)
+        for path in _run_tokenizer_files(cfg):
+            shutil.copy2(path, Path(out_dir) / path.name)
+    if cfg.checkpoint.export_peft:
+        write_peft_adapter(adapters, cfg.checkpoint.export_peft, dtype,
+                           base=cfg.checkpoint.init_from)
     return Path(out_dir)
 
 

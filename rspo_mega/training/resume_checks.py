@@ -156,3 +156,32 @@ def check_run_dir(cfg: TrainConfig) -> None:
     check_resumable(path, meta.get("config"), {}, cfg.algorithm.name != "sft")
     check_same_run(path, meta.get("config"), cfg)
     check_unfinished(path, int(meta["step"]), cfg)
+
+
+def lora_base_record(cfg: TrainConfig, chunks: list) -> Optional[dict]:
+    """What a LoRA run's checkpoints record of the base its adapters train on (collective):
+    ``checkpoint.init_from`` and the base weights' fingerprint
+    (:func:`lora.base_fingerprint`); ``None`` without LoRA."""
+    if not cfg.model.lora.enabled:
+        return None
+    from rspo_mega.models.llada import unwrap_model
+    from rspo_mega.models.llada.lora import base_fingerprint
+
+    return {"init_from": cfg.checkpoint.init_from,
+            "fingerprint": base_fingerprint([unwrap_model(c) for c in chunks])}
+
+
+def check_lora_base(path: str | Path, saved: Optional[dict], current: Optional[dict]) -> None:
+    """Raise :class:`CheckpointError` when the LoRA checkpoint at ``path`` trained its adapters
+    on another base than this run's ``checkpoint.init_from`` (their fingerprints differ). A
+    change of ``model.lora`` itself is refused by :func:`check_same_run`."""
+    from rspo_mega.models.llada.lora import fingerprint_difference
+
+    if saved is None or current is None:
+        return
+    diff = fingerprint_difference(saved["fingerprint"], current["fingerprint"])
+    if diff is not None:
+        raise CheckpointError(
+            f"checkpoint {path} trained its LoRA adapters on another base than "
+            f"checkpoint.init_from={current['init_from']} ({diff}; it was trained from "
+            f"{saved['init_from']}): resume with the base it was trained on")

@@ -37,7 +37,9 @@ from rspo_mega.training.evaluator import Evaluator
 from rspo_mega.training.init_weights import prepare_init
 from rspo_mega.training.metrics import MetricsLogger, Timers, memory_stats, read_metrics
 from rspo_mega.training.policy import Policy
-from rspo_mega.training.resume_checks import check_resumable, check_same_run, check_unfinished
+from rspo_mega.training.resume_checks import (
+    check_lora_base, check_resumable, check_same_run, check_unfinished, lora_base_record,
+)
 from rspo_mega.training.run_data import RunData, prepare_run_data
 from rspo_mega.training.signals import INTERRUPT_SIGNALS, PreemptionHandler
 from rspo_mega.training.step_batches import build_batches
@@ -68,6 +70,7 @@ class Trainer:
             load_init(chunks)
         updates_per_step = cfg.algorithm.inner_updates if self.is_rl else 1
         self.policy = Policy(cfg, chunks, cfg.train_steps * updates_per_step)
+        self.lora_base = lora_base_record(cfg, chunks)  # None without LoRA
         engine = RolloutEngine(self.policy.model, cfg.model, cfg.rollout, seed=cfg.seed,
                                sequence_multiple=cfg.parallel.sequence_multiple)
         self.batches = build_batches(cfg, layout, self.data, engine)
@@ -123,6 +126,8 @@ class Trainer:
             return
         extra = {key: part.state_dict() for key, part in self.components().items()}
         extra.update(step=self.step, has_reference=self.policy.reference is not None)
+        if self.lora_base is not None:
+            extra["lora_base"] = self.lora_base
         self.saved = self.ckpt.save(self.step, self.policy.sharded_state_dict(), extra=extra,
                                     config=config_to_dict(self.cfg))
 
@@ -152,6 +157,7 @@ class Trainer:
         check_resumable(path, saved_config, saved, self.is_rl)
         check_same_run(path, saved_config, self.cfg)  # layouts may change: checkpoints reshard
         check_unfinished(path, int(saved["step"]), self.cfg)
+        check_lora_base(path, saved.get("lora_base"), self.lora_base)
         if saved.get("has_reference"):
             self.start_rl()  # same layout as the policy; its weights come from the checkpoint
         state, extra = self.ckpt.load(path, self.policy.sharded_state_dict(is_loading=True))

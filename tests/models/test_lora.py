@@ -126,6 +126,14 @@ def test_lora_same_across_layouts_reference_is_base_and_step0_is_base():
     (["model.lora.target_modules=[]"], "model.lora.target_modules=[] must name each linear"),
     (["model.lora.dropout=0.1", "likelihood.one_pass=false"],
      "model.lora.dropout=0.1 needs likelihood.one_pass=true"),
+    (["model.lora.alpha=-2"], "config key 'model.lora.alpha' must be > 0, got -2"),
+    (["model.lora.alpha=0"], "config key 'model.lora.alpha' must be > 0, got 0"),
+    (["model.lora.rank=-4"], "config key 'model.lora.rank' must be >= 1, got -4"),
+    (["model.lora.dropout=1.0"], "config key 'model.lora.dropout'"),
+    (["model.lora.target_modules=linear_qkv"], "config key 'model.lora.target_modules' must be a list"),
+    (["model.lora.target_modules=[linear_fc1, linear_fc1]"],
+     "model.lora.target_modules=['linear_fc1', 'linear_fc1'] must name each linear once"),
+    ([], "model.lora.enabled=true trains adapters on the weights of checkpoint.init_from: set it"),
 ])
 def test_bad_lora_settings_are_named(overrides, named):
     from rspo_mega.config import load_config
@@ -133,5 +141,21 @@ def test_bad_lora_settings_are_named(overrides, named):
     from rspo_mega.config.validate import validate_config
 
     with pytest.raises(ConfigError) as err:
-        validate_config(load_config(None, ["model.lora.enabled=true", *overrides]), 1)
+        validate_config(load_config(None, ["model.lora.enabled=true", "checkpoint.init_from=null",
+                                           *overrides]), 1)
     assert named in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_unwritable_peft_export_is_named(tmp_path):
+    from rspo_mega.config import load_config
+    from rspo_mega.config.loader import ConfigError
+    from rspo_mega.config.paths import check_outputs
+
+    taken = tmp_path / "a_file"
+    taken.write_text("x")
+    cfg = load_config(None, ["model.lora.enabled=true", f"logging.output_dir={tmp_path}/run",
+                             f"checkpoint.export_peft={taken}"])
+    with pytest.raises(ConfigError, match=f"checkpoint.export_peft={taken}: it is a file"):
+        check_outputs(cfg)
+    cfg.model.lora.enabled = False  # without LoRA nothing is written there
+    check_outputs(cfg)

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 from dataclasses import asdict
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -169,7 +169,9 @@ def _hf_order(cfg: ModelConfig) -> list[tuple[A.MCoreParam, Optional[int]]]:
 def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config: Optional[str] = None,
                         template: Optional[str] = None, prefix: Optional[str] = None,
                         dtype: Optional[str] = None, max_shard_size: str | int = "5GB",
-                        overwrite: bool = False) -> ModelConfig:
+                        overwrite: bool = False,
+                        update: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None,
+                        ) -> ModelConfig:
     """Convert a torch_dist checkpoint (saved at any TP/PP) into an HF LLaDA directory.
 
     ``prefix`` is the key prefix of the model tensors (auto-detected when None, e.g. ``model.``
@@ -177,6 +179,8 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config: Optional[str] = 
     ``hf_config.json``, or ``template``'s config.json; tokenizer/modeling files are copied from
     ``template``. ``dtype`` (bfloat16 | float32 | float16) defaults to the checkpoint's. A
     trainer's iteration directory (``iter_N``) stands for its ``dist/`` checkpoint.
+    ``update(hf_key, tensor)`` changes each HF tensor before it is cast and written (a LoRA
+    merge: :meth:`lora_export.HFAdapters.merge`).
     """
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"megatron checkpoint directory {ckpt_dir} does not exist")
@@ -193,7 +197,7 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, hf_config: Optional[str] = 
     hf_shapes = A.hf_shapes(cfg)
     entries = [(k, out_dtype, hf_shapes[k]) for p, i in order for k in A.hf_keys(p, i)]
 
-    tensors = _hf_tensors(ckpt_dir, order, prefix, shapes, cfg, out_dtype)
+    tensors = _hf_tensors(ckpt_dir, order, prefix, shapes, cfg, out_dtype, update)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         config = hf_config_dict(cfg, dtype, template=raw)
         write_hf_checkpoint(tmp, entries, tensors, parse_size(max_shard_size), config)
@@ -218,7 +222,9 @@ def _layer_groups(
 
 def _hf_tensors(ckpt_dir: str, order: list[tuple[A.MCoreParam, Optional[int]]], prefix: str,
                 shapes: dict, cfg: ModelConfig,
-                out_dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+                out_dtype: torch.dtype,
+                update: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None,
+                ) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF key, tensor in ``out_dtype``) in HF file order, read lazily: one checkpoint read per
     layer (and one per global tensor), so a layer is held at a time."""
     for group in _layer_groups(order):
@@ -226,7 +232,7 @@ def _hf_tensors(ckpt_dir: str, order: list[tuple[A.MCoreParam, Optional[int]]], 
             ckpt_dir, {prefix + p.key: layer for p, layer in group}, shapes)
         for param, layer in group:
             for hf_key, t in A.from_mcore(param, loaded.pop(prefix + param.key), cfg, layer):
-                yield hf_key, t.to(out_dtype)
+                yield hf_key, (update(hf_key, t) if update else t).to(out_dtype)
 
 
 def _not_copied(name: str) -> bool:

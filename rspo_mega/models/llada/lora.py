@@ -228,3 +228,47 @@ def freeze_base(model: torch.nn.Module) -> int:
         param.requires_grad_(is_adapter_name(name))
         trainable += param.numel() if param.requires_grad else 0
     return trainable
+
+
+def _canonical(name: str, model: torch.nn.Module) -> str:
+    """A parameter name with its chunk-local layer index replaced by the global one."""
+    parts = name.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        parts[2] = str(model.decoder.layers[int(parts[2])].layer_number - 1)
+    return ".".join(parts)
+
+
+def base_fingerprint(models: list[torch.nn.Module]) -> dict[str, list[float]]:
+    """``canonical name -> [sum |w|, sum w^2]`` (float64) of every frozen base tensor of the
+    whole model, the same at every TP/PP layout up to float64 rounding (collective over the
+    model-parallel group; ``models``: this rank's unwrapped chunks). Padded vocab rows are zero,
+    so they do not change it."""
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    local: dict[str, list[float]] = {}
+    for model in models:
+        for name, param in model.named_parameters():
+            sharded = getattr(param, "tensor_model_parallel", False)
+            if is_adapter_name(name) or (tp_rank != 0 and not sharded):
+                continue  # TP-replicated tensors are counted once
+            w = param.detach().double()
+            local[_canonical(name, model)] = [w.abs().sum().item(), w.square().sum().item()]
+    gathered: list = [None] * torch.distributed.get_world_size(ps.get_model_parallel_group())
+    torch.distributed.all_gather_object(gathered, local, group=ps.get_model_parallel_group())
+    total: dict[str, list[float]] = {}
+    for part in gathered:
+        for name, (l1, l2) in part.items():
+            old = total.get(name, [0.0, 0.0])
+            total[name] = [old[0] + l1, old[1] + l2]
+    return dict(sorted(total.items()))
+
+
+def fingerprint_difference(saved: dict[str, list[float]], current: dict[str, list[float]],
+                           rel_tol: float = 1e-9) -> Optional[str]:
+    """The first base tensor whose fingerprint differs (``None`` when all agree)."""
+    for name in sorted(set(saved) | set(current)):
+        a, b = saved.get(name), current.get(name)
+        if a is None or b is None:
+            return f"{name} is {'new' if a is None else 'missing'}"
+        if any(abs(x - y) > rel_tol * max(abs(x), abs(y)) for x, y in zip(a, b)):
+            return f"{name} differs (sum |w| {a[0]:.6g} -> {b[0]:.6g})"
+    return None
