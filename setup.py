@@ -28,13 +28,17 @@ setup(
         "tokenizers>=0.19",
         "sentencepiece>=0.2",
         "datasets>=2.19",
+        "huggingface_hub>=0.25",  # hf:ORG/NAME ids through its cache (datasets needs it too)
         "sympy>=1.12",
         "tqdm>=4.66",
         "tensorboard>=2.15",
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # the trackers' packages too: the suite runs their tests offline
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "wandb>=0.17", "mlflow-skinny>=2.14"],
+        "wandb": ["wandb>=0.17"],  # logging.wandb
+        "mlflow": ["mlflow-skinny>=2.14"],  # logging.mlflow (client only; a server is separate)
         # GPU images only: never install this on a CPU machine (it breaks import megatron.core).
         "gpu": ["transformer-engine[pytorch]>=2.0"],
     },
