@@ -28,6 +28,7 @@ setup(
         "tokenizers>=0.19",
         "sentencepiece>=0.2",
         "datasets>=2.19",
+        "huggingface_hub>=0.25",  # hf:ORG/NAME ids through its cache (datasets needs it too)
         "sympy>=1.12",
         "tqdm>=4.66",
         "tensorboard>=2.15",
@@ -36,8 +37,11 @@ setup(
     extras_require={
         # peft: the LoRA export's PEFT directory is loaded by peft itself in
         # tests/training/test_lora_run.py (0.21.2 with transformers 5.25 tested; 0.17 does not
-        # import with transformers 5)
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "peft==0.21.2"],
+        # import with transformers 5); the trackers' packages: their tests run offline
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "peft==0.21.2", "wandb>=0.17",
+                 "mlflow-skinny>=2.14"],
+        "wandb": ["wandb>=0.17"],  # logging.wandb
+        "mlflow": ["mlflow-skinny>=2.14"],  # logging.mlflow (client only; a server is separate)
         # GPU images only: never install this on a CPU machine (it breaks import megatron.core).
         "gpu": ["transformer-engine[pytorch]>=2.0"],
     },

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
+from rspo_mega.config.schema import algorithm_titles
 from rspo_mega.console import (
     INTERRUPT_EXIT_CODE, add_debug_flag, hide_library_warnings, run_entry_point, setup_logging,
 )
@@ -39,9 +40,9 @@ TINY_DEFAULT = Path(__file__).parent / "configs" / "tiny_sudoku.yaml"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="rspo-train", description="RL (RSPO, ESPO, diffu-GRPO) for masked diffusion LMs."
-    )
+    parser = argparse.ArgumentParser(prog="rspo-train", description=(
+        "RL and SFT for masked diffusion LMs: algorithm.name = "
+        + ", ".join(f"{name} ({title})" for name, title in algorithm_titles().items()) + "."))
     parser.add_argument("--config", default=None,
                         help=f"YAML run config (default: the embedded tiny default, {TINY_DEFAULT.name})")
     parser.add_argument(
@@ -128,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
         log.info("config %s, layout %s", save_config(cfg, cfg.logging.output_dir), layout)
     summary = trainer.run()
     finish_run(trainer, summary)  # tears the process groups down; then HF export, curves, summary
+    trainer.trackers.finish(cfg.logging.output_dir,  # W&B / MLflow: artifacts, run status
+                            "preempted" if summary.get("preempted") or summary.get("interrupted")
+                            else "finished")
     from rspo_mega.training.signals import preemption_exit_code
 
     if summary.get("interrupted"):

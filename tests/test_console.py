@@ -226,3 +226,14 @@ def test_ctrl_c_before_the_training_loop_is_one_line(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")
     assert console.run_entry_point("rspo-train", interrupted) == 130
     assert capsys.readouterr().err == ""
+
+
+def test_help_names_every_algorithm(capsys):
+    from rspo_mega.train import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in ("rspo (RSPO)", "espo (ESPO)", "diffu_grpo (diffu-GRPO)", "agrpo (AGRPO)",
+                 "sft (SFT)"):
+        assert name in text

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Iterable, Literal, Optional, Union
 
 import yaml
 
-from rspo_mega.config.schema import Bounds, TrainConfig
+from rspo_mega.config.schema import Bounds, NameOrImportPath, TrainConfig
 from rspo_mega.errors import UserError
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -116,8 +116,9 @@ def _coerce_annotated(value: Any, tp: Any, key: str) -> Any:
     base, *rules = typing.get_args(tp)
     value = _coerce(value, base, key)
     for rule in rules:
-        if isinstance(rule, Bounds) and not rule.holds(value):
-            raise ConfigError(f"config key '{key}' must be {rule.describe()}, got {value!r}")
+        if isinstance(rule, (Bounds, NameOrImportPath)) and not rule.holds(value):
+            near = _suggest(value, rule.names) if isinstance(rule, NameOrImportPath) else ""
+            raise ConfigError(f"config key '{key}' must be {rule.describe()}, got {value!r}{near}")
     return value
 
 
@@ -161,7 +162,8 @@ def type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Annotated:
         base, *rules = typing.get_args(tp)
-        name = type_name(base) + "".join(f" ({r.describe()})" for r in rules if isinstance(r, Bounds))
+        name = type_name(base) + "".join(f" ({r.describe()})" for r in rules
+                                         if isinstance(r, (Bounds, NameOrImportPath)))
     elif origin is Literal:
         name = " | ".join(repr(v) for v in typing.get_args(tp))
     elif origin is dict:

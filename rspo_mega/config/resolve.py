@@ -2,7 +2,10 @@
 group or model), so ``--dry-run``, the saved ``config.yaml`` and every consumer (model builder,
 sampler, mask sampler, planner) read the same ``cfg.model``.
 
-Sources, each filling what the earlier ones leave unset and agreeing with what they set:
+Hub ids ``hf:ORG/NAME[@REVISION]`` in ``model.hf_config``, ``checkpoint.init_from`` and
+``data.tokenizer`` first become their snapshot directories in the HF cache
+(:mod:`rspo_mega.config.hub`). Sources, each filling what the earlier ones leave unset and
+agreeing with what they set:
 
 1. the ``model`` keys the run sets itself (its YAML or overrides);
 2. ``model.hf_config``: geometry and token ids of that HF ``config.json`` (``shipped:<name>``: one
@@ -31,6 +34,7 @@ from typing import Any, Iterable
 from rspo_mega.config.hf_start import (
     TOKENIZER_FILES, check_model_keys, is_hf_start, resolve_shipped, shipped_hf_config,
 )
+from rspo_mega.config.hub import HUB_FILES, HUB_PREFIX, resolve_hub_id
 from rspo_mega.config.loader import ConfigError
 from rspo_mega.config.schema import ModelConfig, TrainConfig
 
@@ -81,10 +85,23 @@ def _tokenizer_fields(cfg: TrainConfig) -> dict[str, Any]:
                 pad_token_id=tok.pad_id, bos_token_id=tok.special_ids.get("bos"))
 
 
+def resolve_hub_ids(cfg: TrainConfig) -> None:
+    """Replace each hub id among the keys of :data:`HUB_FILES` by its snapshot directory."""
+    for key in HUB_FILES:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if isinstance(value, str) and value.startswith(HUB_PREFIX):
+            try:
+                setattr(getattr(cfg, section), name, resolve_hub_id(key, value))
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+
+
 def resolve_model(cfg: TrainConfig, given: Iterable[str] = ()) -> None:
     """Fill ``cfg.model`` (and ``data.tokenizer`` of an HF start) in place from the sources of
     the module docstring; ``given``: the model keys the run set itself."""
     given = set(given)
+    resolve_hub_ids(cfg)
     resolve_shipped(cfg)
     where = ""
     if cfg.model.hf_config:

@@ -9,6 +9,7 @@ checks both while it fills the dataclasses from YAML and dotted overrides;
 
 from __future__ import annotations
 
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Literal, Optional
@@ -36,6 +37,33 @@ class Bounds:
         return f"in {left}{self.low:g}, {self.high:g}{right}"
 
 
+IMPORT_PATH = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*")
+
+
+@dataclass(frozen=True)
+class NameOrImportPath:
+    """A string field naming one of ``names``, a name of the entry-point group ``group`` (an
+    installed package's), or an import path ``module.path:ClassName``."""
+
+    names: tuple[str, ...]
+    group: str
+
+    def holds(self, value: str) -> bool:
+        return value in self.names or bool(IMPORT_PATH.fullmatch(value)) or \
+            value in entry_point_names(self.group)
+
+    def describe(self) -> str:
+        return (f"one of {list(self.names)}, an entry point of group '{self.group}' or an "
+                "import path module.path:ClassName")
+
+
+def entry_point_names(group: str) -> tuple[str, ...]:
+    """Names installed packages register in the entry-point group ``group``."""
+    from importlib.metadata import entry_points
+
+    return tuple(sorted(ep.name for ep in entry_points(group=group)))
+
+
 PositiveInt = Annotated[int, Bounds(1)]
 NonNegative = Annotated[float, Bounds(0)]
 Positive = Annotated[float, Bounds(0, low_open=True)]
@@ -54,7 +82,9 @@ RolloutCache = Literal["none", "prefix", "dual"]
 Remasking = Literal["low_confidence", "random"]
 CountPositions = Literal["generated", "until_eos"]
 NonFinitePolicy = Literal["skip", "abort"]
-TaskName = Literal["sudoku", "countdown", "gsm8k", "math500"]
+BUILTIN_TASKS = ("sudoku", "countdown", "gsm8k", "math500")
+TASK_ENTRY_POINTS = "rspo_mega.tasks"  # entry-point group of tasks other packages install
+TaskName = Annotated[str, NameOrImportPath(BUILTIN_TASKS, TASK_ENTRY_POINTS)]
 TemplateName = Literal["plain", "llada_chat"]
 SudokuReasoning = Literal["none", "rows_columns"]
 LoRATarget = Literal["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]  # megatron's names
@@ -63,6 +93,13 @@ LoRATarget = Literal["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]  #
 def choices(literal: object) -> tuple[str, ...]:
     """The values of a ``Literal`` type, e.g. ``choices(MaskScheme)``."""
     return typing.get_args(literal)
+
+
+def algorithm_titles() -> dict[str, str]:
+    """Each ``algorithm.name`` with the name its paper gives it: the last word in capitals
+    (``rspo`` -> RSPO, ``diffu_grpo`` -> diffu-GRPO)."""
+    return {name: "-".join([*name.split("_")[:-1], name.split("_")[-1].upper()])
+            for name in choices(AlgorithmName)}
 
 
 @dataclass
@@ -99,7 +136,9 @@ class ModelConfig:
     ``checkpoint.init_from`` (config.json) and from the tokenizer, keeping the keys a run sets
     itself (which must then agree with those sources)."""
 
-    hf_config: Optional[str] = None  # HF LLaDA config.json (or its directory) giving the geometry
+    # HF LLaDA config.json (or its directory, or a hub id hf:ORG/NAME[@REVISION]) giving the
+    # geometry
+    hf_config: Optional[str] = None
     num_layers: PositiveInt = 4  # transformer layers
     hidden_size: PositiveInt = 128  # model width
     ffn_hidden_size: PositiveInt = 384  # SwiGLU inner width
@@ -268,7 +307,9 @@ class SudokuConfig:
 class DataConfig:
     """Prompts and batching."""
 
-    task: TaskName = "sudoku"  # prompts, reward and answer format (docs/DATA.md)
+    # prompts, reward and answer format: a built-in task, or a task class of one's own as
+    # module.path:ClassName or an entry point of group rspo_mega.tasks (docs/DATA.md)
+    task: TaskName = "sudoku"
     train_path: Optional[str] = None  # local file (JSONL/JSON/parquet/CSV); null for generators
     test_path: Optional[str] = None  # held-out file; null: generated (generator tasks) or none
     validation_path: Optional[str] = None  # validation file (model selection, evaluated as val/)
@@ -276,7 +317,9 @@ class DataConfig:
     # keep the task's default columns (docs/DATA.md)
     fields: dict[str, str] = field(default_factory=dict)
     json_field: Optional[str] = None  # key holding the records in a {key: [...]} JSON file
-    tokenizer: Optional[str] = None  # tokenizer.json or SentencePiece .model; null = built-in
+    # tokenizer.json or SentencePiece .model (a file, its directory or a hub id
+    # hf:ORG/NAME[@REVISION]); null = built-in
+    tokenizer: Optional[str] = None
     template: TemplateName = "plain"  # prompt text as is, or LLaDA's chat template
     max_prompt_length: PositiveInt = 64  # tokens
     num_train_examples: PositiveInt = 2000  # for generated tasks
@@ -299,8 +342,9 @@ class CheckpointConfig:
     save_interval: Annotated[int, Bounds(0)] = 0  # steps (0 = at the end and on preemption)
     keep_last: PositiveInt = 2  # complete checkpoints kept
     # weights to start from: a converted megatron checkpoint, a trainer iter_*/ or save_dir,
-    # an HF LLaDA directory (converted on the fly; its config.json gives the model) or
-    # shipped:<name> (a checkpoint shipped with the package)
+    # an HF LLaDA directory (converted on the fly; its config.json gives the model), a hub id
+    # hf:ORG/NAME[@REVISION] (that directory in the HF cache) or shipped:<name> (a checkpoint
+    # shipped with the package)
     init_from: Optional[str] = None
     # at the end of the run, the final checkpoint converted into this HF LLaDA directory
     # ({output_dir}: logging.output_dir); null: no export
@@ -312,8 +356,33 @@ class CheckpointConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases (``pip install -e '.[wandb]'``): from rank 0, every logged scalar, the
+    resolved config, the sample tables and, at the end, curves.png and summary.json."""
+
+    enabled: bool = False  # send the run to W&B (needs the wandb package)
+    project: str = "rspo_mega"  # W&B project
+    entity: Optional[str] = None  # team or user; null: the API key's default entity
+    name: Optional[str] = None  # run name; null: the name of logging.output_dir
+    tags: list[str] = field(default_factory=list)  # run tags
+    mode: Literal["online", "offline"] = "online"  # offline: run files only (wandb sync later)
+
+
+@dataclass
+class MLflowConfig:
+    """MLflow (``pip install -e '.[mlflow]'``): from rank 0, every logged scalar, the resolved
+    config as parameters, the sample tables and, at the end, curves.png and summary.json."""
+
+    enabled: bool = False  # send the run to MLflow (needs the mlflow package)
+    tracking_uri: Optional[str] = None  # e.g. http://host:5000 or file:/path; null: MLflow's own
+    experiment: str = "rspo_mega"  # experiment name (created when missing)
+    run_name: Optional[str] = None  # null: the name of logging.output_dir
+    tags: dict[str, str] = field(default_factory=dict)  # run tags (key: value)
+
+
+@dataclass
 class LoggingConfig:
-    """Run directory, metrics and console."""
+    """Run directory, metrics, console and experiment trackers."""
 
     # the run's directory: config.yaml, metrics.jsonl, TensorBoard, summary, built-in tokenizer,
     # and by default its checkpoints and HF export
@@ -324,6 +393,14 @@ class LoggingConfig:
     # line on stdout every log_interval steps
     progress_bar: bool = True
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"  # DEBUG adds megatron-core's INFO and warnings
+    # RL steps between logged samples (a few prompts, each with a completion, its reward and
+    # advantage) to samples.jsonl, the trackers and one console line; 0 = none
+    sample_interval: Annotated[int, Bounds(0)] = 0
+    # per-device peak dense TFLOP/s that MFU is measured against; null: the GPU's bf16 peak when
+    # its name is known (rspo_mega/plan/hardware.py), else no MFU
+    peak_tflops: Optional[Positive] = None
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
 
 
 @dataclass

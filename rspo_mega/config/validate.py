@@ -8,6 +8,7 @@ returns the derived layout (:class:`Layout`).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 from typing import Optional
 
@@ -203,7 +204,7 @@ def check_lora(cfg: TrainConfig) -> None:
 def check_data(cfg: TrainConfig) -> None:
     """The generated-Countdown section (checked by the task's own constructor, whatever the
     task, so a bad section in a shared YAML is found at once) and ``data.fields``."""
-    from rspo_mega.tasks import TASKS
+    from rspo_mega.tasks import task_factory
     from rspo_mega.tasks.countdown import CountdownTask
 
     cd: CountdownConfig = cfg.data.countdown
@@ -211,11 +212,26 @@ def check_data(cfg: TrainConfig) -> None:
         CountdownTask(**dataclasses.asdict(cd))
     except ValueError as err:
         raise ConfigError(f"data.countdown: {err}") from None
-    known = TASKS[cfg.data.task].default_fields
+    known = task_factory(cfg.data.task).default_fields  # a task of one's own is imported here
     unknown = sorted(set(cfg.data.fields) - set(known))
     if unknown:
         raise ConfigError(f"data.fields: unknown field(s) {unknown} for task {cfg.data.task!r}; "
                           f"its fields are {sorted(known)}")
+
+
+# logging section of a tracker -> (the module it imports, the pip extra that installs it)
+TRACKER_PACKAGES = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
+
+
+def check_logging(cfg: TrainConfig) -> None:
+    """Each enabled tracker's package is installed; samples come from RL rollouts."""
+    for section, (module, extra) in TRACKER_PACKAGES.items():
+        if getattr(cfg.logging, section).enabled and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"logging.{section}.enabled=true needs the '{module}' package, "
+                              f"which is not installed: pip install -e '.[{extra}]'")
+    if cfg.logging.sample_interval and cfg.algorithm.name == "sft":
+        raise ConfigError("logging.sample_interval logs RL completions with their rewards; an SFT "
+                          "run (algorithm.name=sft) generates none: set it to 0")
 
 
 def validate_config(cfg: TrainConfig, world_size: Optional[int] = None) -> Layout:
@@ -238,5 +254,6 @@ def validate_config(cfg: TrainConfig, world_size: Optional[int] = None) -> Layou
         raise ConfigError("checkpoint.export_hf converts the run's final checkpoint: it needs "
                           "checkpoint.save_dir (or set checkpoint.export_hf=null)")
     check_data(cfg)
+    check_logging(cfg)
     return Layout(world_size=world, dp=dp, prompts_per_step=cfg.global_batch_size // ro.group_size,
                   completions_per_rank=per_rank)

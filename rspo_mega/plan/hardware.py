@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 from rspo_mega.config import ConfigError
 from rspo_mega.plan.memory import Allowance
@@ -20,6 +21,25 @@ from rspo_mega.plan.timing import Rates
 
 GIB = 2**30
 KINDS = ("gpu", "cpu")
+# Dense bf16 tensor-core peak TFLOP/s per device (the vendors' data sheets, without sparsity),
+# by a piece of the name torch.cuda.get_device_name() reports; the first piece found in the
+# name wins, so a name that holds another comes before it (GH200 before H200 before H20).
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("GB200", 2500.0), ("B200", 2250.0),
+    ("GH200", 989.5), ("H200 NVL", 835.5), ("H200", 989.5), ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.5), ("H100", 989.5), ("H800", 989.5), ("H20", 148.0),
+    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
+    ("MI300X", 1307.4), ("MI325X", 1307.4),
+)
+
+
+def peak_tflops(device_name: str) -> Optional[float]:
+    """The dense bf16 peak of the device named ``device_name`` (:data:`PEAK_BF16_TFLOPS`), or
+    None for a device not listed."""
+    for piece, tflops in PEAK_BF16_TFLOPS:
+        if piece in device_name:
+            return tflops
+    return None
 
 
 def _option(field_name: str) -> str:

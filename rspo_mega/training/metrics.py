@@ -10,7 +10,8 @@ Every rank may call every method; ranks other than 0 do nothing. ``metrics.jsonl
 object per logged step (``step``, wall ``time`` in seconds since the epoch, float metrics) and is
 appended to, so a resumed run continues the same file; :meth:`MetricsLogger.rewind` first drops
 what was logged after the step the run resumes from (and everything for a fresh start), so no
-step appears twice.
+step appears twice. Each record also goes to the run's experiment trackers (``trackers``,
+:mod:`rspo_mega.training.trackers`).
 """
 
 from __future__ import annotations
@@ -48,11 +49,13 @@ class MetricsLogger:
         output_dir: run directory; ``metrics.jsonl`` and ``tensorboard/`` go there.
         tensorboard: write TensorBoard scalars (``torch.utils.tensorboard``).
         rank: this process's global rank (default: from ``torch.distributed``, else 0).
+        trackers: experiment trackers that get every record too (``Trackers.log_metrics``).
     """
 
     def __init__(self, output_dir: str | Path, tensorboard: bool = True,
-                 rank: Optional[int] = None) -> None:
+                 rank: Optional[int] = None, trackers: Any = None) -> None:
         self.rank = _default_rank() if rank is None else rank
+        self.trackers = trackers
         self.enabled = self.rank == 0
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / METRICS_FILE
@@ -97,6 +100,8 @@ class MetricsLogger:
         if self._writer is not None:
             for k, v in values.items():
                 self._writer.add_scalar(k, v, global_step=int(step))
+        if self.trackers:
+            self.trackers.log_metrics(int(step), values)
 
     def flush(self) -> None:
         if self._file is not None:

@@ -10,7 +10,7 @@ their data position as ``state_dict`` / ``load_state_dict``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 from megatron.core import parallel_state as ps
@@ -32,6 +32,15 @@ GUARD_KEY = "rollout_guard"  # the guard's settings in the batches' checkpoint s
 
 
 @dataclass
+class RolloutTexts:
+    """An RL step's rows on this rank as text: each row's example, completion and reward."""
+
+    examples: list[Example]
+    completions: list[str]
+    rewards: torch.Tensor  # [b] float32
+
+
+@dataclass
 class StepBatch:
     """One step's completions on this rank and what the loss needs besides them."""
 
@@ -39,6 +48,7 @@ class StepBatch:
     advantages: torch.Tensor  # [b] float32 (zeros for SFT)
     num_groups: int  # groups of the global step (prompts for RL, examples for SFT)
     metrics: dict[str, float] = field(default_factory=dict)  # global metrics of the rollout
+    texts: Optional[RolloutTexts] = None  # RL: the rows as text (logged samples)
 
 
 class _Batches:
@@ -97,13 +107,14 @@ class RLBatches(_Batches):
             rollout = self.engine.generate(prompts, uids, seed=hash64(cfg.seed, step),
                                            trajectory=self.trajectory, **guard)
         texts = batches.decode_completions(rollout, self.data.tokenizer, cfg.model.eos_token_id)
-        rewards = batches.score(self.data.task, texts, [examples[i] for i, _ in rows])
+        row_examples = [examples[i] for i, _ in rows]
+        rewards = batches.score(self.data.task, texts, row_examples)
         base = self.dp_rank * len(examples)
         completions = batches.completion_batch(rollout, uids, [base + i for i, _ in rows])
         advantages = compute_advantages(rewards, completions.group_ids, self.num_groups,
                                         cfg.algorithm)
-        return StepBatch(completions, advantages, self.num_groups,
-                         self._metrics(rewards, rollout))
+        return StepBatch(completions, advantages, self.num_groups, self._metrics(rewards, rollout),
+                         RolloutTexts(row_examples, texts, rewards))
 
     def _metrics(self, rewards: torch.Tensor, rollout: Rollout) -> dict[str, float]:
         """Global reward, accuracy (reward == 1), completion tokens, denoising steps and the

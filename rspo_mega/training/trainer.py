@@ -41,9 +41,12 @@ from rspo_mega.training.resume_checks import (
     check_lora_base, check_resumable, check_same_run, check_unfinished, lora_base_record,
 )
 from rspo_mega.training.run_data import RunData, prepare_run_data
+from rspo_mega.training.samples import SampleLog
 from rspo_mega.training.signals import INTERRUPT_SIGNALS, PreemptionHandler
 from rspo_mega.training.step_batches import build_batches
 from rspo_mega.training.step_report import step_reporter
+from rspo_mega.training.throughput import Throughput
+from rspo_mega.training.trackers import Trackers
 from rspo_mega.training.update_loop import UpdateLoop
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,7 @@ class Trainer:
         self.rank = torch.distributed.get_rank()
         self.data: RunData = prepare_run_data(cfg)
         load_init = prepare_init(cfg)  # checks checkpoint.init_from before any model exists
+        self.trackers = Trackers.open(cfg, self.rank)  # W&B / MLflow runs (rank 0)
         chunks = build_model(cfg)
         if load_init is not None:
             load_init(chunks)
@@ -78,7 +82,10 @@ class Trainer:
         self.updates = UpdateLoop(self.policy, cfg, masks, forward, updates_per_step)
         self.evaluator = Evaluator(engine, self.data, cfg.rollout.eval_steps)
         self.metrics = MetricsLogger(cfg.logging.output_dir, tensorboard=cfg.logging.tensorboard,
-                                     rank=self.rank)
+                                     rank=self.rank, trackers=self.trackers)
+        self.samples = SampleLog(cfg.logging.output_dir, cfg.logging.sample_interval,
+                                 cfg.rollout.group_size, self.data, self.trackers, self.rank)
+        self.throughput = Throughput(cfg, layout)
         self.ckpt = CheckpointManager(cfg.checkpoint.save_dir, cfg.checkpoint.keep_last) \
             if cfg.checkpoint.save_dir else None
         self.step = 0
@@ -106,7 +113,9 @@ class Trainer:
                **memory_stats()}
         if self.is_rl and elapsed > 0:
             out["tokens_per_s"] = batch.metrics["completion_tokens"] / elapsed
+        out.update(self.throughput.step_metrics(batch, elapsed))
         self.step += 1
+        self.samples.log(self.step, batch)
         return out
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -180,6 +189,7 @@ class Trainer:
         cfg = self.cfg
         resumed = self.resume()
         self.metrics.rewind(self.step)  # drop what an earlier attempt logged after this step
+        self.samples.rewind(self.step)
         summary = self._evaluate_before(resumed)
         report = step_reporter(self.rank, cfg.train_steps, self.step, self.kind,
                                cfg.algorithm.name, cfg.logging.log_interval,
@@ -199,6 +209,7 @@ class Trainer:
                     report.close()
                     return self._stop_summary(preemption)
         report.close()
+        summary.update(self.throughput.summary())
         self.metrics.close()
         return summary
 
