@@ -27,6 +27,15 @@ import torch
 import torch.distributed as dist
 
 METRICS_FILE = "metrics.jsonl"
+# Metrics measured on the wall clock or of the process's memory: they differ between two runs
+# that compute the same numbers (a resumed run against an uninterrupted one).
+WALL_CLOCK_KEYS = ("time", "step_seconds", "tokens_per_s", "tflops_per_device", "mfu")
+WALL_CLOCK_PREFIXES = ("time/", "memory/", "throughput/")
+
+
+def is_wall_clock(key: str) -> bool:
+    """Whether metric ``key`` is a wall-clock or memory figure (see :data:`WALL_CLOCK_KEYS`)."""
+    return key in WALL_CLOCK_KEYS or key.startswith(WALL_CLOCK_PREFIXES)
 DEFAULT_PLOT_KEYS: tuple[str, ...] = (
     "reward", "accuracy", "loss", "relative_score_mean", "tokens_per_s",
 )

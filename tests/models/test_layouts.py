@@ -129,8 +129,10 @@ def test_logits_match_reference_across_layouts(hf_gqa, hf_mha, converted, tmp_pa
     from rspo_mega.models.llada import convert_mcore_to_hf
 
     out = str(tmp_path / "hf_back")
-    convert_mcore_to_hf(save_dir, out, hf_config=hf_gqa, prefix="model.", dtype="float32")
-    a, b = _hf_state(hf_gqa), _hf_state(out)
+    a = _hf_state(hf_gqa)
+    stored = str(next(iter(a.values())).dtype).removeprefix("torch.")  # the HF files' dtype
+    convert_mcore_to_hf(save_dir, out, hf_config=hf_gqa, prefix="model.", dtype=stored)
+    b = _hf_state(out)
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rspo_mega.config import load_config, validate_config
 from rspo_mega.train import TINY_DEFAULT
+from rspo_mega.training.metrics import is_wall_clock
 from tests.distributed import run_distributed
 
 SMALL = ["global_batch_size=8", "rollout.micro_batch_size=8",
@@ -33,8 +34,7 @@ def _run(rank: int, world: int, run_dir: str, steps: int) -> list[dict]:
 
 
 def _comparable(row: dict) -> dict:
-    return {k: v for k, v in row.items() if not k.startswith(("time", "memory/"))
-            and k not in ("step_seconds", "tokens_per_s")}
+    return {k: v for k, v in row.items() if not is_wall_clock(k)}
 
 
 def test_agrpo_trains_and_resumes_bitwise(tmp_path):

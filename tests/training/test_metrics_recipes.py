@@ -119,5 +119,5 @@ def test_recipe_valid_for_every_layout(recipe: Path) -> None:
         assert cfg.rollout.temperature == 1.0 and cfg.rollout.group_size in (6, 8)
         assert cfg.algorithm.name == "rspo" and cfg.algorithm.lambda_ == 0.01
         assert cfg.likelihood.mask_scheme == "coupled" and cfg.likelihood.mc_samples == 2
-    tasks = {p.stem.rsplit("_", 1)[1] for p in RECIPES}
+    tasks = {p.stem.removesuffix("_lora").rsplit("_", 1)[1] for p in RECIPES}
     assert tasks == {"countdown", "sudoku", "gsm8k", "math500"}
