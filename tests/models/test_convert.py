@@ -213,3 +213,19 @@ def test_mcore_side_errors(hf_mha, hf_gqa, converted, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         convert_mcore_to_hf(str(tmp_path / "nope"), str(tmp_path / "c"))
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
+def test_a_trainer_checkpoint_is_found_by_its_iteration_directory(converted, tmp_path):
+    """``--ckpt iter_N`` stands for its ``dist/``; the optimizer's moments, stored under their own
+    prefixes beside the model's, are not taken for a second model."""
+    from rspo_mega.models.llada.convert import _detect_prefix
+
+    keys = {"embedding.word_embeddings.weight", "optimizer.state.exp_avg.embedding.word_embeddings"
+            ".weight", "optimizer.state.exp_avg_sq.embedding.word_embeddings.weight"}
+    assert _detect_prefix(keys) == ""
+    iteration = tmp_path / "iter_0000007"
+    iteration.mkdir()
+    shutil.copytree(converted["gqa"], iteration / "dist")
+    out = tmp_path / "hf"
+    convert_mcore_to_hf(str(iteration), str(out))  # geometry: the copy of hf_config.json
+    assert (out / "config.json").is_file()
