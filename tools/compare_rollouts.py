@@ -154,8 +154,7 @@ def format_table(target: float, table: dict) -> str:
         lines.append([variant, str(len(runs))] + [
             _mean_se([r[k] for r in runs]) for k in ("solved_after", "gain", "rollout_s", "step_s")
         ] + [_mean_se(tta), f"{len(tta)}/{len(runs)}"])
-    widths = [max(len(x[i]) for x in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in lines)
+    return runs_lib._aligned(lines)
 
 
 def plot(records: list[dict], target: float, out_png: Path) -> Path:
