@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from rspo_mega.config import ConfigError, load_config
-from rspo_mega.plan import Hardware, check_before_launch, fixes, plan_run, search
+from rspo_mega.plan import (
+    Hardware, check_before_launch, fixes, plan_run, search, with_overrides,
+)
+from rspo_mega.plan.planner import candidate_changes
 from rspo_mega.plan.timing import rollout_time
 
 # 2 layers, hidden 64, ffn 192, 4 heads of 16 / 2 KV groups, vocab 300 (padded to 512 at tp=2:
@@ -168,7 +171,8 @@ def test_cli_table_json_and_exit_codes(capsys):
     assert main(SMALL + ["--nodes", "0"]) == 2
     assert "--nodes must be >= 1" in capsys.readouterr().err
     assert main(SMALL + ["--gpus-per-node", "2", "--search", "--top", "3"]) == 0
-    assert len(capsys.readouterr().out.strip().splitlines()) == 4  # header + 3 layouts
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 5 and "full fine-tuning" in lines[0]  # title, header, 3 layouts
 
 
 def test_the_nodes_and_gpus_options_set_the_world_over_a_files_world_size(capsys):
@@ -249,3 +253,38 @@ def test_the_8b_lora_recipe_plans_no_reference_and_a_small_optimizer_state():
     assert parts["optimizer states"] < full_parts["optimizer states"] / 30
     assert parts["gradients"] < full_parts["gradients"] / 30
     assert parts["policy weights"] == full_parts["policy weights"]  # the frozen base stays
+
+
+def test_lora_search_admits_layouts_the_full_search_rejects(capsys):
+    """The 8B countdown recipe on one node of 2 x 80 GiB: no full-fine-tuning layout fits (16 GB
+    of weights, 32 of gradients, 48 of Adam and 16 of reference per rank at best); its LoRA
+    recipe's search, planned with the adapters' gradients and Adam state, a frozen base and no
+    reference copy, finds layouts, and says they are LoRA ones."""
+    from rspo_mega.plan.cli import main
+
+    two = Hardware(gpus_per_node=2)
+    lora_cfg = load_config(EIGHT_B.replace(".yaml", "_lora.yaml"), [])
+    assert search(_eight_b(), two) == []
+    plans = search(lora_cfg, two, top=10**6)
+    assert plans and all(p.fits and p.shapes.lora_rank == 128 for p in plans)
+    assert not any(p.cfg.likelihood.offload_reference for p in plans)  # nothing to offload
+    for p in plans:
+        assert "reference model" not in p.stages[0].resident
+        assert p.stages[0].resident["gradients"] == p.shapes.stage_trainable(0) * 4
+        full = plan_run(with_overrides(p.cfg, {"model.lora.enabled": False}), two)
+        assert not full.fits  # the same layout without LoRA is over
+    args = ["--gpus-per-node", "2", "--search", "--top", "2"]
+    assert main(["--config", EIGHT_B, *args]) == 1
+    assert "no layout fits (full fine-tuning)" in capsys.readouterr().out
+    assert main(["--config", EIGHT_B.replace(".yaml", "_lora.yaml"), *args]) == 0
+    title, _, first, _ = capsys.readouterr().out.strip().splitlines()
+    assert title.startswith("layouts that fit, fastest first, LoRA r=128 alpha 64 on "
+                            "linear_qkv, linear_fc1"), title
+    assert first.split()[6] == "-"  # the offload column: no reference copy
+
+
+def test_lora_fixes_do_not_offload_a_reference_it_does_not_have():
+    full, lora = (plan_run(load_config(path, []), Hardware())
+                  for path in (EIGHT_B, EIGHT_B.replace(".yaml", "_lora.yaml")))
+    assert {"likelihood.offload_reference": True} in candidate_changes(full)
+    assert all("likelihood.offload_reference" not in c for c in candidate_changes(lora))

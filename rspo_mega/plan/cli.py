@@ -6,7 +6,9 @@
 The world is ``--nodes`` x ``--gpus-per-node`` ranks (a config's ``parallel.world_size`` gives
 way to it). Prints, per pipeline stage, every rank's memory by part and phase, and per phase the FLOPs,
 communication and estimated seconds of one RL step (``--json``: the same as one JSON object).
-``--search`` lists the layouts and memory options that fit, by estimated throughput. Exit
+``--search`` lists the layouts and memory options that fit, by estimated throughput (with
+``model.lora.enabled`` LoRA layouts: a frozen base, the adapters' gradients and Adam state, no
+reference copy; the table's title says which). Exit
 status: 0 when the plan fits (``--search``: when any layout fits), 1 when it does not, 2 for a
 config or option error (the message names the key).
 """
@@ -72,7 +74,7 @@ def _run_search(cfg, hw: Hardware, a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps([report.to_json(p) for p in plans], indent=1))
     else:
-        print(report.search_table(plans))
+        print(report.search_table(plans, lora=cfg.model.lora.enabled))
     return 0 if plans else 1
 
 

@@ -90,8 +90,8 @@ def candidate_changes(plan: Plan) -> list[dict[str, Any]]:
     """Single config changes that lower some rank's memory, in the order they are tried."""
     cfg, w, m, hw = plan.cfg, plan.work, plan.shapes, plan.hardware
     out: list[dict[str, Any]] = []
-    if w.reference_passes and not w.offload_reference and hw.kind == "gpu":
-        out.append({"likelihood.offload_reference": True})
+    if w.reference_passes and not w.offload_reference and hw.kind == "gpu" and not m.lora_rank:
+        out.append({"likelihood.offload_reference": True})  # LoRA: no reference copy to move
     if w.dp > 1 and not w.distributed_optimizer:
         out.append({"optimizer.use_distributed_optimizer": True})
     if w.one_pass:
@@ -137,13 +137,15 @@ def _divisors(n: int) -> list[int]:
 
 def search_space(cfg: TrainConfig, hw: Hardware) -> Iterable[dict[str, Any]]:
     """Layouts and options to try: TP within a node, PP dividing the layers, micro-batch sizes,
-    one or two ELBO passes, reference offload, distributed optimizer. (With
+    one or two ELBO passes, reference offload (not with LoRA: the reference is the base, no
+    copy), distributed optimizer. The config's ``model.lora`` stays as it is: with LoRA on, each
+    layout is planned with the adapters' gradients and Adam state and a frozen base. (With
     ``algorithm.centering=microbatch`` its chunk shrinks to a divisor of a rank's completions
     where it must.)"""
     world, gbs = hw.world, cfg.global_batch_size
     lik_mbs = sorted({1, 2, 4, 8, 16, 32, cfg.likelihood.micro_batch_size})
     roll_mbs = sorted({4, 8, 16, 32, 64, cfg.rollout.micro_batch_size})
-    offload = (False, True) if hw.kind == "gpu" else (False,)
+    offload = (False, True) if hw.kind == "gpu" and not cfg.model.lora.enabled else (False,)
     for tp in [t for t in _divisors(world) if t <= hw.gpus_per_node]:
         for pp in _divisors(world // tp):
             passes = (True, False) if pp == 1 else (False,)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from rspo_mega.plan.hardware import GIB
 from rspo_mega.plan.planner import Plan
@@ -23,8 +23,18 @@ def _ranks(r: range) -> str:
     return f"{r.start}" if len(r) == 1 else f"{r.start}-{r.stop - 1}"
 
 
+def training(plan: Plan) -> str:
+    """What trains: every weight (with a reference copy where the loss needs one), or LoRA
+    adapters on a frozen base that is also the reference."""
+    lora = plan.cfg.model.lora
+    if not lora.enabled:
+        return "full fine-tuning (every weight trains; a reference is a copy)"
+    return (f"LoRA r={lora.rank} alpha {lora.alpha:g} on {', '.join(lora.target_modules)} "
+            "(adapters train; the frozen base is the reference, no copy)")
+
+
 def header(plan: Plan) -> list[str]:
-    """The cluster, the layout and the model in three lines."""
+    """The cluster, the layout, the model, what trains and the step's sizes in four lines."""
     hw, m, lay, w = plan.hardware, plan.shapes, plan.layout, plan.work
     passes = "one pass" if w.one_pass else "two passes"
     return [
@@ -33,6 +43,7 @@ def header(plan: Plan) -> list[str]:
         f"model: {m.total_params() / 1e9:.3f} B parameters, {m.layers} layers, hidden {m.hidden}, "
         f"ffn {m.ffn}, {m.heads} heads / {m.groups} groups, vocab {m.vocab} (padded "
         f"{m.padded_vocab}), {'bf16' if m.param_bytes == 2 else 'fp32'}, {m.impl} spec",
+        f"training: {training(plan)}",
         f"step per rank: {w.completions} completions, prompt {w.prompt_length} + gen "
         f"{w.gen_length} tokens, {w.steps} denoising steps, cache={w.cache}; ELBO {w.sequences} "
         f"masked sequences in micro-batches of {w.elbo_micro_batch} ({passes})",
@@ -91,19 +102,25 @@ def text(plan: Plan) -> str:
     return "\n".join(header(plan) + [""] + memory_table(plan) + [""] + time_table(plan))
 
 
-def search_table(plans: list[Plan]) -> str:
-    """One line per fitting layout, fastest first."""
-    lines = [f"{'tp':>3s}{'pp':>4s}{'dp':>4s}{'elbo mbs':>9s}{'roll mbs':>9s}{'passes':>7s}"
+def search_table(plans: list[Plan], lora: bool = False) -> str:
+    """A title saying whether the layouts are LoRA or full fine-tuning ones, then one line per
+    fitting layout, fastest first (``lora``: the config's ``model.lora.enabled``, for the title
+    when none fits)."""
+    kind = training(plans[0]) if plans else ("LoRA" if lora else "full fine-tuning")
+    if not plans:
+        return f"no layout fits ({kind})"
+    lines = [f"layouts that fit, fastest first, {kind}:",
+             f"{'tp':>3s}{'pp':>4s}{'dp':>4s}{'elbo mbs':>9s}{'roll mbs':>9s}{'passes':>7s}"
              f"{'offload':>8s}{'dist opt':>9s}{'peak GiB':>10s}{'step s':>9s}{'compl/s':>9s}"]
     for p in plans:
         c, m = p.cfg, p.shapes
         peak = max(s.peak_phase()[1] for s in p.stages) / GIB
         lines.append(f"{m.tp:3d}{m.pp:4d}{p.layout.dp:4d}{p.work.elbo_micro_batch:9d}"
                      f"{c.rollout.micro_batch_size:9d}{1 if p.work.one_pass else 2:7d}"
-                     f"{str(c.likelihood.offload_reference):>8s}"
+                     f"{'-' if c.model.lora.enabled else str(c.likelihood.offload_reference):>8s}"
                      f"{str(c.optimizer.use_distributed_optimizer):>9s}{peak:10.1f}"
                      f"{p.step_s:9.2f}{p.completions_per_s:9.2f}")
-    return "\n".join(lines) if plans else "no layout fits"
+    return "\n".join(lines)
 
 
 def _stage_json(plan: Plan, s) -> dict[str, Any]:
@@ -117,6 +134,15 @@ def _stage_json(plan: Plan, s) -> dict[str, Any]:
             "fits": peak <= plan.hardware.capacity_bytes}
 
 
+def _lora_json(plan: Plan) -> Optional[dict[str, Any]]:
+    """``model.lora`` and the adapters' parameters per rank of each stage (None without LoRA)."""
+    lora, m = plan.cfg.model.lora, plan.shapes
+    if not lora.enabled:
+        return None
+    return {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(lora.target_modules),
+            "trained_parameters_per_rank": [m.stage_trainable(s) for s in range(m.pp)]}
+
+
 def to_json(plan: Plan) -> dict[str, Any]:
     """The plan as plain data (bytes, FLOPs, seconds)."""
     hw = plan.hardware
@@ -125,7 +151,8 @@ def to_json(plan: Plan) -> dict[str, Any]:
         "layout": {"world_size": plan.layout.world_size, "tp": plan.shapes.tp,
                    "pp": plan.shapes.pp, "dp": plan.layout.dp},
         "model": {"parameters": plan.shapes.total_params(), "impl": plan.shapes.impl,
-                  "param_bytes": plan.shapes.param_bytes},
+                  "param_bytes": plan.shapes.param_bytes, "training": training(plan),
+                  "lora": _lora_json(plan)},
         "workload": {k: getattr(plan.work, k) for k in plan.work.__dataclass_fields__},
         "stages": [_stage_json(plan, s) for s in plan.stages],
         "time": {"phases": {n: {"flops": t.flops, "compute_s": t.compute_s, "comm_s": t.comm_s,
