@@ -3,27 +3,32 @@
 Each case runs the production trainer (``rspo_mega.training.trainer.Trainer``, one process per
 rank on gloo, one thread each) for four RSPO steps and, in the same processes, the plan of the
 same resolved config (``rspo_mega.plan.plan_run`` on ``cpu`` hardware: no framework allowance,
-rates measured here). Cases: the tiny default; a 51M-parameter model (10 layers, hidden 640) at
-TP1, TP2 and PP2 (coupled masks, K=1); the same at TP1 with K=4.
+rates measured here). Cases: the tiny default; a 51M-parameter model (10 layers, hidden 640, its
+own random start) at TP1, TP2 and PP2 (coupled masks, K=1); the same at TP1 with K=4; the same at
+TP1 with LoRA (``model.lora``: ESPO's recipe scaled to the width, r=16 and alpha 8 on the fused
+QKV and fc1 linears, on a base the ranks first save and then start from as
+``checkpoint.init_from``).
 
 Memory, per rank, from RSS deltas:
 
 * resident parts: the RSS growth of building the policy (after one throwaway build), wrapping
   it in DDP (fp32 gradient buffer), the first optimizer step (Adam's lazily created moments) and
-  freezing the reference;
+  freezing the reference (with LoRA the adapters are built with the policy, and freezing the
+  reference copies nothing);
 * each phase of step 2 (rollout, reference scoring, policy passes, optimizer step): the peak RSS
   above the phase's start, read from ``VmHWM`` after resetting it (``/proc/self/clear_refs``).
   glibc serves every allocation over 64 KiB with its own mapping here (``mallopt``), so RSS
   follows the live tensors; a phase's peak is the resident parts plus that rise (the process's
   other memory, code and allocator state, is reported beside it);
-* the policy passes' autograd-saved bytes (storages counted once, weights excluded).
+* the policy passes' autograd-saved bytes (storages counted once, weights excluded);
+* the step's peak: the largest phase peak, planned and measured (``step_peak``).
 
 Time: each phase of steps 3-4 (allocator back to its fast setting) against the plan's seconds at
 the GEMM rate measured on the model's shapes here and a stated efficiency of 0.5. The orders
 must agree; phases under 2% of the measured step (timer noise) may come in any order among
 themselves, below the others.
 
-    python benchmarks/bench_plan.py [--cases tiny,50m_tp1,50m_tp2,50m_pp2,50m_k4]
+    python benchmarks/bench_plan.py [--cases tiny,50m_tp1,50m_tp2,50m_pp2,50m_k4,50m_lora]
 """
 
 from __future__ import annotations
@@ -54,13 +59,18 @@ M50 = ["model.num_layers=10", "model.hidden_size=640", "model.ffn_hidden_size=17
        "model.num_attention_heads=10", "global_batch_size=4",
        "rollout.group_size=4", "rollout.steps=4", "rollout.micro_batch_size=4",
        "rollout.confidence_threshold=null", "likelihood.mask_scheme=coupled", "likelihood.mask_sharing=completion",
-       "likelihood.mc_samples=1", "likelihood.micro_batch_size=4"]
+       "likelihood.mc_samples=1", "likelihood.micro_batch_size=4",
+       "checkpoint.init_from=null"]  # not the tiny default's shipped start: another geometry
+# ESPO's LoRA recipe (r=128, alpha=64 on LLaDA-8B's width 4096) scaled to width 640
+LORA = ["model.lora.enabled=true", "model.lora.rank=16", "model.lora.alpha=8",
+        "model.lora.target_modules=[linear_qkv, linear_fc1]"]
 CASES = {  # name -> (ranks, overrides of the tiny default)
     "tiny": (1, []),
     "50m_tp1": (1, M50),
     "50m_tp2": (2, M50 + ["parallel.tp=2"]),
     "50m_pp2": (2, M50 + ["parallel.pp=2"]),
     "50m_k4": (1, M50 + ["likelihood.mc_samples=4"]),
+    "50m_lora": (1, M50 + LORA),
 }
 PHASES = ("rollout", "reference", "policy", "grad_sync", "optimizer")
 EFFICIENCY = 0.5  # the stated share of the measured GEMM rate
@@ -252,10 +262,11 @@ def _compare(plan, record: dict, meter: Meter, stage: int) -> dict:
                          "gradients": record["gradients"],
                          "optimizer states": meter.first_optimizer_growth,
                          "reference model": record["reference model"]}
-    resident = {k: {"planned": mem.resident[k], "measured": v,
-                    "ratio": round(mem.resident[k] / max(v, 1), 3)}
+    planned_resident = _planned_resident(mem.resident)
+    resident = {k: {"planned": planned_resident[k], "measured": v,
+                    "ratio": round(planned_resident[k] / max(v, 1), 3)}
                 for k, v in measured_resident.items()}
-    held = sum(v for k, v in mem.resident.items() if k != "framework")
+    held = sum(planned_resident.values())
     held_measured = sum(measured_resident.values())
     phases = {}
     for name, m in meter.memory.items():
@@ -276,7 +287,27 @@ def _compare(plan, record: dict, meter: Meter, stage: int) -> dict:
     phases["policy"]["planned_saved"] = int(planned_saved)
     phases["policy"]["measured_saved"] = meter.saved.peak
     phases["policy"]["saved_ratio"] = round(planned_saved / max(meter.saved.peak, 1), 3)
-    return {"resident": resident, "phases": phases, "time": _times(plan, meter)}
+    return {"resident": resident, "phases": phases, "step_peak": _step_peak(phases),
+            "time": _times(plan, meter)}
+
+
+def _planned_resident(parts: dict[str, int]) -> dict[str, int]:
+    """The plan's resident parts as this benchmark measures them: no framework allowance, the
+    LoRA adapters within the policy's build, and a reference copy of 0 bytes where there is
+    none (LoRA: the reference is the base)."""
+    out = {k: v for k, v in parts.items() if k not in ("framework", "adapters")}
+    out["policy weights"] += parts.get("adapters", 0)
+    out.setdefault("reference model", 0)
+    return out
+
+
+def _step_peak(phases: dict[str, dict]) -> dict:
+    """The step's peak: the largest phase peak, planned and measured (bytes), and their ratio."""
+    planned = max(p["planned_peak"] for p in phases.values())
+    measured = max(p["measured_peak"] for p in phases.values())
+    return {"planned": planned, "measured": measured, "ratio": round(planned / max(measured, 1), 3),
+            "planned_phase": max(phases, key=lambda n: phases[n]["planned_peak"]),
+            "measured_phase": max(phases, key=lambda n: phases[n]["measured_peak"])}
 
 
 def _ranked(seconds: dict[str, float]) -> list[str]:
@@ -322,6 +353,19 @@ def _cpu_hardware(world: int, rates: dict):
                     framework_gib=0.0, fragmentation=0.0)
 
 
+def _first_build(cfg, base_dir: str | None) -> None:
+    """A process's first model build leaves ~7 MB of imports and allocator state behind (later
+    builds grow RSS by their weights alone): build one and drop it. With ``base_dir`` (LoRA),
+    its weights are saved there first: the base the run starts from (adapters are not read)."""
+    from rspo_mega.models.llada.checkpoint import save_model
+    from rspo_mega.training.builder import build_chunks
+
+    chunks = build_chunks(cfg)
+    if base_dir is not None:
+        save_model(chunks[0], base_dir)
+    del chunks[:]
+
+
 def worker(case: str, out_dir: str) -> None:
     """One rank of ``case``: build, run four steps, plan, write the comparison into ``out_dir``
     (shared by the ranks: rank 0 trains the tokenizer there)."""
@@ -335,17 +379,17 @@ def worker(case: str, out_dir: str) -> None:
     from rspo_mega.plan import plan_run
     from rspo_mega.plan.shapes import model_shapes
     from rspo_mega.train import TINY_DEFAULT
-    from rspo_mega.training.builder import build_chunks
 
     probe, record = Probe(), {}
     probe.measuring(True)
-    cfg = load_config(TINY_DEFAULT, COMMON + CASES[case][1] + [f"logging.output_dir={out_dir}"])
+    overrides = COMMON + CASES[case][1] + [f"logging.output_dir={out_dir}"]
+    base_dir = os.path.join(out_dir, "base")  # LoRA: the base the adapters train on
+    lora = "model.lora.enabled=true" in overrides
+    cfg = load_config(TINY_DEFAULT, overrides + ([f"checkpoint.init_from={base_dir}"] * lora))
     layout = validate_config(cfg, world_size=int(os.environ["WORLD_SIZE"]))
-    # A process's first model build leaves ~7 MB of imports and allocator state behind (later
-    # builds grow RSS by their weights alone): build one and drop it first.
     initialize_distributed(backend="gloo")
     initialize_model_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
-    del build_chunks(cfg)[:]
+    _first_build(cfg, base_dir if lora else None)
     trainer = _build(cfg, layout, probe, record)
     meter = Meter(probe)
     _instrument(trainer, meter)

@@ -1,9 +1,13 @@
 """The planner against real models: per-rank parameter counts and autograd-saved bytes of an
-ELBO forward at TP1, TP2 and PP2 (one 2-rank launch), for a GQA geometry on the local spec."""
+ELBO forward at TP1, TP2 and PP2 (one 2-rank launch), for a GQA geometry on the local spec, in
+full fine-tuning and with LoRA adapters on a frozen base (three target sets: the 8B recipes'
+QKV and fc1, the row-parallel proj and fc2, where stage 0's first layer records nothing before
+its projection, and all four)."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import torch
 
@@ -14,6 +18,16 @@ GEOMETRY = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size
             "model.num_attention_heads=4", "model.num_query_groups=2", "model.vocab_size=300",
             "model.mask_token_id=299", "model.eos_token_id=298",
             "model.max_position_embeddings=64"]
+LORA_TARGETS = (None, "[linear_qkv, linear_fc1]", "[linear_proj, linear_fc2]",
+                "[linear_qkv, linear_proj, linear_fc1, linear_fc2]")
+
+
+def _lora(targets) -> list[str]:
+    """Overrides of LoRA r=3 on ``targets`` (none: full fine-tuning)."""
+    if targets is None:
+        return []
+    return ["model.lora.enabled=true", "model.lora.rank=3", "checkpoint.init_from=/base",
+            f"model.lora.target_modules={targets}"]
 
 
 def _saved_storages(fn, excluded: set[int]) -> int:
@@ -72,18 +86,22 @@ def _body(rank: int, world: int) -> list:
     out = []
     rows, seq = 3, 20
     positions = torch.arange(0, rows * seq, 3)  # flat row * s + position, as the ELBO runner
-    for tp, pp in LAYOUTS:
+    for (tp, pp), targets in itertools.product(LAYOUTS, LORA_TARGETS):
         initialize_model_parallel(tp=tp, pp=pp, seed=7)
-        cfg = load_config(None, GEOMETRY + [f"parallel.tp={tp}", f"parallel.pp={pp}"])
+        cfg = load_config(None, GEOMETRY + [f"parallel.tp={tp}", f"parallel.pp={pp}",
+                                            *_lora(targets)])
         stage = ps.get_pipeline_model_parallel_rank()
         model = build_llada_model(cfg.model)
-        built = sum(p.numel() for p in model.parameters())
-        planned = model_shapes(cfg, "local").stage_params(stage)
+        built = (sum(p.numel() for p in model.parameters()),
+                 sum(p.numel() for p in model.parameters() if p.requires_grad))
+        shapes = model_shapes(cfg, "local")
+        planned = (shapes.stage_params(stage) + shapes.layers_per_stage
+                   * sum(shapes.adapter_matrices()), shapes.stage_trainable(stage))
         weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
         fn = _stage_forward(model, cfg, stage, pp, rows, seq, positions)
         saved = _saved_storages(fn, weights)
         widest = int(torch.bincount(positions // seq).max())  # the last layer's query slots
-        out.append((tp, pp, stage, built, planned, saved,
+        out.append((f"tp={tp} pp={pp} stage {stage} lora {targets}", built, planned, saved,
                     _planned_saved(cfg, stage, rows, seq, positions.numel(), widest)))
     return out
 
@@ -91,8 +109,9 @@ def _body(rank: int, world: int) -> list:
 def test_planned_parameters_and_saved_bytes_equal_the_built_models():
     results = run_distributed(_body, world_size=2, timeout=240)
     for rank_rows in results:
-        for tp, pp, stage, built, planned, saved, planned_saved in rank_rows:
-            where = f"tp={tp} pp={pp} stage {stage}"
-            assert planned == built, f"{where}: planned {planned} parameters, built {built}"
+        assert len(rank_rows) == len(LAYOUTS) * len(LORA_TARGETS)
+        for where, built, planned, saved, planned_saved in rank_rows:
+            assert planned == built, f"{where}: planned (all, trained) parameters {planned}, " \
+                                     f"built {built}"
             assert planned_saved == saved, f"{where}: planned {planned_saved} saved bytes, " \
                                            f"autograd saved {saved}"

@@ -7,8 +7,16 @@ length of one micro-batch; ``positions`` = head outputs (scored ELBO positions o
 block positions). Activations are in the parameter dtype (``a`` bytes), softmax statistics and
 logits in float32, token ids in int64. Sequence parallelism divides the ``[s, b, h]`` tensors by tp.
 
-The local-spec counts match what autograd saves on a CPU exactly (``tests/test_plan_model.py``
-counts the saved storages); the TE counts follow TE 2.x's saved tensors and are not measured here.
+With LoRA (``m.lora_rank``) the base is frozen: a base linear saves no input for a weight
+gradient, a norm with a frozen weight no normalised copy, the frozen head no hidden rows and the
+embedding no token ids; autograd records nothing before the first adapter of a stage's first
+layer when the stage's input carries no gradient (stage 0); each adapter saves its input and
+``A x`` (``r`` values). Adapter dropout's masks are not counted.
+
+The local-spec counts match what autograd saves on a CPU exactly, with and without LoRA
+(``tests/test_plan_model.py`` counts the saved storages); the TE counts follow TE 2.x's saved
+tensors and are not measured here (with LoRA they keep the dense layer's tensors and add the
+adapters': an upper bound).
 """
 
 from __future__ import annotations
@@ -28,22 +36,68 @@ def _attention(m: ModelShapes) -> float:
     return ((m.heads + 2 * m.groups) + (2 * m.heads + m.groups)) * m.head_dim / m.tp
 
 
-def saved_per_token(m: ModelShapes) -> float:
-    """Bytes one layer saves for backward per token.
+def _lora_local(m: ModelShapes) -> bool:
+    """Whether the LoRA counts of the local spec apply (frozen base, measured)."""
+    return bool(m.lora_rank) and m.impl == "local"
+
+
+def saved_per_token(m: ModelShapes, grad_in: bool = True) -> float:
+    """Bytes one layer saves for backward per token (``grad_in``: whether the layer's input
+    carries a gradient; only LoRA's first layer of stage 0 has none).
 
     local: norm input, normalised input and norm output (the next linear's input) of both norms;
     fc1 output (both SwiGLU halves are views of it), SiLU output, the product (fc2 input).
     TE: norm input and norm output per LayerNorm+Linear; fc1 output (fused SwiGLU input) and the
     SwiGLU output. Both: the attention tensors of :func:`_attention`, the log-sum-exp (fp32 per
-    head) and one fp32 rstd per norm. LoRA: each adapter's ``A x`` (``r`` values, the input of
-    ``B``; ``x`` is the base linear's saved input).
+    head) and one fp32 rstd per norm. LoRA: local, :func:`_lora_front` and
+    :func:`_lora_back`; TE, the dense count plus each adapter's ``A x``.
     """
+    if _lora_local(m):
+        front, grad = _lora_front(m, grad_in)
+        core = (m.heads * m.head_dim / m.tp * m.param_bytes + m.heads / m.tp * F32) if grad else 0
+        return front + core + _lora_back(m, grad, proj_input_saved=grad)
     dense = (6 * _h(m) + 4 * m.ffn / m.tp) if m.impl == "local" else (4 * _h(m) + 3 * m.ffn / m.tp)
     adapters = len(m.lora_targets) * m.lora_rank
     return (dense + adapters + _attention(m)) * m.param_bytes + (m.heads / m.tp + 2) * F32
 
 
-def selected_layer_saved(m: ModelShapes, tokens: int, slots: int, outputs: int) -> float:
+def _lora_front(m: ModelShapes, grad_in: bool) -> tuple[float, bool]:
+    """Bytes per token a LoRA layer (local spec) saves up to the core attention's inputs, and
+    whether the attention is in the graph: the first norm's input and rstd (with ``grad_in``),
+    the QKV adapter's input (the norm output) and ``A x``, the mixed QKV and Q, K after RoPE."""
+    a, grad = m.param_bytes, grad_in or "linear_qkv" in m.lora_targets
+    saved = (m.hidden * a + F32) if grad_in else 0.0
+    if "linear_qkv" in m.lora_targets:
+        saved += (m.hidden + m.lora_rank) * a
+    if grad:
+        saved += (2 * m.heads + 3 * m.groups) * m.head_dim / m.tp * a
+    return saved, grad
+
+
+def _lora_back(m: ModelShapes, grad: bool, proj_input_saved: bool) -> float:
+    """Bytes per row a LoRA layer (local spec) saves from the output projection on, ``grad``:
+    whether the attention was in the graph, ``proj_input_saved``: whether the attention already
+    saved the projection's input. In order: the proj adapter's input and ``A x``; the second
+    norm's input and rstd; the fc1 adapter's input and ``A x``; fc1's output and the SiLU output;
+    the fc2 adapter's input (the SwiGLU product) and ``A x``. Each part is saved once the graph
+    has begun (a gradient flows in, or an adapter before it)."""
+    a, r, targets = m.param_bytes, m.lora_rank, m.lora_targets
+    saved = 0.0
+    if "linear_proj" in targets:
+        saved += ((0 if proj_input_saved else m.heads * m.head_dim / m.tp) + r) * a
+    grad = grad or "linear_proj" in targets
+    saved += (m.hidden * a + F32) if grad else 0.0
+    if "linear_fc1" in targets:
+        saved += (m.hidden + r) * a
+    grad = grad or "linear_fc1" in targets
+    saved += 3 * m.ffn / m.tp * a if grad else 0.0
+    if "linear_fc2" in targets:
+        saved += (m.ffn / m.tp + r) * a
+    return saved
+
+
+def selected_layer_saved(m: ModelShapes, tokens: int, slots: int, outputs: int,
+                         grad_in: bool = True) -> float:
     """Bytes the local spec's last layer saves for the ELBO's ``outputs`` flat positions: its
     queries run at ``slots`` = rows x the widest row's positions, the rest of the layer at the
     positions themselves (:mod:`rspo_mega.models.llada.layer`).
@@ -53,19 +107,29 @@ def selected_layer_saved(m: ModelShapes, tokens: int, slots: int, outputs: int) 
     output, the log-sum-exp and the slots' position index (int64). Every output row: the
     projection's input, the second norm and the MLP as in :func:`saved_per_token`, and the int64
     index of the residual rows (that of the attention-output rows is the head's row index,
-    counted by :func:`head_saved`).
+    counted by :func:`head_saved`). LoRA: the parts of :func:`_lora_front` per token, the slots'
+    as above while the attention is in the graph, :func:`_lora_back` per output row (the
+    projection's input is a row selection, saved by its adapter) and its residual index.
     """
     hp = m.heads * m.head_dim / m.tp
+    if _lora_local(m):
+        front, grad = _lora_front(m, grad_in)
+        at_slots = (2 * hp * m.param_bytes + (m.heads / m.tp) * F32 + I64) if grad else 0.0
+        back = _lora_back(m, grad, proj_input_saved=False) + I64
+        return tokens * front + slots * at_slots + outputs * back
     kv_side = (3 * m.hidden + (2 * m.heads + 3 * m.groups) * m.head_dim / m.tp) * m.param_bytes
     attention = 2 * hp * m.param_bytes + (m.heads / m.tp) * F32 + I64
     rest = (hp + 3 * m.hidden + 4 * m.ffn / m.tp) * m.param_bytes + F32 + I64
     return tokens * (kv_side + F32) + slots * attention + outputs * rest
 
 
-def saved_per_layer_fixed(m: ModelShapes, seq: int) -> float:
+def saved_per_layer_fixed(m: ModelShapes, seq: int, grad_in: bool = True) -> float:
     """Bytes one layer saves per micro-batch whatever its rows: the local spec's RoPE cos/sin
-    (``[s, 1, 1, head_dim]``, once for Q and once for K); TE's fused RoPE keeps no such copy."""
-    return 4 * seq * m.head_dim * m.param_bytes if m.impl == "local" else 0.0
+    (``[s, 1, 1, head_dim]``, once for Q and once for K) while the attention is in the graph;
+    TE's fused RoPE keeps no such copy."""
+    if m.impl != "local" or (_lora_local(m) and not _lora_front(m, grad_in)[1]):
+        return 0.0
+    return 4 * seq * m.head_dim * m.param_bytes
 
 
 def forward_peak_per_token(m: ModelShapes) -> float:
@@ -89,7 +153,10 @@ def backward_peak_per_token(m: ModelShapes) -> float:
 
 
 def largest_weight(m: ModelShapes, stage: int) -> int:
-    """Elements of the largest weight on a rank of ``stage`` (its gradient is one temporary)."""
+    """Elements of the largest trained weight on a rank of ``stage`` (its gradient is one
+    temporary; with LoRA an adapter factor's)."""
+    if m.lora_rank:
+        return max(m.adapter_matrices())
     layer = max(2 * m.ffn * m.hidden, (m.heads + 2 * m.groups) * m.head_dim * m.hidden) // m.tp
     ends = m.vocab_shard * m.hidden if stage in (0, m.pp - 1) else 0
     return max(layer, ends)
@@ -99,9 +166,12 @@ def head_saved(m: ModelShapes, tokens: int, positions: int) -> float:
     """Bytes the ELBO head saves per micro-batch: the final norm's input (and, local, its
     normalised input) with its rstd over the ``tokens`` the last layer output; the gathered
     hidden rows ``[n, h]``; the softmax ``[n, v]`` in fp32; the label index (int64, twice) and
-    the shard mask (bool)."""
-    norm = (2 if m.impl == "local" else 1) * m.hidden * m.param_bytes + F32
-    per_position = m.hidden * m.param_bytes + m.vocab_columns * F32 + 2 * I64 + 1
+    the shard mask (bool). A frozen head (LoRA) saves neither the normalised input nor the rows
+    (local; TE: the rows only)."""
+    copies = 2 if m.impl == "local" and not m.lora_rank else 1
+    norm = copies * m.hidden * m.param_bytes + F32
+    rows = 0 if m.lora_rank else m.hidden * m.param_bytes
+    per_position = rows + m.vocab_columns * F32 + 2 * I64 + 1
     return tokens * norm + positions * per_position
 
 

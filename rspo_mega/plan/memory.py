@@ -143,18 +143,20 @@ def graph_bytes(m: ModelShapes, stage: int, rows: int, seq: int, positions: int,
                 widest: int) -> dict[str, float]:
     """What autograd saves for one forward of ``rows`` x ``seq`` tokens on a rank of ``stage``:
     the layers' tensors, with the embedding's token ids (and, under TP, its out-of-shard mask)
-    on the first stage, and the head's at ``positions`` (flat) scored positions on the last,
+    on the first stage (not with LoRA), and the head's at ``positions`` (flat) scored positions on the last,
     where the local spec's last layer runs its queries at ``rows x widest`` slots (``widest``:
     the most positions of one row) and the rest at the ``positions`` when ``widest < seq``."""
     tokens, last = rows * seq, stage == m.pp - 1
-    layers = m.layers_per_stage * (tokens * act.saved_per_token(m)
-                                   + act.saved_per_layer_fixed(m, seq))
+    # LoRA: no gradient flows into stage 0's first layer (the embedding is frozen)
+    grads_in = [not (m.lora_rank and stage == 0 and i == 0) for i in range(m.layers_per_stage)]
+    per_layer = [tokens * act.saved_per_token(m, g) for g in grads_in]
     head_tokens = tokens
     if last and m.impl == "local" and not m.sequence_parallel and 0 < widest < seq:
         head_tokens = positions  # the ELBO's flat positions: the layer's output rows
-        layers += act.selected_layer_saved(m, tokens, rows * widest, positions) \
-            - tokens * act.saved_per_token(m)
-    if stage == 0:
+        per_layer[-1] = act.selected_layer_saved(m, tokens, rows * widest, positions,
+                                                 grads_in[-1])
+    layers = sum(per_layer) + sum(act.saved_per_layer_fixed(m, seq, g) for g in grads_in)
+    if stage == 0 and not m.lora_rank:  # a frozen embedding saves no ids
         layers += tokens * (act.I64 + (1 if m.tp > 1 else 0))
     head = act.head_saved(m, head_tokens, positions) if last else 0.0
     return {"layers": layers, "head": head}
