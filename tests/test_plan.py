@@ -237,10 +237,12 @@ def test_lora_counts_adapters_and_no_reference_by_hand():
         "policy weights": PARAMS * 2, "gradients": ADAPTERS * 4,
         "optimizer states": ADAPTERS * 12, "adapters": ADAPTERS * 2, "framework": 2**30}
     assert "reference model" not in plan.stages[0].phases["reference"]
-    # each of a layer's 4 adapters saves its A x (r = 4 bf16 values) per token: 2 layers x 128
-    # tokens per micro-batch graph, 8 graphs alive (one pass over 8 local micro-batches)
+    # TE spec (an upper bound): each of a layer's 4 adapters saves its A x (r = 4 bf16 values)
+    # per token, 2 layers x 128 tokens per micro-batch graph, and the frozen embedding saves no
+    # token ids (int64) or out-of-shard mask (bool); 8 graphs alive (one pass, 8 micro-batches)
     base = plan_run(_cfg(), TWO_GPUS).stages[0].phases["policy"]["elbo activations"]
-    assert plan.stages[0].phases["policy"]["elbo activations"] - base == 8 * 2 * 128 * 4 * 4 * 2
+    assert plan.stages[0].phases["policy"]["elbo activations"] - base == \
+        8 * (2 * 128 * 4 * 4 * 2 - 128 * (8 + 1))
 
 
 def test_the_8b_lora_recipe_plans_no_reference_and_a_small_optimizer_state():
