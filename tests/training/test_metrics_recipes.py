@@ -121,3 +121,36 @@ def test_recipe_valid_for_every_layout(recipe: Path) -> None:
         assert cfg.likelihood.mask_scheme == "coupled" and cfg.likelihood.mc_samples == 2
     tasks = {p.stem.removesuffix("_lora").rsplit("_", 1)[1] for p in RECIPES}
     assert tasks == {"countdown", "sudoku", "gsm8k", "math500"}
+
+
+def _flat(section: dict, prefix: str = "") -> dict:
+    """A config as ``{dotted key: value}``."""
+    out: dict = {}
+    for key, value in section.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_every_task_has_a_lora_recipe_with_espo_settings() -> None:
+    """Beside each full-fine-tuning recipe, its LoRA one: ESPO's settings (r=128, alpha=64 on QKV
+    and fc1, no dropout, lr 3e-6) and otherwise the same run but for where it writes."""
+    from dataclasses import asdict
+
+    full = [p for p in RECIPES if not p.stem.endswith("_lora")]
+    assert {p.stem for p in RECIPES} == {p.stem for p in full} | {f"{p.stem}_lora" for p in full}
+    for recipe in full:
+        base, lora = load_config(recipe), load_config(recipe.with_name(f"{recipe.stem}_lora.yaml"))
+        adapters = lora.model.lora
+        assert adapters.enabled and not base.model.lora.enabled, recipe
+        assert (adapters.rank, adapters.alpha, adapters.dropout) == (128, 64.0, 0.0), recipe
+        assert adapters.target_modules == ["linear_qkv", "linear_fc1"], recipe
+        assert (base.optimizer.lr, lora.optimizer.lr) == (1.0e-6, 3.0e-6), recipe
+        a, b = _flat(asdict(base)), _flat(asdict(lora))
+        differ = {k for k in a if a[k] != b[k]} - {"optimizer.lr"}
+        assert {k for k in differ if not k.startswith("model.lora.")} == {
+            "logging.output_dir", "checkpoint.save_dir", "checkpoint.export_hf",
+            "checkpoint.export_peft"}, recipe
+        assert b["logging.output_dir"] == a["logging.output_dir"] + "-lora", recipe
