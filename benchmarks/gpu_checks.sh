@@ -5,9 +5,9 @@
 #
 # WHEEL_DIR (optional): wheels to install first with --no-index (megatron-core, Transformer
 # Engine and its torch extension built for the machine's torch, where the image lacks them).
-# Each check has its own time limit (520 s in all, inside one 600 s device command), so one that
+# Each check has its own time limit (540 s in all, inside one 600 s device command), so one that
 # hangs does not take the others' time. Each writes its output to $OUT/<name>.out and .err; the
-# rollout summary and the table of exit codes and seconds print last.
+# rollout and LoRA summaries and the table of exit codes and seconds print last.
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -46,7 +46,8 @@ IMPL=$("$PY" -c "from rspo_mega.models.llada.spec import resolve_transformer_imp
 ROLLOUT=(benchmarks/bench_rollout.py --model llada8b --layers 4 --impl "$IMPL" --dtype bfloat16
          --batch 32 --prompt 64 --gen 256 --block 32 --steps 128 --repeats 2)
 
-run tests_gpu 150 "$PY" -m pytest -q tests/gpu
+run tests_gpu 130 "$PY" -m pytest -q tests/gpu --ignore=tests/gpu/test_gpu_lora.py
+run lora_te 40 "$PY" -m pytest -q -s tests/gpu/test_gpu_lora.py
 run bench_gpu 90 "$PY" benchmarks/bench_gpu.py --variants local_bf16,te_bf16,te_fp8
 run rollout_dual 60 "$PY" "${ROLLOUT[@]}" --cache dual
 run rollout_dual_thr 60 "$PY" "${ROLLOUT[@]}" --cache dual --threshold 0.9
@@ -66,5 +67,17 @@ for name in ("rollout_dual", "rollout_dual_thr", "rollout_prefix"):
     print(f"{name}: exact {d['exact']['tokens_per_s']} tok/s, {d['variant']['name']} "
           f"{d['variant']['tokens_per_s']} tok/s, speedup {d['speedup_vs_exact']}x, "
           f"agreement {d['token_agreement']:.3f}, cache {d['cache_bytes'] / 2**20:.0f} MiB")
+try:  # LoRA on TE bf16 / FP8: one JSON line per case (tests/gpu/test_gpu_lora.py)
+    lines = open(os.path.join(out, "lora_te.out")).read().splitlines()
+except OSError:
+    lines = []
+cases = [json.loads(s[s.index("{"):]) for s in lines if '{"case"' in s]
+for d in cases:
+    print(f"lora {d['case']}: step 0 vs base {d['step0_vs_base']:.2e}, reference vs base "
+          f"{d['reference_vs_base']:.2e}, merged vs adapted {d['merged_vs_adapted']:.2e}, "
+          f"adapted vs base {d['adapted_vs_base']:.3f}, adapter grad norm "
+          f"{d['adapter_grad_norm']:.3g}")
+if not cases:
+    print("lora_te: no result")
 EOF
 cat "$OUT/summary.txt"

@@ -102,3 +102,24 @@ def test_bench_rl_step_parts_and_ratios() -> None:
         assert 0.0 <= part["reward"] <= 1.0
     assert out["exact"]["rollout_steps"] == 16 and out["fast"]["rollout_steps"] <= 16
     assert out["step_time_vs_baseline_step"] > 0 and out["exact_step_time_vs_baseline_step"] > 0
+
+
+def test_gpu_checks_script_parses_and_refuses_without_a_gpu(tmp_path: Path) -> None:
+    """``benchmarks/gpu_checks.sh`` (run where a GPU is lent) is valid bash, runs every file of
+    ``tests/gpu`` (the LoRA check on its own, its figures in ``lora_te.out``) and, without CUDA,
+    stops at once with exit status 2."""
+    import os
+
+    import torch
+
+    script = ROOT / "benchmarks" / "gpu_checks.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    assert "-m pytest -q tests/gpu --ignore=tests/gpu/test_gpu_lora.py" in text
+    assert "run lora_te " in text and "-s tests/gpu/test_gpu_lora.py" in text
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the script would run the GPU checks")
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable},
+                          timeout=120)
+    assert done.returncode == 2 and "no CUDA GPU visible" in done.stderr, done.stderr

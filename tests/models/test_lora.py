@@ -159,3 +159,22 @@ def test_an_unwritable_peft_export_is_named(tmp_path):
         check_outputs(cfg)
     cfg.model.lora.enabled = False  # without LoRA nothing is written there
     check_outputs(cfg)
+
+
+def _gpu_check_body(rank: int, world: int) -> dict:
+    from rspo_mega.parallel import initialize_model_parallel
+    from tests.gpu.test_gpu_lora import lora_figures
+
+    initialize_model_parallel(tp=1, pp=1)
+    return lora_figures(False, "local", "cpu")
+
+
+def test_the_gpu_lora_check_on_the_local_spec():
+    """``tests/gpu/test_gpu_lora.py``'s check (run on TE bf16/FP8 where a GPU is lent) on the
+    local spec in bf16 on this CPU: a fresh adapter and the adapters switched off give the base
+    exactly, the merged weights the adapted logits within bf16 rounding, only adapters get
+    gradients."""
+    from tests.gpu.test_gpu_lora import BF16_MERGED, check_figures
+
+    figures = run_distributed(_gpu_check_body, 1, timeout=240)[0]
+    check_figures(figures, same=0.0, merged=BF16_MERGED)
