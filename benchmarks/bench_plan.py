@@ -7,7 +7,8 @@ rates measured here). Cases: the tiny default; a 51M-parameter model (10 layers,
 own random start) at TP1, TP2 and PP2 (coupled masks, K=1); the same at TP1 with K=4; the same at
 TP1 with LoRA (``model.lora``: ESPO's recipe scaled to the width, r=16 and alpha 8 on the fused
 QKV and fc1 linears, on a base the ranks first save and then start from as
-``checkpoint.init_from``).
+``checkpoint.init_from``); the tiny model with the same LoRA settings and a small step (the test's
+case, too small for RSS figures).
 
 Memory, per rank, from RSS deltas:
 
@@ -28,7 +29,7 @@ the GEMM rate measured on the model's shapes here and a stated efficiency of 0.5
 must agree; phases under 2% of the measured step (timer noise) may come in any order among
 themselves, below the others.
 
-    python benchmarks/bench_plan.py [--cases tiny,50m_tp1,50m_tp2,50m_pp2,50m_k4,50m_lora]
+    python benchmarks/bench_plan.py [--cases tiny,50m_tp1,50m_tp2,50m_pp2,50m_k4,50m_lora,tiny_lora]
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ CASES = {  # name -> (ranks, overrides of the tiny default)
     "50m_pp2": (2, M50 + ["parallel.pp=2"]),
     "50m_k4": (1, M50 + ["likelihood.mc_samples=4"]),
     "50m_lora": (1, M50 + LORA),
+    "tiny_lora": (1, ["checkpoint.init_from=null", "global_batch_size=8", "rollout.steps=8",
+                      "likelihood.micro_batch_size=8", *LORA]),  # tests/test_benchmarks.py
 }
 PHASES = ("rollout", "reference", "policy", "grad_sync", "optimizer")
 EFFICIENCY = 0.5  # the stated share of the measured GEMM rate

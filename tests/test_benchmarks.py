@@ -123,3 +123,20 @@ def test_gpu_checks_script_parses_and_refuses_without_a_gpu(tmp_path: Path) -> N
                           env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable},
                           timeout=120)
     assert done.returncode == 2 and "no CUDA GPU visible" in done.stderr, done.stderr
+
+
+def test_bench_plan_lora_case() -> None:
+    """bench_plan's LoRA comparison at the tiny size: its JSON (resident parts without a
+    reference copy, every phase, the step's peak) and the saved activations as planned (the
+    plan's count of a frozen base's graph, exact on the local spec; RSS figures are too small
+    to judge at this size)."""
+    out = run_benchmark("bench_plan", "--cases", "tiny_lora", timeout=600)
+    rank = out["cases"]["tiny_lora"][0]
+    assert set(rank["resident"]) == {"policy weights", "gradients", "optimizer states",
+                                     "reference model"}
+    assert rank["resident"]["reference model"]["planned"] == 0
+    assert set(rank["phases"]) == {"rollout", "reference", "policy", "optimizer"}
+    assert abs(rank["phases"]["policy"]["saved_ratio"] - 1.0) < 0.01, rank["phases"]["policy"]
+    peak = rank["step_peak"]
+    assert peak["planned"] > 0 and peak["measured"] > 0 and peak["ratio"] > 0
+    assert peak["planned_phase"] in rank["phases"] and peak["measured_phase"] in rank["phases"]
