@@ -15,8 +15,8 @@ layer when the stage's input carries no gradient (stage 0); each adapter saves i
 
 The local-spec counts match what autograd saves on a CPU exactly, with and without LoRA
 (``tests/test_plan_model.py`` counts the saved storages); the TE counts follow TE 2.x's saved
-tensors and are not measured here (with LoRA they keep the dense layer's tensors and add the
-adapters': an upper bound).
+tensors and are not measured here (with LoRA the TE layers keep the dense layer's tensors and
+add the adapters': an upper bound).
 """
 
 from __future__ import annotations
