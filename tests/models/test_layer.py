@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rspo_mega.config.schema import ModelConfig
-from rspo_mega.models.llada.layer import QuerySelection
+from rspo_mega.models.llada.forward_context import QuerySelection
 from tests.distributed import run_distributed
 
 CFG = ModelConfig(num_layers=3, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
