@@ -49,27 +49,10 @@ def _forward(chunk: torch.nn.Module, batch: tuple) -> torch.Tensor:
 
 def sampler_settings(model_cfg: ModelConfig, rollout_cfg: RolloutConfig, seed: int,
                      prompt_multiple: int = 1) -> SamplerSettings:
-    """Sampler settings from the ``model`` and ``rollout`` config sections (and
-    ``parallel.sequence_multiple``)."""
-    return SamplerSettings(
-        gen_length=rollout_cfg.gen_length,
-        block_length=rollout_cfg.block_length,
-        steps=rollout_cfg.steps,
-        mask_token_id=model_cfg.mask_token_id,
-        eos_token_id=model_cfg.eos_token_id,
-        vocab_size=model_cfg.vocab_size,
-        temperature=rollout_cfg.temperature,
-        remasking=rollout_cfg.remasking,
-        cfg_scale=rollout_cfg.cfg_scale,
-        forbid_eos=rollout_cfg.forbid_eos,
-        stop_on_eos_block=rollout_cfg.stop_on_eos_block,
-        seed=seed,
-        threshold=rollout_cfg.confidence_threshold,
-        cache=rollout_cfg.cache,
-        cache_check_rate=rollout_cfg.cache_check_rate,
-        cache_refresh_interval=rollout_cfg.cache_refresh_interval,
-        prompt_multiple=prompt_multiple,
-    )
+    """Sampler settings: a copy of the ``rollout`` config section, the model's special ids and
+    vocabulary, the seed and ``parallel.sequence_multiple``."""
+    return SamplerSettings(replace(rollout_cfg), model_cfg.mask_token_id, model_cfg.eos_token_id,
+                           model_cfg.vocab_size, seed, prompt_multiple)
 
 
 class RolloutEngine:
@@ -160,20 +143,22 @@ class RolloutEngine:
                  **overrides: Any) -> Rollout:
         """Completions for this rank's prompts (token lists), one per uid; see ``sampler.generate``.
 
-        ``overrides`` replace :class:`SamplerSettings` fields for this call: e.g. ``seed`` (per
-        training step), ``temperature``, ``steps``, ``cache`` and ``threshold`` (evaluation's
-        exact greedy decoding), ``cache_refresh_interval`` and ``threshold``
+        ``overrides`` replace ``RolloutConfig`` fields (or ``seed``) for this call
+        (:meth:`SamplerSettings.replace`): e.g. ``seed`` (per training step), ``temperature``,
+        ``steps``, ``cache`` and ``confidence_threshold`` (evaluation's exact greedy decoding),
+        ``cache_refresh_interval`` and ``confidence_threshold``
         (:class:`~rspo_mega.rollout.guard.RolloutGuard`). ``trajectory`` records the rollout's
         :class:`Trajectory` (the same on every pipeline stage).
         """
-        settings = replace(self.settings, **overrides)
-        if settings.cache == "none":
-            settings = replace(settings, cache_check_rate=0.0, cache_refresh_interval=0)
+        settings = self.settings.replace(**overrides)
+        ro = settings.rollout
+        if ro.cache == "none":
+            settings = settings.replace(cache_check_rate=0.0, cache_refresh_interval=0)
         for chunk in self.chunks:
             chunk.eval()
-        if settings.cache != "none":
-            rows = len(prompts) * (2 if settings.cfg_scale > 0 else 1)
-            seq = max(map(len, prompts), default=0) + settings.gen_length
+        if ro.cache != "none":
+            rows = len(prompts) * (2 if ro.cfg_scale > 0 else 1)
+            seq = max(map(len, prompts), default=0) + ro.gen_length
             self.kv_cache = BlockKVCache(self.chunks, rows, seq)
         try:
             rollout = generate(
@@ -205,7 +190,7 @@ class RolloutEngine:
     def _share_cache_check(self, rollout: Rollout, settings: SamplerSettings) -> Rollout:
         """The last stage's cache-check counts on every pipeline stage (they log on rank 0)."""
         check = rollout.cache_check
-        if self.pp == 1 or not settings.cache_check_rate:
+        if self.pp == 1 or not settings.rollout.cache_check_rate:
             return rollout
         from megatron.core import parallel_state as ps
 
