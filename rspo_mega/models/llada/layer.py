@@ -45,11 +45,13 @@ class LLaDATransformerLayer(TransformerLayer):
         if kwargs.get("inference_context") is None:
             return super().forward(*args, **kwargs)
         kwargs.pop("dynamic_inference_decode_only", None)
-        hidden, context = self._forward_attention(*args, **kwargs)
-        return self._forward_mlp(hidden, None, padding_mask=kwargs.get("padding_mask")), context
+        hidden, cross = self._forward_attention(*args, **kwargs)
+        return self._forward_mlp(hidden, None, padding_mask=kwargs.get("padding_mask")), cross
 
     def _forward_attention(self, hidden_states: torch.Tensor, *args: Any,
                            **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        """megatron's attention block; with a query selection for this layer in the context,
+        ``hidden_states [s, b, h]`` -> the selected rows after the residual add."""
         context: Optional[ForwardContext] = kwargs.get("inference_context")
         selection = None if context is None else context.selection(self.layer_number)
         if selection is None:
