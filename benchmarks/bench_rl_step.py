@@ -28,7 +28,6 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -54,8 +53,8 @@ class OursStep:
         self.start = trainer.batches.state_dict()
         self.settings, self.guard = self.engine.settings, trainer.batches.guard
         self.guard_start = None if self.guard is None else self.guard.state_dict()
-        self.exact_settings = replace(self.settings, cache="none", threshold=None,
-                                      cache_check_rate=0.0, cache_refresh_interval=0)
+        self.exact_settings = self.settings.replace(cache="none", confidence_threshold=None,
+                                                    cache_check_rate=0.0, cache_refresh_interval=0)
 
     def __call__(self, exact: bool) -> dict[str, float]:
         t = self.trainer

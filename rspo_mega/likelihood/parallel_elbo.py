@@ -43,6 +43,7 @@ from torch import nn
 
 from rspo_mega.likelihood.batch import MaskedBatch
 from rspo_mega.parallel import current_device
+from rspo_mega.parallel.pipeline import forward_only_outputs, microbatch_rows, run_schedule
 
 ForwardFn = Callable[
     [nn.Module, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]], torch.Tensor
@@ -90,6 +91,15 @@ def _parallel_sizes() -> tuple[int, int, int, bool]:
     )
 
 
+def _schedule_chunks(model: Chunks) -> list[nn.Module]:
+    """The model chunks for megatron's schedules; the ELBO's masks span the whole sequence, so
+    context parallelism is refused."""
+    if _parallel_sizes()[1] != 1:
+        raise ValueError("parallel.cp > 1 is not supported by the ELBO runner (masks span the "
+                         "whole sequence)")
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
 class ElboRunner:
     """Evaluates masked-sequence log-probs and back-propagates loss coefficients, micro-batched.
 
@@ -120,13 +130,8 @@ class ElboRunner:
         checks here need no device sync)."""
         device = current_device()
         out = []
-        mbs = self.micro_batch_size
-        for start in range(0, masked.num_sequences, mbs):
-            idx = torch.arange(start, min(start + mbs, masked.num_sequences),
-                               device=masked.input_ids.device)
-            rows = idx.numel()
-            if pad and rows < mbs:
-                idx = torch.cat([idx, idx[:1].expand(mbs - rows)])
+        for idx, rows in microbatch_rows(masked.num_sequences, self.micro_batch_size, pad,
+                                         masked.input_ids.device):
             scored = masked.score_mask[idx].clone()
             scored[rows:] = False  # pipeline padding rows carry no loss
             positions = scored.reshape(-1).nonzero().squeeze(1)
@@ -139,42 +144,11 @@ class ElboRunner:
             ))
         return out
 
-    def _run(self, model: Chunks, mbs: list[_MicroBatch], loss_fn, forward_only: bool,
-             adapters: bool = True) -> None:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        from megatron.core.utils import get_model_config
-
-        chunks = list(model) if isinstance(model, (list, tuple)) else [model]
-        pp, cp, _, _ = _parallel_sizes()
-        if cp != 1:
-            raise ValueError("parallel.cp > 1 is not supported by the ELBO runner (masks span the "
-                             "whole sequence)")
-        config = get_model_config(chunks[0])
-        if len(chunks) > 1 and pp == 2 and config.batch_p2p_comm and not config.overlap_p2p_comm:
-            # Megatron-LM #750/#1450: interleaved PP=2 with batched p2p silently corrupts tensors.
-            raise ValueError("interleaved pipeline with PP=2 needs batch_p2p_comm=False (or "
-                             "overlap_p2p_comm=True) in the model's TransformerConfig")
-
-        switch = {} if adapters else {"adapters": False}  # LoRA's base: the adapters off
-
-        def step(data_iterator, chunk):
-            mb = next(data_iterator)
-            out = self.forward_fn(chunk, mb.input_ids, mb.attention_mask, mb.labels,
-                                  positions=mb.positions, **switch)
-            return out, (lambda output: loss_fn(mb, output))
-
-        seq_len = mbs[0].input_ids.shape[1]
-        get_forward_backward_func()(
-            forward_step_func=step,
-            data_iterator=[iter(mbs) for _ in chunks],
-            model=chunks,
-            num_microbatches=len(mbs),
-            seq_length=seq_len,
-            micro_batch_size=mbs[0].input_ids.shape[0],
-            decoder_seq_length=seq_len,
-            forward_only=forward_only,
-        )
+    def _forward(self, chunk: nn.Module, mb: _MicroBatch, adapters: bool = True) -> torch.Tensor:
+        """The forward function on one micro-batch (``adapters=False``: a LoRA model's base)."""
+        switch = {} if adapters else {"adapters": False}
+        return self.forward_fn(chunk, mb.input_ids, mb.attention_mask, mb.labels,
+                               positions=mb.positions, **switch)
 
     # --- the two passes ---------------------------------------------------------------------------
 
@@ -188,17 +162,15 @@ class ElboRunner:
         """
         pp, _, _, last = _parallel_sizes()
         mbs = self._split(masked, None, pad=pp > 1)
-        outputs: list[torch.Tensor] = []
-
-        def collect(mb: _MicroBatch, output: torch.Tensor):
-            outputs.append(_to_full(mb, output.detach()))
-            return output.detach().sum() * 0.0, {}
-
+        shape = mbs[0].input_ids.shape
         with torch.no_grad():
-            self._run(model, mbs, collect, forward_only=True, adapters=adapters)
+            outputs = forward_only_outputs(
+                _schedule_chunks(model), mbs, lambda chunk, mb: self._forward(chunk, mb, adapters),
+                seq_length=shape[1], micro_batch_size=shape[0])
         if not last:
             return None
-        return torch.cat(outputs, dim=0).to(masked.input_ids.device)
+        logp = [_to_full(mb, out.detach()) for mb, out in zip(mbs, outputs)]
+        return torch.cat(logp, dim=0).to(masked.input_ids.device)
 
     def backward(self, model: Chunks, masked: MaskedBatch, coeff: Optional[torch.Tensor]) -> None:
         """Accumulate ``grad( sum coeff * logp )`` into the parameters' gradients.
@@ -212,10 +184,13 @@ class ElboRunner:
         mbs = self._split(masked, coeff.detach() if last else None, pad=pp > 1)
         scale = backward_loss_scale(dp, len(mbs), self.ddp_averages_gradients)
 
-        def surrogate(mb: _MicroBatch, output: torch.Tensor):
-            return (output.float() * mb.coeff).sum() * scale, {}
+        def step(data_iterator, chunk):
+            mb = next(data_iterator)
+            return self._forward(chunk, mb), lambda out: ((out.float() * mb.coeff).sum() * scale, {})
 
-        self._run(model, mbs, surrogate, forward_only=False)
+        shape = mbs[0].input_ids.shape
+        run_schedule(_schedule_chunks(model), mbs, step, seq_length=shape[1],
+                     micro_batch_size=shape[0], forward_only=False)
 
     # --- one pass ---------------------------------------------------------------------------------
 
@@ -232,8 +207,7 @@ class ElboRunner:
                              "pipeline stage (no virtual chunks)")
         chunk = model[0] if isinstance(model, (list, tuple)) else model
         mbs = self._split(masked, None, pad=False)
-        outputs = [self.forward_fn(chunk, mb.input_ids, mb.attention_mask, mb.labels,
-                                   positions=mb.positions) for mb in mbs]
+        outputs = [self._forward(chunk, mb) for mb in mbs]
         logp = torch.cat([_to_full(mb, out.detach()) for mb, out in zip(mbs, outputs)])
         return GraphedLogprobs(logp.to(masked.input_ids.device), mbs, outputs)
 

@@ -20,8 +20,10 @@ import torch
 import torch.distributed as dist
 
 from rspo_mega.config.schema import ModelConfig, RolloutConfig
+from rspo_mega.models.llada.forward_context import CacheView
+from rspo_mega.models.llada.kv_cache import BlockKVCache
+from rspo_mega.parallel.pipeline import forward_only_outputs, microbatch_rows
 from rspo_mega.rng import hash64
-from rspo_mega.models.llada.kv_cache import BlockKVCache, CacheView
 from rspo_mega.rollout.sampler import (
     CacheCheck,
     CacheStep,
@@ -37,29 +39,20 @@ def completion_uid(prompt_uid: int, j: int) -> int:
     return hash64(int(prompt_uid), int(j)) >> 1
 
 
+def _forward(chunk: torch.nn.Module, batch: tuple) -> torch.Tensor:
+    """One pipeline micro-batch ``(ids, key padding, positions, cache view)`` through a chunk."""
+    from rspo_mega.models.llada import llada_forward
+
+    ids, pad, positions, view = batch
+    return llada_forward(chunk, ids, pad, positions=positions, kv_cache=view)
+
+
 def sampler_settings(model_cfg: ModelConfig, rollout_cfg: RolloutConfig, seed: int,
                      prompt_multiple: int = 1) -> SamplerSettings:
-    """Sampler settings from the ``model`` and ``rollout`` config sections (and
-    ``parallel.sequence_multiple``)."""
-    return SamplerSettings(
-        gen_length=rollout_cfg.gen_length,
-        block_length=rollout_cfg.block_length,
-        steps=rollout_cfg.steps,
-        mask_token_id=model_cfg.mask_token_id,
-        eos_token_id=model_cfg.eos_token_id,
-        vocab_size=model_cfg.vocab_size,
-        temperature=rollout_cfg.temperature,
-        remasking=rollout_cfg.remasking,
-        cfg_scale=rollout_cfg.cfg_scale,
-        forbid_eos=rollout_cfg.forbid_eos,
-        stop_on_eos_block=rollout_cfg.stop_on_eos_block,
-        seed=seed,
-        threshold=rollout_cfg.confidence_threshold,
-        cache=rollout_cfg.cache,
-        cache_check_rate=rollout_cfg.cache_check_rate,
-        cache_refresh_interval=rollout_cfg.cache_refresh_interval,
-        prompt_multiple=prompt_multiple,
-    )
+    """Sampler settings: a copy of the ``rollout`` config section, the model's special ids and
+    vocabulary, the seed and ``parallel.sequence_multiple``."""
+    return SamplerSettings(replace(rollout_cfg), model_cfg.mask_token_id, model_cfg.eos_token_id,
+                           model_cfg.vocab_size, seed, prompt_multiple)
 
 
 class RolloutEngine:
@@ -115,20 +108,14 @@ class RolloutEngine:
                                   kv_cache=self._view(cache, rows[i:i + n]))
                     for i in range(0, b, n)]
             return torch.cat(outs)
-        # The pipeline needs equal micro-batches: pad with copies of the last row, drop them after
-        # (a copy re-writes its row's cache entry with the same values).
+        # The pipeline needs equal micro-batches: the last is padded with copies of a row, whose
+        # outputs are dropped (a copy re-writes its row's cache entry with the same values).
         mbs = min(b, self.micro_batch_size)
-        extra = -b % mbs
-        if extra:
-            x, positions = (torch.cat([t, t[-1:].expand(extra, -1)]) for t in (x, positions))
-            key_padding = None if key_padding is None else \
-                torch.cat([key_padding, key_padding[-1:].expand(extra, -1)])
-            rows = rows + rows[-1:] * extra
-        n_mb = x.shape[0] // mbs
-        pads = [None] * n_mb if key_padding is None else list(key_padding.split(mbs))
-        views = [self._view(cache, rows[i * mbs:(i + 1) * mbs]) for i in range(n_mb)]
-        batches = list(zip(x.split(mbs), pads, positions.split(mbs), views))
-        outputs = self._pipeline(batches, x.shape[1], mbs)
+        batches = [(x[part.index], None if key_padding is None else key_padding[part.index],
+                    positions[part.index], self._view(cache, [rows[i] for i in part.index.tolist()]))
+                   for part in microbatch_rows(b, mbs, pad=True)]
+        outputs = forward_only_outputs(self.chunks, batches, _forward, seq_length=x.shape[1],
+                                       micro_batch_size=mbs)
         return torch.cat(outputs)[:b] if self.is_last else None
 
     def _view(self, cache: Optional[CacheStep], rows: list[int]) -> Optional[CacheView]:
@@ -137,29 +124,6 @@ class RolloutEngine:
         if self.kv_cache is None:
             raise RuntimeError("RolloutEngine: a cached step outside generate()")
         return self.kv_cache.view(rows, cache.lo)
-
-    def _pipeline(self, batches: list, seq_length: int, mbs: int) -> list:
-        """megatron-core's forward-only schedule over ``batches`` of ``(ids, pad, positions, view)``."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        from rspo_mega.models.llada import llada_forward
-
-        def forward_step(data_iterator, model):
-            ids, pad, pos, view = next(data_iterator)
-            out = llada_forward(model, ids, pad, positions=pos, kv_cache=view)
-            return out, lambda output, non_loss_data=False: output
-
-        chunked = len(self.chunks) > 1
-        return get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=[iter(batches) for _ in self.chunks] if chunked else iter(batches),
-            model=self.chunks if chunked else self.chunks[0],
-            num_microbatches=len(batches),
-            seq_length=seq_length,
-            micro_batch_size=mbs,
-            forward_only=True,
-            collect_non_loss_data=True,
-        )
 
     def sync(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's tokens on every pipeline stage (a broadcast of ``[b, S]`` ids)."""
@@ -179,20 +143,22 @@ class RolloutEngine:
                  **overrides: Any) -> Rollout:
         """Completions for this rank's prompts (token lists), one per uid; see ``sampler.generate``.
 
-        ``overrides`` replace :class:`SamplerSettings` fields for this call: e.g. ``seed`` (per
-        training step), ``temperature``, ``steps``, ``cache`` and ``threshold`` (evaluation's
-        exact greedy decoding), ``cache_refresh_interval`` and ``threshold``
+        ``overrides`` replace ``RolloutConfig`` fields (or ``seed``) for this call
+        (:meth:`SamplerSettings.replace`): e.g. ``seed`` (per training step), ``temperature``,
+        ``steps``, ``cache`` and ``confidence_threshold`` (evaluation's exact greedy decoding),
+        ``cache_refresh_interval`` and ``confidence_threshold``
         (:class:`~rspo_mega.rollout.guard.RolloutGuard`). ``trajectory`` records the rollout's
         :class:`Trajectory` (the same on every pipeline stage).
         """
-        settings = replace(self.settings, **overrides)
-        if settings.cache == "none":
-            settings = replace(settings, cache_check_rate=0.0, cache_refresh_interval=0)
+        settings = self.settings.replace(**overrides)
+        ro = settings.rollout
+        if ro.cache == "none":
+            settings = settings.replace(cache_check_rate=0.0, cache_refresh_interval=0)
         for chunk in self.chunks:
             chunk.eval()
-        if settings.cache != "none":
-            rows = len(prompts) * (2 if settings.cfg_scale > 0 else 1)
-            seq = max(map(len, prompts), default=0) + settings.gen_length
+        if ro.cache != "none":
+            rows = len(prompts) * (2 if ro.cfg_scale > 0 else 1)
+            seq = max(map(len, prompts), default=0) + ro.gen_length
             self.kv_cache = BlockKVCache(self.chunks, rows, seq)
         try:
             rollout = generate(
@@ -224,7 +190,7 @@ class RolloutEngine:
     def _share_cache_check(self, rollout: Rollout, settings: SamplerSettings) -> Rollout:
         """The last stage's cache-check counts on every pipeline stage (they log on rank 0)."""
         check = rollout.cache_check
-        if self.pp == 1 or not settings.cache_check_rate:
+        if self.pp == 1 or not settings.rollout.cache_check_rate:
             return rollout
         from megatron.core import parallel_state as ps
 

@@ -50,7 +50,8 @@ class RolloutGuard:
 
     def overrides(self) -> dict[str, Any]:
         """Sampler settings of the next rollout (``RolloutEngine.generate`` overrides)."""
-        return {"cache_refresh_interval": self.refresh_interval, "threshold": self.threshold}
+        return {"cache_refresh_interval": self.refresh_interval,
+                "confidence_threshold": self.threshold}
 
     def update(self, check: CacheCheck) -> None:
         """Steer both settings from one step's global check counts (nothing checked: no change)."""

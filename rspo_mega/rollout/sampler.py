@@ -42,12 +42,12 @@ committed it and its log-probability and entropy under the rollout policy at tha
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, Optional
 
 import torch
 
-from rspo_mega.config.schema import Remasking, choices
+from rspo_mega.config.schema import Remasking, RolloutConfig, choices
 from rspo_mega.config.validate import check_schedule
 from rspo_mega.rng import keyed_generator
 from rspo_mega.rollout.trajectory import Trajectory, TrajectoryRecorder
@@ -79,40 +79,31 @@ ROLLOUT_REMASK_STREAM = 1  # key component: random remasking scores of a step
 
 @dataclass(frozen=True)
 class SamplerSettings:
-    """Generation settings (the ``rollout`` config section plus the model's special ids)."""
+    """What one generation runs with: the ``rollout`` config section (schedule, temperature,
+    remasking, guidance, threshold, cache) plus what the run adds."""
 
-    gen_length: int
-    block_length: int
-    steps: int
+    rollout: RolloutConfig
     mask_token_id: int
     eos_token_id: int
     vocab_size: int  # true vocabulary
-    temperature: float = 0.0
-    remasking: str = "low_confidence"  # low_confidence | random
-    cfg_scale: float = 0.0
-    forbid_eos: bool = False
-    stop_on_eos_block: bool = False
     seed: int = 0
-    # Opt-in parallel decoding: besides the exact schedule's share, commit every masked token of
-    # the block whose confidence exceeds this; blocks then finish in fewer steps.
-    threshold: Optional[float] = None
-    # Block KV cache (none | prefix | dual): after a block's first, full forward, later steps run
-    # the block and the suffix (prefix) or the block only (dual) against cached K/V.
-    cache: str = "none"
-    # Share of cached steps also run exactly, to measure how often the cache changes a commit.
-    cache_check_rate: float = 0.0
-    # A full forward (cache refresh) every this many steps of a block; 0: at its first step only.
-    cache_refresh_interval: int = 0
-    # Prompt columns are padded to a multiple of this (parallel.sequence_multiple).
-    prompt_multiple: int = 1
+    prompt_multiple: int = 1  # prompt columns padded to a multiple (parallel.sequence_multiple)
 
     @property
     def num_blocks(self) -> int:
-        return self.gen_length // self.block_length
+        return self.rollout.gen_length // self.rollout.block_length
 
     @property
     def steps_per_block(self) -> int:
-        return self.steps // self.num_blocks
+        return self.rollout.steps // self.num_blocks
+
+    def replace(self, **overrides: Any) -> "SamplerSettings":
+        """These settings with ``overrides``: fields of this class or of ``RolloutConfig``."""
+        own = {k: overrides.pop(k) for k in list(overrides) if k in _OWN_FIELDS}
+        return replace(self, rollout=replace(self.rollout, **overrides), **own)
+
+
+_OWN_FIELDS = {f.name for f in fields(SamplerSettings)} - {"rollout"}
 
 
 @dataclass
@@ -232,13 +223,13 @@ def generate(
     if len(uids) != len(prompts):
         raise ValueError(f"generate: {len(prompts)} prompts but {len(uids)} uids")
     prompt_ids, prompt_lengths = left_pad(prompts, s.eos_token_id, s.prompt_multiple)
-    check_schedule(s.gen_length, s.block_length, s.steps)
+    check_schedule(s.rollout.gen_length, s.rollout.block_length, s.rollout.steps)
     state = _State.start(prompt_ids, prompt_lengths, s, shard, sync_fn, device)
     if record_trajectory:
-        state.record = TrajectoryRecorder(len(prompts), s.gen_length, state.x.device)
+        state.record = TrajectoryRecorder(len(prompts), s.rollout.gen_length, state.x.device)
     for block in range(s.num_blocks):
         state.run_block(logits_fn, block, uids, noise_fn)
-        if s.stop_on_eos_block and state.stop_finished_rows(block):
+        if s.rollout.stop_on_eos_block and state.stop_finished_rows(block):
             break
     gen = state.x[:, state.plen:].cpu()
     return Rollout(
@@ -276,7 +267,7 @@ class _State:
               device: Optional[torch.device]) -> "_State":
         device = device or torch.device("cpu")
         b, plen = prompt_ids.shape
-        masks = torch.full((b, s.gen_length), s.mask_token_id, dtype=torch.long)
+        masks = torch.full((b, s.rollout.gen_length), s.mask_token_id, dtype=torch.long)
         x = torch.cat([prompt_ids, masks], 1).to(device)
         pad_cols = plen - prompt_lengths.to(device)
         key_padding = torch.arange(x.shape[1], device=device).unsqueeze(0) >= pad_cols.unsqueeze(1)
@@ -290,11 +281,11 @@ class _State:
                   noise_fn: Optional[NoiseFn]) -> None:
         """All denoising steps of ``block``; rows whose block is decoded leave the model calls."""
         s = self.s
-        lo = self.plen + block * s.block_length
+        lo = self.plen + block * s.rollout.block_length
         left = self.block_masked(lo).sum(1)  # [b] masked positions of the block, per row
         schedule = num_transfer_tokens(left, s.steps_per_block).tolist()  # host [b][steps]
         remaining = left.tolist()
-        refresh_every = s.cache_refresh_interval or s.steps_per_block
+        refresh_every = s.rollout.cache_refresh_interval or s.steps_per_block
         for i in range(s.steps_per_block):
             live = [r for r, n in enumerate(remaining) if n > 0]
             if not live:
@@ -320,7 +311,7 @@ class _State:
 
     def block_masked(self, lo: int) -> torch.Tensor:
         """``[b, block_length]`` True where the block starting at column ``lo`` is still masked."""
-        return self.x[:, lo:lo + self.s.block_length] == self.s.mask_token_id
+        return self.x[:, lo:lo + self.s.rollout.block_length] == self.s.mask_token_id
 
     def step(self, logits_fn: LogitsFn, lo: int, live: list[int], k: list[int],
              remaining: list[int], uids: list[int], step: int, refresh: bool,
@@ -336,7 +327,7 @@ class _State:
         x = self.x if rows is None else self.x[rows]
         m = max(remaining)
         # block offsets of each row's masked positions, ascending, masked ones first
-        masked = x[:, lo:lo + self.s.block_length] == self.s.mask_token_id
+        masked = x[:, lo:lo + self.s.rollout.block_length] == self.s.mask_token_id
         offsets = torch.sort((~masked).to(torch.int8), dim=1, stable=True).indices[:, :m]
         valid = torch.arange(m, device=x.device)[None, :] < torch.as_tensor(
             remaining, device=x.device)[:, None]
@@ -357,8 +348,9 @@ class _State:
             self.record.draws(rows, lo - self.plen + offsets, commit, *scores)
         if exact is not None:
             _, exact_x0, exact_conf, _, _ = draw(exact, False)
-            self.check.add(commit, x0, conf, exact_x0, exact_conf, self.s.threshold)
-        block = x[:, lo:lo + self.s.block_length]
+            self.check.add(commit, x0, conf, exact_x0, exact_conf,
+                           self.s.rollout.confidence_threshold)
+        block = x[:, lo:lo + self.s.rollout.block_length]
         block.scatter_(1, offsets, torch.where(commit, x0, block.gather(1, offsets)))
         if rows is not None:
             self.x[rows] = x
@@ -371,25 +363,25 @@ class _State:
         and the suffix (``prefix``) or the block only (``dual``). With guidance the
         unconditional copy of row ``r`` has cache row ``b + r``.
         """
-        s, seq = self.s, self.x.shape[1]
-        if s.cache == "none":
+        ro, seq = self.s.rollout, self.x.shape[1]
+        if ro.cache == "none":
             return slice(0, seq), None
-        start, end = (0, seq) if refresh else (lo, seq if s.cache == "prefix" else lo + s.block_length)
-        rows = live + [self.x.shape[0] + r for r in live] if s.cfg_scale > 0 else live
+        start, end = (0, seq) if refresh else (lo, seq if ro.cache == "prefix" else lo + ro.block_length)
+        rows = live + [self.x.shape[0] + r for r in live] if ro.cfg_scale > 0 else live
         return slice(start, end), CacheStep(rows, start)
 
     def check_due(self, cache: Optional[CacheStep]) -> bool:
         """Whether this cached step is also run exactly: an even ``cache_check_rate`` share."""
         if cache is None or cache.lo == 0:
             return False
-        n, rate = self.cached_steps, self.s.cache_check_rate
+        n, rate = self.cached_steps, self.s.rollout.cache_check_rate
         self.cached_steps += 1
         return int((n + 1) * rate) > int(n * rate)
 
     def stop_finished_rows(self, block: int) -> bool:
         """EOS-filled blocks settle the rest of their row (LLaDA pads with EOS); True when all are."""
-        lo = self.plen + block * self.s.block_length
-        hi = lo + self.s.block_length
+        lo = self.plen + block * self.s.rollout.block_length
+        hi = lo + self.s.rollout.block_length
         done = (self.x[:, lo:hi] == self.s.eos_token_id).all(1)
         self.x[done, hi:] = self.s.eos_token_id
         return bool((self.x[:, hi:] == self.s.eos_token_id).all())
@@ -403,7 +395,7 @@ def _model_logits(
     """Logits at columns ``positions [b, m]`` of ``x [b, S]``, running the columns ``cols``;
     with classifier-free guidance one batched pass of [x; unconditional]."""
     at = positions - cols.start
-    if s.cfg_scale <= 0:
+    if s.rollout.cfg_scale <= 0:
         return logits_fn(x[:, cols], key_padding, at, cache)
     uncond = torch.where(prompt_region, torch.full_like(x, s.mask_token_id), x)
     pad = None if key_padding is None else torch.cat([key_padding, key_padding])
@@ -411,7 +403,7 @@ def _model_logits(
     if both is None:
         return None
     cond, un = both.chunk(2)
-    return un + (s.cfg_scale + 1) * (cond - un)
+    return un + (s.rollout.cfg_scale + 1) * (cond - un)
 
 
 def _block_draws(rows: list[torch.Tensor], offsets: torch.Tensor) -> torch.Tensor:
@@ -444,7 +436,7 @@ def _denoise_step(
     scores = None
     if score:
         scores = tuple(t.view(b, m) for t in shard.log_prob_entropy(flat, x0.reshape(-1),
-                                                                     s.temperature))
+                                                                     s.rollout.temperature))
     conf = _confidence(flat, x0, top, offsets, valid, uids, step, s, shard)
     commit, counts = _commit_top(conf, valid, k, remaining, s)
     return commit, x0, conf, counts, scores
@@ -459,17 +451,18 @@ def _sample_x0(
     set. At temperature 0, x0 is the argmax and ``top [b*m]`` its logit (the row max, which the
     confidence reuses); else ``top`` is None."""
     b, m, v_local = logits.shape
-    if s.forbid_eos:
+    if s.rollout.forbid_eos:
         shard.forbid(logits, s.eos_token_id)
     flat = logits.reshape(b * m, v_local)
-    if s.temperature == 0:
+    if s.rollout.temperature == 0:
         top, x0 = shard.max_and_argmax(flat)
         return flat, x0.view(b, m), top
-    draws = [noise_fn(uid, step, s.block_length, s.vocab_size) if noise_fn else
-             keyed_uniforms(s.seed, uid, step, ROLLOUT_NOISE_STREAM, (s.block_length, s.vocab_size))
+    block = s.rollout.block_length
+    draws = [noise_fn(uid, step, block, s.vocab_size) if noise_fn else
+             keyed_uniforms(s.seed, uid, step, ROLLOUT_NOISE_STREAM, (block, s.vocab_size))
              for uid in uids]
     noise = shard.slice_noise(_block_draws(draws, offsets).reshape(b * m, -1))
-    return flat, gumbel_max(flat, noise, s.temperature, shard).view(b, m), None
+    return flat, gumbel_max(flat, noise, s.rollout.temperature, shard).view(b, m), None
 
 
 def _confidence(
@@ -479,15 +472,16 @@ def _confidence(
     """The remasking confidence ``[b, m]`` of ``x0`` (``-inf`` outside ``valid``): its
     probability (``low_confidence``; from the row max ``top`` when x0 is the argmax) or a keyed
     uniform (``random``)."""
-    if s.remasking == "low_confidence":
+    if s.rollout.remasking == "low_confidence":
         prob = shard.chosen_prob(flat, x0.reshape(-1)) if top is None else shard.top_prob(flat, top)
         conf = prob.view(x0.shape)
-    elif s.remasking == "random":
-        draws = [keyed_uniforms(s.seed, uid, step, ROLLOUT_REMASK_STREAM, (s.block_length,))
+    elif s.rollout.remasking == "random":
+        draws = [keyed_uniforms(s.seed, uid, step, ROLLOUT_REMASK_STREAM, (s.rollout.block_length,))
                  for uid in uids]
         conf = _block_draws(draws, offsets)
     else:
-        raise ValueError(f"rollout.remasking={s.remasking!r}: expected one of {choices(Remasking)}")
+        raise ValueError(f"rollout.remasking={s.rollout.remasking!r}: expected one of "
+                         f"{choices(Remasking)}")
     return torch.where(valid, conf, torch.full_like(conf, float("-inf")))
 
 
@@ -498,10 +492,10 @@ def _commit_top(
     """``(commit [b, m] bool, counts)``: each row's ``counts[row]`` most confident positions;
     ``counts`` is ``min(k, remaining)``, or in threshold mode at least ``k`` and every valid
     position above the threshold (copied from the device)."""
-    if s.threshold is None:
+    if s.rollout.confidence_threshold is None:
         counts = [min(kk, n) for kk, n in zip(k, remaining)]
     else:
-        above = (valid & (conf > s.threshold)).sum(1)
+        above = (valid & (conf > s.rollout.confidence_threshold)).sum(1)
         k_dev = torch.as_tensor(k, device=conf.device)
         counts = torch.minimum(torch.maximum(k_dev, above), valid.sum(1)).tolist()
     commit = torch.zeros_like(valid)

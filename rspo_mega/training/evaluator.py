@@ -77,7 +77,7 @@ class Evaluator:
     def _complete(self, examples: Sequence[Example], temperature: float) -> list[str]:
         """One completion text per example (exact decoding)."""
         prompts = [list(self.data.encode_prompt(ex)) for ex in examples]
-        exact = dict(temperature=temperature, cache="none", threshold=None)
+        exact = dict(temperature=temperature, cache="none", confidence_threshold=None)
         if self.steps is not None:
             exact["steps"] = self.steps
         rollout = self.engine.generate(prompts, [completion_uid(ex.uid, 0) for ex in examples],

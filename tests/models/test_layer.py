@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rspo_mega.config.schema import ModelConfig
-from rspo_mega.models.llada.layer import QuerySelection
+from rspo_mega.models.llada.forward_context import QuerySelection
 from tests.distributed import run_distributed
 
 CFG = ModelConfig(num_layers=3, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
@@ -86,6 +86,37 @@ def test_selected_queries_give_the_full_layers_logits_and_gradients():
             # the last layer's MLP runs on all 24 positions in a full forward, on the 7 flat
             # positions themselves, on the 3 block positions of each row
             assert r["last_layer_rows"] == [24, 7, 24, 3]
+
+
+def _recompute_body(rank: int, world: int) -> dict:
+    from rspo_mega.models.llada import build_llada_model, llada_forward, unwrap_model
+    from rspo_mega.parallel import initialize_model_parallel
+
+    ids = torch.randint(0, CFG.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    flat = torch.tensor([3, 20, 21, 9])  # row * 16 + position
+    initialize_model_parallel()
+    torch.manual_seed(1)
+    model = build_llada_model(CFG)
+    config = unwrap_model(model).config
+    out = {}
+    for recompute in (None, "full"):
+        config.recompute_granularity = recompute
+        config.recompute_method, config.recompute_num_layers = "uniform", 1
+        model.zero_grad()
+        picked = llada_forward(model, ids, labels=ids, positions=flat)
+        picked.sum().backward()
+        out[recompute] = (picked.detach(), _grads(model))
+    return out
+
+
+@pytest.mark.timeout(200)
+def test_full_recompute_runs_every_query_and_gives_the_same_log_probs():
+    """megatron's recomputed block forward passes no context to the layers, so with full
+    recompute the last layer runs every query; the head still reads the positions asked for."""
+    res = run_distributed(_recompute_body, world_size=1, timeout=180)[0]
+    (lp, grads), (lp_recompute, grads_recompute) = res[None], res["full"]
+    assert (lp - lp_recompute).abs().max().item() < 1e-5
+    assert ((grads - grads_recompute).norm() / grads.norm()).item() < 1e-5
 
 
 def _mlp_body(rank: int, world: int) -> dict:

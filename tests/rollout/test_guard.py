@@ -69,7 +69,7 @@ def test_the_state_round_trips():
     other = RolloutGuard.from_config(RolloutConfig(**ROLLOUT))
     other.load_state_dict(guard.state_dict())
     assert other == guard and other.overrides() == {"cache_refresh_interval": 8,
-                                                    "threshold": pytest.approx(0.95)}
+                                                    "confidence_threshold": pytest.approx(0.95)}
 
 
 def _stale(x: torch.Tensor, pad, positions: torch.Tensor, cache) -> torch.Tensor:
@@ -101,7 +101,7 @@ def test_synthetic_mismatch_in_rollouts_makes_the_guard_refresh():
             starts.append(-1 if cache is None else cache.lo)
             return _stale(x, pad, positions, cache)
 
-        settings = base.__class__(**{**base.__dict__, **guard.overrides()})
+        settings = base.replace(**guard.overrides())
         rollout = generate(recording, [[1, 2, 3], [4, 5, 6]], [5, 6], settings)
         refreshes.append(starts.count(0))
         cached.append(sum(lo > 0 for lo in starts))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rspo_mega.config.schema import RolloutConfig
 from rspo_mega.rollout.sampler import SamplerSettings, generate, num_transfer_tokens
 from tests.reference.llada_sampler import reference_generate, transfer_schedule
 
@@ -36,13 +37,15 @@ def at_positions(model):
 
 
 def _settings(**kw) -> SamplerSettings:
-    base = dict(gen_length=12, block_length=4, steps=6, mask_token_id=MASK, eos_token_id=EOS,
-                vocab_size=V, temperature=0.0, remasking="low_confidence", seed=5)
-    base.update(kw)
-    return SamplerSettings(**base)
+    rollout = dict(gen_length=12, block_length=4, steps=6, temperature=0.0,
+                   remasking="low_confidence", stop_on_eos_block=False)
+    rollout.update(kw)
+    return SamplerSettings(RolloutConfig(**rollout), mask_token_id=MASK, eos_token_id=EOS,
+                           vocab_size=V, seed=5)
 
 
-def _run_both(s: SamplerSettings, prompts: torch.Tensor):
+def _run_both(settings: SamplerSettings, prompts: torch.Tensor):
+    s = settings.rollout
     model = ToyBidirectional()
     b, plen = prompts.shape
     total = plen + s.gen_length
@@ -52,7 +55,7 @@ def _run_both(s: SamplerSettings, prompts: torch.Tensor):
     uids = list(range(100, 100 + b))
 
     def noise_fn(uid, step, n, vocab):
-        lo = plen + (step // s.steps_per_block) * s.block_length
+        lo = plen + (step // settings.steps_per_block) * s.block_length
         return noise[step, uid - 100, lo:lo + n, :vocab]
 
     ref = reference_generate(
@@ -64,11 +67,11 @@ def _run_both(s: SamplerSettings, prompts: torch.Tensor):
     original = sampler.keyed_uniforms
     if s.remasking == "random":  # feed the reference's remasking draws to the production sampler
         def keyed(seed, uid, step, stream, shape):
-            lo = plen + (step // s.steps_per_block) * s.block_length
+            lo = plen + (step // settings.steps_per_block) * s.block_length
             return remask[step, uid - 100, lo:lo + shape[0]]
         sampler.keyed_uniforms = keyed
     try:
-        out = generate(at_positions(model), prompts.tolist(), uids, s, noise_fn=noise_fn)
+        out = generate(at_positions(model), prompts.tolist(), uids, settings, noise_fn=noise_fn)
     finally:
         sampler.keyed_uniforms = original
     return ref[:, plen:], out
@@ -91,7 +94,7 @@ def test_identical_to_reference(kw):
     ref, out = _run_both(s, prompts)
     assert torch.equal(out.completion_ids, ref)
     assert (out.completion_ids != MASK).all()
-    assert out.steps_used.tolist() == [min(s.steps, s.gen_length)] * 3  # steps with nothing to commit are skipped
+    assert out.steps_used.tolist() == [min(s.rollout.steps, s.rollout.gen_length)] * 3  # steps with nothing to commit are skipped
     assert len(out.step_seconds) >= s.num_blocks
 
 
@@ -168,7 +171,7 @@ def test_threshold_mode_commits_confident_tokens_early():
 
     m = Confident()
     exact = generate(at_positions(m), [[1]], [0], _settings())
-    fast = generate(at_positions(m), [[1]], [0], _settings(threshold=0.9))
+    fast = generate(at_positions(m), [[1]], [0], _settings(confidence_threshold=0.9))
     assert torch.equal(exact.completion_ids, fast.completion_ids)
     assert exact.steps_used.item() == 6 and fast.steps_used.item() == 3  # one step per block
 
@@ -176,7 +179,7 @@ def test_threshold_mode_commits_confident_tokens_early():
 def test_threshold_rows_that_finish_early_skip_the_model_call():
     """Rows whose block is decoded leave the batch; each row still decodes as it would alone."""
     model = ToyBidirectional(seed=2)
-    s = _settings(temperature=1.0, threshold=0.3)
+    s = _settings(temperature=1.0, confidence_threshold=0.3)
     prompts = [[i, i + 1, i + 2, i + 3] for i in range(0, 24, 4)]
     uids = list(range(40, 46))
     batch_rows: list[int] = []

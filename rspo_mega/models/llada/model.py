@@ -9,7 +9,6 @@ current block in the sampler, the scored positions in the ELBO) and only over re
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any, Optional
 
@@ -23,9 +22,15 @@ from torch import Tensor
 from rspo_mega.config.schema import ModelConfig
 from rspo_mega.models.llada import lora
 from rspo_mega.models.llada.config import padded_vocab_size, transformer_config
-from rspo_mega.models.llada.kv_cache import CacheView
-from rspo_mega.models.llada.layer import QuerySelection, hidden_rows
+from rspo_mega.models.llada.forward_context import (
+    CacheView,
+    ForwardContext,
+    QuerySelection,
+    hidden_rows,
+)
 from rspo_mega.models.llada.logits import true_vocab_columns, vocab_parallel_log_probs
+from rspo_mega.models.llada.megatron_seams import check_megatron_seams
+from rspo_mega.models.llada.padding_rotation import real_tokens_first_rows
 from rspo_mega.models.llada.spec import llada_layer_spec, resolve_transformer_impl
 
 log = logging.getLogger(__name__)
@@ -50,10 +55,13 @@ def build_llada_model(
     (``parallel.sequence_parallel``; the TE spec on a GPU only). ``cfg`` is read as it is
     (``load_config`` resolved ``model.hf_config`` into it).
     With ``cfg.lora.enabled`` the targeted linears carry adapters (initialised from ``seed``, the
-    same at any layout) and every other parameter is frozen.
+    same at any layout) and every other parameter is frozen. Raises if the installed
+    megatron-core changed an internal the model relies on
+    (:mod:`rspo_mega.models.llada.megatron_seams`).
     """
     if not ps.model_parallel_is_initialized():
         raise RuntimeError("build_llada_model: initialise megatron parallel state first")
+    check_megatron_seams()
     pre_process, post_process = _stage_ends(pre_process, post_process, vp_stage)
     impl = resolve_transformer_impl(cfg.transformer_impl)
     config = transformer_config(cfg, impl=impl, sequence_parallel=sequence_parallel,
@@ -120,46 +128,6 @@ def padding_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (~attention_mask.bool())[:, None, None, :]
 
 
-def real_tokens_first(attention_mask: torch.Tensor) -> Optional[torch.Tensor]:
-    """Per-row rotation that moves each row's real tokens to the front, or None if none is needed.
-
-    ``attention_mask``: ``[b, s]`` bool, True = real token, each row's real tokens contiguous
-    (left padding, as prompts are padded). Returns ``shift [b]``: row ``i`` rotated left by
-    ``shift[i]`` starts with its real tokens. Transformer Engine's fused attention reads a padding
-    mask as per-row lengths (real tokens first), so left-padded rows must be rotated for it; with
-    RoPE the scores depend only on relative positions, so the real tokens' outputs do not change.
-    """
-    mask = attention_mask.bool()
-    shift = mask.int().argmax(dim=1)  # first real token of each row
-    pos = torch.arange(mask.shape[1], device=mask.device)
-    span = (pos >= shift[:, None]) & (pos < (shift + mask.sum(dim=1))[:, None])
-    holed, shifted = torch.stack([(span != mask).any(), shift.any()]).tolist()  # one host sync
-    if not shifted and not holed:
-        return None  # real tokens already come first in every row
-    if holed:
-        raise ValueError("attention_mask: with transformer_impl=transformer_engine each row's real "
-                         "tokens must be contiguous (padding only before and after them)")
-    return shift
-
-
-def _rotate(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate each row of ``x [b, s, ...]`` left by ``shift[row]`` along the sequence."""
-    s = x.shape[1]
-    index = (torch.arange(s, device=x.device)[None, :] + shift[:, None]) % s  # [b, s]
-    return x.gather(1, index.reshape(index.shape + (1,) * (x.dim() - 2)).expand(x.shape))
-
-
-def _rotated_positions(positions: Optional[torch.Tensor], shift: torch.Tensor, b: int,
-                       s: int) -> torch.Tensor:
-    """Caller positions (``[b, m]``, flat ``[n]`` or None = all) in rows rotated left by ``shift``."""
-    if positions is None:
-        positions = torch.arange(s, device=shift.device).expand(b, s)
-    if positions.dim() == 2:
-        return (positions - shift[:, None]) % s
-    row = positions // s
-    return row * s + (positions - row * s - shift[row]) % s
-
-
 def llada_forward(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -178,7 +146,7 @@ def llada_forward(
     with ``labels [b, s]``, the log-probs ``[b, m]`` / ``[n]`` of the labels there. On other
     stages returns the hidden states ``[s, b, h]``.
 
-    ``kv_cache``: a block-KV-cache view (:mod:`rspo_mega.models.llada.kv_cache`); then
+    ``kv_cache``: a view of a block KV cache (:mod:`rspo_mega.models.llada.kv_cache`); then
     ``input_ids [b, L]`` are the columns ``[lo, lo + L)`` of the cached sequences, their K/V are
     written to the cache, their queries attend to all ``S`` cached keys, and ``attention_mask``
     covers those keys: ``[b, S]``. ``positions`` index the ``L`` columns given.
@@ -195,7 +163,7 @@ def llada_forward(
         return _cached_forward(model, input_ids, attention_mask, positions, kv_cache, adapters)
     _check_full_forward(b, s, labels, positions)
     if attention_mask is not None and inner.transformer_impl == "transformer_engine":
-        input_ids, attention_mask, labels, positions = _real_tokens_first_rows(
+        input_ids, attention_mask, labels, positions = real_tokens_first_rows(
             input_ids, attention_mask, labels, positions)
     position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
     mask = None if attention_mask is None else padding_attention_mask(attention_mask)
@@ -213,28 +181,12 @@ def _check_full_forward(b: int, s: int, labels: Optional[torch.Tensor],
         raise ValueError(f"positions must be [b={b}, m] or [n], got shape {tuple(positions.shape)}")
 
 
-def _real_tokens_first_rows(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: Optional[torch.Tensor],
-    positions: Optional[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """The inputs with each row rotated so its real tokens come first (Transformer Engine's
-    padding mask), ``positions`` mapped into the rotated rows; unchanged when no row needs it."""
-    shift = real_tokens_first(attention_mask)
-    if shift is None:
-        return input_ids, attention_mask, labels, positions
-    b, s = input_ids.shape  # every stage sees the same rotated rows; the head reads caller order
-    input_ids, attention_mask = _rotate(input_ids, shift), _rotate(attention_mask, shift)
-    if labels is not None:
-        labels = _rotate(labels, shift)
-    return input_ids, attention_mask, labels, _rotated_positions(positions, shift, b, s)
-
-
 def _cached_forward(model: torch.nn.Module, input_ids: torch.Tensor,
                     attention_mask: Optional[torch.Tensor], positions: Optional[torch.Tensor],
                     kv_cache: CacheView, adapters: bool = True) -> torch.Tensor:
     """:func:`llada_forward` of the columns ``[lo, lo + L)`` through the block KV cache."""
     b, span = input_ids.shape
-    seq = kv_cache.cache.kv.shape[3]
+    seq = kv_cache.seq_len
     if kv_cache.lo + span > seq:
         raise ValueError(f"cached forward of columns [{kv_cache.lo}, {kv_cache.lo + span}) "
                          f"exceeds the cache's {seq} positions")
@@ -269,37 +221,67 @@ class LLaDAModel(GPTModel):
                 adapters: bool = True, **unused: Any) -> Tensor:
         """Embedding (first stage), decoder, head (last stage); see :func:`llada_forward`.
 
-        On the last stage of the local spec the last layer runs its queries only at
-        ``positions`` (:mod:`rspo_mega.models.llada.layer`)."""
+        The cache view and the query selection reach the layers as the decoder's
+        ``inference_context`` (a :class:`ForwardContext`); on the last stage of the local spec
+        the last layer runs its queries only at ``positions``
+        (:mod:`rspo_mega.models.llada.layer`)."""
         pre = self._preprocess(input_ids=input_ids, position_ids=position_ids,
                                decoder_input=decoder_input)
-        rotary = pre[1]
+        hidden, rotary, rotary_cos, rotary_sin, sequence_len_offset = pre[:5]
         if kv_cache is not None:  # the span's true positions, lo .. lo + L - 1
             rotary = self.rotary_pos_emb(position_ids.shape[1], offset=kv_cache.lo)
-        selection = self._query_selection(positions, *position_ids.shape)
-        with contextlib.ExitStack() as bound:
-            bound.enter_context(lora.adapter_scope(adapters))
-            if kv_cache is not None:
-                bound.enter_context(kv_cache.bound(self))
-            if selection is not None:
-                bound.enter_context(selection.bound(self.decoder.layers[-1]))
+        context = self._forward_context(kv_cache, positions, *position_ids.shape)
+        with lora.adapter_scope(adapters):
             hidden = self.decoder(
-                hidden_states=pre[0], attention_mask=attention_mask, rotary_pos_emb=rotary,
-                rotary_pos_cos=pre[2], rotary_pos_sin=pre[3],
-                rotary_pos_cos_sin=pre[6] if len(pre) == 7 else None, sequence_len_offset=pre[4],
+                hidden_states=hidden, attention_mask=attention_mask, rotary_pos_emb=rotary,
+                rotary_pos_cos=rotary_cos, rotary_pos_sin=rotary_sin,
+                rotary_pos_cos_sin=pre[6] if len(pre) == 7 else None,
+                sequence_len_offset=sequence_len_offset, inference_context=context,
             )
         if not self.post_process:
             return hidden
-        return self.head(hidden, labels, positions, selection)
+        return self.head(hidden, labels, positions,
+                         None if context is None else context.query_selection)
+
+    def _forward_context(self, kv_cache: Optional[CacheView], positions: Optional[Tensor],
+                         b: int, s: int) -> Optional[ForwardContext]:
+        """The layers' context: the cache view and the last layer's query selection; None
+        when there is neither (megatron's forward runs unchanged)."""
+        selection = self._query_selection(positions, b, s)
+        if kv_cache is None and selection is None:
+            return None
+        last = self.decoder.layers[-1].layer_number if selection is not None else None
+        return ForwardContext(kv_cache, selection, last)
 
     def _query_selection(self, positions: Optional[Tensor], b: int,
                          s: int) -> Optional[QuerySelection]:
         """The last layer's query positions: on the last stage of the local spec without
-        sequence parallelism, when ``positions`` select fewer than ``s`` per row; else None."""
+        sequence parallelism or full recompute (megatron's recomputed block forward passes no
+        context), when ``positions`` select fewer than ``s`` per row; else None."""
         if (positions is None or not self.post_process or self.transformer_impl != "local"
-                or self.config.sequence_parallel or not len(self.decoder.layers)):
+                or self.config.sequence_parallel or self.config.recompute_granularity == "full"
+                or not len(self.decoder.layers)):
             return None
         return QuerySelection.from_positions(positions, b, s)
+
+    def kv_cache_shape(self, rows: int, seq_len: int) -> tuple[int, ...]:
+        """What a block KV cache allocates for this chunk's layers:
+        ``[layers, 2, rows, seq_len, ng, hn]`` (``2`` = key, value; ``ng`` the KV groups of this
+        TP rank), in :attr:`kv_cache_dtype`, layer ``i`` holding :attr:`kv_cache_layers` ``[i]``."""
+        tp = ps.get_tensor_model_parallel_world_size()
+        groups = (self.config.num_query_groups or self.config.num_attention_heads) // tp
+        return (len(self.decoder.layers), 2, rows, seq_len, groups, self.config.kv_channels)
+
+    @property
+    def kv_cache_layers(self) -> list[int]:
+        """Global layer numbers (megatron's 1-based ``layer_number``) of this chunk's layers."""
+        return [layer.layer_number for layer in self.decoder.layers]
+
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        """The dtype of the cached keys and values: that of the attention's activations."""
+        config = self.config
+        return torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
 
     def head(self, hidden: Tensor, labels: Optional[Tensor], positions: Optional[Tensor],
              selection: Optional[QuerySelection] = None) -> Tensor:

@@ -9,8 +9,8 @@ Two implementations share one checkpoint layout:
   Used on CPU and whenever Transformer Engine is missing.
 * ``transformer_engine``: TE fused LayerNorm+Linear, TE attention, FP8 capable (GPU only).
 
-Both core attentions take a block-KV-cache slot during cached rollout forwards
-(:mod:`rspo_mega.models.llada.kv_cache`). Both use
+Both use :class:`~rspo_mega.models.llada.attention.BidirectionalSelfAttention`, whose cached
+path (block KV cache, selected queries) runs torch SDPA under either spec, and
 :class:`~rspo_mega.models.llada.layer.LLaDATransformerLayer`, whose queries can be restricted to
 the positions a consumer reads (the local spec's last layer, see ``LLaDAModel``).
 
@@ -33,11 +33,7 @@ from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from rspo_mega.config.schema import LoRAConfig, TransformerImpl, choices
-from rspo_mega.models.llada.attention import (
-    BidirectionalSelfAttention,
-    SDPACoreAttention,
-    te_cached_core_attention,
-)
+from rspo_mega.models.llada.attention import BidirectionalSelfAttention, SDPACoreAttention
 from rspo_mega.models.llada.layer import LLaDATransformerLayer, SwiGLUMLP
 
 log = logging.getLogger(__name__)
@@ -90,8 +86,8 @@ def llada_layer_spec(impl: str, lora: Optional[LoRAConfig] = None) -> ModuleSpec
         raise ValueError(f"unknown transformer impl {impl!r}; expected one of {IMPLS}")
     attn = base.submodules.self_attention
     attn_submodules = attn.submodules
-    core = SDPACoreAttention if impl == "local" else te_cached_core_attention()
-    attn_submodules = dataclasses.replace(attn_submodules, core_attention=core)
+    if impl == "local":
+        attn_submodules = dataclasses.replace(attn_submodules, core_attention=SDPACoreAttention)
     bidirectional = dataclasses.replace(
         attn,
         module=BidirectionalSelfAttention,
