@@ -334,7 +334,7 @@ def worker(case: str, out_dir: str) -> None:
     )
     from rspo_mega.plan import plan_run
     from rspo_mega.plan.shapes import model_shapes
-    from rspo_mega.train import TINY_DEFAULT
+    from rspo_mega.config.paths import TINY_DEFAULT
     from rspo_mega.training.builder import build_chunks
 
     probe, record = Probe(), {}

@@ -66,7 +66,7 @@ def _trained(args):
     """Model config and equal-length test prompts [batch, P] of a trained run."""
     from rspo_mega.config import load_config
     from rspo_mega.data import get_template, load_tokenizer
-    from rspo_mega.data import prompt_message
+    from rspo_mega.tasks.prompts import prompt_message
     from rspo_mega.training.run_data import build_task
 
     cfg = load_config(os.path.join(args.run_dir, "config.yaml"))

@@ -44,7 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     """Check the config, load the model, evaluate and print the result; the exit code."""
     from rspo_mega.config import ConfigError, load_config, validate_config
-    from rspo_mega.train import TINY_DEFAULT
+    from rspo_mega.config.paths import TINY_DEFAULT
 
     from rspo_mega.config.paths import check_inputs
 

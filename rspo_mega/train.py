@@ -23,9 +23,9 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
+from rspo_mega.config.paths import TINY_DEFAULT
 from rspo_mega.config.schema import algorithm_titles
 from rspo_mega.console import (
     INTERRUPT_EXIT_CODE, add_debug_flag, hide_library_warnings, run_entry_point, setup_logging,
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rspo_mega")
 
-TINY_DEFAULT = Path(__file__).parent / "configs" / "tiny_sudoku.yaml"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

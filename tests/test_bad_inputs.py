@@ -18,8 +18,9 @@ import torch
 
 from rspo_mega.config import config_to_dict, load_config
 from rspo_mega.config.hf_start import SHIPPED_DIR
-from rspo_mega.data.tokenizer_training import task_corpus, train_sentencepiece_tokenizer
-from rspo_mega.train import TINY_DEFAULT
+from rspo_mega.data.tokenizer_training import train_sentencepiece_tokenizer
+from rspo_mega.tasks.corpus import task_corpus
+from rspo_mega.config.paths import TINY_DEFAULT
 from rspo_mega.training.checkpointing import METADATA, checkpoint_name
 from tests.training.test_launch import OWN_MODEL
 from tests.training.test_trainer import TINY

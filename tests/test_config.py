@@ -9,7 +9,7 @@ from rspo_mega.config import (
     ConfigError, TrainConfig, config_from_dict, dump_config, load_config, save_config,
     validate_config,
 )
-from rspo_mega.train import TINY_DEFAULT
+from rspo_mega.config.paths import TINY_DEFAULT
 
 
 def test_defaults_validate_and_layout():

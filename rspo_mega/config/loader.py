@@ -19,15 +19,9 @@ from typing import Annotated, Any, Iterable, Literal, Optional, Union
 import yaml
 
 from rspo_mega.config.schema import Bounds, NameOrImportPath, TrainConfig
-from rspo_mega.errors import UserError
+from rspo_mega.errors import ConfigError
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration problem; the message names the offending key."""
-
-    kind = "config"
 
 
 _SFT_RUN = ("run SFT as its own run (algorithm.name=sft, e.g. --config "

@@ -23,6 +23,10 @@ from rspo_mega.config.loader import ConfigError
 from rspo_mega.config.schema import TrainConfig
 
 
+# the run config of rspo-train, rspo-eval and rspo-plan without --config: the tiny Sudoku run
+TINY_DEFAULT = Path(__file__).resolve().parent.parent / "configs" / "tiny_sudoku.yaml"
+
+
 def input_paths(cfg: TrainConfig) -> dict[str, Optional[str]]:
     """The config keys naming files or directories the run reads, with their values."""
     hf_config = cfg.model.hf_config

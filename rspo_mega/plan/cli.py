@@ -80,7 +80,7 @@ def plan(a: argparse.Namespace) -> int:
     """Plan (or search) the config on the hardware of the options; the exit status."""
     from dataclasses import replace
 
-    from rspo_mega.train import TINY_DEFAULT
+    from rspo_mega.config.paths import TINY_DEFAULT
 
     cfg = load_config(a.config or TINY_DEFAULT, a.overrides)
     hw = hardware_from_args(a)

@@ -17,14 +17,14 @@ import torch.distributed as dist
 
 from rspo_mega.config import ConfigError, TrainConfig
 from rspo_mega.config.hf_start import is_hf_start
-from rspo_mega.data import EncodedExample, Example, encode_prompt, encode_prompts, prompt_message
+from rspo_mega.data import Example
 from rspo_mega.data.templates import PromptTemplate, get_template
 from rspo_mega.data.tokenizer import Tokenizer, load_tokenizer
-from rspo_mega.data.tokenizer_training import (
-    BUILTIN_VOCAB, task_corpus, train_sentencepiece_tokenizer,
-)
+from rspo_mega.data.tokenizer_training import BUILTIN_VOCAB, train_sentencepiece_tokenizer
 from rspo_mega.tasks import get_task
 from rspo_mega.tasks.base import Task
+from rspo_mega.tasks.corpus import task_corpus
+from rspo_mega.tasks.prompts import EncodedExample, encode_prompt, encode_prompts, prompt_message
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from rspo_mega.config import ConfigError, load_config
 from rspo_mega.config.hf_start import SHIPPED_DIR
-from rspo_mega.train import TINY_DEFAULT
+from rspo_mega.config.paths import TINY_DEFAULT
 from tests.distributed import run_distributed
 from tests.reference.llada_forward import llada_reference_logits
 

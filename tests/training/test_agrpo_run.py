@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from rspo_mega.config import load_config, validate_config
-from rspo_mega.train import TINY_DEFAULT
+from rspo_mega.config.paths import TINY_DEFAULT
 from rspo_mega.training.metrics import is_wall_clock
 from tests.distributed import run_distributed
 

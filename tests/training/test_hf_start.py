@@ -48,7 +48,8 @@ def _write_with_tokenizer(path: Path, tokenizer_file: Path, name: str, seed: int
 def hf_sp(tmp_path_factory) -> str:
     """An HF dir with a SentencePiece ``tokenizer.model`` trained on task text (as the tiny
     default's)."""
-    from rspo_mega.data.tokenizer_training import task_corpus, train_sentencepiece_tokenizer
+    from rspo_mega.data.tokenizer_training import train_sentencepiece_tokenizer
+    from rspo_mega.tasks.corpus import task_corpus
 
     root = tmp_path_factory.mktemp("hf_sp")
     model = train_sentencepiece_tokenizer(task_corpus(num_countdown=300, num_sudoku=300),
@@ -62,7 +63,7 @@ def hf_json(tmp_path_factory) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from rspo_mega.data.tokenizer import LLADA_SPECIAL_TOKENS
-    from rspo_mega.data.tokenizer_training import task_corpus
+    from rspo_mega.tasks.corpus import task_corpus
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

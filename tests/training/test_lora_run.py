@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from rspo_mega.config import load_config, validate_config
 from rspo_mega.models.llada.checkpoint import stored_tensor_shapes
-from rspo_mega.train import TINY_DEFAULT
+from rspo_mega.config.paths import TINY_DEFAULT
 from tests.distributed import run_distributed
 from tests.training.test_agrpo_run import SMALL, _comparable
 

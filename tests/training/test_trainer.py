@@ -118,7 +118,7 @@ def test_non_finite_reward_is_named():
 
 def test_too_long_prompts_are_reported_at_once():
     from rspo_mega.data import Example
-    from rspo_mega.data import encode_prompts
+    from rspo_mega.tasks.prompts import encode_prompts
 
     class Tok:
         special_ids = {}
