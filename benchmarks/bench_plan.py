@@ -328,7 +328,7 @@ def worker(case: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     from megatron.core import parallel_state as ps
 
-    from rspo_mega.config import load_config, validate_config
+    from rspo_mega.setup import load_run_config, validate_run
     from rspo_mega.parallel import (
         destroy_parallel, initialize_distributed, initialize_model_parallel,
     )
@@ -339,8 +339,8 @@ def worker(case: str, out_dir: str) -> None:
 
     probe, record = Probe(), {}
     probe.measuring(True)
-    cfg = load_config(TINY_DEFAULT, COMMON + CASES[case][1] + [f"logging.output_dir={out_dir}"])
-    layout = validate_config(cfg, world_size=int(os.environ["WORLD_SIZE"]))
+    cfg = load_run_config(TINY_DEFAULT, COMMON + CASES[case][1] + [f"logging.output_dir={out_dir}"])
+    layout = validate_run(cfg, world_size=int(os.environ["WORLD_SIZE"]))
     # A process's first model build leaves ~7 MB of imports and allocator state behind (later
     # builds grow RSS by their weights alone): build one and drop it first.
     initialize_distributed(backend="gloo")

@@ -100,11 +100,12 @@ def run(args: argparse.Namespace) -> int:
     machine, the output directories, the checkpoint a resume would continue and the memory
     plan); ``config.yaml`` is written only once the trainer is built, so a run that fails
     before leaves a previous run's file as it was."""
-    from rspo_mega.config import dump_config, load_config, save_config, validate_config
+    from rspo_mega.config import dump_config, save_config
     from rspo_mega.config.paths import check_inputs, check_outputs
+    from rspo_mega.setup import load_run_config, validate_run
 
-    cfg = load_config(args.config or TINY_DEFAULT, args.overrides)
-    layout = validate_config(cfg, world_size=launched_world_size(args.dry_run))
+    cfg = load_run_config(args.config or TINY_DEFAULT, args.overrides)
+    layout = validate_run(cfg, world_size=launched_world_size(args.dry_run))
     setup_logging(cfg.logging.level)
     check_inputs(cfg)
     rank = int(os.environ.get("RANK", "0"))

@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from rspo_mega.config import ConfigError, load_config
+from rspo_mega.config import ConfigError
+from rspo_mega.setup import load_run_config
 from rspo_mega.plan import Hardware, check_before_launch, fixes, plan_run, search
 from rspo_mega.plan.timing import rollout_time
 
@@ -45,7 +46,7 @@ HEAD = 128 * (64 * 2 + 4) + 32 * (64 * 2 + 256 * 4 + 16 + 1)
 
 
 def _cfg(*extra: str):
-    return load_config(None, SMALL + list(extra))
+    return load_run_config(None, SMALL + list(extra))
 
 
 def test_resident_parts_by_hand():
@@ -123,7 +124,7 @@ def test_world_size_and_hardware_errors_name_the_key():
 
 
 def _eight_b(*extra: str):
-    return load_config(EIGHT_B, list(extra))  # its geometry: model.hf_config=shipped:llada_8b
+    return load_run_config(EIGHT_B, list(extra))  # its geometry: model.hf_config=shipped:llada_8b
 
 
 def test_fixes_of_an_8b_layout_that_does_not_fit():
@@ -182,9 +183,9 @@ def test_the_nodes_and_gpus_options_set_the_world_over_a_files_world_size(capsys
 
 def test_launch_refusal_names_stage_phase_parts_and_fixes():
     cfg = _eight_b("parallel.tp=1", "optimizer.use_distributed_optimizer=false")
-    from rspo_mega.config import validate_config
+    from rspo_mega.setup import validate_run
 
-    reason = check_before_launch(cfg, validate_config(cfg, world_size=8), Hardware())
+    reason = check_before_launch(cfg, validate_run(cfg, world_size=8), Hardware())
     assert reason.startswith("pp stage 0 needs ") and " GiB of 80.0 (" in reason
     assert "optimizer states" in reason and ": set " in reason
     assert "optimizer.use_distributed_optimizer=true" in reason
@@ -240,8 +241,8 @@ def test_lora_counts_adapters_and_no_reference_by_hand():
 
 
 def test_the_8b_lora_recipe_plans_no_reference_and_a_small_optimizer_state():
-    full = plan_run(load_config(EIGHT_B, []), Hardware())
-    lora = plan_run(load_config("examples/configs/llada8b_rspo_countdown_lora.yaml", []),
+    full = plan_run(load_run_config(EIGHT_B, []), Hardware())
+    lora = plan_run(load_run_config("examples/configs/llada8b_rspo_countdown_lora.yaml", []),
                     Hardware())
     assert lora.fits and lora.layout == full.layout
     full_parts, parts = full.stages[0].resident, lora.stages[0].resident

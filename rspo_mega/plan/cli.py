@@ -18,11 +18,11 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from rspo_mega.config import load_config
 from rspo_mega.console import add_debug_flag, hide_library_warnings, run_entry_point, setup_logging
 from rspo_mega.plan import report
 from rspo_mega.plan.hardware import Hardware
 from rspo_mega.plan.launch import refusal
+from rspo_mega.setup import load_run_config
 from rspo_mega.plan.planner import plan_run, search
 
 _DEFAULTS = Hardware()
@@ -82,7 +82,7 @@ def plan(a: argparse.Namespace) -> int:
 
     from rspo_mega.config.paths import TINY_DEFAULT
 
-    cfg = load_config(a.config or TINY_DEFAULT, a.overrides)
+    cfg = load_run_config(a.config or TINY_DEFAULT, a.overrides)
     hw = hardware_from_args(a)
     # the cluster of --nodes x --gpus-per-node is the world; a file's world_size gives way
     cfg.parallel = replace(cfg.parallel, world_size=None)

@@ -167,10 +167,11 @@ def test_bad_algorithm_config_names_the_key(algo, lik, key):
     """The loader (a field's rules) or validate_config (rules between fields) names the key."""
     from dataclasses import asdict
 
-    from rspo_mega.config import ConfigError, config_from_dict, validate_config
+    from rspo_mega.config import ConfigError
+    from rspo_mega.setup import run_config_from_dict, validate_run
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate_config(config_from_dict({"algorithm": asdict(algo), "likelihood": asdict(lik)}))
+        validate_run(run_config_from_dict({"algorithm": asdict(algo), "likelihood": asdict(lik)}))
 
 
 @pytest.mark.parametrize("name,scheme", [("rspo", "bernoulli"), ("espo", "coupled"),
@@ -179,11 +180,11 @@ def test_fresh_masks_per_update_suit_every_elbo_loss(name, scheme):
     """Ratio losses too: the old policy scores each update's masks (training.update_loop)."""
     from dataclasses import asdict
 
-    from rspo_mega.config import config_from_dict, validate_config
+    from rspo_mega.setup import run_config_from_dict, validate_run
 
     algo = AlgorithmConfig(name=name, inner_updates=4)
     lik = LikelihoodConfig(mask_scheme=scheme, fresh_masks_per_update=True)
-    validate_config(config_from_dict({"algorithm": asdict(algo), "likelihood": asdict(lik)}))
+    validate_run(run_config_from_dict({"algorithm": asdict(algo), "likelihood": asdict(lik)}))
 
 
 def test_rspo_without_reference_is_an_error():
