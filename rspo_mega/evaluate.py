@@ -26,7 +26,7 @@ from rspo_mega.console import add_debug_flag, hide_library_warnings, run_entry_p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    hide_library_warnings()  # before megatron-core is first imported (the config imports it)
+    hide_library_warnings()  # before megatron-core is first imported (rspo_mega.setup imports it)
     parser = argparse.ArgumentParser(prog="rspo-eval", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML run config (default: tiny default)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature")

@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    hide_library_warnings()  # before megatron-core is first imported (the config imports it)
+    hide_library_warnings()  # before megatron-core is first imported (rspo_mega.setup imports it)
     args = parse_args(argv)
     return run_entry_point("rspo-train", lambda: run(args), debug=args.debug)
 

@@ -22,7 +22,6 @@ from rspo_mega.console import add_debug_flag, hide_library_warnings, run_entry_p
 from rspo_mega.plan import report
 from rspo_mega.plan.hardware import Hardware
 from rspo_mega.plan.launch import refusal
-from rspo_mega.setup import load_run_config
 from rspo_mega.plan.planner import plan_run, search
 
 _DEFAULTS = Hardware()
@@ -81,6 +80,7 @@ def plan(a: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from rspo_mega.config.paths import TINY_DEFAULT
+    from rspo_mega.setup import load_run_config  # megatron-core: after its warnings are hidden
 
     cfg = load_run_config(a.config or TINY_DEFAULT, a.overrides)
     hw = hardware_from_args(a)
@@ -97,7 +97,7 @@ def plan(a: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    hide_library_warnings()  # before megatron-core is first imported (the config imports it)
+    hide_library_warnings()  # before megatron-core is first imported (rspo_mega.setup imports it)
     a = parse_args(argv)
     setup_logging("WARNING")
     return run_entry_point("rspo-plan", lambda: plan(a), debug=a.debug)

@@ -16,7 +16,6 @@ from typing import Any, Iterable, Optional
 
 from rspo_mega.config import ConfigError, Layout, TrainConfig
 from rspo_mega.config.validate import check_layer_spec
-from rspo_mega.setup import validate_run
 from rspo_mega.plan.hardware import Hardware
 from rspo_mega.plan.memory import StageMemory, stage_memory
 from rspo_mega.plan.shapes import ModelShapes, Workload, model_shapes, planned_impl, workload
@@ -70,6 +69,8 @@ def with_overrides(cfg: TrainConfig, changes: dict[str, Any]) -> TrainConfig:
 def plan_run(cfg: TrainConfig, hardware: Hardware, prompt_length: Optional[int] = None) -> Plan:
     """Plan ``cfg`` on ``hardware`` (raises ``ConfigError`` naming a bad key or option)."""
     hardware.check()
+    from rspo_mega.setup import validate_run  # megatron-core: after the CLI hides its warnings
+
     planned = (f"the plan is for {{world}} ranks ({hardware.nodes} nodes x "
                f"{hardware.gpus_per_node}); set parallel.world_size={{world}} (or null)")
     layout = validate_run(cfg, world_size=hardware.world, world_source=planned)

@@ -15,9 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from rspo_mega.algorithms import LOSSES, is_rl, needs_reference
 from rspo_mega.config import ConfigError, Layout, TrainConfig
-from rspo_mega.likelihood.masks import units_per_sample
+from rspo_mega.config.schema import units_per_sample
 
 _BYTES = {"float32": 4, "bfloat16": 2}
 
@@ -193,6 +192,8 @@ def _scored(cfg: TrainConfig, mbs: int) -> tuple[int, float]:
 
 def reference_passes(cfg: TrainConfig) -> int:
     """How often a step scores the reference (fresh masks re-score it for every inner update)."""
+    from rspo_mega.algorithms import needs_reference  # megatron-core: after the CLI's warnings
+
     if not needs_reference(cfg.algorithm):
         return 0
     return cfg.algorithm.inner_updates if cfg.likelihood.fresh_masks_per_update else 1
@@ -201,6 +202,8 @@ def reference_passes(cfg: TrainConfig) -> int:
 def old_policy_passes(cfg: TrainConfig) -> int:
     """No-grad policy scorings a step adds: with fresh masks, a ratio loss scores the masks of
     inner updates 1 .. mu-1 under the rollout policy before the first update."""
+    from rspo_mega.algorithms import LOSSES, is_rl
+
     if not is_rl(cfg.algorithm) or not cfg.likelihood.fresh_masks_per_update:
         return 0
     needs_old = LOSSES[cfg.algorithm.name].needs_old_policy
@@ -213,6 +216,8 @@ def workload(cfg: TrainConfig, layout: Layout, prompt_length: Optional[int] = No
     plen = cfg.data.max_prompt_length if prompt_length is None else int(prompt_length)
     if plen < 1:
         raise ConfigError(f"prompt length must be >= 1 token, got {plen}")
+    from rspo_mega.algorithms import is_rl
+
     sequences = layout.completions_per_rank * lik.mc_samples * units_per_sample(lik.mask_scheme)
     mbs = min(lik.micro_batch_size, sequences)
     scored_max, scored_mean = _scored(cfg, mbs)
