@@ -215,6 +215,22 @@ def test_hf_config_geometry_is_validated(tmp_path):
         run_config_from_dict({"model": {"hf_config": str(tmp_path), "num_layers": 4}})
 
 
+def test_load_config_reads_the_yaml_alone(tmp_path):
+    """The config layer reads no HF directory, hub cache or tokenizer: the setup step does."""
+    from rspo_mega.config import load_config, validate_config
+
+    given = ["checkpoint.init_from=hf:rspo/none", f"model.hf_config={tmp_path / 'nope'}",
+             f"data.tokenizer={tmp_path / 'nope.model'}"]
+    cfg = load_config(None, given)  # nothing named here exists: the pure loader does not look
+    assert (cfg.checkpoint.init_from, cfg.model.hf_config, cfg.data.tokenizer) == (
+        "hf:rspo/none", str(tmp_path / "nope"), str(tmp_path / "nope.model"))
+    validate_config(load_config(None, ["data.fields={q: question}"]), world_size=1)  # a task's
+    with pytest.raises(ConfigError, match="data.fields: unknown field"):
+        validate_run(load_run_config(None, ["data.fields={q: question}"]), world_size=1)
+    with pytest.raises(ConfigError, match="model.hf_config"):
+        load_run_config(None, given[1:2])
+
+
 def test_the_8b_recipes_take_the_shipped_geometry():
     from pathlib import Path
 
