@@ -91,7 +91,7 @@ LoRATarget = Literal["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]  #
 
 
 def units_per_sample(scheme: str) -> int:
-    """Masked sequences per MC sample of ``likelihood.mask_scheme``: 2 for a coupled pair, else 1."""
+    """Masked sequences per MC sample of ``scheme``: 2 for a coupled pair, else 1."""
     return 2 if scheme == "coupled" else 1
 
 

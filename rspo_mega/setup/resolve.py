@@ -1,6 +1,6 @@
 """The model section resolved once, right after the config is loaded (before validation, any
-process group or model), so ``--dry-run``, the saved ``config.yaml`` and every consumer (model builder,
-sampler, mask sampler, planner) read the same ``cfg.model``.
+process group or model), so ``--dry-run``, the saved ``config.yaml`` and every consumer (model
+builder, sampler, mask sampler, planner) read the same ``cfg.model``.
 
 Hub ids ``hf:ORG/NAME[@REVISION]`` in ``model.hf_config``, ``checkpoint.init_from`` and
 ``data.tokenizer`` first become their snapshot directories in the HF cache

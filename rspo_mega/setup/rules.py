@@ -80,10 +80,11 @@ def check_data(cfg: TrainConfig) -> None:
 
 def validate_run(cfg: TrainConfig, world_size: Optional[int] = None,
                  world_source: str = LAUNCHED) -> Layout:
-    """Every rule of a run: the config's (:func:`validate_config`, whose arguments these are),
-    then the loss's and the task's declarations; returns the layout."""
-    layout = validate_config(cfg, world_size, world_source)
+    """Every rule of a run: the mask scheme the loss declares (first: the config's rules of an
+    estimator assume its loss), the config's (:func:`validate_config`, whose arguments these
+    are), then the rest of the loss's and the task's declarations; returns the layout."""
     check_mask_scheme(cfg.algorithm, cfg.likelihood)
+    layout = validate_config(cfg, world_size, world_source)
     check_run_kind(cfg)
     check_data(cfg)
     return layout
