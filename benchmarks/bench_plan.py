@@ -375,21 +375,21 @@ def worker(case: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     from megatron.core import parallel_state as ps
 
-    from rspo_mega.config import load_config, validate_config
+    from rspo_mega.setup import load_run_config, validate_run
     from rspo_mega.parallel import (
         destroy_parallel, initialize_distributed, initialize_model_parallel,
     )
     from rspo_mega.plan import plan_run
     from rspo_mega.plan.shapes import model_shapes
-    from rspo_mega.train import TINY_DEFAULT
+    from rspo_mega.config.paths import TINY_DEFAULT
 
     probe, record = Probe(), {}
     probe.measuring(True)
     overrides = COMMON + CASES[case][1] + [f"logging.output_dir={out_dir}"]
     base_dir = os.path.join(out_dir, "base")  # LoRA: the base the adapters train on
     lora = "model.lora.enabled=true" in overrides
-    cfg = load_config(TINY_DEFAULT, overrides + ([f"checkpoint.init_from={base_dir}"] * lora))
-    layout = validate_config(cfg, world_size=int(os.environ["WORLD_SIZE"]))
+    cfg = load_run_config(TINY_DEFAULT, overrides + ([f"checkpoint.init_from={base_dir}"] * lora))
+    layout = validate_run(cfg, world_size=int(os.environ["WORLD_SIZE"]))
     initialize_distributed(backend="gloo")
     initialize_model_parallel(tp=cfg.parallel.tp, pp=cfg.parallel.pp)
     _first_build(cfg, base_dir if lora else None)

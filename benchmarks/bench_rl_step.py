@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from rspo_mega.config import load_config, validate_config  # noqa: E402
+from rspo_mega.setup import load_run_config, validate_run  # noqa: E402
 
 DEFAULT = os.path.join(os.path.dirname(__file__), "..", "rspo_mega", "configs",
                        "tiny_sudoku_long.yaml")
@@ -160,9 +160,9 @@ def main() -> None:
     from rspo_mega.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(args.config, QUIET + args.overrides + [f"logging.output_dir={out}"])
+        cfg = load_run_config(args.config, QUIET + args.overrides + [f"logging.output_dir={out}"])
         hf_dir = cfg.checkpoint.init_from
-        trainer = Trainer(cfg, validate_config(cfg, world_size=1))
+        trainer = Trainer(cfg, validate_run(cfg, world_size=1))
         trainer.start_rl()
         ours, baseline = OursStep(trainer), BaselineStep(trainer, hf_dir)
         runs: dict[str, Any] = {"fast": lambda: ours(exact=False), "exact": lambda: ours(exact=True),

@@ -64,12 +64,12 @@ def _latest_dist(run_dir: str) -> str:
 
 def _trained(args):
     """Model config and equal-length test prompts [batch, P] of a trained run."""
-    from rspo_mega.config import load_config
+    from rspo_mega.setup import load_run_config
     from rspo_mega.data import get_template, load_tokenizer
-    from rspo_mega.data import prompt_message
+    from rspo_mega.tasks.prompts import prompt_message
     from rspo_mega.training.run_data import build_task
 
-    cfg = load_config(os.path.join(args.run_dir, "config.yaml"))
+    cfg = load_run_config(os.path.join(args.run_dir, "config.yaml"))
     cfg.model.max_position_embeddings = max(cfg.model.max_position_embeddings, 128 + args.gen)
     tok = load_tokenizer(os.path.join(args.run_dir, "tokenizer", "tokenizer.model"))
     task, template = build_task(cfg), get_template(cfg.data.template)
@@ -85,7 +85,7 @@ def _llada8b(args):
     prompts [batch, P]; the weights are a random init."""
     from dataclasses import replace
 
-    from rspo_mega.config.hf_start import shipped_hf_config
+    from rspo_mega.setup.hf_start import shipped_hf_config
     from rspo_mega.models.llada.hf_config import model_config_from_hf
 
     mcfg = replace(model_config_from_hf(shipped_hf_config("shipped:llada_8b")),

@@ -25,7 +25,7 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from rspo_mega.config import load_config, validate_config  # noqa: E402
+from rspo_mega.setup import load_run_config, validate_run  # noqa: E402
 
 COMMON = ["data.num_test_examples=0", "logging.tensorboard=false",
           "logging.progress_bar=false", "rollout.group_size=4", "global_batch_size=16",
@@ -43,9 +43,9 @@ def measure(size: str, steps: int, extra: list[str]) -> dict:
     from rspo_mega.training.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(None, COMMON + SIZES[size] + extra + [f"train_steps={steps + 1}",
+        cfg = load_run_config(None, COMMON + SIZES[size] + extra + [f"train_steps={steps + 1}",
                                                                 f"logging.output_dir={out}"])
-        trainer = Trainer(cfg, validate_config(cfg, world_size=1))
+        trainer = Trainer(cfg, validate_run(cfg, world_size=1))
         trainer.start_rl()
         params = sum(p.numel() for c in trainer.policy.model for p in c.parameters())
         rows = [trainer.train_step() for _ in range(steps + 1)][1:]

@@ -1,4 +1,5 @@
-"""Errors in what a user gave: a config key, a data file, a checkpoint, an HF directory.
+"""Errors in what a user gave: a config key, a data file, a tokenizer, a checkpoint, an HF
+directory.
 
 The entry points print a :class:`UserError` as one line ``<prog>: <kind> error: <message>`` and
 exit with code 2 (:func:`rspo_mega.console.run_entry_point`); any other exception is a bug and
@@ -22,6 +23,12 @@ class UserError(Exception):
         return str(self)
 
 
+class ConfigError(UserError, ValueError):
+    """A configuration problem; the message names the offending key."""
+
+    kind = "config"
+
+
 class DataFileError(UserError, ValueError):
     """A data file is unreadable or holds a malformed record (names the file, line or row)."""
 
@@ -30,6 +37,17 @@ class DataFileError(UserError, ValueError):
 
 class DataFileNotFoundError(DataFileError, FileNotFoundError):
     """A configured data file does not exist."""
+
+
+class DataFieldError(DataFileError):
+    """A record file lacks a required field, or holds an empty value in it."""
+
+
+class MissingSpecialTokenError(UserError, ValueError):
+    """The tokenizer has no token for a special role (mask, eos, bos, ...); names the token and
+    the tokenizer file."""
+
+    kind = "tokenizer"
 
 
 class CheckpointError(UserError, RuntimeError):

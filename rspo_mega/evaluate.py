@@ -26,7 +26,7 @@ from rspo_mega.console import add_debug_flag, hide_library_warnings, run_entry_p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    hide_library_warnings()  # before megatron-core is first imported (the config imports it)
+    hide_library_warnings()  # before megatron-core is first imported (rspo_mega.setup imports it)
     parser = argparse.ArgumentParser(prog="rspo-eval", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML run config (default: tiny default)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature")
@@ -43,13 +43,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     """Check the config, load the model, evaluate and print the result; the exit code."""
-    from rspo_mega.config import ConfigError, load_config, validate_config
-    from rspo_mega.train import TINY_DEFAULT
+    from rspo_mega.config.paths import TINY_DEFAULT, check_inputs
+    from rspo_mega.errors import ConfigError
+    from rspo_mega.setup import load_run_config, validate_run
 
-    from rspo_mega.config.paths import check_inputs
-
-    cfg = load_config(args.config or TINY_DEFAULT, args.overrides)
-    validate_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    cfg = load_run_config(args.config or TINY_DEFAULT, args.overrides)
+    validate_run(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     if not (cfg.checkpoint.save_dir or cfg.checkpoint.init_from):
         raise ConfigError("rspo-eval needs checkpoint.save_dir or checkpoint.init_from")
     if args.temperature < 0:

@@ -23,9 +23,9 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
+from rspo_mega.config.paths import TINY_DEFAULT
 from rspo_mega.config.schema import algorithm_titles
 from rspo_mega.console import (
     INTERRUPT_EXIT_CODE, add_debug_flag, hide_library_warnings, run_entry_point, setup_logging,
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rspo_mega")
 
-TINY_DEFAULT = Path(__file__).parent / "configs" / "tiny_sudoku.yaml"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -101,11 +100,12 @@ def run(args: argparse.Namespace) -> int:
     machine, the output directories, the checkpoint a resume would continue and the memory
     plan); ``config.yaml`` is written only once the trainer is built, so a run that fails
     before leaves a previous run's file as it was."""
-    from rspo_mega.config import dump_config, load_config, save_config, validate_config
+    from rspo_mega.config import dump_config, save_config
     from rspo_mega.config.paths import check_inputs, check_outputs
+    from rspo_mega.setup import load_run_config, validate_run
 
-    cfg = load_config(args.config or TINY_DEFAULT, args.overrides)
-    layout = validate_config(cfg, world_size=launched_world_size(args.dry_run))
+    cfg = load_run_config(args.config or TINY_DEFAULT, args.overrides)
+    layout = validate_run(cfg, world_size=launched_world_size(args.dry_run))
     setup_logging(cfg.logging.level)
     check_inputs(cfg)
     rank = int(os.environ.get("RANK", "0"))
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    hide_library_warnings()  # before megatron-core is first imported (the config imports it)
+    hide_library_warnings()  # before megatron-core is first imported (rspo_mega.setup imports it)
     args = parse_args(argv)
     return run_entry_point("rspo-train", lambda: run(args), debug=args.debug)
 

@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from rspo_mega.config import config_to_dict, load_config
-from rspo_mega.config.hf_start import SHIPPED_DIR
-from rspo_mega.data.tokenizer_training import task_corpus, train_sentencepiece_tokenizer
-from rspo_mega.train import TINY_DEFAULT
+from rspo_mega.config import config_to_dict
+from rspo_mega.setup import load_run_config
+from rspo_mega.setup.hf_start import SHIPPED_DIR
+from rspo_mega.data.tokenizer_training import train_sentencepiece_tokenizer
+from rspo_mega.tasks.corpus import task_corpus
+from rspo_mega.config.paths import TINY_DEFAULT
 from rspo_mega.training.checkpointing import METADATA, checkpoint_name
 from tests.training.test_launch import OWN_MODEL
 from tests.training.test_trainer import TINY
@@ -84,7 +86,7 @@ def test_init_from_a_directory_that_is_no_checkpoint(tmp_path, capsys):
 
 
 def test_init_from_a_trainer_checkpoint_of_another_model(tmp_path, capsys):
-    other = load_config(None, TINY + OWN_MODEL + ["model.hidden_size=128"])
+    other = load_run_config(None, TINY + OWN_MODEL + ["model.hidden_size=128"])
     source = fake_checkpoint(tmp_path / "other_run", 4, config_to_dict(other))
     line = _train(capsys, *TINY, *OWN_MODEL, f"checkpoint.init_from={source}",
                   f"logging.output_dir={tmp_path / 'run'}")
@@ -104,12 +106,12 @@ def test_a_tokenizer_smaller_than_the_model(tmp_path, capsys):
 def test_padding_ids_beyond_a_tokenizer_decode_to_nothing(tmp_path):
     """A model may carry fewer than 128 padding rows beyond its tokenizer (LLaDA-8B: 115)."""
     from rspo_mega.data.tokenizer import load_tokenizer
-    from rspo_mega.training.run_data import _agree
+    from rspo_mega.data.tokenizer_ids import check_tokenizer_ids
 
     path = _tokenizer(tmp_path, 400, seed=0)
     tok = load_tokenizer(path)
     assert tok.decode([5, 450, 6, 511]) == tok.decode([5, 6])
-    _agree(load_config(TINY_DEFAULT, [f"data.tokenizer={path}"]), tok)  # 112 padding ids: fine
+    check_tokenizer_ids(load_run_config(TINY_DEFAULT, [f"data.tokenizer={path}"]), tok)  # 112 padding ids: fine
 
 
 def test_output_directories_that_cannot_be_written(tmp_path, capsys):
@@ -174,7 +176,7 @@ def test_a_dry_run_names_every_missing_input(tmp_path, capsys):
 
 def test_a_resume_of_another_runs_checkpoint_or_of_a_finished_run(tmp_path, capsys):
     run = tmp_path / "run"
-    rspo = load_config(TINY_DEFAULT, DEFAULT + [f"logging.output_dir={run}"])
+    rspo = load_run_config(TINY_DEFAULT, DEFAULT + [f"logging.output_dir={run}"])
     saved = fake_checkpoint(run / "ckpt", 1, config_to_dict(rspo))
     (run / "config.yaml").write_text("the earlier run's\n")
     line = _train(capsys, *DEFAULT, "algorithm.name=espo", f"logging.output_dir={run}")

@@ -39,7 +39,8 @@ def _tool():
 @pytest.fixture(scope="module")
 def start(tmp_path_factory) -> str:
     """A tiny random HF LLaDA directory with a SentencePiece tokenizer trained on task text."""
-    from rspo_mega.data.tokenizer_training import task_corpus, train_sentencepiece_tokenizer
+    from rspo_mega.data.tokenizer_training import train_sentencepiece_tokenizer
+    from rspo_mega.tasks.corpus import task_corpus
     from tests.training.test_hf_start import _write_with_tokenizer
 
     root = tmp_path_factory.mktemp("start")

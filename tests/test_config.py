@@ -5,16 +5,14 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from rspo_mega.config import (
-    ConfigError, TrainConfig, config_from_dict, dump_config, load_config, save_config,
-    validate_config,
-)
-from rspo_mega.train import TINY_DEFAULT
+from rspo_mega.config import ConfigError, TrainConfig, dump_config, save_config
+from rspo_mega.config.paths import TINY_DEFAULT
+from rspo_mega.setup import load_run_config, run_config_from_dict, validate_run
 
 
 def test_defaults_validate_and_layout():
-    cfg = load_config()
-    layout = validate_config(cfg, world_size=1)
+    cfg = load_run_config()
+    layout = validate_run(cfg, world_size=1)
     assert isinstance(cfg, TrainConfig)
     assert layout.dp == 1
     assert layout.prompts_per_step == cfg.global_batch_size // cfg.rollout.group_size
@@ -24,14 +22,14 @@ def test_defaults_validate_and_layout():
 
 
 def test_embedded_default_validates():
-    cfg = load_config(TINY_DEFAULT)
-    assert validate_config(cfg, world_size=1).prompts_per_step == 16
+    cfg = load_run_config(TINY_DEFAULT)
+    assert validate_run(cfg, world_size=1).prompts_per_step == 16
     assert cfg.algorithm.name == "rspo"
 
 
 def test_sft_recipe_validates_with_an_unbiased_estimator():
-    sft = load_config(TINY_DEFAULT.parent / "tiny_sudoku_sft.yaml")
-    validate_config(sft, world_size=1)
+    sft = load_run_config(TINY_DEFAULT.parent / "tiny_sudoku_sft.yaml")
+    validate_run(sft, world_size=1)
     assert sft.algorithm.name == "sft" and sft.likelihood.mask_scheme == "coupled"
     assert sft.likelihood.mask_sharing == "completion"
 
@@ -44,14 +42,14 @@ def test_sft_recipe_validates_with_an_unbiased_estimator():
 ])
 def test_removed_keys_say_where_their_setting_went(key, where):
     with pytest.raises(ConfigError, match=f"config key '{key}' was removed: .*{where}"):
-        load_config(None, [f"{key}=1"])
+        load_run_config(None, [f"{key}=1"])
 
 
 def test_confidence_threshold_is_the_decoding_mode():
-    assert load_config(None).rollout.confidence_threshold is None  # the exact schedule
-    assert load_config(TINY_DEFAULT).rollout.confidence_threshold == 0.9
+    assert load_run_config(None).rollout.confidence_threshold is None  # the exact schedule
+    assert load_run_config(TINY_DEFAULT).rollout.confidence_threshold == 0.9
     with pytest.raises(ConfigError, match=r"'rollout.confidence_threshold' must be in \(0, 1\]"):
-        load_config(None, ["rollout.confidence_threshold=0"])
+        load_run_config(None, ["rollout.confidence_threshold=0"])
 
 
 REMOVED = ["sft_warmup_steps", "sft_warmup_target_accuracy", "sft_warmup_min_steps",
@@ -65,7 +63,7 @@ def test_warm_up_keys_are_refused_with_where_sft_went(key, tmp_path):
                 "e.g. --config rspo_mega/configs/tiny_sudoku_sft.yaml\\) and start RL from it "
                 "with checkpoint.init_from")
     with pytest.raises(ConfigError, match=expected):
-        load_config(None, [f"{key}=1"])
+        load_run_config(None, [f"{key}=1"])
     *sections, leaf = key.split(".")
     data: dict = {leaf: None}
     for section in reversed(sections):
@@ -73,7 +71,7 @@ def test_warm_up_keys_are_refused_with_where_sft_went(key, tmp_path):
     path = tmp_path / "old.yaml"
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match=expected):
-        load_config(path)
+        load_run_config(path)
     assert not any(f.startswith("sft_") for f in TrainConfig.__dataclass_fields__)
 
 
@@ -85,31 +83,31 @@ def test_warm_up_keys_are_refused_with_where_sft_went(key, tmp_path):
 ])
 def test_sft_runs_refuse_estimators_that_are_not_its_elbo(overrides, message):
     for scheme in ("bernoulli", "stratified", "coupled"):
-        validate_config(load_config(None, ["algorithm.name=sft",
+        validate_run(load_run_config(None, ["algorithm.name=sft",
                                            f"likelihood.mask_scheme={scheme}"]))
-    validate_config(load_config(None, ["algorithm.name=rspo", *overrides]))  # RL: allowed
+    validate_run(load_run_config(None, ["algorithm.name=rspo", *overrides]))  # RL: allowed
     with pytest.raises(ConfigError) as err:
-        validate_config(load_config(None, ["algorithm.name=sft", *overrides]))
+        validate_run(load_run_config(None, ["algorithm.name=sft", *overrides]))
     assert message in str(err.value)
 
 
 def test_yaml_file_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"parallel": {"tp": 2}, "model": {"num_query_groups": 2}}))
-    cfg = load_config(path, ["parallel.pp=2", "algorithm.lambda_=0.05", "model.hf_config=null",
+    cfg = load_run_config(path, ["parallel.pp=2", "algorithm.lambda_=0.05", "model.hf_config=null",
                              "optimizer.lr=3e-6", "rollout.temperature=0"])
     assert (cfg.parallel.tp, cfg.parallel.pp) == (2, 2)
     assert cfg.algorithm.lambda_ == 0.05 and isinstance(cfg.optimizer.lr, float)
     assert cfg.rollout.temperature == 0.0 and isinstance(cfg.rollout.temperature, float)
     assert cfg.model.num_query_groups == 2
-    layout = validate_config(cfg, world_size=8)
+    layout = validate_run(cfg, world_size=8)
     assert layout.dp == 2
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(None, ["parallel.tp=2", "model.fp8.enabled=true"])
+    cfg = load_run_config(None, ["parallel.tp=2", "model.fp8.enabled=true"])
     out = save_config(cfg, tmp_path / "run")
-    again = load_config(out)
+    again = load_run_config(out)
     assert again == cfg
     assert "fp8:" in dump_config(cfg)
 
@@ -133,7 +131,7 @@ def test_resolved_config_round_trips(tmp_path):
 )
 def test_load_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as err:
-        load_config(None, overrides)
+        load_run_config(None, overrides)
     assert message in str(err.value)
 
 
@@ -141,12 +139,12 @@ def test_unknown_key_in_yaml_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("rollout:\n  gen_lenght: 64\n")
     with pytest.raises(ConfigError, match=r"'rollout.gen_lenght' \(did you mean 'gen_length'\?\)"):
-        load_config(path)
+        load_run_config(path)
     with pytest.raises(ConfigError, match="does not exist"):
-        load_config(tmp_path / "missing.yaml")
+        load_run_config(tmp_path / "missing.yaml")
     path.write_text("- a list\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
-        load_config(path)
+        load_run_config(path)
 
 
 @pytest.mark.parametrize(
@@ -197,7 +195,7 @@ def test_unknown_key_in_yaml_file(tmp_path):
 def test_validation_errors_name_the_key(overrides, world, message):
     """A field's own rules fail when the config loads, the rules between fields in validate_config."""
     with pytest.raises(ConfigError) as err:
-        validate_config(load_config(None, overrides), world_size=world)
+        validate_run(load_run_config(None, overrides), world_size=world)
     assert message in str(err.value)
 
 
@@ -207,26 +205,42 @@ def test_hf_config_geometry_is_validated(tmp_path):
         ' "d_model": 96, "embedding_size": 600, "vocab_size": 600, "mask_token_id": 599,'
         ' "eos_token_id": 598, "max_sequence_length": 512}'
     )
-    cfg = config_from_dict({"model": {"hf_config": str(tmp_path)}, "parallel": {"pp": 2}})
+    cfg = run_config_from_dict({"model": {"hf_config": str(tmp_path)}, "parallel": {"pp": 2}})
     assert (cfg.model.num_layers, cfg.model.mask_token_id, cfg.model.vocab_size) == (3, 599, 600)
     with pytest.raises(ConfigError, match="model.num_layers=3 is not divisible by parallel.pp=2"):
-        validate_config(cfg, world_size=2)
+        validate_run(cfg, world_size=2)
     with pytest.raises(ConfigError, match="model.hf_config"):
-        config_from_dict({"model": {"hf_config": str(tmp_path / "nope")}})
+        run_config_from_dict({"model": {"hf_config": str(tmp_path / "nope")}})
     with pytest.raises(ConfigError, match=r"model\.num_layers=4 \(config\.json: 3\)"):
-        config_from_dict({"model": {"hf_config": str(tmp_path), "num_layers": 4}})
+        run_config_from_dict({"model": {"hf_config": str(tmp_path), "num_layers": 4}})
+
+
+def test_load_config_reads_the_yaml_alone(tmp_path):
+    """The config layer reads no HF directory, hub cache or tokenizer: the setup step does."""
+    from rspo_mega.config import load_config, validate_config
+
+    given = ["checkpoint.init_from=hf:rspo/none", f"model.hf_config={tmp_path / 'nope'}",
+             f"data.tokenizer={tmp_path / 'nope.model'}"]
+    cfg = load_config(None, given)  # nothing named here exists: the pure loader does not look
+    assert (cfg.checkpoint.init_from, cfg.model.hf_config, cfg.data.tokenizer) == (
+        "hf:rspo/none", str(tmp_path / "nope"), str(tmp_path / "nope.model"))
+    validate_config(load_config(None, ["data.fields={q: question}"]), world_size=1)  # a task's
+    with pytest.raises(ConfigError, match="data.fields: unknown field"):
+        validate_run(load_run_config(None, ["data.fields={q: question}"]), world_size=1)
+    with pytest.raises(ConfigError, match="model.hf_config"):
+        load_run_config(None, given[1:2])
 
 
 def test_the_8b_recipes_take_the_shipped_geometry():
     from pathlib import Path
 
     for recipe in sorted(Path(TINY_DEFAULT).parents[2].glob("examples/configs/llada8b_*.yaml")):
-        m = load_config(recipe).model
+        m = load_run_config(recipe).model
         assert (m.num_layers, m.hidden_size, m.vocab_size, m.mask_token_id, m.eos_token_id) == (
             32, 4096, 126464, 126336, 126081), recipe
         assert m.make_vocab_size_divisible_by == 128 and m.params_dtype == "bfloat16"
     with pytest.raises(ConfigError, match="no shipped config.json 'nope' .shipped: llada_8b"):
-        load_config(None, ["model.hf_config=shipped:nope"])
+        load_run_config(None, ["model.hf_config=shipped:nope"])
 
 
 def test_choice_lists_have_one_home():

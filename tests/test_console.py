@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from rspo_mega import console
-from rspo_mega.config.hf_start import SHIPPED_DIR
+from rspo_mega.setup.hf_start import SHIPPED_DIR
 from rspo_mega.training.step_report import StepPostfix
 from tests import processes
 from tests.distributed import free_port

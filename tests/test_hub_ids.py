@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from rspo_mega.config import ConfigError, load_config
+from rspo_mega.config import ConfigError
+from rspo_mega.setup import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "rspo_mega" / "checkpoints" / "tiny_sudoku_long_instruct"
@@ -56,43 +57,43 @@ def cache(tmp_path, monkeypatch):
 
 def test_init_from_a_hub_id_is_its_cached_snapshot(cache):
     snapshot = cache / "models--rspo--tiny" / "snapshots" / MAIN
-    cfg = load_config(None, ["checkpoint.init_from=hf:rspo/tiny"])
+    cfg = load_run_config(None, ["checkpoint.init_from=hf:rspo/tiny"])
     assert cfg.checkpoint.init_from == str(snapshot)  # config.yaml names the exact commit
     assert cfg.data.tokenizer == str(snapshot)  # the start's tokenizer, as for a local directory
-    local = load_config(None, [f"checkpoint.init_from={SHIPPED}"])
+    local = load_run_config(None, [f"checkpoint.init_from={SHIPPED}"])
     assert cfg.model == local.model
-    assert load_config(None, [f"checkpoint.init_from=hf:rspo/tiny@{MAIN}"]).checkpoint.init_from \
+    assert load_run_config(None, [f"checkpoint.init_from=hf:rspo/tiny@{MAIN}"]).checkpoint.init_from \
         == str(snapshot)
 
 
 def test_hf_config_and_tokenizer_take_hub_ids_and_revisions(cache):
-    cfg = load_config(None, ["model.hf_config=hf:rspo/tiny@v1", "data.tokenizer=hf:rspo/tiny"])
+    cfg = load_run_config(None, ["model.hf_config=hf:rspo/tiny@v1", "data.tokenizer=hf:rspo/tiny"])
     assert cfg.model.hf_config == str(cache / "models--rspo--tiny" / "snapshots" / V1)
     assert cfg.model.num_layers == 2
     assert cfg.data.tokenizer == str(cache / "models--rspo--tiny" / "snapshots" / MAIN)
-    assert cfg.model.vocab_size == load_config(None, [f"data.tokenizer={SHIPPED}"]).model.vocab_size
+    assert cfg.model.vocab_size == load_run_config(None, [f"data.tokenizer={SHIPPED}"]).model.vocab_size
 
 
 def test_a_hub_id_missing_from_the_cache_is_one_line_naming_the_key(cache):
     with pytest.raises(ConfigError) as err:
-        load_config(None, ["checkpoint.init_from=hf:rspo/other@v2"])
+        load_run_config(None, ["checkpoint.init_from=hf:rspo/other@v2"])
     message = str(err.value)
     assert message.startswith("checkpoint.init_from=hf:rspo/other@v2: revision v2 of rspo/other "
                               f"is not in the HF cache {cache} and HF_HUB_OFFLINE=1 forbids")
     assert message.endswith("fill the cache with: hf download rspo/other --revision v2")
     assert "\n" not in message
     with pytest.raises(ConfigError, match=r"^model.hf_config=hf:rspo/tiny@v3: revision v3 of"):
-        load_config(None, ["model.hf_config=hf:rspo/tiny@v3"])
+        load_run_config(None, ["model.hf_config=hf:rspo/tiny@v3"])
     with pytest.raises(ConfigError, match=r"^data.tokenizer=hf:tiny: a hub id looks like "
                                           r"hf:ORG/NAME or hf:ORG/NAME@REVISION$"):
-        load_config(None, ["data.tokenizer=hf:tiny"])
+        load_run_config(None, ["data.tokenizer=hf:tiny"])
 
 
 def test_a_cached_snapshot_gets_the_checks_of_a_local_directory(cache):
     (cache / "models--rspo--tiny" / "snapshots" / V1 / "config.json").unlink()
     (cache / "models--rspo--tiny" / "snapshots" / V1 / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"^model.hf_config: .*snapshots/b{40}"):
-        load_config(None, ["model.hf_config=hf:rspo/tiny@v1"])
+        load_run_config(None, ["model.hf_config=hf:rspo/tiny@v1"])
 
 
 def test_rspo_train_resolves_a_hub_id_from_the_environment_s_cache(cache, tmp_path):

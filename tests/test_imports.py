@@ -28,3 +28,14 @@ def test_lower_packages_do_not_import_training(lower):
     upward = {f"{p.relative_to(PACKAGE.parent)}: {name}" for p in files for name in _imported(p)
               if name == "rspo_mega.training" or name.startswith("rspo_mega.training.")}
     assert not upward, sorted(upward)
+
+
+@pytest.mark.parametrize("package, allowed", [
+    ("config", {"config", "errors"}),  # the bottom layer: the setup step reads files for it
+    ("data", {"data", "config", "errors"}),  # below tasks: prompt encoding lives in tasks
+])
+def test_low_packages_import_only_below_them(package, allowed):
+    files = sorted((PACKAGE / package).rglob("*.py"))
+    upward = {f"{p.relative_to(PACKAGE.parent)}: {name}" for p in files for name in _imported(p)
+              if name.startswith("rspo_mega.") and name.split(".")[1] not in allowed}
+    assert not upward, sorted(upward)

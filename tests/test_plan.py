@@ -8,11 +8,12 @@ import json
 import pytest
 import torch
 
-from rspo_mega.config import ConfigError, load_config
+from rspo_mega.config import ConfigError
 from rspo_mega.plan import (
     Hardware, check_before_launch, fixes, plan_run, search, with_overrides,
 )
 from rspo_mega.plan.planner import candidate_changes
+from rspo_mega.setup import load_run_config
 from rspo_mega.plan.timing import rollout_time
 
 # 2 layers, hidden 64, ffn 192, 4 heads of 16 / 2 KV groups, vocab 300 (padded to 512 at tp=2:
@@ -48,7 +49,7 @@ HEAD = 128 * (64 * 2 + 4) + 32 * (64 * 2 + 256 * 4 + 16 + 1)
 
 
 def _cfg(*extra: str):
-    return load_config(None, SMALL + list(extra))
+    return load_run_config(None, SMALL + list(extra))
 
 
 def test_resident_parts_by_hand():
@@ -126,7 +127,7 @@ def test_world_size_and_hardware_errors_name_the_key():
 
 
 def _eight_b(*extra: str):
-    return load_config(EIGHT_B, list(extra))  # its geometry: model.hf_config=shipped:llada_8b
+    return load_run_config(EIGHT_B, list(extra))  # its geometry: model.hf_config=shipped:llada_8b
 
 
 def test_fixes_of_an_8b_layout_that_does_not_fit():
@@ -186,9 +187,9 @@ def test_the_nodes_and_gpus_options_set_the_world_over_a_files_world_size(capsys
 
 def test_launch_refusal_names_stage_phase_parts_and_fixes():
     cfg = _eight_b("parallel.tp=1", "optimizer.use_distributed_optimizer=false")
-    from rspo_mega.config import validate_config
+    from rspo_mega.setup import validate_run
 
-    reason = check_before_launch(cfg, validate_config(cfg, world_size=8), Hardware())
+    reason = check_before_launch(cfg, validate_run(cfg, world_size=8), Hardware())
     assert reason.startswith("pp stage 0 needs ") and " GiB of 80.0 (" in reason
     assert "optimizer states" in reason and ": set " in reason
     assert "optimizer.use_distributed_optimizer=true" in reason
@@ -246,8 +247,8 @@ def test_lora_counts_adapters_and_no_reference_by_hand():
 
 
 def test_the_8b_lora_recipe_plans_no_reference_and_a_small_optimizer_state():
-    full = plan_run(load_config(EIGHT_B, []), Hardware())
-    lora = plan_run(load_config("examples/configs/llada8b_rspo_countdown_lora.yaml", []),
+    full = plan_run(load_run_config(EIGHT_B, []), Hardware())
+    lora = plan_run(load_run_config("examples/configs/llada8b_rspo_countdown_lora.yaml", []),
                     Hardware())
     assert lora.fits and lora.layout == full.layout
     full_parts, parts = full.stages[0].resident, lora.stages[0].resident
@@ -265,7 +266,7 @@ def test_lora_search_admits_layouts_the_full_search_rejects(capsys):
     from rspo_mega.plan.cli import main
 
     two = Hardware(gpus_per_node=2)
-    lora_cfg = load_config(EIGHT_B.replace(".yaml", "_lora.yaml"), [])
+    lora_cfg = load_run_config(EIGHT_B.replace(".yaml", "_lora.yaml"), [])
     assert search(_eight_b(), two) == []
     plans = search(lora_cfg, two, top=10**6)
     assert plans and all(p.fits and p.shapes.lora_rank == 128 for p in plans)
@@ -286,7 +287,7 @@ def test_lora_search_admits_layouts_the_full_search_rejects(capsys):
 
 
 def test_lora_fixes_do_not_offload_a_reference_it_does_not_have():
-    full, lora = (plan_run(load_config(path, []), Hardware())
+    full, lora = (plan_run(load_run_config(path, []), Hardware())
                   for path in (EIGHT_B, EIGHT_B.replace(".yaml", "_lora.yaml")))
     assert {"likelihood.offload_reference": True} in candidate_changes(full)
     assert all("likelihood.offload_reference" not in c for c in candidate_changes(lora))

@@ -78,7 +78,7 @@ def _planned_saved(cfg, stage: int, rows: int, seq: int, positions: int, widest:
 def _body(rank: int, world: int) -> list:
     from megatron.core import parallel_state as ps
 
-    from rspo_mega.config import load_config
+    from rspo_mega.setup import load_run_config
     from rspo_mega.models.llada import build_llada_model
     from rspo_mega.parallel import initialize_model_parallel
     from rspo_mega.plan.shapes import model_shapes
@@ -88,7 +88,7 @@ def _body(rank: int, world: int) -> list:
     positions = torch.arange(0, rows * seq, 3)  # flat row * s + position, as the ELBO runner
     for (tp, pp), targets in itertools.product(LAYOUTS, LORA_TARGETS):
         initialize_model_parallel(tp=tp, pp=pp, seed=7)
-        cfg = load_config(None, GEOMETRY + [f"parallel.tp={tp}", f"parallel.pp={pp}",
+        cfg = load_run_config(None, GEOMETRY + [f"parallel.tp={tp}", f"parallel.pp={pp}",
                                             *_lora(targets)])
         stage = ps.get_pipeline_model_parallel_rank()
         model = build_llada_model(cfg.model)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rspo_mega.config import ConfigError, load_config, validate_config
+from rspo_mega.config import ConfigError
+from rspo_mega.setup import load_run_config, validate_run
 from rspo_mega.plan import Hardware, plan_run
 from rspo_mega.rollout.sampler import left_pad
 from tests.distributed import run_distributed
@@ -25,7 +26,7 @@ def _build_with_sequence_parallel(rank: int, world: int) -> str:
     from rspo_mega.training.builder import build_chunks
 
     initialize_model_parallel(tp=2)
-    cfg = load_config(None, TINY + ["parallel.tp=2", *SP])
+    cfg = load_run_config(None, TINY + ["parallel.tp=2", *SP])
     try:
         build_chunks(cfg)
     except ValueError as err:
@@ -44,16 +45,16 @@ def test_sequences_are_padded_to_a_multiple_of_tp():
     ids, _ = left_pad([[5, 6, 7], [8]], pad_id=0, multiple=4)
     assert ids.shape == (2, 4)
     assert left_pad([[5, 6, 7]], pad_id=0)[0].shape == (1, 3)
-    cfg = load_config(None, TINY + ["parallel.tp=2", *SP])
+    cfg = load_run_config(None, TINY + ["parallel.tp=2", *SP])
     assert cfg.parallel.sequence_multiple == 2
-    assert load_config(None, TINY + ["parallel.tp=2"]).parallel.sequence_multiple == 1
+    assert load_run_config(None, TINY + ["parallel.tp=2"]).parallel.sequence_multiple == 1
     with pytest.raises(ConfigError, match=r"rollout.gen_length=33 must be a multiple of it"):
-        validate_config(load_config(None, TINY + ["parallel.tp=2", *SP, "rollout.gen_length=33",
+        validate_run(load_run_config(None, TINY + ["parallel.tp=2", *SP, "rollout.gen_length=33",
                                                   "rollout.block_length=33"]), world_size=2)
 
 
 def test_the_plan_divides_activations_by_tp_and_a_cpu_plan_refuses():
-    gpu, sp = plan_run(load_config(None, SMALL), TWO_GPUS), plan_run(load_config(None, SMALL + SP),
+    gpu, sp = plan_run(load_run_config(None, SMALL), TWO_GPUS), plan_run(load_run_config(None, SMALL + SP),
                                                                       TWO_GPUS)
     assert sp.shapes.sequence_parallel and not gpu.shapes.sequence_parallel
     assert sp.stages[0].peak_phase()[1] < gpu.stages[0].peak_phase()[1]
@@ -61,7 +62,7 @@ def test_the_plan_divides_activations_by_tp_and_a_cpu_plan_refuses():
     with pytest.raises(ConfigError, match=r"^parallel.sequence_parallel=true needs the "
                                           r"Transformer Engine layer spec on GPUs; with a machine "
                                           r"without Transformer Engine and a GPU"):
-        plan_run(load_config(None, SMALL + SP), cpus)
+        plan_run(load_run_config(None, SMALL + SP), cpus)
 
 
 def test_a_launch_on_a_cpu_refuses_it_in_one_line(monkeypatch, capsys, tmp_path):

@@ -25,10 +25,11 @@ HEADER = """# Configuration keys
 Generated from `rspo_mega/config/schema.py` by `tools/gen_config_doc.py` (do not edit by hand;
 `tests/test_config_doc.py` fails when this file and the schema differ). A run's YAML sets any of
 these keys; `section.key=value` on the command line overrides them. The loader checks each value
-against its type (choices, ranges) and `validate_config` the rules between keys. Keys that were
-removed are refused with where their setting went (`REMOVED_KEYS` in `rspo_mega/config/loader.py`).
-The `model` keys a run leaves unset come from `model.hf_config`, an HF `checkpoint.init_from` and
-the tokenizer (`rspo_mega/config/resolve.py`).
+against its type (choices, ranges) and `validate_config` the rules between keys (with the rules
+each loss and task declares: `rspo_mega/setup/rules.py`). Keys that were removed are refused with
+where their setting went (`REMOVED_KEYS` in `rspo_mega/config/loader.py`). The `model` keys a run
+leaves unset come from `model.hf_config`, an HF `checkpoint.init_from` and the tokenizer, when
+the run's setup step reads them (`rspo_mega/setup/resolve.py`).
 """
 
 

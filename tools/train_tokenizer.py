@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from rspo_mega.data.tokenizer import load_tokenizer  # noqa: E402
-from rspo_mega.data.tokenizer_training import task_corpus, train_sentencepiece_tokenizer  # noqa: E402
+from rspo_mega.data.tokenizer_training import train_sentencepiece_tokenizer  # noqa: E402
+from rspo_mega.tasks.corpus import task_corpus  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,7 @@ from rspo_mega.algorithms.base import LossInputs, LossOutput, PolicyLoss
 from rspo_mega.algorithms.diagnostics import Metrics
 from rspo_mega.algorithms.diffu_grpo import DiffuGRPOLoss
 from rspo_mega.algorithms.espo import ESPOLoss
-from rspo_mega.algorithms.registry import LOSSES, build_loss
+from rspo_mega.algorithms.registry import LOSSES, build_loss, is_rl, needs_reference
 from rspo_mega.algorithms.rspo import RSPOLoss, centering_mean
 from rspo_mega.algorithms.step import StepResult, loss_backward, loss_coefficients
 
@@ -26,6 +26,8 @@ __all__ = [
     "centering_mean",
     "compute_advantages",
     "group_statistics",
+    "is_rl",
     "loss_backward",
     "loss_coefficients",
+    "needs_reference",
 ]

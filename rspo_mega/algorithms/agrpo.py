@@ -58,17 +58,19 @@ class AGRPOLoss(PolicyLoss):
     name = "agrpo"
     needs_trajectory = True
     mask_schemes = ("trajectory",)  # sampled rollout steps, not an ELBO
+    mask_schemes_why = "the other losses score ELBOs"
 
     def __init__(self, algorithm: AlgorithmConfig, likelihood: LikelihoodConfig,
                  group: ProcessGroup = None):
         super().__init__(algorithm, likelihood, group)
-        if likelihood.mask_scheme != "trajectory":
-            raise ValueError(f"algorithm.name='agrpo' needs likelihood.mask_scheme='trajectory', "
-                             f"got {likelihood.mask_scheme!r}")
+        if likelihood.mask_scheme not in self.mask_schemes:
+            raise ValueError(f"algorithm.name='agrpo' needs likelihood.mask_scheme="
+                             f"{self.mask_schemes[0]!r}, got {likelihood.mask_scheme!r}")
 
-    @property
-    def needs_reference(self) -> bool:  # type: ignore[override]
-        return self.algorithm.kl_beta > 0
+    @classmethod
+    def needs_reference(cls, algorithm: AlgorithmConfig) -> bool:
+        """Only with a KL penalty (``algorithm.kl_beta > 0``)."""
+        return algorithm.kl_beta > 0
 
     def terms(self, inputs: LossInputs, metrics: Metrics) -> torch.Tensor:
         masked = inputs.masked

@@ -67,17 +67,19 @@ class LossOutput:
 
 class PolicyLoss(abc.ABC):
     """Base class: subclasses implement :meth:`terms` and declare what they need (the
-    declarations are checked against a run's config by :func:`rspo_mega.config.validate_config`)."""
+    declarations are checked against a run's config by :func:`rspo_mega.setup.validate_run`)."""
 
     name: ClassVar[str]
     normalizer: ClassVar[str] = "completions"
-    needs_reference: ClassVar[bool] = False
+    # an RL loss learns from scored rollouts; a supervised one (SFT) from the data's targets
+    is_rl: ClassVar[bool] = True
     # Ratio losses compare with the rollout policy's log-probs on the *same* masks: from the
     # first inner update's pass, or, with fresh masks per update, scored on each update's masks
     # before the first update (see rspo_mega.training.update_loop).
     needs_old_policy: ClassVar[bool] = False
     # the likelihood.mask_scheme values whose estimate the loss is defined on
     mask_schemes: ClassVar[tuple[str, ...]] = choices(MaskedSequenceScheme)
+    mask_schemes_why: ClassVar[str] = ""  # why only those, for the error naming them
     # Trajectory losses score sampled rollout steps: the rollout must keep its trajectory record.
     needs_trajectory: ClassVar[bool] = False
 
@@ -86,6 +88,11 @@ class PolicyLoss(abc.ABC):
         self.algorithm = algorithm
         self.likelihood = likelihood
         self._group = group
+
+    @classmethod
+    def needs_reference(cls, algorithm: AlgorithmConfig) -> bool:
+        """Whether the loss reads reference log-probs with the settings ``algorithm``."""
+        return False
 
     @property
     def group(self) -> ProcessGroup:
@@ -107,7 +114,7 @@ class PolicyLoss(abc.ABC):
         """Per-completion loss terms ``[B]`` (differentiable in ``inputs.logp``)."""
 
     def __call__(self, inputs: LossInputs) -> LossOutput:
-        if self.needs_reference and inputs.ref_logp is None:
+        if self.needs_reference(self.algorithm) and inputs.ref_logp is None:
             raise ValueError(f"algorithm.name={self.name!r} needs reference log-probs (ref_logp)")
         metrics = Metrics()
         terms = self.terms(inputs, metrics)

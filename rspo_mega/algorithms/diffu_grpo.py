@@ -26,6 +26,7 @@ from rspo_mega.algorithms.diagnostics import (
     add_elbo_diagnostics,
     add_relative_score_diagnostics,
 )
+from rspo_mega.config.schema import AlgorithmConfig
 from rspo_mega.likelihood.elbo import estimate_elbo, token_sum
 from rspo_mega.parallel.reductions import global_mean
 
@@ -38,9 +39,10 @@ class DiffuGRPOLoss(PolicyLoss):
     needs_old_policy = True
     mask_schemes = ("one_step",)
 
-    @property
-    def needs_reference(self) -> bool:  # type: ignore[override]
-        return self.algorithm.kl_beta > 0
+    @classmethod
+    def needs_reference(cls, algorithm: AlgorithmConfig) -> bool:
+        """Only with a KL penalty (``algorithm.kl_beta > 0``)."""
+        return algorithm.kl_beta > 0
 
     def terms(self, inputs: LossInputs, metrics: Metrics) -> torch.Tensor:
         eps, beta = float(self.algorithm.clip_eps), float(self.algorithm.kl_beta)

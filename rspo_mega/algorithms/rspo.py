@@ -72,7 +72,11 @@ class RSPOLoss(PolicyLoss):
     """Relative-score regression onto the advantage-implied target (see module docstring)."""
 
     name = "rspo"
-    needs_reference = True
+
+    @classmethod
+    def needs_reference(cls, algorithm: AlgorithmConfig) -> bool:
+        """Always: the target is relative to the reference policy."""
+        return True
 
     def __init__(self, algorithm: AlgorithmConfig, likelihood: LikelihoodConfig,
                  group: ProcessGroup = None):

@@ -20,8 +20,9 @@ class SFTLoss(PolicyLoss):
 
     name = "sft"
     normalizer = "completions"
-    needs_reference = False
-    mask_schemes = choices(ElboMaskScheme)  # it maximises the ELBO itself
+    is_rl = False
+    mask_schemes = choices(ElboMaskScheme)
+    mask_schemes_why = "it maximises the ELBO itself"
 
     def terms(self, inputs: LossInputs, metrics: Metrics) -> torch.Tensor:
         est = estimate_elbo(inputs.logp, inputs.masked)

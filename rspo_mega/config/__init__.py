@@ -1,7 +1,6 @@
 """Run configuration: typed dataclasses, YAML + dotted overrides, validation before launch."""
 
 from rspo_mega.config.loader import (
-    ConfigError,
     config_from_dict,
     config_to_dict,
     dump_config,
@@ -22,6 +21,7 @@ from rspo_mega.config.schema import (
     TrainConfig,
 )
 from rspo_mega.config.validate import Layout, validate_config
+from rspo_mega.errors import ConfigError
 
 __all__ = [
     "AlgorithmConfig", "CheckpointConfig", "ConfigError", "DataConfig", "FP8Config", "Layout",

@@ -4,6 +4,8 @@
 ``yaml.safe_load``, applies each override (values parsed as YAML scalars), and converts the result
 into the dataclasses of :mod:`rspo_mega.config.schema`, checking every key and type on the way.
 Errors are :class:`ConfigError` and name the dotted key (with a did-you-mean for unknown keys).
+Loading reads no other file: filling the model section from HF directories and the tokenizer is
+the run's setup step (:func:`rspo_mega.setup.load_run_config`).
 """
 
 from __future__ import annotations
@@ -18,16 +20,11 @@ from typing import Annotated, Any, Iterable, Literal, Optional, Union
 
 import yaml
 
+from rspo_mega.config.paths import resolve_run_paths
 from rspo_mega.config.schema import Bounds, NameOrImportPath, TrainConfig
-from rspo_mega.errors import UserError
+from rspo_mega.errors import ConfigError
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration problem; the message names the offending key."""
-
-    kind = "config"
 
 
 _SFT_RUN = ("run SFT as its own run (algorithm.name=sft, e.g. --config "
@@ -237,38 +234,39 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
     return merged
 
 
-def config_from_dict(data: Optional[dict], overrides: Iterable[str] = ()) -> TrainConfig:
-    """Build a :class:`TrainConfig` from a nested dict plus dotted overrides.
-
-    The run's paths and model section are then resolved once (:mod:`rspo_mega.config.resolve`):
-    ``{output_dir}`` in the checkpoint paths, and the geometry and token ids from
-    ``model.hf_config``, an HF ``checkpoint.init_from`` and the tokenizer, where the run does not
-    set them itself (keys it sets must agree).
-    """
+def merge_overrides(data: Optional[dict], overrides: Iterable[str] = ()) -> dict:
+    """The nested dict of a config (None: all defaults) with dotted overrides merged in."""
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"the top level of a config must be a mapping, got {type(data).__name__}")
-    merged = apply_overrides(data, overrides)
-    cfg = _build(TrainConfig, merged)
-    from rspo_mega.config.resolve import resolve_model, resolve_run_paths
+    return apply_overrides(data, overrides)
 
+
+def config_from_dict(data: Optional[dict], overrides: Iterable[str] = ()) -> TrainConfig:
+    """Build a :class:`TrainConfig` from a nested dict plus dotted overrides, every key and type
+    checked; ``{output_dir}`` in the checkpoint paths becomes ``logging.output_dir``."""
+    cfg = _build(TrainConfig, merge_overrides(data, overrides))
     resolve_run_paths(cfg)
-    resolve_model(cfg, given=set(merged.get("model") or ()))
     return cfg
 
 
+def read_config_file(path: Optional[str | Path]) -> dict:
+    """The nested dict of the YAML file ``path`` (None: empty, all defaults)."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' does not exist")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from None
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Iterable[str] = ()) -> TrainConfig:
-    """Load ``path`` (YAML; None = all defaults) and apply overrides; no validation of cross rules."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from None
-    return config_from_dict(data, overrides)
+    """Load ``path`` (YAML; None = all defaults) and apply overrides; no file but ``path`` is
+    read, and the rules between fields are :func:`rspo_mega.config.validate_config`'s."""
+    return config_from_dict(read_config_file(path), overrides)
 
 
 def config_to_dict(cfg: Any) -> dict:

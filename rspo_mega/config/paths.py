@@ -9,6 +9,8 @@
   can be created, and a file can be written in
   each (so a read-only or misspelled path fails at the start, not at the first save or after
   training). It creates those directories.
+* :func:`resolve_run_paths`: ``{output_dir}`` in ``checkpoint.save_dir``, ``export_hf`` and
+  ``export_peft`` (their defaults) becomes ``logging.output_dir``; the loader applies it.
 """
 
 from __future__ import annotations
@@ -18,9 +20,13 @@ import socket
 from pathlib import Path
 from typing import Optional
 
-from rspo_mega.config.hf_start import SHIPPED_PREFIX
-from rspo_mega.config.loader import ConfigError
 from rspo_mega.config.schema import TrainConfig
+from rspo_mega.errors import ConfigError
+
+
+SHIPPED_PREFIX = "shipped:"  # init_from / hf_config = shipped:<name>: shipped with the package
+# the run config of rspo-train, rspo-eval and rspo-plan without --config: the tiny Sudoku run
+TINY_DEFAULT = Path(__file__).resolve().parent.parent / "configs" / "tiny_sudoku.yaml"
 
 
 def input_paths(cfg: TrainConfig) -> dict[str, Optional[str]]:
@@ -84,3 +90,17 @@ def check_outputs(cfg: TrainConfig) -> None:
         why = _unwritable(parent)
         if why:
             raise ConfigError(f"{key}={export}: its parent {parent}: {why}")
+
+
+OUTPUT_DIR = "{output_dir}"  # in checkpoint.save_dir / export_hf: the run's logging.output_dir
+
+
+def resolve_run_paths(cfg: TrainConfig) -> None:
+    """Replace :data:`OUTPUT_DIR` in the checkpoint paths by ``logging.output_dir`` (in place)."""
+    ck, out = cfg.checkpoint, cfg.logging.output_dir.rstrip("/") or "/"
+    if ck.save_dir:
+        ck.save_dir = ck.save_dir.replace(OUTPUT_DIR, out)
+    if ck.export_hf:
+        ck.export_hf = ck.export_hf.replace(OUTPUT_DIR, out)
+    if ck.export_peft:
+        ck.export_peft = ck.export_peft.replace(OUTPUT_DIR, out)

@@ -90,6 +90,11 @@ SudokuReasoning = Literal["none", "rows_columns"]
 LoRATarget = Literal["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]  # megatron's names
 
 
+def units_per_sample(scheme: str) -> int:
+    """Masked sequences per MC sample of ``scheme``: 2 for a coupled pair, else 1."""
+    return 2 if scheme == "coupled" else 1
+
+
 def choices(literal: object) -> tuple[str, ...]:
     """The values of a ``Literal`` type, e.g. ``choices(MaskScheme)``."""
     return typing.get_args(literal)

@@ -2,26 +2,25 @@
 
 The rules of one field (choices, ranges) are its type in :mod:`rspo_mega.config.schema`, checked
 by the loader. :func:`validate_config` raises :class:`ConfigError` naming the offending keys and
-returns the derived layout (:class:`Layout`).
+returns the derived layout (:class:`Layout`). It needs the config alone; the rules a loss or a
+task declares are checked with these by the run's setup step (:func:`rspo_mega.setup.validate_run`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from dataclasses import dataclass
 from typing import Optional
 
-from rspo_mega.config.loader import ConfigError
 from rspo_mega.config.schema import (
     AlgorithmConfig,
-    CountdownConfig,
     LikelihoodConfig,
     ModelConfig,
     ParallelConfig,
     RolloutConfig,
     TrainConfig,
 )
+from rspo_mega.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -34,8 +33,9 @@ class Layout:
     completions_per_rank: int  # per step
 
 
-def check_model(m: ModelConfig, par: ParallelConfig) -> None:
-    """Heads, query groups, layers and token ids against each other and the TP/PP layout."""
+def query_groups(m: ModelConfig) -> int:
+    """The KV groups of ``m`` (``num_query_groups``, or one per head when unset), after checking
+    that they divide the heads and the heads the hidden size."""
     heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
     if heads % groups:
         raise ConfigError(f"model.num_attention_heads={heads} is not divisible by "
@@ -43,6 +43,12 @@ def check_model(m: ModelConfig, par: ParallelConfig) -> None:
     if m.hidden_size % heads:
         raise ConfigError(f"model.hidden_size={m.hidden_size} is not divisible by "
                           f"model.num_attention_heads={heads}")
+    return groups
+
+
+def check_model(m: ModelConfig, par: ParallelConfig) -> None:
+    """Heads, query groups, layers and token ids against each other and the TP/PP layout."""
+    heads, groups = m.num_attention_heads, query_groups(m)
     for key, value in (("num_attention_heads", heads), ("num_query_groups", groups)):
         if value % par.tp:
             raise ConfigError(f"model.{key}={value} is not divisible by parallel.tp={par.tp}")
@@ -81,12 +87,18 @@ def check_layer_spec(cfg: TrainConfig, impl: str, keys: tuple[str, ...] = TE_ONL
                               f"{key}=false")
 
 
-def data_parallel_size(par: ParallelConfig, world_size: Optional[int]) -> tuple[int, int]:
-    """``(world, dp)``: the launched world (or ``parallel.world_size``) over ``tp * pp``."""
+LAUNCHED = "the job was launched with WORLD_SIZE={world}"  # where a validated world came from
+
+
+def data_parallel_size(par: ParallelConfig, world_size: Optional[int],
+                       world_source: str = LAUNCHED) -> tuple[int, int]:
+    """``(world, dp)``: the launched world (or ``parallel.world_size``) over ``tp * pp``;
+    ``world_source`` says where ``world_size`` came from (``{world}`` becomes it), for the error
+    when ``parallel.world_size`` names another."""
     model_parallel = par.tp * par.pp
     if par.world_size is not None and world_size is not None and par.world_size != world_size:
-        raise ConfigError(f"parallel.world_size={par.world_size} but the job was launched with "
-                          f"WORLD_SIZE={world_size}")
+        raise ConfigError(f"parallel.world_size={par.world_size} but "
+                          f"{world_source.format(world=world_size)}")
     world = world_size if world_size is not None else (par.world_size or model_parallel)
     if world % model_parallel:
         raise ConfigError(f"world size {world} is not divisible by parallel.tp*parallel.pp = "
@@ -135,19 +147,8 @@ def check_rollout(ro: RolloutConfig, par: ParallelConfig, context: int, prompt: 
                           f"{par.tp} must divide")
 
 
-def check_loss(alg: AlgorithmConfig, lik: LikelihoodConfig, completions_per_rank: int) -> None:
-    """What the loss class of ``algorithm.name`` declares it needs from the likelihood section."""
-    from rspo_mega.algorithms.registry import LOSSES
-
-    loss = LOSSES[alg.name]
-    if lik.mask_scheme not in loss.mask_schemes:
-        why = " (it maximises the ELBO itself)" if alg.name == "sft" else ""
-        raise ConfigError(f"likelihood.mask_scheme={lik.mask_scheme!r} does not suit algorithm.name"
-                          f"={alg.name!r}{why}: use one of {list(loss.mask_schemes)}")
-    if alg.name == "sft" and lik.mask_sharing != "completion":
-        raise ConfigError(f"likelihood.mask_sharing={lik.mask_sharing!r} shares masks among the "
-                          "completions of a prompt; an SFT run (algorithm.name=sft) has one target "
-                          "per prompt: set likelihood.mask_sharing=completion")
+def check_centering(alg: AlgorithmConfig, completions_per_rank: int) -> None:
+    """Micro-batch centering splits a rank's completions into whole chunks."""
     if alg.centering == "microbatch" and completions_per_rank % alg.microbatch_completions:
         raise ConfigError(f"algorithm.centering=microbatch: algorithm.microbatch_completions="
                           f"{alg.microbatch_completions} does not divide a rank's "
@@ -155,14 +156,11 @@ def check_loss(alg: AlgorithmConfig, lik: LikelihoodConfig, completions_per_rank
 
 
 def check_trajectory(cfg: TrainConfig) -> None:
-    """AGRPO and the trajectory estimator go together; the rollout must be a policy the training
-    forward can score (sampled at T > 0, no guidance), with at least K denoising steps."""
-    alg, lik, ro = cfg.algorithm, cfg.likelihood, cfg.rollout
-    if (alg.name == "agrpo") != (lik.mask_scheme == "trajectory"):
-        raise ConfigError(f"algorithm.name={alg.name!r} with likelihood.mask_scheme="
-                          f"{lik.mask_scheme!r}: algorithm.name=agrpo takes likelihood."
-                          "mask_scheme=trajectory, and only it does (the other losses score ELBOs)")
-    if alg.name != "agrpo":
+    """The trajectory estimator (AGRPO's: which losses take it is their declaration): the rollout
+    must be a policy the training forward can score (sampled at T > 0, no guidance), with at
+    least K denoising steps."""
+    lik, ro = cfg.likelihood, cfg.rollout
+    if lik.mask_scheme != "trajectory":
         return
     if ro.temperature <= 0:
         raise ConfigError("algorithm.name=agrpo scores the rollout policy softmax(logits / T): it "
@@ -201,44 +199,25 @@ def check_lora(cfg: TrainConfig) -> None:
                           "checkpoint.init_from: set it (an HF directory or a checkpoint)")
 
 
-def check_data(cfg: TrainConfig) -> None:
-    """The generated-Countdown section (checked by the task's own constructor, whatever the
-    task, so a bad section in a shared YAML is found at once) and ``data.fields``."""
-    from rspo_mega.tasks import task_factory
-    from rspo_mega.tasks.countdown import CountdownTask
-
-    cd: CountdownConfig = cfg.data.countdown
-    try:
-        CountdownTask(**dataclasses.asdict(cd))
-    except ValueError as err:
-        raise ConfigError(f"data.countdown: {err}") from None
-    known = task_factory(cfg.data.task).default_fields  # a task of one's own is imported here
-    unknown = sorted(set(cfg.data.fields) - set(known))
-    if unknown:
-        raise ConfigError(f"data.fields: unknown field(s) {unknown} for task {cfg.data.task!r}; "
-                          f"its fields are {sorted(known)}")
-
-
 # logging section of a tracker -> (the module it imports, the pip extra that installs it)
 TRACKER_PACKAGES = {"wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
 
 
 def check_logging(cfg: TrainConfig) -> None:
-    """Each enabled tracker's package is installed; samples come from RL rollouts."""
+    """Each enabled tracker's package is installed."""
     for section, (module, extra) in TRACKER_PACKAGES.items():
         if getattr(cfg.logging, section).enabled and importlib.util.find_spec(module) is None:
             raise ConfigError(f"logging.{section}.enabled=true needs the '{module}' package, "
                               f"which is not installed: pip install -e '.[{extra}]'")
-    if cfg.logging.sample_interval and cfg.algorithm.name == "sft":
-        raise ConfigError("logging.sample_interval logs RL completions with their rewards; an SFT "
-                          "run (algorithm.name=sft) generates none: set it to 0")
 
 
-def validate_config(cfg: TrainConfig, world_size: Optional[int] = None) -> Layout:
-    """Check every rule between fields; ``world_size`` is the launched world (torchrun) if known."""
+def validate_config(cfg: TrainConfig, world_size: Optional[int] = None,
+                    world_source: str = LAUNCHED) -> Layout:
+    """Check every rule between fields; ``world_size`` is the launched world (torchrun) if known
+    (``world_source``: where it came from, see :func:`data_parallel_size`)."""
     par, ro = cfg.parallel, cfg.rollout
     check_model(cfg.model, par)
-    world, dp = data_parallel_size(par, world_size)
+    world, dp = data_parallel_size(par, world_size, world_source)
     if cfg.global_batch_size % ro.group_size:
         raise ConfigError(f"rollout.group_size={ro.group_size} does not divide "
                           f"global_batch_size={cfg.global_batch_size}")
@@ -248,12 +227,11 @@ def validate_config(cfg: TrainConfig, world_size: Optional[int] = None) -> Layou
     per_rank = cfg.global_batch_size // dp
     check_rollout(ro, par, cfg.model.max_position_embeddings, cfg.data.max_prompt_length)
     check_trajectory(cfg)
-    check_loss(cfg.algorithm, cfg.likelihood, per_rank)
+    check_centering(cfg.algorithm, per_rank)
     check_lora(cfg)
     if cfg.checkpoint.export_hf and not cfg.checkpoint.save_dir:
         raise ConfigError("checkpoint.export_hf converts the run's final checkpoint: it needs "
                           "checkpoint.save_dir (or set checkpoint.export_hf=null)")
-    check_data(cfg)
     check_logging(cfg)
     return Layout(world_size=world, dp=dp, prompts_per_step=cfg.global_batch_size // ro.group_size,
                   completions_per_rank=per_rank)

@@ -25,10 +25,9 @@ from typing import Any
 import numpy as np
 
 from rspo_mega.data.example import Example, check_unique_uids
-from rspo_mega.errors import DataFileError, DataFileNotFoundError
+from rspo_mega.errors import DataFieldError, DataFileError, DataFileNotFoundError
 
 __all__ = [
-    "DataFieldError",
     "SUPPORTED_SUFFIXES",
     "read_records",
     "shard_examples",
@@ -42,10 +41,6 @@ SUPPORTED_SUFFIXES: dict[str, str] = {
     ".parquet": "parquet",
     ".csv": "csv",
 }
-
-
-class DataFieldError(DataFileError):
-    """A record file lacks a required field, or holds an empty value in it."""
 
 
 def read_records(

@@ -12,10 +12,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from rspo_mega.errors import MissingSpecialTokenError
+
 __all__ = [
     "LLADA_SPECIAL_TOKENS",
     "REQUIRED_SPECIAL_ROLES",
-    "MissingSpecialTokenError",
     "Tokenizer",
     "HFTokenizer",
     "SentencePieceTokenizer",
@@ -33,10 +34,6 @@ LLADA_SPECIAL_TOKENS: dict[str, str] = {
     "eot": "<|eot_id|>",
 }
 REQUIRED_SPECIAL_ROLES = ("mask", "eos")
-
-
-class MissingSpecialTokenError(ValueError):
-    """The tokenizer has no token for a special role (mask, eos, bos, ...)."""
 
 
 class Tokenizer(ABC):

@@ -40,7 +40,9 @@ from typing import Any
 
 import torch
 
-from rspo_mega.config.schema import CountPositions, LikelihoodConfig, MaskedSequenceScheme, choices
+from rspo_mega.config.schema import (
+    CountPositions, LikelihoodConfig, MaskedSequenceScheme, choices, units_per_sample,
+)
 from rspo_mega.likelihood.batch import CompletionBatch, MaskedBatch
 from rspo_mega.rng import hash64, keyed_generator  # noqa: F401  (hash64 re-exported)
 
@@ -60,11 +62,6 @@ def mask_generator(seed: int, iteration: int, uid: int, mc_index: int,
     if update:
         return keyed_generator(seed, iteration, uid, mc_index, update)
     return keyed_generator(seed, iteration, uid, mc_index)
-
-
-def units_per_sample(scheme: str) -> int:
-    """Masked sequences per MC sample: 2 for a coupled pair, else 1."""
-    return 2 if scheme == "coupled" else 1
 
 
 # --- one MC sample from its resolved randomness (pure; the enumeration tests call these) -------

@@ -20,7 +20,6 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from rspo_mega.config import load_config
 from rspo_mega.console import add_debug_flag, hide_library_warnings, run_entry_point, setup_logging
 from rspo_mega.plan import report
 from rspo_mega.plan.hardware import Hardware
@@ -82,9 +81,10 @@ def plan(a: argparse.Namespace) -> int:
     """Plan (or search) the config on the hardware of the options; the exit status."""
     from dataclasses import replace
 
-    from rspo_mega.train import TINY_DEFAULT
+    from rspo_mega.config.paths import TINY_DEFAULT
+    from rspo_mega.setup import load_run_config  # megatron-core: after its warnings are hidden
 
-    cfg = load_config(a.config or TINY_DEFAULT, a.overrides)
+    cfg = load_run_config(a.config or TINY_DEFAULT, a.overrides)
     hw = hardware_from_args(a)
     # the cluster of --nodes x --gpus-per-node is the world; a file's world_size gives way
     cfg.parallel = replace(cfg.parallel, world_size=None)
@@ -99,7 +99,7 @@ def plan(a: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    hide_library_warnings()  # before megatron-core is first imported (the config imports it)
+    hide_library_warnings()  # before megatron-core is first imported (rspo_mega.setup imports it)
     a = parse_args(argv)
     setup_logging("WARNING")
     return run_entry_point("rspo-plan", lambda: plan(a), debug=a.debug)

@@ -1,7 +1,7 @@
 """The plan of a run on a cluster: memory per stage and phase, time per phase, and what fits.
 
 :func:`plan_run` validates the config for the cluster's world size (the same
-:func:`~rspo_mega.config.validate_config` a launch runs), reads the model's shapes through the
+:func:`~rspo_mega.setup.validate_run` a launch runs), reads the model's shapes through the
 model builder's functions and returns a :class:`Plan`. :func:`fixes` finds single (then paired)
 config changes that make a plan fit; :func:`search` ranks the layouts that fit by throughput.
 """
@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
-from rspo_mega.config import ConfigError, Layout, TrainConfig, validate_config
+from rspo_mega.config import ConfigError, Layout, TrainConfig
 from rspo_mega.config.validate import check_layer_spec
 from rspo_mega.plan.hardware import Hardware
 from rspo_mega.plan.memory import StageMemory, stage_memory
@@ -69,12 +69,11 @@ def with_overrides(cfg: TrainConfig, changes: dict[str, Any]) -> TrainConfig:
 def plan_run(cfg: TrainConfig, hardware: Hardware, prompt_length: Optional[int] = None) -> Plan:
     """Plan ``cfg`` on ``hardware`` (raises ``ConfigError`` naming a bad key or option)."""
     hardware.check()
-    world = hardware.world
-    if cfg.parallel.world_size is not None and cfg.parallel.world_size != world:
-        raise ConfigError(f"parallel.world_size={cfg.parallel.world_size} but the plan is for "
-                          f"{world} ranks ({hardware.nodes} nodes x {hardware.gpus_per_node}); "
-                          f"set parallel.world_size={world} (or null)")
-    layout = validate_config(cfg, world_size=world)
+    from rspo_mega.setup import validate_run  # megatron-core: after the CLI hides its warnings
+
+    planned = (f"the plan is for {{world}} ranks ({hardware.nodes} nodes x "
+               f"{hardware.gpus_per_node}); set parallel.world_size={{world}} (or null)")
+    layout = validate_run(cfg, world_size=hardware.world, world_source=planned)
     impl = planned_impl(cfg, hardware.kind)
     check_layer_spec(cfg, impl, keys=("parallel.sequence_parallel",))  # it changes the memory
     shapes = model_shapes(cfg, impl)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 from rspo_mega.config import ConfigError, Layout, TrainConfig
+from rspo_mega.config.schema import units_per_sample
 
 _BYTES = {"float32": 4, "bfloat16": 2}
 
@@ -142,7 +143,7 @@ class Workload:
     sampled: bool  # temperature > 0: Gumbel noise is drawn
     cache: str  # none | prefix | dual
     cache_check_rate: float  # share of cached steps also run exactly
-    sequences: int  # masked sequences per rank: completions * K * (2 if coupled else 1)
+    sequences: int  # masked sequences per rank: completions * K * units_per_sample(mask_scheme)
     elbo_micro_batch: int  # masked sequences per forward
     scored_max: int  # most scored positions one ELBO micro-batch can hold (memory)
     scored_mean: float  # expected scored positions per masked sequence (time)
@@ -191,9 +192,9 @@ def _scored(cfg: TrainConfig, mbs: int) -> tuple[int, float]:
 
 def reference_passes(cfg: TrainConfig) -> int:
     """How often a step scores the reference (fresh masks re-score it for every inner update)."""
-    from rspo_mega.algorithms import build_loss
+    from rspo_mega.algorithms import needs_reference  # megatron-core: after the CLI's warnings
 
-    if cfg.algorithm.name == "sft" or not build_loss(cfg.algorithm, cfg.likelihood).needs_reference:
+    if not needs_reference(cfg.algorithm):
         return 0
     return cfg.algorithm.inner_updates if cfg.likelihood.fresh_masks_per_update else 1
 
@@ -201,11 +202,11 @@ def reference_passes(cfg: TrainConfig) -> int:
 def old_policy_passes(cfg: TrainConfig) -> int:
     """No-grad policy scorings a step adds: with fresh masks, a ratio loss scores the masks of
     inner updates 1 .. mu-1 under the rollout policy before the first update."""
-    from rspo_mega.algorithms import build_loss
+    from rspo_mega.algorithms import LOSSES, is_rl
 
-    if cfg.algorithm.name == "sft" or not cfg.likelihood.fresh_masks_per_update:
+    if not is_rl(cfg.algorithm) or not cfg.likelihood.fresh_masks_per_update:
         return 0
-    needs_old = build_loss(cfg.algorithm, cfg.likelihood).needs_old_policy
+    needs_old = LOSSES[cfg.algorithm.name].needs_old_policy
     return cfg.algorithm.inner_updates - 1 if needs_old else 0
 
 
@@ -215,14 +216,15 @@ def workload(cfg: TrainConfig, layout: Layout, prompt_length: Optional[int] = No
     plen = cfg.data.max_prompt_length if prompt_length is None else int(prompt_length)
     if plen < 1:
         raise ConfigError(f"prompt length must be >= 1 token, got {plen}")
-    units = 2 if lik.mask_scheme == "coupled" else 1
-    sequences = layout.completions_per_rank * lik.mc_samples * units
+    from rspo_mega.algorithms import is_rl
+
+    sequences = layout.completions_per_rank * lik.mc_samples * units_per_sample(lik.mask_scheme)
     mbs = min(lik.micro_batch_size, sequences)
     scored_max, scored_mean = _scored(cfg, mbs)
     pipelined = cfg.parallel.pp > 1 or cfg.parallel.vpp is not None
     return Workload(
         completions=layout.completions_per_rank, prompt_length=plen, gen_length=ro.gen_length,
-        block_length=ro.block_length, steps=0 if cfg.algorithm.name == "sft" else ro.steps,
+        block_length=ro.block_length, steps=ro.steps if is_rl(cfg.algorithm) else 0,
         cfg_doubling=2 if ro.cfg_scale > 0 else 1,
         rollout_micro_batch=ro.micro_batch_size, sampled=ro.temperature > 0,
         cache=ro.cache, cache_check_rate=ro.cache_check_rate if ro.cache != "none" else 0.0,

@@ -18,7 +18,7 @@ import os
 import sys
 from types import ModuleType
 
-from rspo_mega.config.loader import ConfigError
+from rspo_mega.errors import ConfigError
 from rspo_mega.config.schema import TASK_ENTRY_POINTS
 from rspo_mega.tasks.base import Task
 

@@ -12,11 +12,12 @@ from typing import Sequence
 
 import torch
 
-from rspo_mega.data import EncodedExample, Example
+from rspo_mega.data import Example
 from rspo_mega.data.tokenizer import Tokenizer
 from rspo_mega.likelihood.batch import CompletionBatch
 from rspo_mega.rollout.sampler import Rollout, left_pad
 from rspo_mega.tasks.base import Task
+from rspo_mega.tasks.prompts import EncodedExample
 
 
 def completion_batch(rollout: Rollout, uids: Sequence[int], group_ids: Sequence[int]) -> CompletionBatch:

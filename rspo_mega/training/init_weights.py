@@ -5,7 +5,7 @@ trainer ``save_dir`` (:func:`checkpointing.resolve_model_checkpoint`) or an HF L
 An HF directory gets the converter's checks first (:func:`convert.open_hf_checkpoint`: index,
 shards, no pickle, config.json, every tensor's name and shape; :func:`convert.check_layout`: the
 run's TP/PP), and its config.json must agree with the run's model section (resolved from it when
-the config was loaded: :mod:`rspo_mega.config.hf_start`). Its weights are then converted on the
+the config was set up: :mod:`rspo_mega.setup.hf_start`). Its weights are then converted on the
 fly into each rank's chunks (:func:`hf_load.load_hf_weights`); nothing is written to disk.
 """
 
@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from rspo_mega.config import ConfigError, TrainConfig
-from rspo_mega.config.hf_start import check_model_keys, is_hf_start
+from rspo_mega.setup.hf_start import check_model_keys, is_hf_start
 from rspo_mega.errors import HFDirectoryError
 from rspo_mega.models.llada import load_model
 from rspo_mega.models.llada.convert import check_layout, open_hf_checkpoint

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from rspo_mega.algorithms import LOSSES
 from rspo_mega.config import TrainConfig, config_to_dict
 from rspo_mega.errors import UserError
 from rspo_mega.training.checkpointing import (
@@ -103,7 +104,7 @@ def check_resumable(path: str | Path, saved_config: Optional[dict], extra: dict,
     run of this kind (``is_rl``)."""
     path = Path(path)
     name = ((saved_config or {}).get("algorithm") or {}).get("name")
-    saved_rl = is_rl if name is None else name != "sft"
+    saved_rl = LOSSES[name].is_rl if name in LOSSES else is_rl
     warmup = int(extra.get("warmup_steps", 0))
     if saved_rl and warmup > 0:
         raise CheckpointError(_warmup_message(path, int(extra["step"]), warmup))
@@ -153,7 +154,7 @@ def check_run_dir(cfg: TrainConfig) -> None:
     if path is None:
         return
     meta = read_metadata(path)
-    check_resumable(path, meta.get("config"), {}, cfg.algorithm.name != "sft")
+    check_resumable(path, meta.get("config"), {}, LOSSES[cfg.algorithm.name].is_rl)
     check_same_run(path, meta.get("config"), cfg)
     check_unfinished(path, int(meta["step"]), cfg)
 

@@ -2,8 +2,9 @@
 
 With ``data.tokenizer`` unset (the embedded default) a small SentencePiece tokenizer is trained
 on generated task text into ``<logging.output_dir>/tokenizer`` by rank 0 and loaded by every
-rank. The model section took its vocabulary size and special ids when the config was loaded
-(:mod:`rspo_mega.config.resolve`); the tokenizer must agree with it, else the error names the key.
+rank. The model section took its vocabulary size and special ids when the run's config was set
+up (:mod:`rspo_mega.setup.resolve`); the tokenizer must agree with it
+(:func:`rspo_mega.data.tokenizer_ids.check_tokenizer_ids`), else the error names the key.
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from rspo_mega.config import ConfigError, TrainConfig
-from rspo_mega.config.hf_start import is_hf_start
-from rspo_mega.data import EncodedExample, Example, encode_prompt, encode_prompts, prompt_message
+from rspo_mega.config import TrainConfig
+from rspo_mega.data import Example
 from rspo_mega.data.templates import PromptTemplate, get_template
 from rspo_mega.data.tokenizer import Tokenizer, load_tokenizer
-from rspo_mega.data.tokenizer_training import (
-    BUILTIN_VOCAB, task_corpus, train_sentencepiece_tokenizer,
-)
+from rspo_mega.data.tokenizer_ids import check_tokenizer_ids
+from rspo_mega.data.tokenizer_training import BUILTIN_VOCAB, train_sentencepiece_tokenizer
+from rspo_mega.errors import ConfigError
+from rspo_mega.setup.hf_start import is_hf_start
 from rspo_mega.tasks import get_task
 from rspo_mega.tasks.base import Task
+from rspo_mega.tasks.corpus import task_corpus
+from rspo_mega.tasks.prompts import EncodedExample, encode_prompt, encode_prompts, prompt_message
 
 log = logging.getLogger(__name__)
 
@@ -69,25 +72,6 @@ def _builtin_tokenizer(cfg: TrainConfig) -> Tokenizer:
     return load_tokenizer(model)
 
 
-PADDING_ROWS = 128  # model ids beyond the tokenizer's that may be padding (LLaDA-8B has 115)
-
-
-def _agree(cfg: TrainConfig, tok: Tokenizer) -> None:
-    """The tokenizer against the model section: its size (the model may carry fewer than
-    :data:`PADDING_ROWS` padding ids beyond it, which decode to nothing) and special ids."""
-    m, name = cfg.model, cfg.data.tokenizer or f"built-in ({tok.path})"
-    if tok.vocab_size > m.vocab_size:
-        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
-                          f"vocabulary ({tok.vocab_size}, {name})")
-    if m.vocab_size - tok.vocab_size >= PADDING_ROWS:
-        raise ConfigError(f"data.tokenizer={name} has {tok.vocab_size} ids but model.vocab_size="
-                          f"{m.vocab_size}: the model's ids {tok.vocab_size}..{m.vocab_size - 1} "
-                          "have no token; use the tokenizer the model was trained with")
-    for key, value in (("mask_token_id", tok.mask_id), ("eos_token_id", tok.eos_id)):
-        if getattr(m, key) != value:
-            raise ConfigError(f"model.{key}={getattr(m, key)} but the tokenizer {name} says {value}")
-
-
 def _same_as_start(cfg: TrainConfig, tok: Tokenizer) -> None:
     """An HF start's own tokenizer and the run's (``data.tokenizer`` set to another file) must
     map every id to the same token: the model learned those ids."""
@@ -123,7 +107,7 @@ def prepare_run_data(cfg: TrainConfig) -> RunData:
         tokenizer = _builtin_tokenizer(cfg)
         log.info("built-in tokenizer: vocab %d, mask %d, eos %d", tokenizer.vocab_size,
                  tokenizer.mask_id, tokenizer.eos_id)
-    _agree(cfg, tokenizer)
+    check_tokenizer_ids(cfg, tokenizer)
     _same_as_start(cfg, tokenizer)
     d = cfg.data
     template = get_template(d.template)

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional
 import torch
 from megatron.core import parallel_state as ps
 
-from rspo_mega.algorithms import LOSSES, compute_advantages
+from rspo_mega.algorithms import LOSSES, compute_advantages, is_rl
 from rspo_mega.config import Layout, TrainConfig
 from rspo_mega.data import Example, PromptBatchIterator
 from rspo_mega.likelihood import CompletionBatch
@@ -168,7 +168,7 @@ class SFTBatches(_Batches):
 
 def build_batches(cfg: TrainConfig, layout: Layout, data: RunData,
                   engine: RolloutEngine) -> RLBatches | SFTBatches:
-    """The run's batch source: SFT with ``algorithm.name=sft``, else RL."""
-    if cfg.algorithm.name == "sft":
-        return SFTBatches(cfg, data)
-    return RLBatches(cfg, layout, data, engine)
+    """The run's batch source: rollouts for an RL loss, the data's targets for SFT."""
+    if is_rl(cfg.algorithm):
+        return RLBatches(cfg, layout, data, engine)
+    return SFTBatches(cfg, data)

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from rspo_mega.algorithms import is_rl, needs_reference
 from rspo_mega.config import Layout, TrainConfig, config_to_dict
 from rspo_mega.likelihood import run_estimator
 from rspo_mega.parallel.bounded_barrier import wait_for_ranks
@@ -93,13 +94,13 @@ class Trainer:
 
     @property
     def is_rl(self) -> bool:
-        return self.cfg.algorithm.name != "sft"
+        return is_rl(self.cfg.algorithm)
 
     def start_rl(self) -> None:
         """Freeze the current policy as the reference (the RL start point), if the loss needs
         one. :meth:`run` calls it before the first RL step; :meth:`resume` before loading a
         checkpoint that holds a reference (whose weights then replace the copy)."""
-        if self.is_rl and self.updates.loss.needs_reference:
+        if needs_reference(self.cfg.algorithm):
             self.policy.freeze_reference()
 
     def train_step(self) -> dict[str, float]:

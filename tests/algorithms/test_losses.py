@@ -167,10 +167,11 @@ def test_bad_algorithm_config_names_the_key(algo, lik, key):
     """The loader (a field's rules) or validate_config (rules between fields) names the key."""
     from dataclasses import asdict
 
-    from rspo_mega.config import ConfigError, config_from_dict, validate_config
+    from rspo_mega.config import ConfigError
+    from rspo_mega.setup import run_config_from_dict, validate_run
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate_config(config_from_dict({"algorithm": asdict(algo), "likelihood": asdict(lik)}))
+        validate_run(run_config_from_dict({"algorithm": asdict(algo), "likelihood": asdict(lik)}))
 
 
 @pytest.mark.parametrize("name,scheme", [("rspo", "bernoulli"), ("espo", "coupled"),
@@ -179,14 +180,29 @@ def test_fresh_masks_per_update_suit_every_elbo_loss(name, scheme):
     """Ratio losses too: the old policy scores each update's masks (training.update_loop)."""
     from dataclasses import asdict
 
-    from rspo_mega.config import config_from_dict, validate_config
+    from rspo_mega.setup import run_config_from_dict, validate_run
 
     algo = AlgorithmConfig(name=name, inner_updates=4)
     lik = LikelihoodConfig(mask_scheme=scheme, fresh_masks_per_update=True)
-    validate_config(config_from_dict({"algorithm": asdict(algo), "likelihood": asdict(lik)}))
+    validate_run(run_config_from_dict({"algorithm": asdict(algo), "likelihood": asdict(lik)}))
 
 
 def test_rspo_without_reference_is_an_error():
     lik, batch, rewards, masked, theta, logp_of, _, _ = _setup(seed=9)
     with pytest.raises(ValueError, match="ref_logp"):
         RSPOLoss(AlgorithmConfig(), lik)(_inputs(masked, logp_of(theta), rewards.double(), batch))
+
+
+def test_losses_declare_the_run_they_need():
+    """RL or not, the reference and the mask schemes: the registry's declarations, read by the
+    setup step's rules, the planner and the trainer (no test of a loss's name)."""
+    from rspo_mega.algorithms import LOSSES, is_rl, needs_reference
+
+    assert {n for n in LOSSES if is_rl(AlgorithmConfig(name=n))} == set(LOSSES) - {"sft"}
+    with_kl = {n: needs_reference(AlgorithmConfig(name=n, kl_beta=0.1)) for n in LOSSES}
+    without = {n: needs_reference(AlgorithmConfig(name=n, kl_beta=0.0)) for n in LOSSES}
+    assert with_kl == {"rspo": True, "espo": True, "diffu_grpo": True, "agrpo": True, "sft": False}
+    assert without == {"rspo": True, "espo": False, "diffu_grpo": False, "agrpo": False,
+                       "sft": False}
+    assert LOSSES["agrpo"].mask_schemes == ("trajectory",)
+    assert all("trajectory" not in loss.mask_schemes for n, loss in LOSSES.items() if n != "agrpo")

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from rspo_mega.data.example import Example, make_uid
-from rspo_mega.data.loader import DataFieldError, PromptBatchIterator, read_records, shard_examples
+from rspo_mega.data.loader import PromptBatchIterator, read_records, shard_examples
+from rspo_mega.errors import DataFieldError
 from tests.data.record_files import write_rows
 
 ROWS = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"} for i in range(23)]

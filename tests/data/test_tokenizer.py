@@ -6,11 +6,12 @@ from rspo_mega.data.templates import get_template
 from rspo_mega.data.tokenizer import (
     LLADA_SPECIAL_TOKENS,
     HFTokenizer,
-    MissingSpecialTokenError,
     SentencePieceTokenizer,
     load_tokenizer,
 )
-from rspo_mega.data.tokenizer_training import task_corpus, train_sentencepiece_tokenizer
+from rspo_mega.data.tokenizer_training import train_sentencepiece_tokenizer
+from rspo_mega.errors import MissingSpecialTokenError
+from rspo_mega.tasks.corpus import task_corpus
 
 SAMPLE = (
     "Using [4, 6, 2] make 5.\n\n<reasoning>\n(4 + 6) / 2\n</reasoning>\n"

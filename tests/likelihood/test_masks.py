@@ -172,10 +172,11 @@ def test_until_eos_counts_first_eos_and_hides_the_rest():
     ("micro_batch_size", 0, "likelihood.micro_batch_size"),
 ])
 def test_bad_likelihood_config_names_the_key(field, value, key):
-    from rspo_mega.config import ConfigError, config_from_dict
+    from rspo_mega.config import ConfigError
+    from rspo_mega.setup import run_config_from_dict
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        config_from_dict({"likelihood": {field: value}})
+        run_config_from_dict({"likelihood": {field: value}})
 
 
 def test_odd_coupled_k_is_fine_because_k_counts_pairs():

@@ -15,7 +15,8 @@ import dataclasses
 import pytest
 import torch
 
-from rspo_mega.config import ConfigError, load_config, validate_config
+from rspo_mega.config import ConfigError
+from rspo_mega.setup import load_run_config, validate_run
 from rspo_mega.config.schema import AlgorithmConfig, LikelihoodConfig
 from rspo_mega.likelihood import MaskSampler, TrajectorySampler, trajectory_sum
 from rspo_mega.likelihood.trajectory import (
@@ -160,7 +161,7 @@ RL = ["algorithm.name=agrpo", "likelihood.mask_scheme=trajectory", "rollout.step
 ])
 def test_bad_settings_are_named(extra, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
-        validate_config(load_config(None, RL + extra))  # choices: the loader; the rest: validate
+        validate_run(load_run_config(None, RL + extra))  # choices: the loader; the rest: validate
 
 
 def test_bad_inputs_are_named():

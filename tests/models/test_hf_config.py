@@ -87,10 +87,10 @@ def test_fc1_and_vocab_transforms():
 
 
 def test_hf_config_fills_the_model_section_when_the_config_loads(tmp_path):
-    from rspo_mega.config import load_config
+    from rspo_mega.setup import load_run_config
 
     (tmp_path / "config.json").write_text(json.dumps(config_json(GQA)))
-    cfg = load_config(None, [f"model.hf_config={tmp_path}", "model.params_dtype=bfloat16"]).model
+    cfg = load_run_config(None, [f"model.hf_config={tmp_path}", "model.params_dtype=bfloat16"]).model
     assert (cfg.vocab_size, cfg.num_query_groups, cfg.params_dtype) == (333, 2, "bfloat16")
     assert padded_vocab_size(cfg, 1) == 384  # the builders read the resolved section as it is
 

@@ -136,24 +136,24 @@ def test_lora_same_across_layouts_reference_is_base_and_step0_is_base():
     ([], "model.lora.enabled=true trains adapters on the weights of checkpoint.init_from: set it"),
 ])
 def test_bad_lora_settings_are_named(overrides, named):
-    from rspo_mega.config import load_config
+    from rspo_mega.setup import load_run_config
     from rspo_mega.config.loader import ConfigError
-    from rspo_mega.config.validate import validate_config
+    from rspo_mega.setup import validate_run
 
     with pytest.raises(ConfigError) as err:
-        validate_config(load_config(None, ["model.lora.enabled=true", "checkpoint.init_from=null",
+        validate_run(load_run_config(None, ["model.lora.enabled=true", "checkpoint.init_from=null",
                                            *overrides]), 1)
     assert named in str(err.value) and "\n" not in str(err.value)
 
 
 def test_an_unwritable_peft_export_is_named(tmp_path):
-    from rspo_mega.config import load_config
+    from rspo_mega.setup import load_run_config
     from rspo_mega.config.loader import ConfigError
     from rspo_mega.config.paths import check_outputs
 
     taken = tmp_path / "a_file"
     taken.write_text("x")
-    cfg = load_config(None, ["model.lora.enabled=true", f"logging.output_dir={tmp_path}/run",
+    cfg = load_run_config(None, ["model.lora.enabled=true", f"logging.output_dir={tmp_path}/run",
                              f"checkpoint.export_peft={taken}"])
     with pytest.raises(ConfigError, match=f"checkpoint.export_peft={taken}: it is a file"):
         check_outputs(cfg)

@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rspo_mega.config import ConfigError, load_config
-from rspo_mega.config.hf_start import SHIPPED_DIR
-from rspo_mega.train import TINY_DEFAULT
+from rspo_mega.config import ConfigError
+from rspo_mega.setup import load_run_config
+from rspo_mega.setup.hf_start import SHIPPED_DIR
+from rspo_mega.config.paths import TINY_DEFAULT
 from tests.distributed import run_distributed
 from tests.reference.llada_forward import llada_reference_logits
 
@@ -37,7 +38,7 @@ def _body(rank: int, world: int) -> dict:
     out = {}
     for tp, pp in ((1, 1), (2, 2)):
         initialize_model_parallel(tp=tp, pp=pp)
-        cfg = load_config(TINY_DEFAULT, [f"parallel.tp={tp}", f"parallel.pp={pp}"])
+        cfg = load_run_config(TINY_DEFAULT, [f"parallel.tp={tp}", f"parallel.pp={pp}"])
         out[(tp, pp)] = _logits(cfg, *_ids(cfg.model.vocab_size))
     return out
 
@@ -55,9 +56,9 @@ def test_the_shipped_checkpoint_matches_the_reference_forward():
 
 
 def test_the_tiny_default_starts_from_the_shipped_checkpoint():
-    cfg = load_config(TINY_DEFAULT)
+    cfg = load_run_config(TINY_DEFAULT)
     assert cfg.checkpoint.init_from == str(SHIPPED)
     assert cfg.data.tokenizer == str(SHIPPED)  # its own SentencePiece model
     assert cfg.model.vocab_size == json.loads((SHIPPED / "config.json").read_text())["vocab_size"]
     with pytest.raises(ConfigError, match="no shipped checkpoint 'nope' .shipped: tiny_sudoku_inst"):
-        load_config(TINY_DEFAULT, ["checkpoint.init_from=shipped:nope"])
+        load_run_config(TINY_DEFAULT, ["checkpoint.init_from=shipped:nope"])

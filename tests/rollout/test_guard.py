@@ -116,7 +116,8 @@ def test_synthetic_mismatch_in_rollouts_makes_the_guard_refresh():
     (["rollout.guard.mismatch_bound=0"], "'rollout.guard.mismatch_bound' must be in (0, 1]"),
 ])
 def test_bad_guard_settings_are_named(override, message):
-    from rspo_mega.config import ConfigError, load_config, validate_config
+    from rspo_mega.config import ConfigError
+    from rspo_mega.setup import load_run_config, validate_run
 
     with pytest.raises(ConfigError, match=re.escape(message)):
-        validate_config(load_config(None, override))
+        validate_run(load_run_config(None, override))

@@ -208,7 +208,8 @@ def test_the_check_counts():
      "'rollout.cache_refresh_interval' must be"),
 ])
 def test_bad_cache_settings_are_named(override, message):
-    from rspo_mega.config import ConfigError, load_config, validate_config
+    from rspo_mega.config import ConfigError
+    from rspo_mega.setup import load_run_config, validate_run
 
     with pytest.raises(ConfigError, match=re.escape(message)):
-        validate_config(load_config(None, override))
+        validate_run(load_run_config(None, override))

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from rspo_mega.config import ConfigError, load_config, validate_config
+from rspo_mega.config import ConfigError
+from rspo_mega.setup import load_run_config, validate_run
 from rspo_mega.data import Example
 from rspo_mega.tasks import get_task
 from tests import processes
@@ -43,11 +44,11 @@ def test_the_example_task_loads_its_file_and_scores(on_path):
 
 
 def test_a_config_names_a_task_class_by_import_path(on_path):
-    cfg = load_config(None, [f"data.task={SORT}", "data.fields={numbers: nums}"])
-    validate_config(cfg)
+    cfg = load_run_config(None, [f"data.task={SORT}", "data.fields={numbers: nums}"])
+    validate_run(cfg)
     with pytest.raises(ConfigError, match=r"data.fields: unknown field\(s\) \['prompt'\] for "
                                           r"task 'sort_numbers:SortNumbersTask'"):
-        validate_config(load_config(None, [f"data.task={SORT}", "data.fields={prompt: q}"]))
+        validate_run(load_run_config(None, [f"data.task={SORT}", "data.fields={prompt: q}"]))
 
 
 class NotATask:
@@ -56,7 +57,7 @@ class NotATask:
 
 def _bad(value: str) -> str:
     with pytest.raises(ConfigError) as err:
-        validate_config(load_config(None, [f"data.task={value}"]))
+        validate_run(load_run_config(None, [f"data.task={value}"]))
     return str(err.value)
 
 
@@ -82,8 +83,8 @@ def test_an_installed_entry_point_names_a_task(monkeypatch, on_path):
     real = md.entry_points
     monkeypatch.setattr(md, "entry_points", lambda group=None, **kw: (
         md.EntryPoints([point]) if group == TASK_ENTRY_POINTS else real(group=group, **kw)))
-    cfg = load_config(None, ["data.task=sort"])
-    validate_config(cfg)
+    cfg = load_run_config(None, ["data.task=sort"])
+    validate_run(cfg)
     assert type(get_task("sort")).__name__ == "SortNumbersTask"
 
 

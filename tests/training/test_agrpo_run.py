@@ -8,8 +8,8 @@ import json
 import math
 from pathlib import Path
 
-from rspo_mega.config import load_config, validate_config
-from rspo_mega.train import TINY_DEFAULT
+from rspo_mega.setup import load_run_config, validate_run
+from rspo_mega.config.paths import TINY_DEFAULT
 from rspo_mega.training.metrics import is_wall_clock
 from tests.distributed import run_distributed
 
@@ -25,10 +25,10 @@ AGRPO = ["algorithm.name=agrpo", "likelihood.mask_scheme=trajectory", "likelihoo
 def _run(rank: int, world: int, run_dir: str, steps: int) -> list[dict]:
     from rspo_mega.training.trainer import Trainer
 
-    cfg = load_config(TINY_DEFAULT, SMALL + AGRPO + [
+    cfg = load_run_config(TINY_DEFAULT, SMALL + AGRPO + [
         f"logging.output_dir={run_dir}", f"train_steps={steps}",
         f"checkpoint.save_dir={run_dir}/ckpt", "checkpoint.save_interval=1"])
-    Trainer(cfg, validate_config(cfg, world_size=world)).run()
+    Trainer(cfg, validate_run(cfg, world_size=world)).run()
     lines = Path(run_dir, "metrics.jsonl").read_text().splitlines()
     return [d for d in map(json.loads, lines) if "loss" in d]
 

@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from rspo_mega.config import load_config, validate_config
+from rspo_mega.setup import load_run_config, validate_run
 from tests.distributed import run_distributed
 from tests.training.test_trainer import SFT, TINY, _init_checkpoint
 
@@ -15,11 +15,11 @@ def _run(rank: int, world: int, run_dir: str, init: str, steps: int, dopt: bool,
          save_interval: int) -> list[tuple[int, float]]:
     from rspo_mega.training.trainer import Trainer
 
-    cfg = load_config(None, TINY + SFT + [  # SFT: every step has a gradient to update with
+    cfg = load_run_config(None, TINY + SFT + [  # SFT: every step has a gradient to update with
         f"checkpoint.init_from={init}", f"logging.output_dir={run_dir}", f"train_steps={steps}",
         f"optimizer.use_distributed_optimizer={dopt}", f"checkpoint.save_dir={run_dir}/ckpt",
         f"checkpoint.save_interval={save_interval}"])
-    Trainer(cfg, validate_config(cfg, world_size=world)).run()
+    Trainer(cfg, validate_run(cfg, world_size=world)).run()
     lines = Path(run_dir, "metrics.jsonl").read_text().splitlines()
     return [(d["step"], d["loss"]) for d in map(json.loads, lines) if "loss" in d]
 

@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from rspo_mega.config import load_config, validate_config
+from rspo_mega.setup import load_run_config, validate_run
 from tests.distributed import run_distributed
 from tests.training.test_trainer import TINY, _init_checkpoint
 
@@ -43,11 +43,11 @@ def _recorded_step(rank: int, world: int, out: str, init: str, layouts: list, na
     real = update_loop.loss_backward
     found = {}
     for tp, pp, fresh in layouts:
-        cfg = load_config(None, TINY + RATIO[name] + [
+        cfg = load_run_config(None, TINY + RATIO[name] + [
             f"parallel.tp={tp}", f"parallel.pp={pp}", f"checkpoint.init_from={init}",
             f"logging.output_dir={out}/{name}_tp{tp}pp{pp}{fresh}", f"algorithm.inner_updates={mu}",
             f"likelihood.fresh_masks_per_update={str(fresh).lower()}"])
-        trainer = Trainer(cfg, validate_config(cfg, world_size=world))
+        trainer = Trainer(cfg, validate_run(cfg, world_size=world))
         trainer.start_rl()
         batch = trainer.batches.next_batch(trainer.step, Timers())
         # the tiny random start solves nothing (all advantages 0): give every completion a

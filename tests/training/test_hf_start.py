@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rspo_mega.config import ConfigError, load_config, validate_config
+from rspo_mega.config import ConfigError
+from rspo_mega.setup import load_run_config, validate_run
 from rspo_mega.errors import HFDirectoryError
 from tests.distributed import run_distributed
 from tests.fixtures.hf_llada import PREFIX, TinyLLaDA, write_hf_llada
@@ -48,7 +49,8 @@ def _write_with_tokenizer(path: Path, tokenizer_file: Path, name: str, seed: int
 def hf_sp(tmp_path_factory) -> str:
     """An HF dir with a SentencePiece ``tokenizer.model`` trained on task text (as the tiny
     default's)."""
-    from rspo_mega.data.tokenizer_training import task_corpus, train_sentencepiece_tokenizer
+    from rspo_mega.data.tokenizer_training import train_sentencepiece_tokenizer
+    from rspo_mega.tasks.corpus import task_corpus
 
     root = tmp_path_factory.mktemp("hf_sp")
     model = train_sentencepiece_tokenizer(task_corpus(num_countdown=300, num_sudoku=300),
@@ -62,7 +64,7 @@ def hf_json(tmp_path_factory) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from rspo_mega.data.tokenizer import LLADA_SPECIAL_TOKENS
-    from rspo_mega.data.tokenizer_training import task_corpus
+    from rspo_mega.tasks.corpus import task_corpus
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -81,7 +83,7 @@ def test_model_and_tokenizer_come_from_the_directory(hf_sp, hf_json, tmp_path):
 
     for hf, kind in ((hf_sp, SentencePieceTokenizer), (hf_json, HFTokenizer)):
         raw = json.loads(Path(hf, "config.json").read_text())
-        cfg = load_config(None, RUN + [f"checkpoint.init_from={hf}",
+        cfg = load_run_config(None, RUN + [f"checkpoint.init_from={hf}",
                                        "model.num_layers=2",  # given and equal: accepted
                                        f"logging.output_dir={tmp_path}"])
         m = cfg.model
@@ -91,7 +93,7 @@ def test_model_and_tokenizer_come_from_the_directory(hf_sp, hf_json, tmp_path):
         assert (m.mask_token_id, m.eos_token_id) == (raw["mask_token_id"], raw["eos_token_id"])
         assert m.params_dtype == "float32"  # the run's, not config.json's bfloat16
         assert cfg.data.tokenizer == hf
-        validate_config(cfg, world_size=1)
+        validate_run(cfg, world_size=1)
         data = prepare_run_data(cfg)  # the tokenizer agrees with the model section
         assert isinstance(data.tokenizer, kind) and data.tokenizer.mask_id == m.mask_token_id
 
@@ -136,7 +138,7 @@ def _layouts_body(rank: int, world: int, hf: str, converted: str, out: str) -> d
 
     from rspo_mega.parallel import initialize_model_parallel
 
-    hf_model = load_config(None, [f"checkpoint.init_from={hf}"]).model
+    hf_model = load_run_config(None, [f"checkpoint.init_from={hf}"]).model
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, hf_model.vocab_size, (2, 12), generator=gen)
     mask = torch.ones(2, 12, dtype=torch.bool)
@@ -145,7 +147,7 @@ def _layouts_body(rank: int, world: int, hf: str, converted: str, out: str) -> d
     for tp, pp in ((1, 1), (2, 2)):
         initialize_model_parallel(tp=tp, pp=pp)
         for name, source in (("hf", hf), ("converted", converted)):
-            cfg = load_config(None, RUN + [f"checkpoint.init_from={source}", f"parallel.tp={tp}",
+            cfg = load_run_config(None, RUN + [f"checkpoint.init_from={source}", f"parallel.tp={tp}",
                                            f"parallel.pp={pp}", f"logging.output_dir={out}"])
             if name == "converted":  # a megatron checkpoint carries no model section
                 cfg.model = hf_model
@@ -197,9 +199,9 @@ def test_logits_match_the_converted_checkpoint_at_tp2_pp2(hf_sp, tmp_path):
 def _rl_body(rank: int, world: int, hf: str, out: str) -> dict:
     from rspo_mega.training.trainer import Trainer
 
-    cfg = load_config(None, RUN + [f"checkpoint.init_from={hf}", "parallel.tp=2",
+    cfg = load_run_config(None, RUN + [f"checkpoint.init_from={hf}", "parallel.tp=2",
                                    f"logging.output_dir={out}", f"checkpoint.save_dir={out}/ckpt"])
-    trainer = Trainer(cfg, validate_config(cfg, world_size=world))
+    trainer = Trainer(cfg, validate_run(cfg, world_size=world))
     from rspo_mega.models.llada.hf_io import HFCheckpointReader
 
     wte = HFCheckpointReader(hf).get(f"{PREFIX}wte.weight").float()  # [V, H]
@@ -274,10 +276,10 @@ def _bad_body(rank: int, world: int, cases: dict, out: str) -> dict:
     torch.load = no_unpickling
     seen = {}
     for name, (hf, extra, _, _) in cases.items():
-        cfg = load_config(None, RUN + [f"checkpoint.init_from={hf}", f"logging.output_dir={out}",
+        cfg = load_run_config(None, RUN + [f"checkpoint.init_from={hf}", f"logging.output_dir={out}",
                                        f"checkpoint.save_dir={out}/ckpt", *extra])
         try:
-            Trainer(cfg, validate_config(cfg, world_size=world), build_model=no_model)
+            Trainer(cfg, validate_run(cfg, world_size=world), build_model=no_model)
             seen[name] = (None, "no error")
         except Exception as err:  # noqa: BLE001 - the test compares type and message
             seen[name] = (type(err), str(err))
@@ -309,14 +311,14 @@ def test_model_keys_that_disagree_are_named_when_the_config_loads(hf_sp, hf_json
 
     with pytest.raises(ConfigError, match=r"model\.num_layers=4 \(config\.json: 2\), "
                                           r"model\.hidden_size=128 \(config\.json: 64\)"):
-        load_config(None, [f"checkpoint.init_from={hf_sp}", "model.num_layers=4",
+        load_run_config(None, [f"checkpoint.init_from={hf_sp}", "model.num_layers=4",
                            "model.hidden_size=128"])
     other = tmp_path / "other.json"  # model.hf_config describing another model
     other.write_text(json.dumps({**json.loads(Path(hf_sp, "config.json").read_text()),
                                  "d_model": 96}))
     with pytest.raises(ConfigError, match=r"from model\.hf_config=.*model\.hidden_size=96 "
                                           r"\(config\.json: 64\)"):
-        load_config(None, [f"checkpoint.init_from={hf_sp}", f"model.hf_config={other}"])
+        load_run_config(None, [f"checkpoint.init_from={hf_sp}", f"model.hf_config={other}"])
     arch = Path(shutil.copytree(hf_sp, tmp_path / "moe"))
     raw = json.loads((arch / "config.json").read_text())
     (arch / "config.json").write_text(json.dumps({**raw, "architectures": ["LLaDAMoEModelLM"]}))
@@ -343,8 +345,8 @@ def test_model_keys_that_disagree_are_named_when_the_config_loads(hf_sp, hf_json
 def test_a_run_may_extend_the_context_of_its_start(hf_sp, tmp_path):
     """model.max_position_embeddings is the run's (RoPE: no weights depend on it); the logits of
     a sequence within both contexts are the start's."""
-    base = load_config(None, RUN + [f"checkpoint.init_from={hf_sp}"])
-    longer = load_config(None, RUN + [f"checkpoint.init_from={hf_sp}",
+    base = load_run_config(None, RUN + [f"checkpoint.init_from={hf_sp}"])
+    longer = load_run_config(None, RUN + [f"checkpoint.init_from={hf_sp}",
                                       "model.max_position_embeddings=512"])
     assert (base.model.max_position_embeddings, longer.model.max_position_embeddings) == (128, 512)
     assert replace(longer.model, max_position_embeddings=128) == base.model
@@ -368,7 +370,7 @@ def test_unset_query_groups_and_pad_id_mean_their_defaults(tmp_path):
     from tests.fixtures.hf_llada import MHA, config_json
 
     raw = config_json(MHA)  # 4 heads in 4 KV groups (MHA), pad = eos = 298
-    run = load_config(None, ["model.num_layers=2", "model.hidden_size=64",
+    run = load_run_config(None, ["model.num_layers=2", "model.hidden_size=64",
                              "model.num_query_groups=4", "model.pad_token_id=298"]).model
     keys = {"num_layers", "hidden_size", "num_query_groups", "pad_token_id"}
     assert conflicting_fields(run, raw, keys=keys) == []
@@ -383,6 +385,6 @@ def test_unset_query_groups_and_pad_id_mean_their_defaults(tmp_path):
         vocab_size=126464, max_sequence_length=4096, mask_token_id=126336,
         eos_token_id=126081))))
     recipe = Path(__file__).parents[2] / "examples" / "configs" / "llada8b_rspo_countdown.yaml"
-    cfg = load_config(recipe, [f"checkpoint.init_from={hf8b}", "model.hf_config=null"])
+    cfg = load_run_config(recipe, [f"checkpoint.init_from={hf8b}", "model.hf_config=null"])
     assert (cfg.model.num_layers, cfg.model.num_query_groups, cfg.model.params_dtype) == (
         32, None, "bfloat16")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rspo_mega.config import load_config, validate_config
+from rspo_mega.setup import load_run_config, validate_run
 from tests.distributed import run_distributed
 
 RECIPE = Path(__file__).resolve().parents[2] / "rspo_mega" / "configs" / "tiny_sudoku_long.yaml"
@@ -20,8 +20,8 @@ SHORT = ["train_steps=2", "global_batch_size=8", "data.num_train_examples=64",
 
 
 def test_recipe_is_multi_block_on_the_fast_path():
-    cfg = load_config(RECIPE)
-    validate_config(cfg, world_size=1)
+    cfg = load_run_config(RECIPE)
+    validate_run(cfg, world_size=1)
     assert cfg.rollout.gen_length >= 4 * cfg.rollout.block_length
     assert cfg.rollout.cache == "dual" and cfg.rollout.confidence_threshold is not None
     assert cfg.rollout.guard.enabled and cfg.rollout.cache_check_rate > 0
@@ -31,8 +31,8 @@ def test_recipe_is_multi_block_on_the_fast_path():
 def _body(rank: int, world: int, out: str) -> dict:
     from rspo_mega.training.trainer import Trainer
 
-    cfg = load_config(RECIPE, SHORT + [f"logging.output_dir={out}"])
-    trainer = Trainer(cfg, validate_config(cfg, world_size=world))
+    cfg = load_run_config(RECIPE, SHORT + [f"logging.output_dir={out}"])
+    trainer = Trainer(cfg, validate_run(cfg, world_size=world))
     return {"summary": trainer.run(), "step": trainer.step}
 
 

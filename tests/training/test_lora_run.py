@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rspo_mega.config import load_config, validate_config
+from rspo_mega.setup import load_run_config, validate_run
 from rspo_mega.models.llada.checkpoint import stored_tensor_shapes
-from rspo_mega.train import TINY_DEFAULT
+from rspo_mega.config.paths import TINY_DEFAULT
 from tests.distributed import run_distributed
 from tests.training.test_agrpo_run import SMALL, _comparable
 
@@ -33,10 +33,10 @@ def _run(rank: int, world: int, run_dir: str, steps: int, init: str = "") -> dic
     from rspo_mega.training.checkpointing import CheckpointError
     from rspo_mega.training.trainer import Trainer
 
-    cfg = load_config(TINY_DEFAULT, SMALL + LORA + [
+    cfg = load_run_config(TINY_DEFAULT, SMALL + LORA + [
         f"logging.output_dir={run_dir}", f"train_steps={steps}",
         f"checkpoint.save_dir={run_dir}/ckpt"] + ([f"checkpoint.init_from={init}"] if init else []))
-    trainer = Trainer(cfg, validate_config(cfg, world_size=world))
+    trainer = Trainer(cfg, validate_run(cfg, world_size=world))
     try:
         trainer.run()
     except CheckpointError as err:
@@ -60,7 +60,7 @@ def _export(tmp_path: Path, saved: str, init_from: str) -> tuple[Path, Path]:
     from rspo_mega.training.report import export_hf
 
     out = tmp_path / f"export_{Path(init_from).name}"
-    cfg = load_config(TINY_DEFAULT, SMALL + LORA + [
+    cfg = load_run_config(TINY_DEFAULT, SMALL + LORA + [
         f"logging.output_dir={out}", f"checkpoint.init_from={init_from}",
         f"checkpoint.export_hf={out}/hf", f"checkpoint.export_peft={out}/hf_adapter"])
     if init_from != str(SHIPPED):  # a megatron base: the run's tokenizer file is the shipped one

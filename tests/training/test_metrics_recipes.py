@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rspo_mega.config import load_config, validate_config
+from rspo_mega.setup import load_run_config, validate_run
 from rspo_mega.training.metrics import (
     MetricsLogger, Timers, memory_stats, plot_metrics, read_metrics,
 )
@@ -103,13 +103,13 @@ def test_recipe_valid_for_every_layout(recipe: Path) -> None:
     from rspo_mega.plan.launch import refusal
 
     for nodes in NODES:
-        cfg = load_config(recipe, [f"parallel.world_size={8 * nodes}"])  # shipped:llada_8b
+        cfg = load_run_config(recipe, [f"parallel.world_size={8 * nodes}"])  # shipped:llada_8b
         m = cfg.model
         assert (m.hidden_size, m.num_attention_heads, m.num_layers, m.vocab_size, m.mask_token_id,
                 m.eos_token_id, m.max_position_embeddings) == tuple(LLADA_8B[k] for k in (
                     "d_model", "n_heads", "n_layers", "vocab_size", "mask_token_id",
                     "eos_token_id", "max_sequence_length"))
-        layout = validate_config(cfg, world_size=8 * nodes)
+        layout = validate_run(cfg, world_size=8 * nodes)
         assert (cfg.parallel.tp, cfg.parallel.pp, layout.dp) == (2, 1, 4 * nodes)
         plan = plan_run(cfg, Hardware(gpus_per_node=8, nodes=nodes, memory_gib=80))
         assert refusal(plan) is None, (nodes, refusal(plan))

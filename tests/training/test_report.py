@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rspo_mega.config import ConfigError, load_config, validate_config
+from rspo_mega.config import ConfigError
+from rspo_mega.setup import load_run_config, validate_run
 from tests.distributed import run_distributed
 from tests.reference.llada_forward import llada_reference_logits
 from tests.training.test_hf_start import RUN, hf_sp  # noqa: F401 - the fixture
@@ -28,11 +29,11 @@ def _run_body(rank: int, world: int, hf: str, out: str) -> dict:
     from rspo_mega.training.trainer import Trainer
 
     # SFT: its steps always move the weights (2 RL steps of an untrained start may have no reward)
-    cfg = load_config(None, RUN + ["algorithm.name=sft", "likelihood.mask_scheme=coupled",
+    cfg = load_run_config(None, RUN + ["algorithm.name=sft", "likelihood.mask_scheme=coupled",
                                    f"checkpoint.init_from={hf}", f"logging.output_dir={out}",
                                    f"checkpoint.save_dir={out}/ckpt",
                                    f"checkpoint.export_hf={out}/hf"])
-    trainer = Trainer(cfg, validate_config(cfg, world_size=world))
+    trainer = Trainer(cfg, validate_run(cfg, world_size=world))
     summary = trainer.run()
     with torch.no_grad():  # before finish_run, which takes the process groups down
         logits = llada_forward(trainer.policy.model[0].eval(), IDS)
@@ -73,9 +74,9 @@ def test_summary_lines_say_before_after_and_gain():
 
 
 def test_export_needs_a_checkpoint_directory():
-    cfg = load_config(None, ["checkpoint.export_hf=/tmp/x", "checkpoint.save_dir=null"])
+    cfg = load_run_config(None, ["checkpoint.export_hf=/tmp/x", "checkpoint.save_dir=null"])
     with pytest.raises(ConfigError, match="checkpoint.export_hf .* needs checkpoint.save_dir"):
-        validate_config(cfg, world_size=1)
+        validate_run(cfg, world_size=1)
 
 
 def test_the_accuracy_curve_takes_before_periodic_and_after_once():

@@ -7,13 +7,14 @@ import json
 
 import pytest
 
-from rspo_mega.config import ConfigError, load_config, validate_config
+from rspo_mega.config import ConfigError
+from rspo_mega.setup import load_run_config, validate_run
 from rspo_mega.training.run_data import prepare_run_data
 
 
 def _cfg(tmp_path, *overrides: str):
-    cfg = load_config(None, [f"logging.output_dir={tmp_path / 'run'}", *overrides])
-    validate_config(cfg, world_size=1)
+    cfg = load_run_config(None, [f"logging.output_dir={tmp_path / 'run'}", *overrides])
+    validate_run(cfg, world_size=1)
     return cfg
 
 
@@ -47,7 +48,7 @@ def test_unknown_field_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"data.fields: unknown field\(s\) \['question'\] for task 'gsm8k'"):
         _cfg(tmp_path, "data.task=gsm8k", "data.fields.question=q")
     with pytest.raises(ConfigError, match="'data.fields' must be a mapping of strings to strings"):
-        load_config(None, ["data.fields=[q]"])
+        load_run_config(None, ["data.fields=[q]"])
 
 
 def test_countdown_options_and_sft_target(tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from rspo_mega.config import load_config, validate_config
+from rspo_mega.setup import load_run_config, validate_run
 from rspo_mega.plan.hardware import peak_tflops
 from rspo_mega.plan.shapes import workload
 from rspo_mega.training.throughput import Throughput, replica_flops, replica_shapes
@@ -34,8 +34,8 @@ def _hand_count(prompt: int) -> dict[str, float]:
 
 
 def test_step_flops_by_phase_are_the_hand_count():
-    cfg = load_config(None, TINY + ["rollout.cache=none"])
-    layout = validate_config(cfg)
+    cfg = load_run_config(None, TINY + ["rollout.cache=none"])
+    layout = validate_run(cfg)
     work = workload(cfg, layout, prompt_length=20)
     assert replica_flops(replica_shapes(cfg), work, 1.0) == _hand_count(20)
     half = replica_flops(replica_shapes(cfg), work, 0.5)  # threshold decoding ran half the steps
@@ -44,14 +44,14 @@ def test_step_flops_by_phase_are_the_hand_count():
 
 
 def test_tflops_per_device_and_mfu():
-    cfg = load_config(None, TINY + ["rollout.cache=none", "logging.peak_tflops=0.002"])
-    throughput = Throughput(cfg, validate_config(cfg))
+    cfg = load_run_config(None, TINY + ["rollout.cache=none", "logging.peak_tflops=0.002"])
+    throughput = Throughput(cfg, validate_run(cfg))
     flops = sum(_hand_count(20).values())
     rates = throughput._rates(flops, 2.0)
     assert rates["tflops_per_device"] == pytest.approx(flops / 2.0 / 1e12)
     assert rates["mfu"] == pytest.approx(flops / 2.0 / 1e12 / 0.002)
     assert throughput._rates(flops, 0.0) == {}
-    no_peak = Throughput(load_config(None, TINY), validate_config(load_config(None, TINY)))
+    no_peak = Throughput(load_run_config(None, TINY), validate_run(load_run_config(None, TINY)))
     assert no_peak.peak is None or no_peak.peak > 0  # a CPU: none; a known GPU: its peak
     if no_peak.peak is None:
         assert "mfu" not in no_peak._rates(flops, 2.0)

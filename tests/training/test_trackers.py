@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from rspo_mega.config import ConfigError, config_to_dict, load_config, validate_config
+from rspo_mega.config import ConfigError, config_to_dict
+from rspo_mega.setup import load_run_config, validate_run
 from rspo_mega.training.trackers import RUN_IDS_FILE, Trackers, flat_params
 from tests.distributed import free_port
 from tests.training.test_launch import OWN_MODEL, ROOT, TINY, _env
@@ -97,7 +98,7 @@ def _mlflow_run(uri: str, experiment: str):
 def test_trackers_record_scalars_samples_config_and_artifacts(tmp_path, monkeypatch):
     _wandb_env(monkeypatch, tmp_path)
     run_dir, uri = tmp_path / "run", f"file:{tmp_path / 'mlruns'}"
-    cfg = load_config(None, OFFLINE + [f"logging.output_dir={run_dir}",
+    cfg = load_run_config(None, OFFLINE + [f"logging.output_dir={run_dir}",
                                        f"logging.mlflow.tracking_uri={uri}"])
     assert Trackers.open(cfg, rank=1).trackers == []  # ranks other than 0 open none
     trackers = Trackers.open(cfg, rank=0)
@@ -146,7 +147,7 @@ def test_trackers_record_scalars_samples_config_and_artifacts(tmp_path, monkeypa
 def test_a_restarted_run_continues_its_tracker_runs(tmp_path, monkeypatch):
     _wandb_env(monkeypatch, tmp_path)
     run_dir, uri = tmp_path / "run", f"file:{tmp_path / 'mlruns'}"
-    cfg = load_config(None, ["logging.mlflow.enabled=true", f"logging.output_dir={run_dir}",
+    cfg = load_run_config(None, ["logging.mlflow.enabled=true", f"logging.output_dir={run_dir}",
                              f"logging.mlflow.tracking_uri={uri}"])
     first = Trackers.open(cfg, rank=0)
     first.log_metrics(1, {"reward": 0.1})
@@ -184,7 +185,7 @@ def test_a_tracker_asked_for_but_not_installed_is_one_line(tmp_path, monkeypatch
 def test_an_unreachable_tracker_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    cfg = load_config(None, ["logging.mlflow.enabled=true", f"logging.output_dir={tmp_path}",
+    cfg = load_run_config(None, ["logging.mlflow.enabled=true", f"logging.output_dir={tmp_path}",
                              f"logging.mlflow.tracking_uri=http://127.0.0.1:{free_port()}"])
     with pytest.raises(ConfigError, match=r"^logging\.mlflow: cannot start a run at tracking "
                                           r"URI http://127\.0\.0\.1:\d+: "):
@@ -192,15 +193,15 @@ def test_an_unreachable_tracker_is_a_config_error(tmp_path, monkeypatch):
 
 
 def test_samples_need_an_rl_run():
-    cfg = load_config(None, ["algorithm.name=sft", "logging.sample_interval=5"])
+    cfg = load_run_config(None, ["algorithm.name=sft", "logging.sample_interval=5"])
     with pytest.raises(ConfigError, match=r"logging\.sample_interval logs RL completions"):
-        validate_config(cfg)
+        validate_run(cfg)
 
 
 def test_tags_are_a_list_of_strings():
-    assert load_config(None, ["logging.wandb.tags=[a, b]"]).logging.wandb.tags == ["a", "b"]
+    assert load_run_config(None, ["logging.wandb.tags=[a, b]"]).logging.wandb.tags == ["a", "b"]
     with pytest.raises(ConfigError, match=r"'logging\.wandb\.tags' must be a list, got 'a'"):
-        load_config(None, ["logging.wandb.tags=a"])
+        load_run_config(None, ["logging.wandb.tags=a"])
 
 
 # -- the product: rspo-train under torchrun, 2 data-parallel ranks ------------------------------

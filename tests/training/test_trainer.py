@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rspo_mega.config import ConfigError, load_config, validate_config
+from rspo_mega.config import ConfigError
+from rspo_mega.setup import load_run_config, validate_run
 from tests.distributed import run_distributed
 
 # A tiny run: 1 RSPO step, 4 prompts x G=2 (with SFT, 1 step of 8 examples).
@@ -38,7 +39,7 @@ def _init_checkpoint(rank: int, world: int, out: str) -> None:
     from rspo_mega.models.llada import build_llada_model, save_model
     from rspo_mega.parallel import initialize_model_parallel
 
-    cfg = load_config(None, TINY)
+    cfg = load_run_config(None, TINY)
     initialize_model_parallel(seed=5)
     save_model(build_llada_model(cfg.model), out)
 
@@ -51,13 +52,13 @@ def _train(rank: int, world: int, out: str, init: str, layouts: list[tuple[int, 
     for tp, pp in layouts:
         run_dir = f"{out}/tp{tp}pp{pp}"
         layout = [f"parallel.tp={tp}", f"parallel.pp={pp}"]
-        sft = load_config(None, TINY + SFT + layout + [
+        sft = load_run_config(None, TINY + SFT + layout + [
             "train_steps=2", f"checkpoint.init_from={init}", f"logging.output_dir={run_dir}/sft",
             f"checkpoint.save_dir={run_dir}/sft/ckpt"])
-        Trainer(sft, validate_config(sft, world_size=world)).run()
-        cfg = load_config(None, TINY + layout + [f"checkpoint.init_from={run_dir}/sft/ckpt",
+        Trainer(sft, validate_run(sft, world_size=world)).run()
+        cfg = load_run_config(None, TINY + layout + [f"checkpoint.init_from={run_dir}/sft/ckpt",
                                                  f"logging.output_dir={run_dir}/rl"])
-        trainer = Trainer(cfg, validate_config(cfg, world_size=world))
+        trainer = Trainer(cfg, validate_run(cfg, world_size=world))
         trainer.run()
         samples: list = []  # greedy completions of 5 examples, gathered from the DP shards
         examples = [e.example for e in trainer.data.train[:5]]
@@ -91,7 +92,7 @@ def test_loss_curve_is_the_same_for_every_layout(tmp_path):
 def test_bad_input_is_named_before_training(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    cfg = load_config(None, TINY + ["data.task=gsm8k", f"data.train_path={empty}",
+    cfg = load_run_config(None, TINY + ["data.task=gsm8k", f"data.train_path={empty}",
                                     f"logging.output_dir={tmp_path / 'o'}"])
     from rspo_mega.training.run_data import prepare_run_data
 
@@ -99,7 +100,7 @@ def test_bad_input_is_named_before_training(tmp_path):
         prepare_run_data(cfg)
     assert "empty" in str(err.value) and str(empty) in str(err.value)
     with pytest.raises(ConfigError, match="parallel.world_size=2 but the job was launched with WORLD_SIZE=1"):
-        validate_config(load_config(None, ["parallel.world_size=2"]), world_size=1)
+        validate_run(load_run_config(None, ["parallel.world_size=2"]), world_size=1)
 
 
 def test_non_finite_reward_is_named():
@@ -118,7 +119,7 @@ def test_non_finite_reward_is_named():
 
 def test_too_long_prompts_are_reported_at_once():
     from rspo_mega.data import Example
-    from rspo_mega.data import encode_prompts
+    from rspo_mega.tasks.prompts import encode_prompts
 
     class Tok:
         special_ids = {}
@@ -140,21 +141,21 @@ def _rl_from_sft(rank: int, world: int, out: str) -> dict:
     from rspo_mega.training.checkpointing import CheckpointError
     from rspo_mega.training.trainer import Trainer
 
-    sft = load_config(None, TINY + SFT + [f"logging.output_dir={out}/sft",
+    sft = load_run_config(None, TINY + SFT + [f"logging.output_dir={out}/sft",
                                           f"checkpoint.save_dir={out}/sft/ckpt"])
-    sft_trainer = Trainer(sft, validate_config(sft, world_size=world))
+    sft_trainer = Trainer(sft, validate_run(sft, world_size=world))
     sft_trainer.run()
     trained = [p.detach().clone() for c in sft_trainer.policy.model for p in c.parameters()]
-    rl = load_config(None, TINY + [f"checkpoint.init_from={out}/sft/ckpt",
+    rl = load_run_config(None, TINY + [f"checkpoint.init_from={out}/sft/ckpt",
                                    f"logging.output_dir={out}/rl"])
-    trainer = Trainer(rl, validate_config(rl, world_size=world))
+    trainer = Trainer(rl, validate_run(rl, world_size=world))
     start = [p.detach() for c in trainer.policy.model for p in c.parameters()]
     adam = [s for s in trainer.policy.optimizer.optimizer.state.values() if "exp_avg" in s]
     trainer.run()
-    wrong = load_config(None, TINY + [f"checkpoint.save_dir={out}/sft/ckpt",
+    wrong = load_run_config(None, TINY + [f"checkpoint.save_dir={out}/sft/ckpt",
                                       f"logging.output_dir={out}/wrong"])
     try:
-        Trainer(wrong, validate_config(wrong, world_size=world)).resume()
+        Trainer(wrong, validate_run(wrong, world_size=world)).resume()
         refused = ""
     except CheckpointError as err:
         refused = str(err)
@@ -199,9 +200,9 @@ def _eval_denoising_steps(rank: int, world: int, out: str, overrides: list[str])
     """Denoising steps the evaluation's decoding ran (the max over its rows)."""
     from rspo_mega.training.trainer import Trainer
 
-    cfg = load_config(None, TINY + [f"logging.output_dir={out}", "data.num_test_examples=4"]
+    cfg = load_run_config(None, TINY + [f"logging.output_dir={out}", "data.num_test_examples=4"]
                       + overrides)
-    trainer = Trainer(cfg, validate_config(cfg, world_size=world))
+    trainer = Trainer(cfg, validate_run(cfg, world_size=world))
     return max(int(rollout.steps_used.max()) for _, rollout in _evaluate_recorded(trainer))
 
 
@@ -218,13 +219,13 @@ def _cached_step(rank: int, world: int, out: str) -> tuple[dict, list[str], dict
     checkpoint state."""
     from rspo_mega.training.trainer import Trainer
 
-    cfg = load_config(None, TINY + [f"logging.output_dir={out}",
+    cfg = load_run_config(None, TINY + [f"logging.output_dir={out}",
                                     "data.num_test_examples=4", "rollout.cache=dual",
                                     "rollout.cache_check_rate=1.0",
                                     "rollout.cache_refresh_interval=2",
                                     "rollout.confidence_threshold=0.5", "model.init_method_std=0.5",
                                     "rollout.guard.enabled=true"])
-    trainer = Trainer(cfg, validate_config(cfg, world_size=world))
+    trainer = Trainer(cfg, validate_run(cfg, world_size=world))
     trainer.start_rl()
     metrics = trainer.train_step()
     modes = [kwargs.get("cache") for kwargs, _ in _evaluate_recorded(trainer)]
@@ -250,10 +251,10 @@ def _mask_draws(rank: int, world: int, out: str, fresh: bool) -> tuple[list, int
     from rspo_mega.models.llada import llada_forward
     from rspo_mega.training.update_loop import UpdateLoop
 
-    cfg = load_config(None, TINY + [f"logging.output_dir={out}",
+    cfg = load_run_config(None, TINY + [f"logging.output_dir={out}",
                                     "algorithm.inner_updates=2",
                                     f"likelihood.fresh_masks_per_update={fresh}"])
-    trainer = Trainer(cfg, validate_config(cfg, world_size=world))
+    trainer = Trainer(cfg, validate_run(cfg, world_size=world))
     trainer.start_rl()
     draws, scorings = [], []
     masks, reference = trainer.updates.masks, trainer.policy.reference
@@ -312,16 +313,16 @@ def _resume_warm_up(rank: int, world: int, out: str, cases: list[tuple[int, int]
     from rspo_mega.training.checkpointing import CheckpointError
     from rspo_mega.training.trainer import Trainer
 
-    cfg = load_config(None, TINY + [f"logging.output_dir={out}", f"checkpoint.save_dir={out}/ckpt"])
-    Trainer(cfg, validate_config(cfg, world_size=world)).run()
+    cfg = load_run_config(None, TINY + [f"logging.output_dir={out}", f"checkpoint.save_dir={out}/ckpt"])
+    Trainer(cfg, validate_run(cfg, world_size=world)).run()
     got = []
     for i, (step, warmup) in enumerate(cases):
         save_dir = Path(out, f"case{i}")
         shutil.copytree(Path(out, "ckpt"), save_dir)
         _as_warm_up_checkpoint(save_dir / "iter_0000001", step, warmup)
-        again = load_config(None, TINY + [f"logging.output_dir={out}",
+        again = load_run_config(None, TINY + [f"logging.output_dir={out}",
                                           f"checkpoint.save_dir={save_dir}", "train_steps=9"])
-        trainer = Trainer(again, validate_config(again, world_size=world))
+        trainer = Trainer(again, validate_run(again, world_size=world))
         try:
             got.append(trainer.step if trainer.resume() else None)
         except CheckpointError as err:
@@ -348,8 +349,8 @@ def _logged_lrs(rank: int, world: int, out: str, overrides: list[str]) -> list[f
     """The ``lr`` of every logged step of a 4-step SFT run."""
     from rspo_mega.training.trainer import Trainer
 
-    cfg = load_config(None, TINY + SFT + ["train_steps=4", f"logging.output_dir={out}"] + overrides)
-    Trainer(cfg, validate_config(cfg, world_size=world)).run()
+    cfg = load_run_config(None, TINY + SFT + ["train_steps=4", f"logging.output_dir={out}"] + overrides)
+    Trainer(cfg, validate_run(cfg, world_size=world)).run()
     rows = [json.loads(x) for x in Path(out, "metrics.jsonl").read_text().splitlines()]
     return [d["lr"] for d in rows if "lr" in d]
 

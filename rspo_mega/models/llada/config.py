@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from rspo_mega.config.schema import ModelConfig, ParallelConfig
+from rspo_mega.config.validate import query_groups
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -70,22 +71,6 @@ def _fp8_fields(cfg: ModelConfig, impl: str) -> dict[str, Any]:
         "fp8_amax_history_len": cfg.fp8.amax_history_len,
         "fp8_amax_compute_algo": cfg.fp8.amax_compute_algo,
     }
-
-
-def _query_groups(cfg: ModelConfig) -> int:
-    """Number of KV groups (``num_query_groups`` or, unset, one per head), with the head checks."""
-    if cfg.hidden_size % cfg.num_attention_heads:
-        raise ValueError(
-            f"hidden_size {cfg.hidden_size} is not divisible by num_attention_heads "
-            f"{cfg.num_attention_heads}"
-        )
-    groups = cfg.num_query_groups or cfg.num_attention_heads
-    if cfg.num_attention_heads % groups:
-        raise ValueError(
-            f"num_attention_heads {cfg.num_attention_heads} is not divisible by "
-            f"num_query_groups {groups}"
-        )
-    return groups
 
 
 def _architecture_fields(cfg: ModelConfig, groups: int) -> dict[str, Any]:
@@ -153,7 +138,7 @@ def transformer_config(
     fused = on_gpu and impl == "transformer_engine"
     if layout[3] and not fused:
         raise ValueError("sequence_parallel needs the transformer_engine implementation on a GPU")
-    groups = _query_groups(cfg)
+    groups = query_groups(cfg)
     kwargs: dict[str, Any] = dict(
         **_architecture_fields(cfg, groups),
         **_runtime_fields(layout, dtype, on_gpu, fused),

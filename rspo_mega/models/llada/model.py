@@ -53,7 +53,7 @@ def build_llada_model(
     ``init_weights=False`` skips random initialisation (the weights will be loaded).
     ``sequence_parallel`` splits the activations between the TP ranks along the sequence
     (``parallel.sequence_parallel``; the TE spec on a GPU only). ``cfg`` is read as it is
-    (``load_config`` resolved ``model.hf_config`` into it).
+    (``rspo_mega.setup.load_run_config`` resolved ``model.hf_config`` into it).
     With ``cfg.lora.enabled`` the targeted linears carry adapters (initialised from ``seed``, the
     same at any layout) and every other parameter is frozen. Raises if the installed
     megatron-core changed an internal the model relies on

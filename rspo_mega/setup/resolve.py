@@ -1,10 +1,10 @@
-"""The model section resolved once, while a config is loaded (before validation, any process
-group or model), so ``--dry-run``, the saved ``config.yaml`` and every consumer (model builder,
-sampler, mask sampler, planner) read the same ``cfg.model``.
+"""The model section resolved once, right after the config is loaded (before validation, any
+process group or model), so ``--dry-run``, the saved ``config.yaml`` and every consumer (model
+builder, sampler, mask sampler, planner) read the same ``cfg.model``.
 
 Hub ids ``hf:ORG/NAME[@REVISION]`` in ``model.hf_config``, ``checkpoint.init_from`` and
 ``data.tokenizer`` first become their snapshot directories in the HF cache
-(:mod:`rspo_mega.config.hub`). Sources, each filling what the earlier ones leave unset and
+(:mod:`rspo_mega.setup.hub`). Sources, each filling what the earlier ones leave unset and
 agreeing with what they set:
 
 1. the ``model`` keys the run sets itself (its YAML or overrides);
@@ -16,13 +16,10 @@ agreeing with what they set:
 4. the tokenizer, for the vocabulary and special ids: ``data.tokenizer`` (loaded here), else the
    built-in one, whose ids are fixed by construction
    (:func:`rspo_mega.data.tokenizer_training.builtin_model_fields`; it is trained later, and
-   :mod:`rspo_mega.training.run_data` checks it against the model section).
+   :mod:`rspo_mega.training.run_data` checks it against the model section with the same rule,
+   :func:`rspo_mega.data.tokenizer_ids.check_tokenizer_ids`).
 
 A disagreement raises :class:`ConfigError` naming each key with both values.
-
-:func:`resolve_run_paths` puts the run's outputs into its directory: ``{output_dir}`` in
-``checkpoint.save_dir`` and ``checkpoint.export_hf`` (their defaults) becomes
-``logging.output_dir``.
 """
 
 from __future__ import annotations
@@ -31,19 +28,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable
 
-from rspo_mega.config.hf_start import (
+from rspo_mega.config.schema import ModelConfig, TrainConfig
+from rspo_mega.data.tokenizer import load_tokenizer
+from rspo_mega.data.tokenizer_ids import TOKEN_KEYS, tokenizer_model_fields
+from rspo_mega.data.tokenizer_training import builtin_model_fields
+from rspo_mega.errors import ConfigError
+from rspo_mega.models.llada.hf_config import RUN_CHOSEN_FIELDS, hf_model_fields, read_hf_config
+from rspo_mega.setup.hf_start import (
     TOKENIZER_FILES, check_model_keys, is_hf_start, resolve_shipped, shipped_hf_config,
 )
-from rspo_mega.config.hub import HUB_FILES, HUB_PREFIX, resolve_hub_id
-from rspo_mega.config.loader import ConfigError
-from rspo_mega.config.schema import ModelConfig, TrainConfig
-
-TOKEN_KEYS = ("vocab_size", "mask_token_id", "eos_token_id", "pad_token_id", "bos_token_id")
+from rspo_mega.setup.hub import HUB_FILES, HUB_PREFIX, resolve_hub_id
 
 
 def _read_hf(key: str, path: str) -> dict[str, Any]:
-    from rspo_mega.models.llada.hf_config import read_hf_config
-
     try:
         return read_hf_config(path)
     except (OSError, ValueError) as err:
@@ -55,8 +52,6 @@ def _apply_hf(model: ModelConfig, key: str, path: str, given: set[str],
     """``model`` with the fields of the config.json at ``path`` (config key ``key``), after
     checking it agrees with ``model`` on the keys in ``given`` (the run's own values of the
     run-chosen fields stay); adds those fields to ``given``."""
-    from rspo_mega.models.llada.hf_config import RUN_CHOSEN_FIELDS, hf_model_fields
-
     raw = _read_hf(key, path)
     check_model_keys(model, raw, path, given, where, key)
     config_json = str(Path(path) / "config.json") if Path(path).is_dir() else path
@@ -72,17 +67,12 @@ def _apply_hf(model: ModelConfig, key: str, path: str, given: set[str],
 def _tokenizer_fields(cfg: TrainConfig) -> dict[str, Any]:
     """The vocabulary size and special ids of the run's tokenizer."""
     if cfg.data.tokenizer is None:
-        from rspo_mega.data.tokenizer_training import builtin_model_fields
-
         return builtin_model_fields()
-    from rspo_mega.data.tokenizer import load_tokenizer
-
     try:
         tok = load_tokenizer(cfg.data.tokenizer)
     except (OSError, ValueError) as err:
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer}: {err}") from None
-    return dict(vocab_size=tok.vocab_size, mask_token_id=tok.mask_id, eos_token_id=tok.eos_id,
-                pad_token_id=tok.pad_id, bos_token_id=tok.special_ids.get("bos"))
+    return tokenizer_model_fields(tok)
 
 
 def resolve_hub_ids(cfg: TrainConfig) -> None:
@@ -119,17 +109,3 @@ def resolve_model(cfg: TrainConfig, given: Iterable[str] = ()) -> None:
     if not set(TOKEN_KEYS) <= given:
         tokens = _tokenizer_fields(cfg)
         cfg.model = replace(cfg.model, **{k: v for k, v in tokens.items() if k not in given})
-
-
-OUTPUT_DIR = "{output_dir}"  # in checkpoint.save_dir / export_hf: the run's logging.output_dir
-
-
-def resolve_run_paths(cfg: TrainConfig) -> None:
-    """Replace :data:`OUTPUT_DIR` in the checkpoint paths by ``logging.output_dir`` (in place)."""
-    ck, out = cfg.checkpoint, cfg.logging.output_dir.rstrip("/") or "/"
-    if ck.save_dir:
-        ck.save_dir = ck.save_dir.replace(OUTPUT_DIR, out)
-    if ck.export_hf:
-        ck.export_hf = ck.export_hf.replace(OUTPUT_DIR, out)
-    if ck.export_peft:
-        ck.export_peft = ck.export_peft.replace(OUTPUT_DIR, out)

@@ -1,20 +1,15 @@
-"""Prompt encoding: the user message of an example and its prompt token ids.
-
-The task is used only through its ``name`` and ``prompt(example)`` (the chat instructions), so
-this module needs nothing from :mod:`rspo_mega.tasks` at import time.
-"""
+"""Prompt encoding: the user message of an example (the task's instructions through a prompt
+template) and its prompt token ids."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 from rspo_mega.data.example import Example
 from rspo_mega.data.templates import PromptTemplate
 from rspo_mega.data.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from rspo_mega.tasks.base import Task
+from rspo_mega.tasks.base import Task
 
 
 @dataclass(frozen=True)
@@ -25,20 +20,20 @@ class EncodedExample:
     prompt_ids: tuple[int, ...]
 
 
-def prompt_message(task: "Task", template: PromptTemplate, example: Example) -> str:
+def prompt_message(task: Task, template: PromptTemplate, example: Example) -> str:
     """The user message: the task's full instructions for chat models; with the ``plain``
     template (tiny models trained from scratch) the bare problem text."""
     return example.prompt if template.name == "plain" else task.prompt(example)
 
 
-def encode_prompt(task: "Task", template: PromptTemplate, tokenizer: Tokenizer,
+def encode_prompt(task: Task, template: PromptTemplate, tokenizer: Tokenizer,
                   example: Example) -> list[int]:
     """The prompt ids of ``example``: its user message through ``template``."""
     return template.encode(tokenizer, prompt_message(task, template, example))
 
 
 def encode_prompts(
-    examples: Sequence[Example], task: "Task", template: PromptTemplate, tokenizer: Tokenizer,
+    examples: Sequence[Example], task: Task, template: PromptTemplate, tokenizer: Tokenizer,
     max_prompt_length: int,
 ) -> list[EncodedExample]:
     """Token ids of every prompt; all too-long prompts are reported at once, before training."""

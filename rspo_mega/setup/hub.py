@@ -9,7 +9,7 @@ files it reads: ``init_from`` the JSON files, safetensors shards and a SentenceP
 snapshot's path (``.../models--ORG--NAME/snapshots/<commit>``) when the config is loaded, so the
 saved ``config.yaml`` names the exact commit, and every check of a local directory applies to it
 unchanged. A malformed id, or one neither cached nor downloadable, is a ``ValueError`` naming
-the key (a ``ConfigError`` once :mod:`rspo_mega.config.resolve` has it).
+the key (a ``ConfigError`` once :mod:`rspo_mega.setup.resolve` has it).
 """
 
 from __future__ import annotations

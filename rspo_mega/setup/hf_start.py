@@ -1,8 +1,8 @@
 """``checkpoint.init_from`` naming an HF LLaDA directory, ``shipped:<name>`` (for ``init_from``
 and ``model.hf_config``), and the check of a model section against an HF ``config.json``.
 
-The model section is filled from such a directory when the config is loaded
-(:mod:`rspo_mega.config.resolve`); the weights are checked and loaded later, before the model is
+The model section is filled from such a directory when the run's config is set up
+(:mod:`rspo_mega.setup.resolve`); the weights are checked and loaded later, before the model is
 built (:mod:`rspo_mega.training.init_weights`), which compares the config.json with the run's
 model section again (:func:`check_model_keys`).
 """
@@ -12,11 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from rspo_mega.config.loader import ConfigError
+from rspo_mega.config.paths import SHIPPED_PREFIX
 from rspo_mega.config.schema import ModelConfig, TrainConfig
+from rspo_mega.errors import ConfigError
+from rspo_mega.models.llada.hf_config import conflicting_fields
+from rspo_mega.models.llada.hf_io import looks_like_hf_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what load_tokenizer looks for in a dir
-SHIPPED_PREFIX = "shipped:"  # init_from=shipped:<name>: a checkpoint shipped with the package
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
 SHIPPED_GEOMETRIES = Path(__file__).resolve().parent.parent / "models" / "llada" / "configs"
 
@@ -51,8 +53,6 @@ def resolve_shipped(cfg: TrainConfig) -> None:
 
 def is_hf_start(cfg: TrainConfig) -> bool:
     """Whether ``checkpoint.init_from`` names an HF checkpoint directory."""
-    from rspo_mega.models.llada.hf_io import looks_like_hf_checkpoint
-
     return bool(cfg.checkpoint.init_from) and looks_like_hf_checkpoint(cfg.checkpoint.init_from)
 
 
@@ -62,8 +62,6 @@ def check_model_keys(model: ModelConfig, raw: dict[str, Any], source: str,
     """Raise :class:`ConfigError` unless ``model`` agrees with the config.json ``raw`` found at
     ``source`` (named by config key ``key``) on ``keys`` (every key config.json sets when None).
     ``where`` says where ``model``'s values came from, for the message."""
-    from rspo_mega.models.llada.hf_config import conflicting_fields
-
     try:
         conflicts = conflicting_fields(model, raw, str(Path(source)), keys)
     except ValueError as err:
