@@ -142,7 +142,7 @@ def test_every_task_has_a_lora_recipe_with_espo_settings() -> None:
     full = [p for p in RECIPES if not p.stem.endswith("_lora")]
     assert {p.stem for p in RECIPES} == {p.stem for p in full} | {f"{p.stem}_lora" for p in full}
     for recipe in full:
-        base, lora = load_config(recipe), load_config(recipe.with_name(f"{recipe.stem}_lora.yaml"))
+        base, lora = load_run_config(recipe), load_run_config(recipe.with_name(f"{recipe.stem}_lora.yaml"))
         adapters = lora.model.lora
         assert adapters.enabled and not base.model.lora.enabled, recipe
         assert (adapters.rank, adapters.alpha, adapters.dropout) == (128, 64.0, 0.0), recipe
