@@ -30,7 +30,7 @@ LORA = ["model.lora.enabled=true", "model.lora.rank=4", "model.lora.alpha=8",
 def _run(rank: int, world: int, run_dir: str, steps: int, init: str = "") -> dict:
     """A LoRA RSPO run of ``steps`` steps in ``run_dir`` (resuming what it holds): its metrics
     rows and adapters, or the error a resume refused with."""
-    from rspo_mega.training.checkpointing import CheckpointError
+    from rspo_mega.errors import CheckpointError
     from rspo_mega.training.trainer import Trainer
 
     cfg = load_config(TINY_DEFAULT, SMALL + LORA + [

@@ -2,36 +2,24 @@
 
 A checkpoint continues a run of the same kind (masked-diffusion SFT or RL), algorithm, task and
 model (:func:`check_same_run`); any other is refused, naming what differs and the ways out (a
-new run directory, or ``checkpoint.init_from`` for its weights only). A run whose checkpoint is
-already at ``train_steps`` is finished (:func:`check_unfinished`). :func:`check_run_dir` applies
-these to the newest complete checkpoint before a launch builds anything, from its
-``metadata.json`` alone.
-
-A checkpoint whose per-rank state records ``warmup_steps`` > 0 in an RL run comes from a run that
-began with SFT steps inside it: its step count mixes SFT and RL steps, so it is refused as well,
-with the runs that replace it.
+new run directory, or ``checkpoint.init_from`` for its weights only). So is one of a run that
+began with SFT steps inside it (``sft_warmup_steps`` in its config): its step count mixes SFT and
+RL steps. A run whose checkpoint is already at ``train_steps`` is finished
+(:func:`check_unfinished`). :func:`check_run_dir` applies these to the newest complete checkpoint
+before a launch builds anything, from its ``metadata.json`` alone.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from rspo_mega.config import TrainConfig, config_to_dict
-from rspo_mega.errors import UserError
-from rspo_mega.training.checkpointing import (
-    CheckpointError, CheckpointManager, read_metadata, validate_checkpoint,
-)
+from rspo_mega.errors import CheckpointError, IncompatibleCheckpointError
+from rspo_mega.training.checkpoint.files import list_checkpoints, read_metadata, validate_checkpoint
 
-SFT_RECIPE = "rspo_mega/configs/tiny_sudoku_sft.yaml"
 RUN_KEYS = ("algorithm.name", "data.task", "model")  # what makes a checkpoint another run's
 DIFFS_SHOWN = 4  # differing keys a message names
-
-
-class IncompatibleCheckpointError(UserError, ValueError):
-    """The saved run config differs from the current one in keys that must match."""
-
-    kind = "checkpoint"
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -82,31 +70,19 @@ def _kind(is_rl: bool) -> str:
     return "an RL" if is_rl else "an SFT (algorithm.name=sft)"
 
 
-def _warmup_message(path: Path, step: int, warmup: int) -> str:
-    """What to do with a checkpoint of a run that began with ``warmup`` SFT steps."""
-    start = (f"start from its weights with checkpoint.init_from={path} and a new "
-             "checkpoint.save_dir")
-    if step < warmup:
-        return (f"checkpoint {path} stopped at step {step}, inside the {warmup}-step SFT warm-up "
-                "its run began with; SFT and RL are separate runs: continue SFT as its own run "
-                f"(algorithm.name=sft, e.g. --config {SFT_RECIPE}) or run RL, and {start}")
-    return (f"checkpoint {path} is at step {step} of a run that began with a {warmup}-step SFT "
-            f"warm-up ({step - warmup} RL steps after it): its step count mixes SFT and RL "
-            f"steps, so it cannot be resumed; to continue RL, {start} (the RL reference is then "
-            "this policy and the optimizer state starts fresh)")
-
-
-def check_resumable(path: str | Path, saved_config: Optional[dict], extra: dict,
-                    is_rl: bool) -> None:
+def check_resumable(path: str | Path, saved_config: Optional[dict], is_rl: bool) -> None:
     """Raise :class:`CheckpointError` saying what to do instead when the checkpoint at ``path``
-    (its run config ``saved_config`` and this rank's plain state ``extra``) cannot continue a
-    run of this kind (``is_rl``)."""
-    path = Path(path)
-    name = ((saved_config or {}).get("algorithm") or {}).get("name")
+    (its run config ``saved_config``) cannot continue a run of this kind (``is_rl``)."""
+    saved_config = saved_config or {}
+    name = (saved_config.get("algorithm") or {}).get("name")
     saved_rl = is_rl if name is None else name != "sft"
-    warmup = int(extra.get("warmup_steps", 0))
+    warmup = int(saved_config.get("sft_warmup_steps") or 0)
     if saved_rl and warmup > 0:
-        raise CheckpointError(_warmup_message(path, int(extra["step"]), warmup))
+        raise CheckpointError(
+            f"checkpoint {path} comes from a run that began with {warmup} SFT steps inside it "
+            "(sft_warmup_steps): its step count mixes SFT and RL steps, so it cannot be resumed; "
+            f"start from its weights with checkpoint.init_from={path} and a new "
+            "checkpoint.save_dir")
     if saved_rl != is_rl:
         raise CheckpointError(f"checkpoint {path} was saved by {_kind(saved_rl)} run and this is "
                               f"{_kind(is_rl)} run; checkpoint.save_dir resumes the same run: "
@@ -140,22 +116,26 @@ def check_unfinished(path: str | Path, step: int, cfg: TrainConfig) -> None:
 def newest_complete(save_dir: str | Path) -> Optional[Path]:
     """The newest checkpoint of ``save_dir`` whose files are all there (sizes checked, contents
     not read), or None. No collective; every rank may call it."""
-    for _, path in reversed(CheckpointManager(save_dir).checkpoints()):
+    for _, path in reversed(list_checkpoints(save_dir)):
         if validate_checkpoint(path, verify_checksums=False) is None:
             return path
     return None
+
+
+def check_run(path: Path, meta: dict, cfg: TrainConfig) -> None:
+    """Raise :class:`CheckpointError` when the checkpoint at ``path`` (its ``metadata.json``
+    ``meta``) belongs to another kind of run or another run, or ends this one."""
+    check_resumable(path, meta.get("config"), cfg.algorithm.name != "sft")
+    check_same_run(path, meta.get("config"), cfg)  # layouts may change: checkpoints reshard
+    check_unfinished(path, int(meta["step"]), cfg)
 
 
 def check_run_dir(cfg: TrainConfig) -> None:
     """Before a launch: refuse to resume the newest complete checkpoint of
     ``checkpoint.save_dir`` when it belongs to another run or ends this one."""
     path = newest_complete(cfg.checkpoint.save_dir) if cfg.checkpoint.save_dir else None
-    if path is None:
-        return
-    meta = read_metadata(path)
-    check_resumable(path, meta.get("config"), {}, cfg.algorithm.name != "sft")
-    check_same_run(path, meta.get("config"), cfg)
-    check_unfinished(path, int(meta["step"]), cfg)
+    if path is not None:
+        check_run(path, read_metadata(path), cfg)
 
 
 def lora_base_record(cfg: TrainConfig, chunks: list) -> Optional[dict]:
@@ -185,3 +165,13 @@ def check_lora_base(path: str | Path, saved: Optional[dict], current: Optional[d
             f"checkpoint {path} trained its LoRA adapters on another base than "
             f"checkpoint.init_from={current['init_from']} ({diff}; it was trained from "
             f"{saved['init_from']}): resume with the base it was trained on")
+
+
+def resume_check(cfg: TrainConfig, lora_base: Optional[dict]) -> Callable[[Path, dict, dict], None]:
+    """The manager's check before resuming the run ``cfg``: :func:`check_run`, and for LoRA
+    :func:`check_lora_base` against this run's base record ``lora_base``."""
+    def check(path: Path, meta: dict, state: dict) -> None:
+        check_run(path, meta, cfg)
+        check_lora_base(path, state.get("lora_base"), lora_base)
+
+    return check

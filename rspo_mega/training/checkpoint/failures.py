@@ -1,7 +1,7 @@
 """Why a checkpoint save failed, in words, agreed on by every rank.
 
 A save fails for reasons outside the program: the disk fills, a quota is hit, a file system
-goes read-only, a rank dies. :class:`~rspo_mega.training.checkpointing.CheckpointManager` turns
+goes read-only, a rank dies. :class:`~rspo_mega.training.checkpoint.manager.CheckpointManager` turns
 the exception into a :class:`Failure` (cause, file, rank), gathers the failures of all ranks at
 points every rank reaches, and raises one message on every rank, for example::
 
@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 __all__ = ["CheckpointException", "Failure", "all_gather", "attempt", "describe", "failure_message"]
 
-log = logging.getLogger("rspo_mega.training.checkpointing")
+log = logging.getLogger(__name__)
 
 _ERRNO_RE = re.compile(r"\[Errno (\d+)\]")
 
