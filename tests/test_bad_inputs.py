@@ -20,7 +20,7 @@ from rspo_mega.config import config_to_dict, load_config
 from rspo_mega.config.hf_start import SHIPPED_DIR
 from rspo_mega.data.tokenizer_training import task_corpus, train_sentencepiece_tokenizer
 from rspo_mega.train import TINY_DEFAULT
-from rspo_mega.training.checkpoint import METADATA, checkpoint_name
+from rspo_mega.training.checkpoint.files import METADATA, checkpoint_name
 from tests.training.test_launch import OWN_MODEL
 from tests.training.test_trainer import TINY
 
@@ -237,7 +237,7 @@ def _save_after_a_corrupt_checkpoint(rank: int, world: int, save_dir: str, keep_
     import torch.distributed as dist
 
     from rspo_mega.parallel import initialize_model_parallel
-    from rspo_mega.training.checkpoint import validate_checkpoint
+    from rspo_mega.training.checkpoint.files import validate_checkpoint
     from tests.training.checkpoint_parts import manager, save
     from tests.training.test_checkpointing import _tiny_gpt
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -31,7 +32,7 @@ from rspo_mega.likelihood import run_estimator
 from rspo_mega.parallel.bounded_barrier import wait_for_ranks
 from rspo_mega.rollout import RolloutEngine
 from rspo_mega.training.builder import build_chunks, setup_parallel
-from rspo_mega.training.checkpoint.compat import lora_base_record, resume_check
+from rspo_mega.training.checkpoint.compat import check_resume, lora_base_record
 from rspo_mega.training.checkpoint.init_from import prepare_init
 from rspo_mega.training.checkpoint.manager import RNG, TRAIN_STATE, CheckpointManager
 from rspo_mega.training.checkpoint.parts import RNGState, TrainState
@@ -72,7 +73,8 @@ class Trainer:
             load_init(chunks)
         updates_per_step = cfg.algorithm.inner_updates if self.is_rl else 1
         self.policy = Policy(cfg, chunks, cfg.train_steps * updates_per_step)
-        self.state = TrainState(self.kind, self.policy, lora_base_record(cfg, chunks))
+        self.state = TrainState("rl" if self.is_rl else "sft", self.policy,
+                                lora_base_record(cfg, chunks))
         engine = RolloutEngine(self.policy.model, cfg.model, cfg.rollout, seed=cfg.seed,
                                sequence_multiple=cfg.parallel.sequence_multiple)
         self.batches = build_batches(cfg, layout, self.data, engine)
@@ -84,19 +86,14 @@ class Trainer:
         self.samples = SampleLog(cfg.logging.output_dir, cfg.logging.sample_interval,
                                  cfg.rollout.group_size, self.data, self.trackers, self.rank)
         self.throughput = Throughput(cfg, layout)
-        ck = cfg.checkpoint
-        self.ckpt = CheckpointManager(
-            ck.save_dir, ck.keep_last, self.parts(), ck.save_interval, config_to_dict(cfg),
-            resume_check(cfg, self.state.lora_base)) if ck.save_dir else None
+        ck, check = cfg.checkpoint, partial(check_resume, cfg=cfg, lora_base=self.state.lora_base)
+        self.ckpt = CheckpointManager(ck.save_dir, ck.keep_last, self.parts(), ck.save_interval,
+                                      config_to_dict(cfg), check) if ck.save_dir else None
         self.saved: Optional[Path] = None  # the checkpoint the run saved last
 
     @property
     def is_rl(self) -> bool:
         return self.cfg.algorithm.name != "sft"
-
-    @property
-    def kind(self) -> str:
-        return "rl" if self.is_rl else "sft"
 
     @property
     def step(self) -> int:
@@ -105,8 +102,8 @@ class Trainer:
 
     def start_rl(self) -> None:
         """Freeze the current policy as the reference (the RL start point), if the loss needs
-        one. :meth:`run` calls it before the first RL step; :meth:`resume` before loading a
-        checkpoint that holds a reference (whose weights then replace the copy)."""
+        one; :meth:`run` calls it before the first RL step. (A resume freezes it through the
+        train state, before the checkpoint's reference weights replace the copy.)"""
         if self.is_rl and self.updates.loss.needs_reference:
             self.policy.freeze_reference()
 
@@ -134,22 +131,24 @@ class Trainer:
         data position, the mask sampler, the LR schedule and last the RNG states. The data and
         mask keys are named by the run's kind, so a checkpoint of the other kind is never read
         as this one's."""
-        data_key, masks_key = ("rl_iterator", "masks") if self.is_rl else ("sft_iterator",
-                                                                          "sft_masks")
-        return {TRAIN_STATE: self.state, "policy": self.policy, data_key: self.batches,
-                masks_key: self.updates.masks, "scheduler": self.policy.scheduler,
-                RNG: RNGState()}
+        return {TRAIN_STATE: self.state, "policy": self.policy,
+                f"{self.state.kind}_iterator": self.batches,
+                "masks" if self.is_rl else "sft_masks": self.updates.masks,
+                "scheduler": self.policy.scheduler, RNG: RNGState()}
 
     def _save_if_due(self, preemption: PreemptionHandler, last: bool) -> bool:
         """Save at the last step and where ``checkpoint.save_interval`` divides the step; whether
         it saved. A stop signal arriving during the save is named: the save completes, then the
         run stops."""
-        if self.ckpt is None or not self.ckpt.due(self.step, last):
+        if self.ckpt is None:
             return False
         if last:
             self._arrive("final save")
         pending = preemption.received
-        self.saved = self.ckpt.save(self.step, last=last)
+        saved = self.ckpt.save(self.step, last=last)
+        if saved is None:
+            return False
+        self.saved = saved
         if preemption.received and not pending:
             log.warning("preemption: %s arrived during the save of step %d; the checkpoint is "
                         "complete, stopping after it", preemption.signal_name, self.step)
@@ -157,7 +156,7 @@ class Trainer:
 
     def resume(self) -> bool:
         """Load every part from the newest valid checkpoint of ``checkpoint.save_dir`` saved by
-        this run (:func:`resume_check` names what to do with any other); whether one was found."""
+        this run (:func:`check_resume` names what to do with any other); whether one was found."""
         path = self.ckpt.load() if self.ckpt is not None else None
         if path is not None:
             log.info("resumed from %s at step %d", path, self.step)
@@ -175,7 +174,7 @@ class Trainer:
         self.metrics.rewind(self.step)  # drop what an earlier attempt logged after this step
         self.samples.rewind(self.step)
         summary = self._evaluate_before(resumed)
-        report = step_reporter(self.rank, cfg.train_steps, self.step, self.kind,
+        report = step_reporter(self.rank, cfg.train_steps, self.step, self.state.kind,
                                cfg.algorithm.name, cfg.logging.log_interval,
                                cfg.logging.progress_bar)
         with PreemptionHandler(signals=INTERRUPT_SIGNALS) as preemption:

@@ -36,7 +36,7 @@ class PlainPart:
 def manager(save_dir: str | Path, sharded: dict, keep_last: int = 2,
             config: Optional[dict] = None, **plain: Any):
     """A manager of one sharded part (``"state"``) and the ``plain`` values by key."""
-    from rspo_mega.training.checkpoint import CheckpointManager
+    from rspo_mega.training.checkpoint.manager import CheckpointManager
 
     parts = {"state": ShardedPart(sharded), **{k: PlainPart(v) for k, v in plain.items()}}
     return CheckpointManager(save_dir, keep_last, parts, config=config)

@@ -42,7 +42,7 @@ def _newest(ckpt: Path) -> str:
 def _disk_state(root: str) -> dict:
     """What a restart would find: directory names, the newest complete checkpoint, iter 1's
     validity."""
-    from rspo_mega.training.checkpoint import validate_checkpoint
+    from rspo_mega.training.checkpoint.files import validate_checkpoint
 
     torch.distributed.barrier()  # rank 0 has cleaned up
     ckpt = Path(root) / "ckpt"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from rspo_mega.training.checkpoint import validate_checkpoint
+from rspo_mega.training.checkpoint.files import validate_checkpoint
 from rspo_mega.errors import IncompatibleCheckpointError
 from rspo_mega.training.checkpoint.compat import check_compatible
 from tests.distributed import run_distributed
@@ -64,7 +64,9 @@ def collect_checkpoint_warnings() -> list[str]:
 
 def _body(rank: int, world_size: int, root: str) -> dict:
     from rspo_mega.parallel import initialize_model_parallel
-    from rspo_mega.training.checkpoint import CheckpointError, CheckpointManager, read_metadata
+    from rspo_mega.errors import CheckpointError
+    from rspo_mega.training.checkpoint.files import read_metadata
+    from rspo_mega.training.checkpoint.manager import CheckpointManager
     from rspo_mega.training.checkpoint.init_from import resolve_model_checkpoint
     from rspo_mega.training.checkpoint.parts import RNGState
 

@@ -214,7 +214,7 @@ def _rl_body(rank: int, world: int, hf: str, out: str) -> dict:
 
 @pytest.mark.timeout(300)
 def test_a_few_rl_steps_from_an_hf_directory(hf_sp, tmp_path):
-    from rspo_mega.training.checkpoint import validate_checkpoint
+    from rspo_mega.training.checkpoint.files import validate_checkpoint
 
     out = tmp_path / "run"
     results = run_distributed(_rl_body, 2, args=(hf_sp, str(out)), timeout=280)

@@ -2,14 +2,4 @@
 the run's own (:mod:`.parts`), the files of one checkpoint (:mod:`.files`), why a save failed
 (:mod:`.failures`), whether one can continue this run (:mod:`.compat`) and the weights a run
 starts from (:mod:`.init_from`). The model's sharded state-dict I/O stays with the model
-(:mod:`rspo_mega.models.llada.checkpoint`).
-"""
-
-from rspo_mega.errors import CheckpointError
-from rspo_mega.training.checkpoint.files import (
-    METADATA, atomic_write_text, checkpoint_name, read_metadata, validate_checkpoint,
-)
-from rspo_mega.training.checkpoint.manager import CheckpointManager
-
-__all__ = ["CheckpointError", "CheckpointManager", "METADATA", "atomic_write_text",
-           "checkpoint_name", "read_metadata", "validate_checkpoint"]
+(:mod:`rspo_mega.models.llada.checkpoint`)."""

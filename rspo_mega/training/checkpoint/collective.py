@@ -1,5 +1,5 @@
-"""The default process group as the checkpoint code uses it: rank, size, barrier, broadcast; a
-single process without ``torch.distributed`` is rank 0 of 1."""
+"""The default process group as the checkpoint code uses it; a single process without
+``torch.distributed`` is rank 0 of 1."""
 
 from __future__ import annotations
 
@@ -8,23 +8,16 @@ from typing import Any
 import torch.distributed as dist
 
 
-def _up() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def rank() -> int:
-    """This process's rank in the default group (0 without one)."""
-    return dist.get_rank() if _up() else 0
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def world_size() -> int:
-    """Ranks in the default group (1 without one)."""
-    return dist.get_world_size() if _up() else 1
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def barrier() -> None:
-    """Wait for every rank (nothing without a group)."""
-    if _up():
+    if world_size() > 1:
         dist.barrier()
 
 

@@ -1,18 +1,16 @@
 """Whether a checkpoint can continue this run (``checkpoint.save_dir`` resumes the same run).
 
-A checkpoint continues a run of the same kind (masked-diffusion SFT or RL), algorithm, task and
-model (:func:`check_same_run`); any other is refused, naming what differs and the ways out (a
-new run directory, or ``checkpoint.init_from`` for its weights only). So is one of a run that
-began with SFT steps inside it (``sft_warmup_steps`` in its config): its step count mixes SFT and
-RL steps. A run whose checkpoint is already at ``train_steps`` is finished
-(:func:`check_unfinished`). :func:`check_run_dir` applies these to the newest complete checkpoint
-before a launch builds anything, from its ``metadata.json`` alone.
+A checkpoint continues a run of the same kind (masked-diffusion SFT or RL, and no SFT steps
+inside an RL run), algorithm, task and model, that has not reached ``train_steps``
+(:func:`check_run`); any other is refused, naming what differs and the ways out (a new run
+directory, or ``checkpoint.init_from`` for its weights only). :func:`check_run_dir` applies this
+to the newest complete checkpoint before a launch builds anything, from its ``metadata.json``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from rspo_mega.config import TrainConfig, config_to_dict
 from rspo_mega.errors import CheckpointError, IncompatibleCheckpointError
@@ -70,10 +68,10 @@ def _kind(is_rl: bool) -> str:
     return "an RL" if is_rl else "an SFT (algorithm.name=sft)"
 
 
-def check_resumable(path: str | Path, saved_config: Optional[dict], is_rl: bool) -> None:
+def check_kind(path: str | Path, saved_config: dict, is_rl: bool) -> None:
     """Raise :class:`CheckpointError` saying what to do instead when the checkpoint at ``path``
-    (its run config ``saved_config``) cannot continue a run of this kind (``is_rl``)."""
-    saved_config = saved_config or {}
+    (its run config ``saved_config``) comes from another kind of run than this (``is_rl``) or
+    from one with SFT steps inside it."""
     name = (saved_config.get("algorithm") or {}).get("name")
     saved_rl = is_rl if name is None else name != "sft"
     warmup = int(saved_config.get("sft_warmup_steps") or 0)
@@ -90,22 +88,21 @@ def check_resumable(path: str | Path, saved_config: Optional[dict], is_rl: bool)
                               "another checkpoint.save_dir")
 
 
-def check_same_run(path: str | Path, saved_config: Optional[dict], cfg: TrainConfig) -> None:
-    """Raise :class:`CheckpointError` when the checkpoint at ``path`` was written by a run of
-    another algorithm, task or model than ``cfg`` (naming the keys that differ)."""
-    diffs = config_diffs(saved_config or {}, config_to_dict(cfg), RUN_KEYS)
-    if not diffs:
-        return
-    more = f"; and {len(diffs) - DIFFS_SHOWN} more" if len(diffs) > DIFFS_SHOWN else ""
-    raise CheckpointError(
-        f"checkpoint {path} was written by another run ({'; '.join(diffs[:DIFFS_SHOWN])}{more}); "
-        "checkpoint.save_dir resumes the same run: give this run its own logging.output_dir, or "
-        f"start from those weights with checkpoint.init_from={path}")
-
-
-def check_unfinished(path: str | Path, step: int, cfg: TrainConfig) -> None:
-    """Raise :class:`CheckpointError` when the checkpoint at ``path`` (of ``step``) already
-    ends the run (``train_steps``)."""
+def check_run(path: str | Path, meta: dict, cfg: TrainConfig) -> None:
+    """Raise :class:`CheckpointError` when the checkpoint at ``path`` (its ``metadata.json``
+    ``meta``) cannot continue the run ``cfg``: another kind of run (:func:`check_kind`),
+    another algorithm, task or model (layouts may change: checkpoints reshard), or one that
+    already reached ``train_steps``."""
+    saved = meta.get("config") or {}
+    check_kind(path, saved, cfg.algorithm.name != "sft")
+    diffs = config_diffs(saved, config_to_dict(cfg), RUN_KEYS)
+    if diffs:
+        more = f"; and {len(diffs) - DIFFS_SHOWN} more" if len(diffs) > DIFFS_SHOWN else ""
+        raise CheckpointError(
+            f"checkpoint {path} was written by another run ({'; '.join(diffs[:DIFFS_SHOWN])}"
+            f"{more}); checkpoint.save_dir resumes the same run: give this run its own "
+            f"logging.output_dir, or start from those weights with checkpoint.init_from={path}")
+    step = int(meta["step"])
     if step >= cfg.train_steps:
         raise CheckpointError(
             f"the run in {cfg.logging.output_dir} is finished: its checkpoint {path} is at step "
@@ -113,27 +110,13 @@ def check_unfinished(path: str | Path, step: int, cfg: TrainConfig) -> None:
             "for a new run give it its own logging.output_dir")
 
 
-def newest_complete(save_dir: str | Path) -> Optional[Path]:
-    """The newest checkpoint of ``save_dir`` whose files are all there (sizes checked, contents
-    not read), or None. No collective; every rank may call it."""
-    for _, path in reversed(list_checkpoints(save_dir)):
-        if validate_checkpoint(path, verify_checksums=False) is None:
-            return path
-    return None
-
-
-def check_run(path: Path, meta: dict, cfg: TrainConfig) -> None:
-    """Raise :class:`CheckpointError` when the checkpoint at ``path`` (its ``metadata.json``
-    ``meta``) belongs to another kind of run or another run, or ends this one."""
-    check_resumable(path, meta.get("config"), cfg.algorithm.name != "sft")
-    check_same_run(path, meta.get("config"), cfg)  # layouts may change: checkpoints reshard
-    check_unfinished(path, int(meta["step"]), cfg)
-
-
 def check_run_dir(cfg: TrainConfig) -> None:
     """Before a launch: refuse to resume the newest complete checkpoint of
-    ``checkpoint.save_dir`` when it belongs to another run or ends this one."""
-    path = newest_complete(cfg.checkpoint.save_dir) if cfg.checkpoint.save_dir else None
+    ``checkpoint.save_dir`` (files all there, contents not read; no collective) when it
+    belongs to another run or ends this one."""
+    found = reversed(list_checkpoints(cfg.checkpoint.save_dir)) if cfg.checkpoint.save_dir else []
+    path = next((p for _, p in found if validate_checkpoint(p, verify_checksums=False) is None),
+                None)
     if path is not None:
         check_run(path, read_metadata(path), cfg)
 
@@ -151,27 +134,21 @@ def lora_base_record(cfg: TrainConfig, chunks: list) -> Optional[dict]:
             "fingerprint": base_fingerprint([unwrap_model(c) for c in chunks])}
 
 
-def check_lora_base(path: str | Path, saved: Optional[dict], current: Optional[dict]) -> None:
-    """Raise :class:`CheckpointError` when the LoRA checkpoint at ``path`` trained its adapters
-    on another base than this run's ``checkpoint.init_from`` (their fingerprints differ). A
-    change of ``model.lora`` itself is refused by :func:`check_same_run`."""
+def check_resume(path: Path, meta: dict, state: dict, cfg: TrainConfig,
+                 lora_base: Optional[dict]) -> None:
+    """The manager's check before resuming the run ``cfg`` from the checkpoint at ``path``
+    (``meta``: its metadata, ``state``: this rank's plain state): :func:`check_run`; with LoRA,
+    raise :class:`CheckpointError` when its adapters trained on another base than this run's
+    (``lora_base``: ``checkpoint.init_from`` and the base's fingerprint)."""
     from rspo_mega.models.llada.lora import fingerprint_difference
 
-    if saved is None or current is None:
+    check_run(path, meta, cfg)
+    saved = state.get("lora_base")
+    if saved is None or lora_base is None:
         return
-    diff = fingerprint_difference(saved["fingerprint"], current["fingerprint"])
+    diff = fingerprint_difference(saved["fingerprint"], lora_base["fingerprint"])
     if diff is not None:
         raise CheckpointError(
             f"checkpoint {path} trained its LoRA adapters on another base than "
-            f"checkpoint.init_from={current['init_from']} ({diff}; it was trained from "
+            f"checkpoint.init_from={lora_base['init_from']} ({diff}; it was trained from "
             f"{saved['init_from']}): resume with the base it was trained on")
-
-
-def resume_check(cfg: TrainConfig, lora_base: Optional[dict]) -> Callable[[Path, dict, dict], None]:
-    """The manager's check before resuming the run ``cfg``: :func:`check_run`, and for LoRA
-    :func:`check_lora_base` against this run's base record ``lora_base``."""
-    def check(path: Path, meta: dict, state: dict) -> None:
-        check_run(path, meta, cfg)
-        check_lora_base(path, state.get("lora_base"), lora_base)
-
-    return check

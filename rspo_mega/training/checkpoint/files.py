@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 import torch
 
-from rspo_mega.training.checkpoint.collective import rank, world_size
+from rspo_mega.errors import CheckpointError
+from rspo_mega.training.checkpoint.collective import broadcast, rank, world_size
 
 TMP_MARK = ".tmp-"  # in the name of every temporary file or directory of a save
 METADATA = "metadata.json"
@@ -133,6 +134,14 @@ def validate_checkpoint(path: str | Path, verify_checksums: bool = True) -> Opti
     return None
 
 
+def require_valid(path: Path, what: str) -> None:
+    """Raise :class:`CheckpointError` ``"<what> is not loadable: <reason>"`` on every rank when
+    the checkpoint at ``path`` is not (rank 0 checks it)."""
+    reason = broadcast(validate_checkpoint(path) if rank() == 0 else None)
+    if reason is not None:
+        raise CheckpointError(f"{what} is not loadable: {reason}")
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The ``metadata.json`` of a checkpoint (step, time, world size, layout, config, files)."""
     return json.loads((Path(path) / METADATA).read_text())
@@ -153,9 +162,5 @@ def read_rank_state(path: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
 def list_checkpoints(save_dir: str | Path) -> list[tuple[int, Path]]:
     """(step, path) of every final-named ``iter_*`` directory of ``save_dir``, oldest first (not
     validated)."""
-    save_dir = Path(save_dir)
-    if not save_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in save_dir.iterdir()
-             if (m := ITER_RE.match(p.name)) and p.is_dir()]
-    return sorted(found)
+    return sorted((int(m.group(1)), p) for p in Path(save_dir).glob("iter_*")
+                  if (m := ITER_RE.match(p.name)) and p.is_dir())

@@ -25,8 +25,7 @@ from rspo_mega.errors import CheckpointError, HFDirectoryError
 from rspo_mega.models.llada import load_model
 from rspo_mega.models.llada.convert import check_layout, open_hf_checkpoint
 from rspo_mega.models.llada.hf_load import load_hf_weights
-from rspo_mega.training.checkpoint.collective import broadcast, rank
-from rspo_mega.training.checkpoint.files import METADATA, validate_checkpoint
+from rspo_mega.training.checkpoint.files import METADATA, list_checkpoints, require_valid
 from rspo_mega.training.checkpoint.manager import CheckpointManager
 
 log = logging.getLogger(__name__)
@@ -83,13 +82,10 @@ def resolve_model_checkpoint(path: str | Path) -> str:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint.init_from={path}: no such directory")
     if (path / "dist").is_dir():
-        reason = broadcast(validate_checkpoint(path) if rank() == 0 else None)
-        if reason is not None:
-            raise CheckpointError(f"checkpoint.init_from={path} is not loadable: {reason}")
+        require_valid(path, f"checkpoint.init_from={path}")
         return str(path / "dist")
-    manager = CheckpointManager(path)
-    if manager.checkpoints():
-        newest = manager.find_resumable()
+    if list_checkpoints(path):
+        newest = CheckpointManager(path).find_resumable()
         if newest is None:
             raise CheckpointError(f"checkpoint.init_from={path}: no valid checkpoint in it")
         return str(newest / "dist")

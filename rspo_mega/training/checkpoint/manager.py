@@ -15,10 +15,8 @@ deleted. A crash at any point leaves either the previous complete checkpoint or 
 directory that :meth:`CheckpointManager.find_resumable` ignores.
 
 A write that fails (disk full, quota, I/O error, on any rank) raises :class:`CheckpointError` on
-every rank with the cause, file and rank (:mod:`.failures`): the ranks gather their failures
-where all of them arrive (after creating the directory, after the per-rank files, after rank 0's
-publishing step; torch's ``CheckpointException`` from the dist-checkpoint write is already
-collective), and rank 0 removes the temporary directory.
+every rank with the cause, file and rank (:mod:`.failures`), and rank 0 removes the temporary
+directory.
 """
 
 from __future__ import annotations
@@ -37,8 +35,8 @@ from rspo_mega.training.checkpoint import failures
 from rspo_mega.training.checkpoint.collective import barrier, broadcast, rank, world_size
 from rspo_mega.training.checkpoint.files import (
     FORMAT_VERSION, METADATA, TMP_MARK, atomic_write_text, checkpoint_name, file_table, fsync_dir,
-    list_checkpoints, make_save_dirs, rank_file, read_metadata, read_rank_state, save_synced,
-    validate_checkpoint,
+    list_checkpoints, make_save_dirs, rank_file, read_metadata, read_rank_state, require_valid,
+    save_synced, validate_checkpoint,
 )
 
 log = logging.getLogger(__name__)
@@ -72,26 +70,17 @@ class CheckpointManager:
         self.save_dir, self.keep_last, self.save_interval = Path(save_dir), keep_last, save_interval
         self.parts, self.config, self.check = dict(parts or {}), config, check
 
-    def checkpoints(self) -> list[tuple[int, Path]]:
-        """(step, path) of every final-named ``iter_*`` directory, oldest first (not validated)."""
-        return list_checkpoints(self.save_dir)
-
     # -- save ------------------------------------------------------------------------------
-    def due(self, step: int, last: bool = False) -> bool:
-        """Whether :meth:`save` writes at ``step``: the last one, or one ``save_interval``
-        divides."""
-        return last or bool(self.save_interval) and step % self.save_interval == 0
-
     def save(self, step: int, last: bool = False) -> Optional[Path]:
-        """Write the checkpoint of ``step`` (optimizer steps done) atomically when it is
-        :meth:`due`; returns its final directory, or None.
+        """Write the checkpoint of ``step`` (optimizer steps done) atomically at the ``last``
+        step and where ``save_interval`` divides ``step``; returns its directory, or None.
 
         Raises:
             CheckpointError: on every rank, naming the cause, the file and the rank, when a
                 write fails (e.g. "no space left on device while writing iter_0000012 (...)").
                 The temporary directory is removed; earlier checkpoints are untouched.
         """
-        if not self.due(step, last):
+        if not (last or self.save_interval and step % self.save_interval == 0):
             return None
         me = rank()
         nonce = broadcast(uuid.uuid4().hex[:12] if me == 0 else None)
@@ -146,15 +135,18 @@ class CheckpointManager:
                                   + f"; the incomplete {tmp.name} is ignored on resume") from exc
 
     def _agree(self, final: Path, tmp: Path, found: list[failures.Failure]) -> None:
-        """Collective: raise :class:`CheckpointError` on every rank if any rank had a failure
-        (after rank 0 removed ``tmp``, naming the newest complete checkpoint that remains)."""
+        """Collective, where every rank arrives (after creating the directory, after the
+        per-rank files, after rank 0's publishing step): raise :class:`CheckpointError` on every
+        rank if any rank had a failure (after rank 0 removed ``tmp``, naming the newest complete
+        checkpoint that remains)."""
         found = failures.all_gather(found)
         if not found:
             return
         note = None
         if rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            complete = [p.name for _, p in self.checkpoints() if (p / METADATA).is_file()]
+            complete = [p.name for _, p in list_checkpoints(self.save_dir)
+                        if (p / METADATA).is_file()]
             note = (f"the newest complete checkpoint is {complete[-1]}" if complete
                     else "there is no complete checkpoint yet")
         raise CheckpointError(f"{failures.failure_message(final.name, found)}; "
@@ -185,7 +177,7 @@ class CheckpointManager:
         """Delete all but the newest ``keep_last`` valid checkpoints up to the one just saved
         (step ``saved``; rank 0). Invalid ones never count, and those of later steps (left by an
         attempt this run resumed before) are not touched, so the newest valid one stays."""
-        complete = [(s, p) for s, p in self.checkpoints()
+        complete = [(s, p) for s, p in list_checkpoints(self.save_dir)
                     if s <= saved and validate_checkpoint(p, verify_checksums=False) is None]
         for step, path in complete[: max(0, len(complete) - self.keep_last)]:
             log.info("checkpoint: deleting old checkpoint %s (keep_last=%d)", path, self.keep_last)
@@ -201,7 +193,7 @@ class CheckpointManager:
         choice: Optional[str] = None
         if rank() == 0:
             self._clean_tmp()
-            for _, path in reversed(self.checkpoints()):
+            for _, path in reversed(list_checkpoints(self.save_dir)):
                 reason = validate_checkpoint(path)
                 if reason is None:
                     choice = str(path)
@@ -211,26 +203,19 @@ class CheckpointManager:
         return Path(choice) if choice is not None else None
 
     def _clean_tmp(self) -> None:
-        if not self.save_dir.is_dir():
-            return
-        for p in self.save_dir.iterdir():
-            if TMP_MARK in p.name:
-                log.info("checkpoint: removing leftover temporary %s", p)
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        for p in self.save_dir.glob(f"*{TMP_MARK}*"):
+            log.info("checkpoint: removing leftover temporary %s", p)
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     def load(self, path: Optional[str | Path] = None) -> Optional[Path]:
         """Load every part, in order, from the checkpoint at ``path`` (validated first) or the
         newest valid one; returns its path, or None when ``save_dir`` holds none. ``check``
         sees it before any part is loaded."""
+        if path is not None:
+            require_valid(Path(path), f"checkpoint {path}")
+        path = Path(path) if path is not None else self.find_resumable()
         if path is None:
-            path = self.find_resumable()
-            if path is None:
-                return None
-        else:
-            path = Path(path)
-            reason = broadcast(validate_checkpoint(path) if rank() == 0 else None)
-            if reason is not None:
-                raise CheckpointError(f"checkpoint {path} is not loadable: {reason}")
+            return None
         meta = read_metadata(path)
         state = read_rank_state(path, meta)
         if self.check is not None:
@@ -262,15 +247,11 @@ class CheckpointManager:
 
 
 def _layout() -> dict[str, int]:
-    """The model-parallel layout (tp, pp, cp, dp) of the run, if megatron's is initialised."""
-    try:
-        from megatron.core import parallel_state as ps
+    """The model-parallel sizes (tp, pp, cp, dp) of the run, if megatron's are initialised."""
+    from megatron.core import parallel_state as ps
 
-        if ps.model_parallel_is_initialized():
-            return {"tp": ps.get_tensor_model_parallel_world_size(),
-                    "pp": ps.get_pipeline_model_parallel_world_size(),
-                    "cp": ps.get_context_parallel_world_size(),
-                    "dp": ps.get_data_parallel_world_size()}
-    except ImportError:
-        pass
-    return {}
+    if not ps.model_parallel_is_initialized():
+        return {}
+    return {"tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(),
+            "cp": ps.get_context_parallel_world_size(), "dp": ps.get_data_parallel_world_size()}

@@ -7,26 +7,10 @@ random streams (:class:`RNGState`). Like every part the manager saves, each has 
 from __future__ import annotations
 
 import random
-from typing import Any, Mapping, Optional, Protocol
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
-
-
-class Stateful(Protocol):
-    """A part with plain per-rank checkpoint state."""
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
-
-
-class _ReferenceHolder(Protocol):
-    """The policy as the train state sees it: a frozen reference, or None, and how to freeze it."""
-
-    reference: Any
-
-    def freeze_reference(self) -> None: ...
 
 
 class TrainState:
@@ -37,17 +21,13 @@ class TrainState:
     loaded next, has the reference's place to fill.
     """
 
-    def __init__(self, kind: str, policy: _ReferenceHolder,
-                 lora_base: Optional[dict] = None) -> None:
-        self.kind, self.policy, self.lora_base = kind, policy, lora_base
-        self.step = 0
+    def __init__(self, kind: str, policy: Any, lora_base: Optional[dict] = None) -> None:
+        """``policy``: has ``reference`` (None until frozen) and ``freeze_reference()``."""
+        self.kind, self.policy, self.lora_base, self.step = kind, policy, lora_base, 0
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"step": self.step,
-                                 "has_reference": self.policy.reference is not None}
-        if self.lora_base is not None:
-            state["lora_base"] = self.lora_base
-        return state
+        state = {"step": self.step, "has_reference": self.policy.reference is not None}
+        return state if self.lora_base is None else {**state, "lora_base": self.lora_base}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step = int(state["step"])
