@@ -59,7 +59,7 @@ class OursStep:
     def __call__(self, exact: bool) -> dict[str, float]:
         t = self.trainer
         t.batches.load_state_dict(self.start)
-        t.step = 0
+        t.state.step = 0
         self.engine.settings = self.exact_settings if exact else self.settings
         t.batches.guard = None if exact else self.guard
         if self.guard is not None:  # every fast repeat starts from the configured settings

@@ -54,7 +54,7 @@ from timing import interleaved, timed  # noqa: E402
 
 def _latest_dist(run_dir: str) -> str:
     """The dist-checkpoint of the newest valid checkpoint of the run (what a resume takes)."""
-    from rspo_mega.training.checkpointing import CheckpointManager
+    from rspo_mega.training.checkpoint.manager import CheckpointManager
 
     newest = CheckpointManager(os.path.join(run_dir, "ckpt")).find_resumable()
     if newest is None:

@@ -84,3 +84,10 @@ class OutputExistsError(UserError, FileExistsError):
     that replaces it)."""
 
     kind = "output"
+
+
+class IncompatibleCheckpointError(UserError, ValueError):
+    """A checkpoint's saved run config differs from the current one in keys that must match
+    (names each key with its old and new value)."""
+
+    kind = "checkpoint"

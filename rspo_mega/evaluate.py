@@ -66,7 +66,7 @@ def evaluate(args: argparse.Namespace) -> int:
     result = evaluator.evaluate(temperature=args.temperature, samples=samples)
     if int(os.environ.get("RANK", "0")) == 0:
         if args.samples:
-            from rspo_mega.training.checkpointing import atomic_write_text
+            from rspo_mega.training.checkpoint.files import atomic_write_text
 
             atomic_write_text(Path(args.samples), "".join(json.dumps(r) + "\n" for r in samples))
         print(json.dumps({"step": step, **result}), flush=True)  # one line, last on stdout

@@ -7,7 +7,7 @@ generated 4x4 Sudoku, RSPO from ``checkpoint.init_from``); a ``--config`` file o
 of :mod:`rspo_mega.config.schema`. The config is loaded and validated against the launched world
 size and its input paths are checked *before* any process group or model exists; so are the
 output directories, the checkpoint a restart would resume (:mod:`rspo_mega.training.
-resume_checks`) and the run's memory plan on the hardware it was launched on
+checkpoint.compat`) and the run's memory plan on the hardware it was launched on
 (:mod:`rspo_mega.plan.launch`; ``--no-plan-check`` skips it). The resolved config is saved in the
 run's output directory once the trainer is built. ``--dry-run`` prints it after the config and
 input checks, also on a login node without a launcher.
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         if rank == 0:
             print(dump_config(cfg), flush=True)
         return 0
-    from rspo_mega.training.resume_checks import check_run_dir
+    from rspo_mega.training.checkpoint.compat import check_run_dir
 
     check_machine(cfg)
     check_outputs(cfg)

@@ -22,7 +22,7 @@ from rspo_mega.setup.hf_start import SHIPPED_DIR
 from rspo_mega.data.tokenizer_training import train_sentencepiece_tokenizer
 from rspo_mega.tasks.corpus import task_corpus
 from rspo_mega.config.paths import TINY_DEFAULT
-from rspo_mega.training.checkpointing import METADATA, checkpoint_name
+from rspo_mega.training.checkpoint.files import METADATA, checkpoint_name
 from tests.training.test_launch import OWN_MODEL
 from tests.training.test_trainer import TINY
 
@@ -239,20 +239,21 @@ def _save_after_a_corrupt_checkpoint(rank: int, world: int, save_dir: str, keep_
     import torch.distributed as dist
 
     from rspo_mega.parallel import initialize_model_parallel
-    from rspo_mega.training.checkpointing import CheckpointManager, validate_checkpoint
+    from rspo_mega.training.checkpoint.files import validate_checkpoint
+    from tests.training.checkpoint_parts import manager, save
     from tests.training.test_checkpointing import _tiny_gpt
 
     initialize_model_parallel(tp=2)
     model = _tiny_gpt(0)
     for step in (27, 30):
-        CheckpointManager(save_dir, keep_last=2).save(step, model.sharded_state_dict())
-    manager = CheckpointManager(save_dir, keep_last=keep_last)
+        save(save_dir, step, model.sharded_state_dict())
+    later = manager(save_dir, model.sharded_state_dict(), keep_last=keep_last)
     if rank == 0:
         shard = max((Path(save_dir) / "iter_0000030" / "dist").glob("*.distcp"),
                     key=lambda p: p.stat().st_size)
         shard.write_bytes(shard.read_bytes()[:10])  # truncated
         assert validate_checkpoint(Path(save_dir) / "iter_0000030") is not None
     dist.barrier()
-    assert manager.find_resumable().name == "iter_0000027"
-    manager.save(28, model.sharded_state_dict())
-    assert manager.find_resumable().name == "iter_0000028"
+    assert later.find_resumable().name == "iter_0000027"
+    later.save(28, last=True)
+    assert later.find_resumable().name == "iter_0000028"

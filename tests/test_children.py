@@ -30,11 +30,11 @@ def _save_then_probe_upstream(rank: int, world_size: int, root: str) -> dict:
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.dist_checkpointing.strategies import filesystem_async as fs_async
 
-    from rspo_mega.training.checkpointing import CheckpointManager
+    from tests.training.checkpoint_parts import save
 
     shard = ShardedTensor.from_rank_offsets(
         "w", torch.full((4, 3), float(rank)), (0, rank, world_size), replica_id=0)
-    CheckpointManager(root).save(1, {"w": shard})
+    save(root, 1, {"w": shard})
     out = {"queue": type(fs_async._results_queue).__name__, "after_save": _descendants()}
     # Upstream's own path, once: does _get_write_results_queue still start a server process?
     ours, fs_async._results_queue = fs_async._results_queue, None

@@ -3,7 +3,7 @@ and ``model.hf_config``), and the check of a model section against an HF ``confi
 
 The model section is filled from such a directory when the run's config is set up
 (:mod:`rspo_mega.setup.resolve`); the weights are checked and loaded later, before the model is
-built (:mod:`rspo_mega.training.init_weights`), which compares the config.json with the run's
+built (:mod:`rspo_mega.training.checkpoint.init_from`), which compares the config.json with the run's
 model section again (:func:`check_model_keys`).
 """
 

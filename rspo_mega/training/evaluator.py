@@ -19,11 +19,12 @@ from rspo_mega.parallel.reductions import data_parallel_group, global_mean, glob
 from rspo_mega.rollout import RolloutEngine, completion_uid
 from rspo_mega.training import batches
 from rspo_mega.training.builder import build_chunks, setup_parallel
-from rspo_mega.training.checkpointing import (
-    CheckpointError, CheckpointManager, load_extra_state, read_metadata,
-)
-from rspo_mega.training.init_weights import Loader, prepare_init
-from rspo_mega.training.resume_checks import check_compatible
+from rspo_mega.errors import CheckpointError
+from rspo_mega.training.checkpoint.compat import check_compatible
+from rspo_mega.training.checkpoint.files import read_metadata
+from rspo_mega.training.checkpoint.init_from import prepare_init
+from rspo_mega.training.checkpoint.manager import CheckpointManager
+from rspo_mega.training.policy import PolicyWeights
 from rspo_mega.training.run_data import RunData, prepare_run_data
 
 
@@ -98,43 +99,38 @@ class Evaluator:
         return [by_uid[ex.uid] for ex in examples]
 
 
-def _weights(cfg: TrainConfig, start: bool) -> tuple[Optional[Path], Optional[Loader]]:
-    """What to evaluate: the newest valid checkpoint of ``checkpoint.save_dir``, or with
-    ``start`` (or without a ``save_dir``) the weights of ``checkpoint.init_from`` (its loader,
-    checked here). A ``save_dir`` without a checkpoint is refused unless ``start``."""
-    save_dir = cfg.checkpoint.save_dir
-    if save_dir and not start:
-        newest = CheckpointManager(save_dir).find_resumable()
-        if newest is None:
-            hint = " (--start evaluates checkpoint.init_from, the start weights)" \
-                if cfg.checkpoint.init_from else ""
-            raise CheckpointError(f"checkpoint.save_dir={save_dir}: no valid checkpoint in "
-                                  f"it{hint}")
-        check_compatible(read_metadata(newest).get("config") or {}, config_to_dict(cfg),
-                         keys=("model",))  # layouts may change: dist checkpoints reshard
-        return newest, None
-    load_init = prepare_init(cfg)
-    if load_init is None:
-        raise CheckpointError("--start evaluates checkpoint.init_from, which is not set")
-    return None, load_init
+def _newest(cfg: TrainConfig) -> Path:
+    """The newest valid checkpoint of ``checkpoint.save_dir``, whose model section must be the
+    run's (layouts may change: dist checkpoints reshard)."""
+    newest = CheckpointManager(cfg.checkpoint.save_dir).find_resumable()
+    if newest is None:
+        hint = " (--start evaluates checkpoint.init_from, the start weights)" \
+            if cfg.checkpoint.init_from else ""
+        raise CheckpointError(f"checkpoint.save_dir={cfg.checkpoint.save_dir}: no valid "
+                              f"checkpoint in it{hint}")
+    check_compatible(read_metadata(newest).get("config") or {}, config_to_dict(cfg),
+                     keys=("model",))
+    return newest
 
 
 def build_evaluator(cfg: TrainConfig, start: bool = False) -> tuple[Evaluator, int]:
-    """For ``rspo-eval``: the parallel state, the run's data and the policy's weights (see
-    :func:`_weights`); returns the evaluator and the step of those weights (0: the start)."""
-    from rspo_mega.models.llada import load_model
-
+    """For ``rspo-eval``: the parallel state, the run's data and the policy's weights: those of
+    the newest valid checkpoint of ``checkpoint.save_dir``, or with ``start`` (or without a
+    ``save_dir``) those of ``checkpoint.init_from`` (with LoRA, the base a checkpoint's adapters
+    go on). Returns the evaluator and the step of those weights (0: the start)."""
     setup_parallel(cfg)
-    newest, load_init = _weights(cfg, start)
+    newest = _newest(cfg) if cfg.checkpoint.save_dir and not start else None
+    load_init = prepare_init(cfg) if newest is None or cfg.model.lora.enabled else None
+    if newest is None and load_init is None:
+        raise CheckpointError("--start evaluates checkpoint.init_from, which is not set")
     data = prepare_run_data(cfg)
     chunks = build_chunks(cfg, init_weights=False)  # every tensor is loaded next
-    step = 0
-    if newest is not None:
-        for chunk in chunks:  # the policy's tensors; the optimizer's and reference's stay
-            load_model(chunk, str(newest / "dist"))
-        step = int(load_extra_state(newest)["step"])
-    else:
+    if load_init is not None:
         load_init(chunks)
+    if newest is not None:  # the policy's tensors; the optimizer's and reference's stay
+        weights = PolicyWeights(chunks, cfg.model.lora.enabled)
+        CheckpointManager(cfg.checkpoint.save_dir, parts={"policy": weights}).load(newest)
+    step = int(read_metadata(newest)["step"]) if newest is not None else 0
     engine = RolloutEngine(chunks, cfg.model, cfg.rollout, seed=cfg.seed,
                            sequence_multiple=cfg.parallel.sequence_multiple)
     return Evaluator(engine, data, cfg.rollout.eval_steps), step

@@ -30,6 +30,32 @@ def model_key(index: int, num_chunks: int) -> str:
     return "model" if num_chunks == 1 else f"model{index}"
 
 
+class PolicyWeights:
+    """The policy's weights as a sharded checkpoint part (no optimizer, no reference): chunk
+    ``i``'s tensors under :func:`model_key`; with LoRA only the adapters (the base is
+    ``checkpoint.init_from``'s)."""
+
+    def __init__(self, chunks: list[torch.nn.Module], lora: bool) -> None:
+        self.chunks, self.lora = chunks, lora
+
+    def sharded_state_dict(self, is_loading: bool = False) -> dict:
+        n = len(self.chunks)
+        return {model_key(i, n): self._chunk_state(c) for i, c in enumerate(self.chunks)}
+
+    def _chunk_state(self, chunk: torch.nn.Module) -> dict:
+        """A chunk's sharded tensors (no DDP ``module.``): with LoRA, its adapters'."""
+        state = unwrap_model(chunk).sharded_state_dict()
+        return {k: v for k, v in state.items() if is_adapter_name(k)} if self.lora else state
+
+    def load_sharded_state_dict(self, state: dict) -> None:
+        from rspo_mega.models.llada.checkpoint import trusted_te_extra_state
+
+        with trusted_te_extra_state():  # FP8 delayed-scaling metadata of this run's checkpoint
+            for i, chunk in enumerate(self.chunks):  # keys are the inner GPTModel's, not DDP's
+                unwrap_model(chunk).load_state_dict(state[model_key(i, len(self.chunks))],
+                                                    strict=not self.lora)
+
+
 class Policy:
     """This rank's policy chunks (DDP), optimizer, LR scheduler and, once frozen, reference.
 
@@ -45,6 +71,7 @@ class Policy:
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, total_updates)
         self.reference: Optional[ReferenceModel | BaseReference] = None
+        self.weights = PolicyWeights(self.model, cfg.model.lora.enabled)
 
     def freeze_reference(self) -> None:
         """Copy the current weights into the frozen reference (same layout), once; with LoRA the
@@ -84,10 +111,8 @@ class Policy:
     def sharded_state_dict(self, is_loading: bool = False) -> dict:
         """Model (+ reference) and optimizer state as sharded tensors. ``is_loading`` first
         creates the optimizer's state (torch Adam has none before its first step), else a
-        resume would silently start from empty Adam moments. With LoRA the model's part is the
-        adapters only (the base is ``checkpoint.init_from``'s)."""
-        n = len(self.model)
-        state = {model_key(i, n): self._model_state(chunk) for i, chunk in enumerate(self.model)}
+        resume would silently start from empty Adam moments."""
+        state = self.weights.sharded_state_dict()
         if is_loading:
             distrib_optimizer_fixes.prepare_for_load(self.optimizer)
         state["optimizer"] = self.optimizer.sharded_state_dict(
@@ -98,24 +123,15 @@ class Policy:
                 state[f"reference{i}"] = chunk.sharded_state_dict(prefix=f"reference{i}.")
         return state
 
-    def _model_state(self, chunk: torch.nn.Module) -> dict:
-        """A chunk's sharded tensors (no DDP ``module.``): with LoRA, its adapters'."""
-        state = unwrap_model(chunk).sharded_state_dict()
-        if self.cfg.model.lora.enabled:
-            state = {k: v for k, v in state.items() if is_adapter_name(k)}
-        return state
-
     def load_sharded_state_dict(self, state: dict) -> None:
         """Weights (policy and reference) and optimizer state from a loaded sharded state."""
         from rspo_mega.models.llada.checkpoint import trusted_te_extra_state
 
-        with trusted_te_extra_state():  # FP8 delayed-scaling metadata of this run's checkpoint
-            if isinstance(self.reference, ReferenceModel):
+        if isinstance(self.reference, ReferenceModel):
+            with trusted_te_extra_state():
                 for i, chunk in enumerate(self.reference.chunks):
                     chunk.load_state_dict({k[len(f"reference{i}."):]: v for k, v in
                                            state[f"reference{i}"].items()})
-            for i, chunk in enumerate(self.model):  # keys are the inner GPTModel's, not DDP's
-                unwrap_model(chunk).load_state_dict(state[model_key(i, len(self.model))],
-                                                    strict=not self.cfg.model.lora.enabled)
+        self.weights.load_sharded_state_dict(state)
         self.optimizer.load_state_dict(state["optimizer"])
         distrib_optimizer_fixes.finish_load(self.optimizer)

@@ -82,7 +82,7 @@ def _export_lora(cfg: TrainConfig, iter_dir: str | Path, out_dir: str | Path,
     from rspo_mega.models.llada.lora_export import (
         merge_hf_directory, read_adapters, write_peft_adapter,
     )
-    from rspo_mega.training.checkpointing import resolve_model_checkpoint
+    from rspo_mega.training.checkpoint.init_from import resolve_model_checkpoint
 
     import torch
 

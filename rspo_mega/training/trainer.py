@@ -8,8 +8,9 @@ One :class:`Trainer` per process (``torchrun`` rank), made of parts that each do
 * the :class:`UpdateLoop`: shared masks, reference log-probs and the ``mu`` inner updates;
 * the :class:`Policy`: DDP chunks, optimizer, LR scheduler, frozen reference, one update;
 * the :class:`Evaluator`: held-out reward and accuracy (also used by ``rspo-eval``);
-* checkpoints: the policy's sharded state plus each component's ``state_dict``, so a resume
-  loads them in one loop; metrics and preemption handling.
+* checkpoints: the run's stateful parts (:meth:`Trainer.parts`) in one
+  :class:`CheckpointManager`, which saves them and loads them back in one loop; metrics and
+  preemption handling.
 
 SFT and RL are separate runs: an RL run starts from an SFT run's weights through
 ``checkpoint.init_from`` (its ``save_dir``, one of its checkpoints, or that policy exported to
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -31,16 +33,13 @@ from rspo_mega.likelihood import run_estimator
 from rspo_mega.parallel.bounded_barrier import wait_for_ranks
 from rspo_mega.rollout import RolloutEngine
 from rspo_mega.training.builder import build_chunks, setup_parallel
-from rspo_mega.training.checkpointing import (
-    CheckpointManager, load_extra_state, read_metadata, restore_rng_state,
-)
+from rspo_mega.training.checkpoint.compat import check_resume, lora_base_record
+from rspo_mega.training.checkpoint.init_from import prepare_init
+from rspo_mega.training.checkpoint.manager import RNG, TRAIN_STATE, CheckpointManager
+from rspo_mega.training.checkpoint.parts import RNGState, TrainState
 from rspo_mega.training.evaluator import Evaluator
-from rspo_mega.training.init_weights import prepare_init
 from rspo_mega.training.metrics import MetricsLogger, Timers, memory_stats, read_metrics
 from rspo_mega.training.policy import Policy
-from rspo_mega.training.resume_checks import (
-    check_lora_base, check_resumable, check_same_run, check_unfinished, lora_base_record,
-)
 from rspo_mega.training.run_data import RunData, prepare_run_data
 from rspo_mega.training.samples import SampleLog
 from rspo_mega.training.signals import INTERRUPT_SIGNALS, PreemptionHandler
@@ -75,7 +74,8 @@ class Trainer:
             load_init(chunks)
         updates_per_step = cfg.algorithm.inner_updates if self.is_rl else 1
         self.policy = Policy(cfg, chunks, cfg.train_steps * updates_per_step)
-        self.lora_base = lora_base_record(cfg, chunks)  # None without LoRA
+        self.state = TrainState("rl" if self.is_rl else "sft", self.policy,
+                                lora_base_record(cfg, chunks))
         engine = RolloutEngine(self.policy.model, cfg.model, cfg.rollout, seed=cfg.seed,
                                sequence_multiple=cfg.parallel.sequence_multiple)
         self.batches = build_batches(cfg, layout, self.data, engine)
@@ -87,19 +87,24 @@ class Trainer:
         self.samples = SampleLog(cfg.logging.output_dir, cfg.logging.sample_interval,
                                  cfg.rollout.group_size, self.data, self.trackers, self.rank)
         self.throughput = Throughput(cfg, layout)
-        self.ckpt = CheckpointManager(cfg.checkpoint.save_dir, cfg.checkpoint.keep_last) \
-            if cfg.checkpoint.save_dir else None
-        self.step = 0
+        ck, check = cfg.checkpoint, partial(check_resume, cfg=cfg, lora_base=self.state.lora_base)
+        self.ckpt = CheckpointManager(ck.save_dir, ck.keep_last, self.parts(), ck.save_interval,
+                                      config_to_dict(cfg), check) if ck.save_dir else None
         self.saved: Optional[Path] = None  # the checkpoint the run saved last
 
     @property
     def is_rl(self) -> bool:
         return is_rl(self.cfg.algorithm)
 
+    @property
+    def step(self) -> int:
+        """Optimizer steps done (the train state's)."""
+        return self.state.step
+
     def start_rl(self) -> None:
         """Freeze the current policy as the reference (the RL start point), if the loss needs
-        one. :meth:`run` calls it before the first RL step; :meth:`resume` before loading a
-        checkpoint that holds a reference (whose weights then replace the copy)."""
+        one; :meth:`run` calls it before the first RL step. (A resume freezes it through the
+        train state, before the checkpoint's reference weights replace the copy.)"""
         if needs_reference(self.cfg.algorithm):
             self.policy.freeze_reference()
 
@@ -115,70 +120,48 @@ class Trainer:
         if self.is_rl and elapsed > 0:
             out["tokens_per_s"] = batch.metrics["completion_tokens"] / elapsed
         out.update(self.throughput.step_metrics(batch, elapsed))
-        self.step += 1
+        self.state.step += 1
         self.samples.log(self.step, batch)
         return out
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def components(self) -> dict[str, Any]:
-        """The parts with plain per-rank checkpoint state (``state_dict`` / ``load_state_dict``),
-        by key. The data position and mask-sampler keys are named by the run's kind, so a
-        checkpoint of the other kind is never read as this one's."""
-        data_key, masks_key = ("rl_iterator", "masks") if self.is_rl else ("sft_iterator",
-                                                                          "sft_masks")
-        return {data_key: self.batches, masks_key: self.updates.masks,
-                "scheduler": self.policy.scheduler}
-
-    def save(self) -> None:
-        """Checkpoint the step (collective; nothing without ``checkpoint.save_dir``)."""
-        if self.ckpt is None:
-            return
-        extra = {key: part.state_dict() for key, part in self.components().items()}
-        extra.update(step=self.step, has_reference=self.policy.reference is not None)
-        if self.lora_base is not None:
-            extra["lora_base"] = self.lora_base
-        self.saved = self.ckpt.save(self.step, self.policy.sharded_state_dict(), extra=extra,
-                                    config=config_to_dict(self.cfg))
+    def parts(self) -> dict[str, Any]:
+        """The run's stateful parts, in the order a resume loads them: the train state (which
+        freezes the reference the policy's state then fills), the policy's sharded state, the
+        data position, the mask sampler, the LR schedule and last the RNG states. The data and
+        mask keys are named by the run's kind, so a checkpoint of the other kind is never read
+        as this one's."""
+        return {TRAIN_STATE: self.state, "policy": self.policy,
+                f"{self.state.kind}_iterator": self.batches,
+                "masks" if self.is_rl else "sft_masks": self.updates.masks,
+                "scheduler": self.policy.scheduler, RNG: RNGState()}
 
     def _save_if_due(self, preemption: PreemptionHandler, last: bool) -> bool:
         """Save at the last step and where ``checkpoint.save_interval`` divides the step; whether
         it saved. A stop signal arriving during the save is named: the save completes, then the
         run stops."""
-        interval = self.cfg.checkpoint.save_interval
-        if self.ckpt is None or not (last or interval and self.step % interval == 0):
+        if self.ckpt is None:
             return False
         if last:
             self._arrive("final save")
         pending = preemption.received
-        self.save()
+        saved = self.ckpt.save(self.step, last=last)
+        if saved is None:
+            return False
+        self.saved = saved
         if preemption.received and not pending:
             log.warning("preemption: %s arrived during the save of step %d; the checkpoint is "
                         "complete, stopping after it", preemption.signal_name, self.step)
         return True
 
     def resume(self) -> bool:
-        """Load the newest valid checkpoint of ``checkpoint.save_dir``, saved by a run of this
-        kind (:func:`check_resumable` names what to do with any other); whether one was found."""
-        path = self.ckpt.find_resumable() if self.ckpt is not None else None
-        if path is None:
-            return False
-        saved_config, saved = read_metadata(path).get("config"), load_extra_state(path)
-        check_resumable(path, saved_config, saved, self.is_rl)
-        check_same_run(path, saved_config, self.cfg)  # layouts may change: checkpoints reshard
-        check_unfinished(path, int(saved["step"]), self.cfg)
-        check_lora_base(path, saved.get("lora_base"), self.lora_base)
-        if saved.get("has_reference"):
-            self.start_rl()  # same layout as the policy; its weights come from the checkpoint
-        state, extra = self.ckpt.load(path, self.policy.sharded_state_dict(is_loading=True))
-        if "rng" in extra:
-            restore_rng_state(extra["rng"])
-        self.policy.load_sharded_state_dict(state)
-        for key, part in self.components().items():
-            part.load_state_dict(extra[key])
-        self.step = int(extra["step"])
-        log.info("resumed from %s at step %d", path, self.step)
-        return True
+        """Load every part from the newest valid checkpoint of ``checkpoint.save_dir`` saved by
+        this run (:func:`check_resume` names what to do with any other); whether one was found."""
+        path = self.ckpt.load() if self.ckpt is not None else None
+        if path is not None:
+            log.info("resumed from %s at step %d", path, self.step)
+        return path is not None
 
     # -- the run -------------------------------------------------------------------------------
 
@@ -192,7 +175,7 @@ class Trainer:
         self.metrics.rewind(self.step)  # drop what an earlier attempt logged after this step
         self.samples.rewind(self.step)
         summary = self._evaluate_before(resumed)
-        report = step_reporter(self.rank, cfg.train_steps, self.step, self.kind,
+        report = step_reporter(self.rank, cfg.train_steps, self.step, self.state.kind,
                                cfg.algorithm.name, cfg.logging.log_interval,
                                cfg.logging.progress_bar)
         with PreemptionHandler(signals=INTERRUPT_SIGNALS) as preemption:
@@ -213,10 +196,6 @@ class Trainer:
         summary.update(self.throughput.summary())
         self.metrics.close()
         return summary
-
-    @property
-    def kind(self) -> str:
-        return "rl" if self.is_rl else "sft"
 
     def _arrive(self, phase: str) -> None:
         """Wait for every rank at an end-of-run ``phase``, at most
@@ -258,8 +237,8 @@ class Trainer:
         if self.rank == 0:
             log.warning("%s: %s step %d and exiting", preemption.signal_name or "stop requested",
                         "saved" if saved else "saving", self.step)
-        if not saved:
-            self.save()
+        if not saved and self.ckpt is not None:
+            self.saved = self.ckpt.save(self.step, last=True)
         self.metrics.close()
         return True
 

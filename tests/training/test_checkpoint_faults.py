@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from tests.distributed import DistributedTestError, run_distributed
+from tests.training.checkpoint_parts import load, save
 from tests.training.test_checkpointing import collect_checkpoint_warnings
 
 ROWS = 256  # each rank's shard: ROWS x 1024 float32 = 1 MiB
@@ -33,12 +34,6 @@ def _state(rank: int, world_size: int, value: float) -> dict:
     return {"w": ShardedTensor.from_rank_offsets("w", tensor, (0, rank, world_size), replica_id=0)}
 
 
-def _manager(root: str):
-    from rspo_mega.training.checkpointing import CheckpointManager
-
-    return CheckpointManager(Path(root) / "ckpt", keep_last=2)
-
-
 def _newest(ckpt: Path) -> str:
     """The newest ``iter_*`` directory that is not a temporary one."""
     return max(p.name for p in ckpt.iterdir() if p.name.startswith("iter_") and ".tmp-" not in p.name)
@@ -47,7 +42,7 @@ def _newest(ckpt: Path) -> str:
 def _disk_state(root: str) -> dict:
     """What a restart would find: directory names, the newest complete checkpoint, iter 1's
     validity."""
-    from rspo_mega.training.checkpointing import validate_checkpoint
+    from rspo_mega.training.checkpoint.files import validate_checkpoint
 
     torch.distributed.barrier()  # rank 0 has cleaned up
     ckpt = Path(root) / "ckpt"
@@ -57,10 +52,10 @@ def _disk_state(root: str) -> dict:
 
 
 def _failed_save(root: str, rank: int) -> str:
-    from rspo_mega.training.checkpointing import CheckpointError
+    from rspo_mega.errors import CheckpointError
 
     try:
-        _manager(root).save(2, _state(rank, 2, 2.0), extra={"pos": 20 + rank})
+        save(Path(root) / "ckpt", 2, _state(rank, 2, 2.0), pos=20 + rank)
     except CheckpointError as exc:
         return str(exc)
     return "saved"
@@ -87,9 +82,9 @@ def _fill_disk(root: str, disk: str) -> None:
 
 
 def _run_out_of_space(rank: int, world_size: int, root: str, disk: str) -> dict:
-    from rspo_mega.training import checkpointing
+    from rspo_mega.training.checkpoint import manager as checkpointing
 
-    _manager(root).save(1, _state(rank, world_size, 1.0), extra={"pos": 10 + rank})
+    save(Path(root) / "ckpt", 1, _state(rank, world_size, 1.0), pos=10 + rank)
     out = {}
 
     def rank_file_full(payload: dict, path: Path) -> None:
@@ -121,12 +116,10 @@ def _run_out_of_space(rank: int, world_size: int, root: str, disk: str) -> dict:
 def _resume(rank: int, world_size: int, root: str) -> dict:
     """The next start: find the newest valid checkpoint, load it, then save step 2."""
     warnings = collect_checkpoint_warnings()
-    manager = _manager(root)
-    path = manager.find_resumable()
-    state, extra = manager.load(path, _state(rank, world_size, 0.0))
-    out = {"resumed": path.name, "values": torch.unique(state["w"]).tolist(), "pos": extra["pos"],
+    path, state, plain = load(Path(root) / "ckpt", None, _state(rank, world_size, 0.0), "pos")
+    out = {"resumed": path.name, "values": torch.unique(state["w"]).tolist(), "pos": plain["pos"],
            "warnings": warnings}
-    manager.save(2, _state(rank, world_size, 2.0), extra={"pos": 20 + rank})
+    save(Path(root) / "ckpt", 2, _state(rank, world_size, 2.0), pos=20 + rank)
     out["after"] = _disk_state(root)
     return out
 
@@ -180,7 +173,7 @@ def test_disk_full_during_a_save(disk: tuple[Path, str]) -> None:
 def _killed_while_writing(rank: int, world_size: int, root: str) -> None:
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
-    _manager(root).save(1, _state(rank, world_size, 1.0), extra={"pos": 10 + rank})
+    save(Path(root) / "ckpt", 1, _state(rank, world_size, 1.0), pos=10 + rank)
 
     def kill_my_rank(*args, **kwargs) -> None:  # runs in a shard writer forked by rank 1
         os.kill(os.getppid(), signal.SIGKILL)
@@ -188,7 +181,7 @@ def _killed_while_writing(rank: int, world_size: int, root: str) -> None:
 
     if rank == 1:
         FileSystemWriterAsync.write_preloaded_data = staticmethod(kill_my_rank)
-    _manager(root).save(2, _state(rank, world_size, 2.0), extra={"pos": 20 + rank})
+    save(Path(root) / "ckpt", 2, _state(rank, world_size, 2.0), pos=20 + rank)
 
 
 def test_a_rank_killed_during_a_save(tmp_path: Path) -> None:
@@ -204,7 +197,7 @@ def test_a_rank_killed_during_a_save(tmp_path: Path) -> None:
 
 def _save_two_then_truncate(rank: int, world_size: int, root: str, victim: str) -> None:
     for step in (1, 2):
-        _manager(root).save(step, _state(rank, world_size, float(step)), extra={"pos": 10 * step + rank})
+        save(Path(root) / "ckpt", step, _state(rank, world_size, float(step)), pos=10 * step + rank)
     if rank == 0:
         path = Path(root) / "ckpt" / "iter_0000002" / victim
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])

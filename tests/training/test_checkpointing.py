@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from rspo_mega.training.checkpointing import validate_checkpoint
-from rspo_mega.training.resume_checks import IncompatibleCheckpointError, check_compatible
+from rspo_mega.training.checkpoint.files import validate_checkpoint
+from rspo_mega.errors import IncompatibleCheckpointError
+from rspo_mega.training.checkpoint.compat import check_compatible
 from tests.distributed import run_distributed
+from tests.training.checkpoint_parts import PlainPart, ShardedPart, load
 
 
 def _tiny_gpt(seed: int) -> torch.nn.Module:
@@ -56,16 +58,17 @@ class _Collect(logging.Handler):
 def collect_checkpoint_warnings() -> list[str]:
     """A list that fills with the checkpoint code's warnings from now on (in this process)."""
     handler = _Collect()
-    logging.getLogger("rspo_mega.training.checkpointing").addHandler(handler)
+    logging.getLogger("rspo_mega.training.checkpoint").addHandler(handler)
     return handler.messages
 
 
 def _body(rank: int, world_size: int, root: str) -> dict:
     from rspo_mega.parallel import initialize_model_parallel
-    from rspo_mega.training.checkpointing import (
-        CheckpointError, CheckpointManager, read_metadata,
-        resolve_model_checkpoint, restore_rng_state,
-    )
+    from rspo_mega.errors import CheckpointError
+    from rspo_mega.training.checkpoint.files import read_metadata
+    from rspo_mega.training.checkpoint.manager import CheckpointManager
+    from rspo_mega.training.checkpoint.init_from import resolve_model_checkpoint
+    from rspo_mega.training.checkpoint.parts import RNGState
 
     def resolve(path: Path) -> str:
         try:
@@ -77,20 +80,23 @@ def _body(rank: int, world_size: int, root: str) -> dict:
     initialize_model_parallel(tp=2)
     out: dict = {}
     save_dir = Path(root) / "ckpt"
-    manager = CheckpointManager(save_dir, keep_last=2)
     config = {"model": {"hidden_size": 32}, "seed": 1}
     model = _tiny_gpt(seed=7)
+    data = PlainPart()
+    manager = CheckpointManager(save_dir, keep_last=2, config=config, parts={
+        "model": ShardedPart(model.sharded_state_dict()), "data": data, "rng": RNGState()})
     for step in (1, 2, 3):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.5)
-        final = manager.save(step, model.sharded_state_dict(),
-                             extra={"data_position": 10 * step + rank}, config=config)
+        data.value = 10 * step + rank
+        final = manager.save(step, last=True)
         if step == 3:
             expected_draws = _draws()  # what the RNG streams give right after the save
     saved_params = _params(model)
     out["dirs"] = sorted(p.name for p in save_dir.iterdir())
     out["meta"] = {k: v for k, v in read_metadata(final).items() if k != "files"}
+    out["not_due"] = manager.save(4)  # save_interval=0: only the last step saves
 
     # Leftover temporary directory: ignored and removed. (Both ranks listed the directory first.)
     torch.distributed.barrier()
@@ -103,22 +109,26 @@ def _body(rank: int, world_size: int, root: str) -> dict:
     torch.distributed.barrier()  # rank 0 has removed the leftover
     out["tmp_left"] = [p.name for p in save_dir.iterdir() if ".tmp-" in p.name]
 
-    # Round trip into a differently initialised model, plus extra state and RNG states.
+    # Round trip into a differently initialised model, plus a plain part and RNG states.
     _draws()
     fresh = _tiny_gpt(seed=99)
     out["differs_before"] = any(
         not torch.equal(v, saved_params[k]) for k, v in _params(fresh).items()
     )
-    state_dict, extra = manager.load(save_dir / "iter_0000003", fresh.sharded_state_dict())
+    path, state_dict, plain = load(save_dir, save_dir / "iter_0000003",
+                                   fresh.sharded_state_dict(), "data")
+    got = _draws()  # no RNG part in that load: the streams go on
+    out["rng_untouched"] = got[0] != expected_draws[0]
     fresh.load_state_dict(state_dict)
     out["max_diff"] = max(
         (v - saved_params[k]).abs().max().item() for k, v in _params(fresh).items()
     )
-    out["data_position"] = extra["data_position"]
-    restore_rng_state(extra["rng"])
+    out["data_position"] = plain["data"]
+    manager.load(save_dir / "iter_0000003")
     got = _draws()
     out["rng_equal"] = (got[0] == expected_draws[0] and got[1] == expected_draws[1]
                         and torch.equal(got[2], expected_draws[2]))
+    out["data_loaded"] = data.value
 
     # Corrupt the newest checkpoint: truncate a shard -> falls back to step 2, with a warning.
     if rank == 0:
@@ -128,7 +138,7 @@ def _body(rank: int, world_size: int, root: str) -> dict:
     out["fallback"] = manager.find_resumable().name
     out["init_from_corrupt"] = [resolve(save_dir), resolve(save_dir / "iter_0000003")]
     try:
-        manager.load(save_dir / "iter_0000003", _tiny_gpt(seed=1).sharded_state_dict())
+        load(save_dir, save_dir / "iter_0000003", _tiny_gpt(seed=1).sharded_state_dict())
         out["load_corrupt"] = "loaded"
     except CheckpointError as exc:
         out["load_corrupt"] = str(exc)
@@ -149,8 +159,8 @@ def test_checkpoint_manager_two_ranks(tmp_path: Path) -> None:
         assert res["tmp_left"] == []
         assert res["differs_before"]
         assert res["max_diff"] == 0.0
-        assert res["data_position"] == 30 + r
-        assert res["rng_equal"]
+        assert res["data_position"] == res["data_loaded"] == 30 + r
+        assert res["rng_equal"] and res["rng_untouched"] and res["not_due"] is None
         assert res["fallback"] == "iter_0000002"
         assert "not loadable" in res["load_corrupt"] and ".distcp" in res["load_corrupt"]
         assert res["none_left"] is None

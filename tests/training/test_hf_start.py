@@ -101,7 +101,7 @@ def test_model_and_tokenizer_come_from_the_directory(hf_sp, hf_json, tmp_path):
 def _logits(cfg, ids: torch.Tensor, mask: torch.Tensor):
     """Full-vocab logits of a model built for ``cfg`` and loaded through ``prepare_init``."""
     from rspo_mega.models.llada import build_llada_model
-    from rspo_mega.training.init_weights import prepare_init
+    from rspo_mega.training.checkpoint.init_from import prepare_init
     from tests.models.test_layouts import _forward_full_vocab
 
     load = prepare_init(cfg)
@@ -216,7 +216,7 @@ def _rl_body(rank: int, world: int, hf: str, out: str) -> dict:
 
 @pytest.mark.timeout(300)
 def test_a_few_rl_steps_from_an_hf_directory(hf_sp, tmp_path):
-    from rspo_mega.training.checkpointing import validate_checkpoint
+    from rspo_mega.training.checkpoint.files import validate_checkpoint
 
     out = tmp_path / "run"
     results = run_distributed(_rl_body, 2, args=(hf_sp, str(out)), timeout=280)

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from rspo_mega.training.checkpointing import validate_checkpoint
+from rspo_mega.training.checkpoint.files import validate_checkpoint
 from rspo_mega.training.metrics import is_wall_clock, read_metrics
 from tests import processes
 from tests.distributed import free_port

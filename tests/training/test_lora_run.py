@@ -30,7 +30,7 @@ LORA = ["model.lora.enabled=true", "model.lora.rank=4", "model.lora.alpha=8",
 def _run(rank: int, world: int, run_dir: str, steps: int, init: str = "") -> dict:
     """A LoRA RSPO run of ``steps`` steps in ``run_dir`` (resuming what it holds): its metrics
     rows and adapters, or the error a resume refused with."""
-    from rspo_mega.training.checkpointing import CheckpointError
+    from rspo_mega.errors import CheckpointError
     from rspo_mega.training.trainer import Trainer
 
     cfg = load_run_config(TINY_DEFAULT, SMALL + LORA + [
@@ -53,6 +53,21 @@ def _run(rank: int, world: int, run_dir: str, steps: int, init: str = "") -> dic
 
 
 IDS = torch.arange(2 * 24).reshape(2, 24) % 40 + 3  # tokens of the tiny vocabulary
+
+
+def _evaluated(rank: int, world: int, run_dir: str) -> tuple[int, torch.Tensor]:
+    """rspo-eval's policy for the LoRA run in ``run_dir`` (the base of ``checkpoint.init_from``,
+    then the newest checkpoint's adapters): its step and logits of ``IDS``."""
+    from rspo_mega.models.llada import llada_forward
+    from rspo_mega.training.evaluator import build_evaluator
+
+    cfg = load_run_config(TINY_DEFAULT, SMALL + LORA + [f"logging.output_dir={run_dir}/eval",
+                                                    f"checkpoint.save_dir={run_dir}/ckpt"])
+    validate_run(cfg, world_size=world)
+    evaluator, step = build_evaluator(cfg)
+    with torch.no_grad():
+        logits = llada_forward(evaluator.engine.chunks[0], IDS)[..., :cfg.model.vocab_size]
+    return step, logits.double()
 
 
 def _export(tmp_path: Path, saved: str, init_from: str) -> tuple[Path, Path]:
@@ -166,6 +181,8 @@ def test_lora_checkpoint_resume_base_check_and_export(tmp_path):
     assert [r["step"] for r in full["rows"]] == [1, 2]
     assert all(r["grad_norm"] > 0 for r in full["rows"]), full["rows"]
     assert any(n.endswith("lora_b") and p.abs().max() > 0 for n, p in full["adapters"].items())
+    step, logits = run_distributed(_evaluated, 1, args=(str(tmp_path / "full"),), timeout=300)[0]
+    assert step == 2 and torch.equal(logits, full["logits"])  # rspo-eval: base + adapters
     keys = set(stored_tensor_shapes(str(Path(full["saved"]) / "dist")))
     assert keys and all(".adapter.lora_" in k for k in keys), sorted(keys)[:5]  # no base tensor
     assert any(k.startswith("optimizer.") and "exp_avg" in k for k in keys), sorted(keys)[:5]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from rspo_mega.training.checkpointing import validate_checkpoint
+from rspo_mega.training.checkpoint.files import validate_checkpoint
 from rspo_mega.training.metrics import read_metrics
 from tests.distributed import free_port
 from tests import processes

@@ -138,7 +138,7 @@ def test_too_long_prompts_are_reported_at_once():
 
 def _rl_from_sft(rank: int, world: int, out: str) -> dict:
     """A 1-step SFT run, then an RL run from its save_dir (weights only) and one resuming it."""
-    from rspo_mega.training.checkpointing import CheckpointError
+    from rspo_mega.errors import CheckpointError
     from rspo_mega.training.trainer import Trainer
 
     sft = load_run_config(None, TINY + SFT + [f"logging.output_dir={out}/sft",
@@ -291,11 +291,11 @@ def _as_warm_up_checkpoint(ckpt: Path, step: int, warmup: int) -> None:
     """Rewrite the checkpoint ``ckpt`` into the state of a run that began with ``warmup`` SFT
     steps inside it and saved at ``step``: ``warmup_steps`` and both phases' data positions and
     mask states in its per-rank file, ``sft_warmup_steps`` in its config; checksums updated."""
-    from rspo_mega.training.checkpoint_files import sha256_file
+    from rspo_mega.training.checkpoint.files import sha256_file
 
     rank_file = ckpt / "extra" / "rank_00000.pt"
     extra = torch.load(rank_file, weights_only=True)
-    extra.update(step=step, _step=step, warmup_steps=warmup, sft_iterator=extra["rl_iterator"],
+    extra.update(step=step, warmup_steps=warmup, sft_iterator=extra["rl_iterator"],
                  sft_masks=extra["masks"])
     torch.save(extra, rank_file)
     meta = json.loads((ckpt / "metadata.json").read_text())
@@ -310,7 +310,7 @@ def _resume_warm_up(rank: int, world: int, out: str, cases: list[tuple[int, int]
     resumed at, or the error."""
     import shutil
 
-    from rspo_mega.training.checkpointing import CheckpointError
+    from rspo_mega.errors import CheckpointError
     from rspo_mega.training.trainer import Trainer
 
     cfg = load_run_config(None, TINY + [f"logging.output_dir={out}", f"checkpoint.save_dir={out}/ckpt"])
@@ -332,17 +332,14 @@ def _resume_warm_up(rank: int, world: int, out: str, cases: list[tuple[int, int]
 
 def test_checkpoints_of_runs_with_an_in_run_warm_up_get_a_clear_message(tmp_path):
     cases = [(1, 0), (2, 5), (7, 5)]  # no warm-up; saved inside it; 2 RL steps after it
-    no_warmup, inside, after = run_distributed(_resume_warm_up, 1, args=(str(tmp_path), cases),
-                                               timeout=300)[0]
+    no_warmup, inside, after = run_distributed(_resume_warm_up, 1, args=(str(tmp_path),
+                                                                          cases), timeout=300)[0]
     assert no_warmup == 1
-    ckpt = tmp_path / "case1" / "iter_0000001"
-    assert f"checkpoint {ckpt} stopped at step 2, inside the 5-step SFT warm-up" in inside
-    assert "continue SFT as its own run (algorithm.name=sft" in inside
-    assert f"checkpoint.init_from={ckpt} and a new checkpoint.save_dir" in inside
-    ckpt = tmp_path / "case2" / "iter_0000001"
-    assert (f"checkpoint {ckpt} is at step 7 of a run that began with a 5-step SFT warm-up "
-            "(2 RL steps after it)") in after
-    assert f"checkpoint.init_from={ckpt} and a new checkpoint.save_dir" in after
+    for case, message in ((1, inside), (2, after)):
+        ckpt = tmp_path / f"case{case}" / "iter_0000001"
+        assert (f"checkpoint {ckpt} comes from a run that began with 5 SFT steps inside it "
+                "(sft_warmup_steps): its step count mixes SFT and RL steps") in message
+        assert f"checkpoint.init_from={ckpt} and a new checkpoint.save_dir" in message
 
 
 def _logged_lrs(rank: int, world: int, out: str, overrides: list[str]) -> list[float]:

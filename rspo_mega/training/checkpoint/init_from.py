@@ -1,7 +1,7 @@
 """The weights a run starts from (``checkpoint.init_from``), checked before any model is built.
 
 ``init_from`` takes a converted megatron checkpoint, a trainer checkpoint (``iter_NNNNNNN/``), a
-trainer ``save_dir`` (:func:`checkpointing.resolve_model_checkpoint`) or an HF LLaDA directory.
+trainer ``save_dir`` (:func:`resolve_model_checkpoint`) or an HF LLaDA directory.
 An HF directory gets the converter's checks first (:func:`convert.open_hf_checkpoint`: index,
 shards, no pickle, config.json, every tensor's name and shape; :func:`convert.check_layout`: the
 run's TP/PP), and its config.json must agree with the run's model section (resolved from it when
@@ -21,11 +21,12 @@ import torch
 
 from rspo_mega.config import ConfigError, TrainConfig
 from rspo_mega.setup.hf_start import check_model_keys, is_hf_start
-from rspo_mega.errors import HFDirectoryError
+from rspo_mega.errors import CheckpointError, HFDirectoryError
 from rspo_mega.models.llada import load_model
 from rspo_mega.models.llada.convert import check_layout, open_hf_checkpoint
 from rspo_mega.models.llada.hf_load import load_hf_weights
-from rspo_mega.training.checkpointing import resolve_model_checkpoint
+from rspo_mega.training.checkpoint.files import METADATA, list_checkpoints, require_valid
+from rspo_mega.training.checkpoint.manager import CheckpointManager
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,6 @@ def _stored_model(dist_dir: Path) -> Optional[dict]:
     """The model section a megatron checkpoint records: a trainer checkpoint's in its
     metadata.json, a converted one's in its conversion record; None when it has neither."""
     from rspo_mega.models.llada.convert import CONVERSION_INFO
-    from rspo_mega.training.checkpointing import METADATA
 
     for record, read in ((dist_dir.parent / METADATA, lambda d: (d.get("config") or {})
                           .get("model")), (dist_dir / CONVERSION_INFO, lambda d: d.get("model"))):
@@ -72,6 +72,29 @@ def check_stored_model(dist_dir: str, cfg: TrainConfig) -> None:
     if diffs:
         raise ConfigError(f"checkpoint.init_from={cfg.checkpoint.init_from} holds another model "
                           f"than the run's: {', '.join(diffs)}")
+
+
+def resolve_model_checkpoint(path: str | Path) -> str:
+    """The dist-checkpoint directory behind ``checkpoint.init_from``: a converted model
+    checkpoint (as is), one trainer checkpoint (``iter_*``: its ``dist/`` after validation) or
+    a trainer ``save_dir`` (its newest valid checkpoint's) (collective)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint.init_from={path}: no such directory")
+    if (path / "dist").is_dir():
+        require_valid(path, f"checkpoint.init_from={path}")
+        return str(path / "dist")
+    if list_checkpoints(path):
+        newest = CheckpointManager(path).find_resumable()
+        if newest is None:
+            raise CheckpointError(f"checkpoint.init_from={path}: no valid checkpoint in it")
+        return str(newest / "dist")
+    if not (path / ".metadata").is_file():
+        raise CheckpointError(
+            f"checkpoint.init_from={path} is neither an HF LLaDA directory (config.json and "
+            "safetensors), a trainer checkpoint (iter_*/ or the save_dir holding them) nor a "
+            "converted megatron checkpoint (.metadata)")
+    return str(path)
 
 
 def prepare_init(cfg: TrainConfig) -> Optional[Loader]:

@@ -1,9 +1,9 @@
 """Why a checkpoint save failed, in words, agreed on by every rank.
 
 A save fails for reasons outside the program: the disk fills, a quota is hit, a file system
-goes read-only, a rank dies. :class:`~rspo_mega.training.checkpointing.CheckpointManager` turns
-the exception into a :class:`Failure` (cause, file, rank), gathers the failures of all ranks at
-points every rank reaches, and raises one message on every rank, for example::
+goes read-only, a rank dies. The :class:`~.manager.CheckpointManager` turns the exception into
+a :class:`Failure` (cause, file, rank), gathers the failures of all ranks at points every rank
+reaches, and raises one message on every rank, for example::
 
     no space left on device while writing iter_0000012 (extra/rank_00001.pt on rank 1);
     iter_0000011 is still the newest complete checkpoint
@@ -25,9 +25,9 @@ from typing import Any, Callable, Iterator, Optional
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-__all__ = ["CheckpointException", "Failure", "all_gather", "attempt", "describe", "failure_message"]
+from rspo_mega.training.checkpoint.collective import world_size
 
-log = logging.getLogger("rspo_mega.training.checkpointing")
+log = logging.getLogger(__name__)
 
 _ERRNO_RE = re.compile(r"\[Errno (\d+)\]")
 
@@ -137,9 +137,9 @@ def attempt(fn: Callable[[], Any], where: str, rank: int, root: Any = None) -> l
 
 def all_gather(failures: list[Failure]) -> list[Failure]:
     """Every rank's failures, the same sorted list on every rank (collective)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return sorted(set(failures), key=lambda f: (f.rank, f.where))
-    parts: list[Any] = [None] * dist.get_world_size()
+    parts: list[Any] = [None] * world_size()
     dist.all_gather_object(parts, failures)
     return sorted({f for part in parts for f in part}, key=lambda f: (f.rank, f.where))
 
