@@ -38,7 +38,7 @@ from rspo_mega.config.schema import (  # noqa: E402
 def _rollouts(policy, cfg: ModelConfig, args) -> tuple[object, dict]:
     """Completions with their record, and the generation time with and without it."""
     from rspo_mega.rollout.engine import RolloutEngine
-    from rspo_mega.training.batches import completion_batch
+    from rspo_mega.training.completion_batches import completion_batch
 
     rcfg = RolloutConfig(gen_length=args.gen, block_length=args.gen // 2, steps=args.steps,
                          temperature=1.0, micro_batch_size=args.completions, stop_on_eos_block=False)

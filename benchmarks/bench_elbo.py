@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from rspo_mega.config.schema import AlgorithmConfig, LikelihoodConfig, ModelConfig  # noqa: E402
-from rspo_mega.likelihood.batch import CompletionBatch  # noqa: E402
+from rspo_mega.likelihood.batch_types import CompletionBatch  # noqa: E402
 from timing import interleaved, timed  # noqa: E402
 
 

@@ -131,17 +131,17 @@ class BaselineStep:
     def _score(self, x: torch.Tensor, prompts: list, rows: list, examples: list):
         """The baseline's completions as a batch, and their rewards (the task's verifier)."""
         from rspo_mega.rollout.sampler import Rollout, _completion_lengths
-        from rspo_mega.training import batches
+        from rspo_mega.training import completion_batches
 
         cfg, plen = self.trainer.cfg, len(prompts[0])
         gen = x[:, plen:]
         rollout = Rollout(x[:, :plen], torch.full((len(rows),), plen), gen,
                           _completion_lengths(gen, cfg.model.eos_token_id),
                           torch.zeros(len(rows), dtype=torch.long))
-        texts = batches.decode_completions(rollout, self.trainer.data.tokenizer,
+        texts = completion_batches.decode_completions(rollout, self.trainer.data.tokenizer,
                                            cfg.model.eos_token_id)
-        rewards = batches.score(self.trainer.data.task, texts, [examples[i] for i, _ in rows])
-        comps = batches.completion_batch(rollout, [u for _, u in rows], [i for i, _ in rows])
+        rewards = completion_batches.score(self.trainer.data.task, texts, [examples[i] for i, _ in rows])
+        comps = completion_batches.completion_batch(rollout, [u for _, u in rows], [i for i, _ in rows])
         return comps, rewards
 
 

@@ -26,6 +26,7 @@ import warnings
 from typing import Callable
 
 from rspo_mega.errors import PEER_TIMEOUT_EXIT_CODE, PeerTimeoutError, UserError
+from rspo_mega.parallel.ranks import launch_rank
 
 USER_ERROR_EXIT_CODE = 2
 INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT: Ctrl-C
@@ -92,7 +93,7 @@ def setup_logging(level: str = "INFO") -> None:
 
 def reporting_rank() -> bool:
     """Whether this process prints user errors: global rank 0 (``RANK``), or a lone process."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return launch_rank() == 0
 
 
 def _tear_down_process_group() -> None:

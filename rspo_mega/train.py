@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     check_run_dir(cfg)
     if not args.no_plan_check and not plan_check(cfg, layout, rank):
         return 2
-    from rspo_mega.training.report import finish_run
+    from rspo_mega.training.run_outputs import finish_run
     from rspo_mega.training.trainer import Trainer
 
     trainer = Trainer(cfg, layout)

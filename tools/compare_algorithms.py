@@ -304,7 +304,7 @@ def time_to_target(records: list[dict], target: float) -> Optional[dict[str, flo
     """The first held-out evaluation of a run's ``metrics.jsonl`` records whose solved share
     reaches ``target`` (a fraction): its ``step``, and ``train_s``, the summed ``step_seconds``
     of the steps up to it; None if none does."""
-    from rspo_mega.training.report import time_to_accuracy
+    from rspo_mega.training.run_outputs import time_to_accuracy
 
     hit = time_to_accuracy(records, 100 * target)
     return None if hit is None else {"step": hit[0], "train_s": hit[1]}
@@ -405,7 +405,7 @@ def plot_runs(records: list[dict], out_png: Path) -> Path:
     import matplotlib.pyplot as plt
 
     from rspo_mega.training.metrics import METRICS_FILE, read_metrics
-    from rspo_mega.training.report import accuracy_points, smooth
+    from rspo_mega.training.run_outputs import accuracy_points, smooth
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     colours = {a: f"C{i}" for i, a in enumerate(dict.fromkeys(r["algorithm"] for r in records))}

@@ -108,7 +108,7 @@ def run_all(runs: list[dict], parallel: int) -> list[dict]:
 def _run_figures(record: dict, target: float) -> dict[str, Optional[float]]:
     """Per-step times and time-to-accuracy of one run, from its metrics."""
     from rspo_mega.training.metrics import METRICS_FILE, read_metrics
-    from rspo_mega.training.report import time_to_accuracy, training_seconds
+    from rspo_mega.training.run_outputs import time_to_accuracy, training_seconds
 
     rows = read_metrics(Path(record["dir"]) / METRICS_FILE)
     steps = [r for r in rows if r.get("step_seconds") is not None]
@@ -165,7 +165,7 @@ def plot(records: list[dict], target: float, out_png: Path) -> Path:
     import matplotlib.pyplot as plt
 
     from rspo_mega.training.metrics import METRICS_FILE, read_metrics
-    from rspo_mega.training.report import accuracy_points, training_seconds
+    from rspo_mega.training.run_outputs import accuracy_points, training_seconds
 
     fig, ax = plt.subplots(figsize=(7, 4))
     colours = {v: f"C{i}" for i, v in enumerate(dict.fromkeys(r["algorithm"] for r in records))}

@@ -3,7 +3,7 @@ Models"): the policy gradient of the denoising trajectory, amortized over sample
 
 Needs ``likelihood.mask_scheme = 'trajectory'``: the masked batch holds, per completion i, K
 sampled steps ``t_k`` of its rollout with unbiasing weights ``w_k = 1 / q_i(t_k)``
-(:mod:`rspo_mega.likelihood.trajectory`) and the rollout's recorded log-probs of the tokens each
+(:mod:`rspo_mega.likelihood.trajectory_estimator`) and the rollout's recorded log-probs of the tokens each
 step committed. For every token j committed at a sampled step (``C_{t_k}``)::
 
     rho_j  = exp(logp_theta(y_j | x_{t_k}) - logp_rollout(y_j | x_{t_k}))
@@ -47,8 +47,8 @@ from rspo_mega.algorithms.base import LossInputs, PolicyLoss
 from rspo_mega.algorithms.diagnostics import Metrics
 from rspo_mega.algorithms.ppo import clipped_surrogate, with_k3
 from rspo_mega.config.schema import AlgorithmConfig, LikelihoodConfig
-from rspo_mega.likelihood.batch import TrajectoryBatch
-from rspo_mega.likelihood.trajectory import trajectory_sum
+from rspo_mega.likelihood.batch_types import TrajectoryBatch
+from rspo_mega.likelihood.trajectory_estimator import trajectory_sum
 from rspo_mega.parallel.reductions import ProcessGroup
 
 

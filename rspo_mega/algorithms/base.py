@@ -29,7 +29,7 @@ import torch
 
 from rspo_mega.algorithms.diagnostics import Metrics
 from rspo_mega.config.schema import AlgorithmConfig, LikelihoodConfig, MaskedSequenceScheme, choices
-from rspo_mega.likelihood.batch import MaskedBatch
+from rspo_mega.likelihood.batch_types import MaskedBatch
 from rspo_mega.parallel.reductions import ProcessGroup, data_parallel_group, global_count
 
 

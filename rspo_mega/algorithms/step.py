@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from rspo_mega.algorithms.base import LossInputs, LossOutput, PolicyLoss
-from rspo_mega.likelihood.batch import MaskedBatch
+from rspo_mega.likelihood.batch_types import MaskedBatch
 from rspo_mega.likelihood.parallel_elbo import Chunks, ElboRunner
 from rspo_mega.parallel.reductions import global_sum
 

@@ -8,7 +8,7 @@
 """
 
 from rspo_mega.data.example import Example, check_unique_uids, make_uid
-from rspo_mega.data.loader import PromptBatchIterator, read_records, shard_examples
+from rspo_mega.data.records import PromptBatchIterator, read_records, shard_examples
 from rspo_mega.data.templates import PromptTemplate, get_template
 from rspo_mega.data.tokenizer import Tokenizer, load_tokenizer
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rspo_mega.likelihood.batch import MaskedBatch
+from rspo_mega.likelihood.batch_types import MaskedBatch
 
 
 @dataclass

@@ -43,7 +43,7 @@ import torch
 from rspo_mega.config.schema import (
     CountPositions, LikelihoodConfig, MaskedSequenceScheme, choices, units_per_sample,
 )
-from rspo_mega.likelihood.batch import CompletionBatch, MaskedBatch
+from rspo_mega.likelihood.batch_types import CompletionBatch, MaskedBatch
 from rspo_mega.rng import hash64, keyed_generator  # noqa: F401  (hash64 re-exported)
 
 log = logging.getLogger(__name__)

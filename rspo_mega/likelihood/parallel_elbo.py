@@ -41,7 +41,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from rspo_mega.likelihood.batch import MaskedBatch
+from rspo_mega.likelihood.batch_types import MaskedBatch
 from rspo_mega.parallel import current_device
 from rspo_mega.parallel.pipeline import forward_only_outputs, microbatch_rows, run_schedule
 

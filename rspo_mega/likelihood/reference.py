@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from rspo_mega.likelihood.batch import MaskedBatch
+from rspo_mega.likelihood.batch_types import MaskedBatch
 from rspo_mega.likelihood.parallel_elbo import Chunks, ElboRunner
 
 

@@ -21,7 +21,7 @@ import sys
 from typing import Optional, Sequence
 
 from rspo_mega.console import add_debug_flag, hide_library_warnings, run_entry_point, setup_logging
-from rspo_mega.plan import report
+from rspo_mega.plan import tables
 from rspo_mega.plan.hardware import Hardware
 from rspo_mega.plan.launch import refusal
 from rspo_mega.plan.planner import plan_run, search
@@ -71,9 +71,9 @@ def hardware_from_args(a: argparse.Namespace) -> Hardware:
 def _run_search(cfg, hw: Hardware, a: argparse.Namespace) -> int:
     plans = search(cfg, hw, a.prompt_length, a.top)
     if a.json:
-        print(json.dumps([report.to_json(p) for p in plans], indent=1))
+        print(json.dumps([tables.to_json(p) for p in plans], indent=1))
     else:
-        print(report.search_table(plans, lora=cfg.model.lora.enabled))
+        print(tables.search_table(plans, lora=cfg.model.lora.enabled))
     return 0 if plans else 1
 
 
@@ -92,7 +92,7 @@ def plan(a: argparse.Namespace) -> int:
         return _run_search(cfg, hw, a)
     result = plan_run(cfg, hw, a.prompt_length)
     why = refusal(result, a.prompt_length)
-    print(json.dumps(report.to_json(result), indent=1) if a.json else report.text(result))
+    print(json.dumps(tables.to_json(result), indent=1) if a.json else tables.text(result))
     if why:
         print(f"rspo-plan: does not fit: {why}", file=sys.stderr)
     return 1 if why else 0

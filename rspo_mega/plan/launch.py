@@ -15,7 +15,7 @@ from typing import Any, Optional
 from rspo_mega.config import Layout, TrainConfig
 from rspo_mega.plan.hardware import GIB, Hardware, detect
 from rspo_mega.plan.planner import Plan, fixes, plan_run
-from rspo_mega.plan.report import PHASE_TITLES
+from rspo_mega.plan.tables import PHASE_TITLES
 
 
 def _value(v: Any) -> str:

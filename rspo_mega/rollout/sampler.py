@@ -32,7 +32,7 @@ current block, so completions do not depend on DP size, batch composition or TP/
 
 **Trajectory record** (``record_trajectory=True``): per generated position the step that
 committed it and its log-probability and entropy under the rollout policy at that step
-(:mod:`rspo_mega.rollout.trajectory`), in every mode (exact, threshold, cached).
+(:mod:`rspo_mega.rollout.trajectory_record`), in every mode (exact, threshold, cached).
 
 **Parallel model.** ``logits_fn`` returns vocab-parallel logits on the last pipeline stage and
 ``None`` elsewhere (see :mod:`rspo_mega.rollout.engine`); sampling and confidences use
@@ -50,7 +50,7 @@ import torch
 from rspo_mega.config.schema import Remasking, RolloutConfig, choices
 from rspo_mega.config.validate import check_schedule
 from rspo_mega.rng import keyed_generator
-from rspo_mega.rollout.trajectory import Trajectory, TrajectoryRecorder
+from rspo_mega.rollout.trajectory_record import Trajectory, TrajectoryRecorder
 from rspo_mega.rollout.vocab_parallel import VocabShard, gumbel_max
 
 

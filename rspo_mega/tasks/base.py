@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rspo_mega.data.example import Example, check_unique_uids, make_uid
-from rspo_mega.data.loader import DataFieldError, read_records
+from rspo_mega.data.records import DataFieldError, read_records
 from rspo_mega.errors import DataFileError
 from rspo_mega.tasks.answer_format import format_response
 

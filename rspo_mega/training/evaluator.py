@@ -17,7 +17,7 @@ from rspo_mega.config import TrainConfig, config_to_dict
 from rspo_mega.data import Example, shard_examples
 from rspo_mega.parallel.reductions import data_parallel_group, global_mean, global_sum
 from rspo_mega.rollout import RolloutEngine, completion_uid
-from rspo_mega.training import batches
+from rspo_mega.training import completion_batches
 from rspo_mega.training.builder import build_chunks, setup_parallel
 from rspo_mega.errors import CheckpointError
 from rspo_mega.training.checkpoint.compat import check_compatible
@@ -56,7 +56,7 @@ class Evaluator:
         texts, rewards = [], []
         for start in range(0, len(mine), mbs):
             chunk_texts = self._complete(mine[start:start + mbs], temperature)
-            rewards.append(batches.score(self.data.task, chunk_texts, mine[start:start + mbs]))
+            rewards.append(completion_batches.score(self.data.task, chunk_texts, mine[start:start + mbs]))
             texts += chunk_texts
         r = torch.cat(rewards) if rewards else torch.zeros(0)
         group = data_parallel_group()
@@ -83,7 +83,7 @@ class Evaluator:
             exact["steps"] = self.steps
         rollout = self.engine.generate(prompts, [completion_uid(ex.uid, 0) for ex in examples],
                                        **exact)
-        return batches.decode_completions(rollout, self.data.tokenizer,
+        return completion_batches.decode_completions(rollout, self.data.tokenizer,
                                           self.engine.model_cfg.eos_token_id)
 
     def _records(self, examples: Sequence[Example], mine: Sequence[Example], texts: list[str],

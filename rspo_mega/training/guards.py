@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from rspo_mega.config.schema import NonFinitePolicy, choices
+from rspo_mega.parallel.ranks import rank as global_rank
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def check_finite(
         flag = int(t.item())
     if not flag:
         return FiniteCheck(ok=True, step=step)
-    rank = dist.get_rank() if distributed else 0
+    rank = global_rank()
     if distributed:  # rare path: collect every rank's findings for one complete diagnostic
         gathered: list[Any] = [None] * dist.get_world_size(group)
         dist.all_gather_object(gathered, (rank, local), group=group)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
-import torch.distributed as dist
+from rspo_mega.parallel.ranks import rank as global_rank
 
 METRICS_FILE = "metrics.jsonl"
 # Metrics measured on the wall clock or of the process's memory: they differ between two runs
@@ -39,10 +39,6 @@ def is_wall_clock(key: str) -> bool:
 DEFAULT_PLOT_KEYS: tuple[str, ...] = (
     "reward", "accuracy", "loss", "relative_score_mean", "tokens_per_s",
 )
-
-
-def _default_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _to_float(value: Any) -> float:
@@ -63,7 +59,7 @@ class MetricsLogger:
 
     def __init__(self, output_dir: str | Path, tensorboard: bool = True,
                  rank: Optional[int] = None, trackers: Any = None) -> None:
-        self.rank = _default_rank() if rank is None else rank
+        self.rank = global_rank() if rank is None else rank
         self.trackers = trackers
         self.enabled = self.rank == 0
         self.output_dir = Path(output_dir)

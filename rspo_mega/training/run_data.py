@@ -14,7 +14,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch.distributed as dist
 
 from rspo_mega.config import TrainConfig
 from rspo_mega.data import Example
@@ -28,6 +27,7 @@ from rspo_mega.tasks import get_task
 from rspo_mega.tasks.base import Task
 from rspo_mega.tasks.corpus import task_corpus
 from rspo_mega.tasks.prompts import EncodedExample, encode_prompt, encode_prompts, prompt_message
+from rspo_mega.parallel.ranks import barrier, rank
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,11 @@ class RunData:
 def _builtin_tokenizer(cfg: TrainConfig) -> Tokenizer:
     out = Path(cfg.logging.output_dir) / "tokenizer"
     model = out / "tokenizer.model"
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if rank0 and not model.is_file():
+    if rank() == 0 and not model.is_file():
         out.mkdir(parents=True, exist_ok=True)
         docs = task_corpus(seed=cfg.data.seed)
         train_sentencepiece_tokenizer(docs, out / "tokenizer", vocab_size=BUILTIN_VOCAB)
-    if dist.is_initialized():
-        dist.barrier()
+    barrier()
     return load_tokenizer(model)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rspo_mega.training.run_data import RunData
-from rspo_mega.training.step_batches import StepBatch
+from rspo_mega.training.batch_sources import StepBatch
 from rspo_mega.training.trackers import Trackers
 
 log = logging.getLogger(__name__)

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from rspo_mega.console import INTERRUPT_EXIT_CODE
+from rspo_mega.parallel.ranks import launch_rank
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class PreemptionHandler:
         """Signal handler: records the signal and returns (no collectives). Ctrl-C says what
         happens next; a second Ctrl-C ends the process at once."""
         if signum == signal.SIGINT:
-            rank0 = os.environ.get("RANK", "0") == "0"
+            rank0 = launch_rank() == 0
             if self._received == signal.SIGINT:
                 if rank0:
                     os.write(2, b"\ninterrupted again: exiting without saving\n")

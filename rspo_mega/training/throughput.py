@@ -34,7 +34,7 @@ from rspo_mega.plan.shapes import ModelShapes, Workload, model_shapes, planned_i
 from rspo_mega.plan.timing import Rates, step_times
 
 if TYPE_CHECKING:
-    from rspo_mega.training.step_batches import StepBatch
+    from rspo_mega.training.batch_sources import StepBatch
 
 log = logging.getLogger(__name__)
 

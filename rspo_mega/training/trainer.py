@@ -43,11 +43,12 @@ from rspo_mega.training.policy import Policy
 from rspo_mega.training.run_data import RunData, prepare_run_data
 from rspo_mega.training.samples import SampleLog
 from rspo_mega.training.signals import INTERRUPT_SIGNALS, PreemptionHandler
-from rspo_mega.training.step_batches import build_batches
+from rspo_mega.training.batch_sources import build_batches
 from rspo_mega.training.step_report import step_reporter
 from rspo_mega.training.throughput import Throughput
 from rspo_mega.training.trackers import Trackers
 from rspo_mega.training.update_loop import UpdateLoop
+from rspo_mega.parallel.ranks import rank
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class Trainer:
                  build_model: ModelBuilder = build_chunks) -> None:
         self.cfg, self.layout = cfg, layout
         setup_parallel(cfg)
-        self.rank = torch.distributed.get_rank()
+        self.rank = rank()
         self.data: RunData = prepare_run_data(cfg)
         load_init = prepare_init(cfg)  # checks checkpoint.init_from before any model exists
         self.trackers = Trackers.open(cfg, self.rank)  # W&B / MLflow runs (rank 0)

@@ -24,7 +24,7 @@ from rspo_mega.likelihood import ElboRunner, ForwardFn, MaskedBatch, ReferenceMo
 from rspo_mega.likelihood.masks import KeyedDrawSampler
 from rspo_mega.training.metrics import Timers
 from rspo_mega.training.policy import Policy
-from rspo_mega.training.step_batches import StepBatch
+from rspo_mega.training.batch_sources import StepBatch
 
 
 class UpdateLoop:

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from rspo_mega.data.example import Example, make_uid
-from rspo_mega.data.loader import PromptBatchIterator, read_records, shard_examples
+from rspo_mega.data.records import PromptBatchIterator, read_records, shard_examples
 from rspo_mega.errors import DataFieldError
 from tests.data.record_files import write_rows
 

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from rspo_mega.config.schema import ModelConfig
-from rspo_mega.likelihood.batch import CompletionBatch
+from rspo_mega.likelihood.batch_types import CompletionBatch
 
 TINY = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
                    vocab_size=60, make_vocab_size_divisible_by=8, max_position_embeddings=64,

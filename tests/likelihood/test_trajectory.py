@@ -19,14 +19,14 @@ from rspo_mega.config import ConfigError
 from rspo_mega.setup import load_run_config, validate_run
 from rspo_mega.config.schema import AlgorithmConfig, LikelihoodConfig
 from rspo_mega.likelihood import MaskSampler, TrajectorySampler, trajectory_sum
-from rspo_mega.likelihood.trajectory import (
+from rspo_mega.likelihood.trajectory_estimator import (
     counted_steps,
     draw_steps,
     step_probabilities,
     step_uniforms,
 )
 from rspo_mega.rollout.sampler import generate
-from rspo_mega.training.batches import completion_batch
+from rspo_mega.training.completion_batches import completion_batch
 from tests.rollout.test_sampler import EOS, MASK, ToyBidirectional, _settings, at_positions
 
 PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [3, 3]]

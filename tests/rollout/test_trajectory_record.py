@@ -54,7 +54,7 @@ def _body(rank: int, world: int, ckpt: str) -> dict:
     from rspo_mega.models.llada import build_llada_model, load_model, save_model
     from rspo_mega.parallel import initialize_model_parallel
     from rspo_mega.rollout.engine import RolloutEngine
-    from rspo_mega.training.batches import completion_batch
+    from rspo_mega.training.completion_batches import completion_batch
     from tests.rollout.dp_split import split_completions
 
     mcfg = ModelConfig(**MODEL)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from rspo_mega.data.loader import PromptBatchIterator
+from rspo_mega.data.records import PromptBatchIterator
 from rspo_mega.errors import DataFieldError
 from rspo_mega.tasks import available_tasks, get_task
 from tests.data.record_files import write_rows

@@ -72,7 +72,7 @@ def _evaluated(rank: int, world: int, run_dir: str) -> tuple[int, torch.Tensor]:
 
 def _export(tmp_path: Path, saved: str, init_from: str) -> tuple[Path, Path]:
     """The run's export (as ``finish_run`` does it) from the base ``init_from``: merged, PEFT."""
-    from rspo_mega.training.report import export_hf
+    from rspo_mega.training.run_outputs import export_hf
 
     out = tmp_path / f"export_{Path(init_from).name}"
     cfg = load_run_config(TINY_DEFAULT, SMALL + LORA + [

@@ -25,7 +25,7 @@ IDS = torch.arange(24).reshape(2, 12) % 50 + 5
 
 def _run_body(rank: int, world: int, hf: str, out: str) -> dict:
     from rspo_mega.models.llada import llada_forward
-    from rspo_mega.training.report import finish_run
+    from rspo_mega.training.run_outputs import finish_run
     from rspo_mega.training.trainer import Trainer
 
     # SFT: its steps always move the weights (2 RL steps of an untrained start may have no reward)
@@ -64,7 +64,7 @@ def test_the_final_policy_is_exported_plotted_and_summarised(hf_sp, tmp_path):  
 
 
 def test_summary_lines_say_before_after_and_gain():
-    from rspo_mega.training.report import summary_lines
+    from rspo_mega.training.run_outputs import summary_lines
 
     lines = summary_lines({"before/eval/accuracy": 0.2, "after/eval/accuracy": 0.335,
                            "after/eval/examples": 512.0}, {"curves": Path("r/curves.png"),
@@ -80,7 +80,7 @@ def test_export_needs_a_checkpoint_directory():
 
 
 def test_the_accuracy_curve_takes_before_periodic_and_after_once():
-    from rspo_mega.training.report import accuracy_points
+    from rspo_mega.training.run_outputs import accuracy_points
 
     records = [{"step": 0, "before/eval/accuracy": 0.2}, {"step": 50, "eval/accuracy": 0.25},
                {"step": 100, "eval/accuracy": 0.3},

@@ -11,7 +11,7 @@ import torch
 
 from rspo_mega.data import Example
 from rspo_mega.training.samples import SAMPLES_FILE, SampleLog
-from rspo_mega.training.step_batches import RolloutTexts, StepBatch
+from rspo_mega.training.batch_sources import RolloutTexts, StepBatch
 from rspo_mega.training.trackers import Trackers
 
 

@@ -105,7 +105,7 @@ def test_bad_input_is_named_before_training(tmp_path):
 
 def test_non_finite_reward_is_named():
     from rspo_mega.data import Example
-    from rspo_mega.training.batches import score
+    from rspo_mega.training.completion_batches import score
 
     class NaNTask:
         name = "nan_task"

@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 
 from rspo_mega.parallel import apply_cpu_compat, bind_children_to_owner
 from rspo_mega.models.llada.lora import is_adapter_name
+from rspo_mega.parallel.ranks import rank
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def checkpoint_keys(ckpt_dir: str) -> set[str]:
 
 def save_model(model: torch.nn.Module, ckpt_dir: str, prefix: str = "") -> None:
     """Save this rank's shards of ``model`` (collective over all ranks; ``ckpt_dir`` is created)."""
-    if dist.get_rank() == 0:
+    if rank() == 0:
         os.makedirs(ckpt_dir, exist_ok=True)
     dist.barrier()
     dist_checkpointing.save(_unwrapped(model).sharded_state_dict(prefix=prefix), ckpt_dir)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from rspo_mega.training.checkpoint.collective import world_size
+from rspo_mega.parallel.ranks import world_size
 
 log = logging.getLogger(__name__)
 

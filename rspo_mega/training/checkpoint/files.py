@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 
 from rspo_mega.errors import CheckpointError
-from rspo_mega.training.checkpoint.collective import broadcast, rank, world_size
+from rspo_mega.parallel.ranks import broadcast, rank, world_size
 
 TMP_MARK = ".tmp-"  # in the name of every temporary file or directory of a save
 METADATA = "metadata.json"

@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from rspo_mega.errors import CheckpointError
 from rspo_mega.training.checkpoint import failures
-from rspo_mega.training.checkpoint.collective import barrier, broadcast, rank, world_size
+from rspo_mega.parallel.ranks import barrier, broadcast, rank, world_size
 from rspo_mega.training.checkpoint.files import (
     FORMAT_VERSION, METADATA, TMP_MARK, atomic_write_text, checkpoint_name, file_table, fsync_dir,
     list_checkpoints, make_save_dirs, rank_file, read_metadata, read_rank_state, require_valid,

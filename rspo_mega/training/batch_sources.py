@@ -24,7 +24,7 @@ from rspo_mega.rng import hash64
 from rspo_mega.rollout import RolloutEngine, completion_uid
 from rspo_mega.rollout.guard import RolloutGuard
 from rspo_mega.rollout.sampler import CacheCheck, Rollout
-from rspo_mega.training import batches
+from rspo_mega.training import completion_batches
 from rspo_mega.training.metrics import Timers
 from rspo_mega.training.run_data import RunData
 
@@ -106,11 +106,11 @@ class RLBatches(_Batches):
         with timers("rollout"):
             rollout = self.engine.generate(prompts, uids, seed=hash64(cfg.seed, step),
                                            trajectory=self.trajectory, **guard)
-        texts = batches.decode_completions(rollout, self.data.tokenizer, cfg.model.eos_token_id)
+        texts = completion_batches.decode_completions(rollout, self.data.tokenizer, cfg.model.eos_token_id)
         row_examples = [examples[i] for i, _ in rows]
-        rewards = batches.score(self.data.task, texts, row_examples)
+        rewards = completion_batches.score(self.data.task, texts, row_examples)
         base = self.dp_rank * len(examples)
-        completions = batches.completion_batch(rollout, uids, [base + i for i, _ in rows])
+        completions = completion_batches.completion_batch(rollout, uids, [base + i for i, _ in rows])
         advantages = compute_advantages(rewards, completions.group_ids, self.num_groups,
                                         cfg.algorithm)
         return StepBatch(completions, advantages, self.num_groups, self._metrics(rewards, rollout),
@@ -159,7 +159,7 @@ class SFTBatches(_Batches):
         examples: list[Example] = next(self.iterator)
         targets = [self.data.sft_target(ex) for ex in examples]
         uids = [completion_uid(ex.uid, 0) for ex in examples]
-        completions = batches.sft_batch([self.encoded[ex.uid] for ex in examples], targets, uids,
+        completions = completion_batches.sft_batch([self.encoded[ex.uid] for ex in examples], targets, uids,
                                         self.cfg.rollout.gen_length, self.cfg.model.eos_token_id,
                                         self.cfg.parallel.sequence_multiple)
         completions.group_ids += self.dp_rank * len(examples)

@@ -14,7 +14,7 @@ import torch
 
 from rspo_mega.data import Example
 from rspo_mega.data.tokenizer import Tokenizer
-from rspo_mega.likelihood.batch import CompletionBatch
+from rspo_mega.likelihood.batch_types import CompletionBatch
 from rspo_mega.rollout.sampler import Rollout, left_pad
 from rspo_mega.tasks.base import Task
 from rspo_mega.tasks.prompts import EncodedExample

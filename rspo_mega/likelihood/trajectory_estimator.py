@@ -4,7 +4,7 @@ A rollout of a masked diffusion LM is a chain of states ``x_0 -> x_1 -> ... -> x
 before step ``t`` holds the prompt and the tokens committed at steps ``< t``; step ``t``
 commits the positions ``C_t`` with ``log pi(x_{t+1} | x_t) = sum_{j in C_t} log p(y_j | x_t)``
 (the positions chosen are taken as given). From the sampler's record (``commit_step``,
-:mod:`rspo_mega.rollout.trajectory`) every state is rebuilt exactly, so a sum over steps of a
+:mod:`rspo_mega.rollout.trajectory_record`) every state is rebuilt exactly, so a sum over steps of a
 per-token quantity ``f`` can be estimated without bias from K sampled steps:
 
     S_b = sum_{t < T_b} sum_{j in C_t} f_j,      S_hat_b = (1/K) sum_k w(t_k) sum_{j in C_{t_k}} f_j
@@ -38,7 +38,7 @@ from typing import Any, Optional
 import torch
 
 from rspo_mega.config.schema import LikelihoodConfig, StepSampling, TrainConfig, choices
-from rspo_mega.likelihood.batch import CompletionBatch, TrajectoryBatch
+from rspo_mega.likelihood.batch_types import CompletionBatch, TrajectoryBatch
 from rspo_mega.likelihood.elbo import sequence_estimates
 from rspo_mega.likelihood.masks import COMPLETION_STREAM, KeyedDrawSampler, mask_generator
 from rspo_mega.likelihood.parallel_elbo import ForwardFn

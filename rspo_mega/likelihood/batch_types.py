@@ -6,7 +6,7 @@ by masks, not offsets). ``MaskedBatch`` is what the likelihood code runs through
 every completion, ``K`` Monte-Carlo samples of ``U`` masked sequences each (``U = 2`` for the
 coupled scheme, else 1), in completion-major order ``n = (b * K + k) * U + u``.
 ``TrajectoryBatch`` is the masked batch of the trajectory estimator
-(:mod:`rspo_mega.likelihood.trajectory`): K sampled denoising steps per completion.
+(:mod:`rspo_mega.likelihood.trajectory_estimator`): K sampled denoising steps per completion.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class CompletionBatch:
     ``input_ids``): ``commit_step`` long, the row's denoising step that committed each generated
     position (-1 on prompt columns: always visible); ``commit_logp`` and ``commit_entropy``
     float32, the committed token's log-prob under the rollout policy at that step and that
-    distribution's entropy (0 on prompt columns). See :mod:`rspo_mega.rollout.trajectory`.
+    distribution's entropy (0 on prompt columns). See :mod:`rspo_mega.rollout.trajectory_record`.
     """
 
     input_ids: torch.Tensor
