@@ -98,7 +98,7 @@ def _expectation(model, batch, sampler: TrajectorySampler) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("scheme", ["uniform", "entropy"])
-@pytest.mark.parametrize("kw", [dict(), dict(threshold=0.3, remasking="random"),
+@pytest.mark.parametrize("kw", [dict(), dict(confidence_threshold=0.3, remasking="random"),
                                 dict(stop_on_eos_block=True, block_length=3, steps=8)])
 def test_expectation_over_steps_is_the_full_sum(scheme, kw):
     model = _toy64(eos_bias=17.0 if kw.get("stop_on_eos_block") else 0.0)  # EOS blocks: filled
