@@ -14,7 +14,6 @@ from typing import Optional
 
 from rspo_mega.config.schema import (
     AlgorithmConfig,
-    LikelihoodConfig,
     ModelConfig,
     ParallelConfig,
     RolloutConfig,
