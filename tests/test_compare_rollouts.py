@@ -51,6 +51,31 @@ def test_runs_are_planned_per_seed_and_variant(tmp_path):
         tool.plan_runs(argparse.Namespace(**{**vars(args), "variants": "slow"}))
 
 
+def test_planned_runs_run_and_are_reused(tmp_path, monkeypatch):
+    """The planned runs go through runs_lib.run_one (the trainer replaced by a finished run's
+    metrics): records come back, and a second call reuses them without running again."""
+    tool = _tool()
+    args = argparse.Namespace(out=str(tmp_path), config=str(tool.RECIPE), variants="exact,fast",
+                              seeds=1, parallel=2, overrides=[])
+    ran = []
+
+    def fake_trainer(cmd, log_path):
+        ran.append(log_path.parent.name)
+        rows = [{"step": 0, "before/eval/accuracy": 0.2, "before/eval/reward": 0.7},
+                {"step": 1, "step_seconds": 1.0, "eval/accuracy": 0.3,
+                 "after/eval/accuracy": 0.3, "after/eval/reward": 0.8}]
+        (log_path.parent / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (log_path.parent / "config.yaml").write_text("global_batch_size: 64\ntrain_steps: 1\n")
+        return 0
+
+    monkeypatch.setattr(tool.runs_lib, "_run_logged", fake_trainer)
+    records = tool.run_all(tool.plan_runs(args), args.parallel)
+    assert sorted(ran) == ["exact_seed1234", "fast_seed1234"]
+    assert [(r["algorithm"], r["lr"], r["after/eval/accuracy"]) for r in records] == [
+        ("exact", None, 0.3), ("fast", None, 0.3)]
+    assert tool.run_all(tool.plan_runs(args), args.parallel) == records and len(ran) == 2
+
+
 def test_time_to_accuracy_table_and_figure(tmp_path):
     tool = _tool()
     records = [_run(tmp_path, "exact", 1, [0.2, 0.25, 0.3], 4.0),

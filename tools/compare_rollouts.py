@@ -66,7 +66,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def plan_runs(args: argparse.Namespace) -> list[dict]:
-    """One entry per run: variant (under ``algorithm``, the key runs_lib reads), seed, command."""
+    """One entry per run: variant (under ``algorithm``, the key runs_lib reads), seed, command;
+    ``lr`` None: the rate is the config's (or an override's), as runs_lib records it."""
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or not variants or args.seeds < 1 or args.parallel < 1:
@@ -81,7 +82,7 @@ def plan_runs(args: argparse.Namespace) -> list[dict]:
             run_dir = Path(args.out).resolve() / f"{variant}_seed{seed}"
             cmd = [*train, *VARIANTS[variant], *args.overrides, *FIXED, f"seed={seed}",
                    f"logging.output_dir={run_dir}"]
-            out.append({"algorithm": variant, "seed": seed, "dir": run_dir, "cmd": cmd})
+            out.append({"algorithm": variant, "seed": seed, "lr": None, "dir": run_dir, "cmd": cmd})
     return out
 
 
