@@ -149,6 +149,24 @@ def test_recipe_layouts_fit_on_1_2_and_8_nodes():
         assert plan.fits, f"{nodes} nodes"
 
 
+def test_the_8b_recipes_roll_out_on_the_fast_path_and_plan_its_cache():
+    from pathlib import Path
+
+    recipes = sorted(Path(EIGHT_B).parent.glob("llada8b_*.yaml"))
+    assert len(recipes) == 8
+    for recipe in recipes:
+        cfg = load_run_config(str(recipe), [])
+        ro = cfg.rollout
+        assert (ro.cache, ro.confidence_threshold, ro.cache_check_rate, ro.guard.enabled) == (
+            "dual", 0.9, 0.1, True), recipe
+        plan = plan_run(cfg, Hardware())
+        assert plan.fits, recipe
+        rows = cfg.global_batch_size // plan.layout.dp  # completions per rank
+        seq = cfg.data.max_prompt_length + ro.gen_length
+        # [32 layers, K/V, rows, S, 32 KV heads / TP2, head dim 128] in bf16
+        assert plan.stages[0].phases["rollout"]["kv cache"] == 32 * 2 * rows * seq * 16 * 128 * 2
+
+
 def test_search_lists_fitting_layouts_fastest_first():
     plans = search(_cfg(), TWO_GPUS, top=5)
     assert plans and all(p.fits for p in plans)
